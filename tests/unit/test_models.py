@@ -1,0 +1,101 @@
+"""Model references, the device policy, and loading a local model plain and in 4-bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.config import ModelSection
+from tuneforge.errors import TuneforgeError
+from tuneforge.models import load_model, load_tokenizer, plan_device, resolve
+
+
+def test_resolve_kinds(tmp_path, tiny_model_dir):
+    assert resolve(str(tiny_model_dir)).kind == "dir"
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    with pytest.raises(TuneforgeError, match="does not exist"):
+        resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(TuneforgeError, match="does not exist"):
+        resolve("./no/such/dir")
+    with pytest.raises(TuneforgeError, match="builtins: all-minilm-l6-v2, smollm2-135m-instruct"):
+        resolve("builtin:gpt-5")
+
+
+def test_builtins_resolve_to_shipped_files():
+    chat = resolve("builtin:smollm2-135m-instruct")
+    assert chat.kind == "gguf" and chat.location.endswith(".gguf")
+    embedder = resolve("builtin:all-minilm-l6-v2")
+    assert embedder.kind == "dir"
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    """Pretend torch sees one GPU of a given compute capability."""
+
+    def install(major: int, minor: int, name: str):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+
+    return install
+
+
+def test_cpu_policy():
+    plan = plan_device(ModelSection(device="cpu", quantization="4bit"))
+    assert (plan.device, plan.dtype, plan.attention) == ("cpu", "float32", "sdpa")
+    with pytest.raises(TuneforgeError, match="flash_attention_2 needs a CUDA GPU"):
+        plan_device(ModelSection(device="cpu", attention="flash_attention_2"))
+    with pytest.raises(TuneforgeError, match="float16 is a GPU dtype"):
+        plan_device(ModelSection(device="cpu", dtype="float16"))
+
+
+def test_t4_gets_fp16_and_refuses_bf16_and_flash(fake_gpu):
+    fake_gpu(7, 5, "Tesla T4")
+    plan = plan_device(ModelSection())
+    assert (plan.device, plan.dtype, plan.attention) == ("cuda", "float16", "sdpa")
+    with pytest.raises(TuneforgeError, match="bfloat16 needs an Ampere"):
+        plan_device(ModelSection(dtype="bfloat16"))
+    with pytest.raises(TuneforgeError, match="flash_attention_2 needs an Ampere"):
+        plan_device(ModelSection(attention="flash_attention_2"))
+
+
+def test_ampere_gets_bf16(fake_gpu):
+    fake_gpu(8, 0, "A100")
+    plan = plan_device(ModelSection())
+    assert plan.dtype == "bfloat16"
+    assert plan.attention in ("sdpa", "flash_attention_2")
+
+
+def test_cuda_asked_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TuneforgeError, match="no CUDA GPU"):
+        plan_device(ModelSection(device="cuda"))
+
+
+def test_local_dir_loads_plain_and_in_4bit(tiny_model_dir, tiny_llama):
+    ids = torch.tensor([[1, 5, 9, 2]])
+    plain = load_model(ModelSection(ref=str(tiny_model_dir), quantization="none"))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, tiny_llama(ids).logits, atol=1e-5)
+
+    import bitsandbytes as bnb
+
+    quantized = load_model(ModelSection(ref=str(tiny_model_dir), quantization="4bit"))
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    with torch.no_grad():
+        logits = quantized(ids).logits
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits, plain(ids).logits)  # really quantized
+
+
+def test_tokenizer_needs_chat_template(tmp_path, tiny_model_dir):
+    tok = load_tokenizer(ModelSection(ref=str(tiny_model_dir)))
+    assert tok.pad_token is not None and tok.chat_template
+    (tiny_model_dir / "tokenizer_config.json").write_text(
+        (tiny_model_dir / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"')
+    )
+    for extra in tiny_model_dir.glob("chat_template.*"):
+        extra.unlink()
+    with pytest.raises(TuneforgeError, match="no chat template"):
+        load_tokenizer(ModelSection(ref=str(tiny_model_dir)))
