@@ -20,7 +20,6 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 # Verbs whose issue has not landed yet say so and exit 2.
 PLANNED = {
-    "prepare": 3,
     "train": 4,
     "generate": 5,
     "chat": 5,
@@ -66,6 +65,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tuneforge.data import report
+    from tuneforge.data.prepare import prepare
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "prepare")
+    result = prepare(experiment, run)
+    print(report.summary(result))
+    print(f"prepared data written to {run.sub('data')} (report.md, token_lengths.png)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline, in order, as far as its verbs exist."""
     experiment = _experiment(args)
@@ -91,7 +102,7 @@ def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
 
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "prepare": (_planned("prepare"), "turn raw data into validated chat examples, with a token and cost report"),
+    "prepare": (cmd_prepare, "turn raw data into validated chat examples, with a token and cost report"),
     "train": (_planned("train"), "fine-tune: QLoRA SFT locally, or a hosted OpenAI job"),
     "generate": (_planned("generate"), "batched answers for a file of prompts"),
     "chat": (_planned("chat"), "chat in the terminal with the base or fine-tuned model"),

@@ -48,9 +48,20 @@ def test_config_prints_resolved_with_overrides():
     assert "train.max_grad_norm" in explain.stdout
 
 
-def test_run_dir_override_gets_config_and_manifest(tmp_path):
+def _tiny_experiment(tmp_path, lines):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
     exp = tmp_path / "exp.yaml"
-    exp.write_text("name: tiny\nseed: 5\n")
+    exp.write_text(f"name: tiny\nseed: 5\ndata: {{train: {data.name}, valid_split: 0.25}}\n")
+    return exp
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
+
+
+def test_run_prepares_into_run_dir_with_config_and_manifest(tmp_path):
+    exp = _tiny_experiment(tmp_path, [_chat(i) for i in range(8)])
     out = tuneforge("run", str(exp), "--run-dir", str(tmp_path / "elsewhere"), "seed=9", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "elsewhere"
@@ -59,5 +70,16 @@ def test_run_dir_override_gets_config_and_manifest(tmp_path):
     assert manifest["seed"] == 9 and manifest["name"] == "tiny"
     assert "torch" in manifest["packages"] and "transformers" in manifest["packages"]
     assert manifest["device"]["cuda"] in (True, False)
+    assert manifest["data"]["counts"] == {"train": 6, "valid": 2, "rejected": 0}
+    assert len((run / "data" / "train.jsonl").read_text().splitlines()) == 6
     assert str(run) in out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_prepare_names_broken_lines_and_writes_no_data(tmp_path):
+    exp = _tiny_experiment(tmp_path, [_chat(0), "{not json", _chat(2), {"messages": [{"role": "user", "content": "no answer"}]}])
+    out = tuneforge("prepare", str(exp), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "chats.jsonl line 2: [invalid_json]" in out.stderr
+    assert "chats.jsonl line 4: [example_missing_assistant_message]" in out.stderr
+    assert not (tmp_path / "runs" / "tiny" / "data").exists()

@@ -1,0 +1,379 @@
+"""`tuneforge prepare`: raw data to validated chat examples in runs/<name>/data/, with a report.
+
+    read -> (tables: clean cells, drop/fill empties) -> check format -> dedupe -> sample
+         -> tokenize with the model's chat template -> length policy -> split -> write
+
+Nothing is written unless every stage passed (or the user asked to drop invalid
+records); the whole data folder is replaced at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tqdm.auto import tqdm
+
+from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tuneforge.data import convert, report as reporting, sources, split as splitting, tables
+from tuneforge.data.chat import ChatEncoder
+from tuneforge.data.records import Example, Problem, Raw
+from tuneforge.data.validate import check_record
+from tuneforge.errors import ConfigError, TuneforgeError
+
+SHOWN_PROBLEMS = 30
+ENCODE_BATCH = 256
+
+
+class DataError(TuneforgeError):
+    """Records failed the checks; nothing was written."""
+
+
+@dataclass
+class Collected:
+    """One source (train or valid) after every stage, with what each stage did."""
+
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    cleaning: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, name: str, count: int) -> None:
+        previous = self.stages[-1]["count"] if self.stages else None
+        entry: dict[str, Any] = {"stage": name, "count": count}
+        if previous is not None:
+            entry["removed"] = previous - count
+        self.stages.append(entry)
+
+    def reject(self, where: str, problems: list[Problem], record: Any = None) -> None:
+        self.problems.extend(problems)
+        self.rejected.append({"where": where, "problems": [{"code": p.code, "message": p.message} for p in problems], "record": record})
+
+
+class Preparer:
+    def __init__(self, experiment, tokenizer, progress: bool = True):
+        self.experiment = experiment
+        self.data = experiment.data
+        self.encoder = ChatEncoder(tokenizer)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ reading
+
+    def collect(self, key: str, spec: str, sample: int | None) -> Collected:
+        out = Collected()
+        located = sources.locate(spec, self.experiment.base_dir, key)
+        if isinstance(located, str):
+            rows = sources.load_hub(located, key)
+            fmt = self.data.format if self.data.format != "auto" else sources.detect_format(None, rows[0] if rows else None, self.data.template is not None, key)
+            if fmt == "table":
+                import pandas as pd
+
+                frame = tables._as_text(pd.DataFrame(rows))
+                self._tables(key, [(located, [frame])], out, sample)
+            else:
+                self._records(key, fmt, (Raw(f"{located} row {i}", row) for i, row in enumerate(rows, 1)), out, sample)
+            return out
+
+        by_format: dict[str, list[Path]] = {}
+        for path in located:
+            fmt = self.data.format
+            if fmt == "auto":
+                first = sources.first_record(path) if path.suffix.lower() in sources.JSON_SUFFIXES else None
+                fmt = sources.detect_format(path, first, self.data.template is not None, key)
+            by_format.setdefault(fmt, []).append(path)
+        if len(by_format) > 1:
+            raise TuneforgeError(f"{key}: files of different formats {sorted(by_format)}; keep one format per source")
+        fmt, paths = next(iter(by_format.items()))
+        if fmt == "table":
+            columns = self._table_columns(key, paths)
+            self._tables(key, [(p.name, tables.read_chunks(p, columns)) for p in paths], out, sample)
+        else:
+            records = (raw for p in paths for raw in sources.read_json_records(p))
+            self._records(key, fmt, records, out, sample)
+        return out
+
+    def _table_columns(self, key: str, paths: list[Path]) -> list[str]:
+        """The columns the experiment names, checked against every file's header."""
+        if self.data.template is None:
+            raise ConfigError(key, [f"data.template is needed to map the columns of {paths[0].name} into chat messages (columns: {', '.join(tables.columns_of(paths[0]))})"])
+        template = self.data.template
+        named: dict[str, str] = {}
+        for part in ("system", "user", "assistant"):
+            text = getattr(template, part)
+            for column in convert.template_fields(text or ""):
+                named.setdefault(column, f"data.template.{part}")
+        if self.data.label:
+            named.setdefault(self.data.label, "data.label")
+        for column in self.data.clean.drop_empty:
+            named.setdefault(column, "data.clean.drop_empty")
+        for column in self.data.clean.fill_empty:
+            named.setdefault(column, "data.clean.fill_empty")
+        problems = []
+        for path in paths:
+            header = tables.columns_of(path)
+            for column, where in named.items():
+                if column not in header:
+                    close = difflib.get_close_matches(column, header, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    problems.append(f"{where} names column {column!r}, which {path.name} does not have{hint} (columns: {', '.join(header)})")
+        if problems:
+            raise ConfigError(str(self.experiment._source or key), problems)
+        return list(named)
+
+    def _tables(self, key: str, files: list[tuple[str, Iterable]], out: Collected, sample: int | None) -> None:
+        clean = self.data.clean
+        counts = tables.TableCounts()
+        deduper = tables.Deduper() if clean.dedupe else None
+        sampler = tables.Sampler(sample, self.experiment.seed)
+        after_empty = after_dedupe = 0
+        names: dict[int, str] = {}
+        with tqdm(desc=f"reading {key}", unit=" rows", disable=not self.progress, unit_scale=True) as bar:
+            for file_index, (name, chunks) in enumerate(files):
+                names[file_index] = name
+                for chunk in chunks:
+                    bar.update(len(chunk))
+                    chunk = tables.clean_chunk(chunk, clean, counts)
+                    after_empty += len(chunk)
+                    if deduper is not None:
+                        chunk = deduper(chunk, counts)
+                    after_dedupe += len(chunk)
+                    chunk = chunk.assign(__file__=file_index)
+                    sampler.add(chunk)
+        out.stage("read", counts.rows_read)
+        running = counts.rows_read
+        for column, dropped in counts.dropped_empty.items():
+            running -= dropped
+            out.stage(f"empty {column} (dropped)", running)
+        if deduper is not None:
+            out.stage("exact duplicates", after_dedupe)
+        rows = sampler.rows()
+        if sample is not None:
+            out.stage(f"seeded sample of {sample}", len(rows))
+        out.cleaning = {
+            "html_entities_unescaped": counts.unescaped,
+            "whitespace_normalised": counts.whitespace_fixed,
+            "empty_cells": dict(counts.emptied),
+            "empty_cells_filled": dict(counts.filled),
+        }
+        template = self.data.template
+        for record in rows.to_dict("records"):
+            where = f"{names[record['__file__']]} row {record[tables.ROW]}"
+            messages = convert.render_row(template, record)
+            problems = check_record({"messages": messages}, where)
+            if any(p.severity == "error" for p in problems):
+                hint = " (add the column to data.clean.drop_empty or fill_empty)" if any(p.code == "missing_content" for p in problems) else ""
+                for p in problems:
+                    p.message += hint
+                out.reject(where, problems, {k: v for k, v in record.items() if not k.startswith("__")})
+                continue
+            label = record.get(self.data.label) if self.data.label else None
+            out.examples.append(Example(messages, f"{Path(names[record['__file__']]).stem}:row{record[tables.ROW]}", where, label))
+        out.stage("valid chat examples", len(out.examples))
+
+    def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:
+        to_messages = {"alpaca": convert.from_alpaca, "sharegpt": convert.from_sharegpt}.get(fmt)
+        read = 0
+        for raw in tqdm(raws, desc=f"reading {key}", unit=" records", disable=not self.progress):
+            read += 1
+            if raw.problem is not None:
+                out.reject(raw.where, [raw.problem])
+                continue
+            record = raw.data
+            if to_messages is not None:
+                record, problem = to_messages(record, raw.where)
+                if problem is not None:
+                    out.reject(raw.where, [problem], raw.data)
+                    continue
+            problems = check_record(record, raw.where)
+            if any(p.severity == "error" for p in problems):
+                out.reject(raw.where, problems, raw.data)
+                continue
+            out.problems.extend(problems)  # warnings only
+            label = record.get(self.data.label or "label")
+            meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+            messages = [{k: v for k, v in m.items()} for m in record["messages"]]
+            rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
+            out.examples.append(Example(messages, rid, raw.where, None if label is None else str(label), meta))
+        out.stage("read", read)
+        out.stage("valid chat examples", len(out.examples))
+        if self.data.clean.dedupe:
+            seen: set[str] = set()
+            unique = []
+            for example in out.examples:
+                fingerprint = json.dumps(example.messages, sort_keys=True, ensure_ascii=False)
+                if fingerprint not in seen:
+                    seen.add(fingerprint)
+                    unique.append(example)
+            out.examples = unique
+            out.stage("exact duplicates", len(out.examples))
+        if sample is not None:
+            out.examples = splitting.sample(out.examples, sample, self.experiment.seed)
+            out.stage(f"seeded sample of {sample}", len(out.examples))
+
+    # ------------------------------------------------------------------ tokens
+
+    def measure(self, out: Collected) -> None:
+        """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""
+        data = self.data
+        if data.clean.min_chars:
+            out.examples = [e for e in out.examples if len(_last_answer(e)) >= data.clean.min_chars]
+            out.stage(f"answer shorter than {data.clean.min_chars} chars", len(out.examples))
+        kept: list[Example] = []
+        too_long = 0
+        batches = range(0, len(out.examples), ENCODE_BATCH)
+        with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
+            for start in batches:
+                batch = out.examples[start : start + ENCODE_BATCH]
+                for example, encoded in zip(batch, self.encoder.encode_many([e.messages for e in batch])):
+                    if len(encoded.input_ids) > data.max_length:
+                        if data.overflow == "drop":
+                            too_long += 1
+                            continue
+                        if data.overflow == "error":
+                            out.reject(example.where, [Problem(example.where, "too_long", f"{len(encoded.input_ids)} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
+                            continue
+                        example.messages, encoded = self.encoder.fit(example.messages, data.max_length, "truncate")
+                    if encoded.n_trainable == 0:
+                        out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())
+                        continue
+                    example.n_tokens, example.n_trainable = len(encoded.input_ids), encoded.n_trainable
+                    example.truncated, example.missing_eot = encoded.truncated, encoded.missing_eot
+                    kept.append(example)
+                bar.update(len(batch))
+        out.examples = kept
+        label = {"drop": "longer than max_length (dropped)", "error": "longer than max_length (error)", "truncate": "fits max_length"}[data.overflow]
+        out.stage(label, len(out.examples))
+        if too_long:
+            out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
+
+
+def _last_answer(example: Example) -> str:
+    answers = [m.get("content") or "" for m in example.messages if m.get("role") == "assistant"]
+    return answers[-1] if answers else ""
+
+
+def _fail_listing(problems: list[Problem]) -> str:
+    from collections import Counter
+
+    errors = [p for p in problems if p.severity == "error"]
+    codes = Counter(p.code for p in errors)
+    lines = [f"{len(errors)} invalid records ({', '.join(f'{c} {n}' for c, n in codes.most_common())}); nothing was written"]
+    lines += [f"  {p}" for p in errors[:SHOWN_PROBLEMS]]
+    if len(errors) > SHOWN_PROBLEMS:
+        lines.append(f"  ... and {len(errors) - SHOWN_PROBLEMS} more")
+    lines.append("  fix them, or set data.on_invalid: drop to skip them (they go to rejected.jsonl)")
+    return "\n".join(lines)
+
+
+def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Run every stage for the experiment and write runs/<name>/data/. Returns the report."""
+    data = experiment.data
+    if data.train is None:
+        raise ConfigError(str(experiment._source), ["data.train: no training data named"])
+    if data.rag:
+        raise TuneforgeError("data.rag: retrieval-augmented training examples need `tuneforge rag` (issue #6), which has not landed")
+    if tokenizer is None:
+        from tuneforge.models import load_tokenizer
+
+        tokenizer = load_tokenizer(experiment.model)
+    preparer = Preparer(experiment, tokenizer, progress)
+
+    started = time.perf_counter()
+    train = preparer.collect("data.train", data.train, data.sample)
+    valid = preparer.collect("data.valid", data.valid, None) if data.valid else None
+    read_done = time.perf_counter()
+    for part in (train, valid):
+        if part is not None:
+            preparer.measure(part)
+    tokenized = time.perf_counter()
+
+    everything = train.problems + (valid.problems if valid else [])
+    if data.on_invalid == "error" and any(p.severity == "error" for p in everything):
+        raise DataError(_fail_listing(everything))
+
+    if valid is None:
+        labels = [e.label for e in train.examples] if data.label or any(e.label for e in train.examples) else None
+        train_examples, valid_examples = splitting.split(train.examples, data.valid_split, experiment.seed, labels)
+        train.stage(f"split off {data.valid_split:.0%} for valid{' (stratified by label)' if labels else ''}", len(train_examples))
+    else:
+        train_examples, valid_examples = train.examples, valid.examples
+    if not train_examples:
+        raise DataError("no training examples are left after the stages above; see the counts in the report")
+
+    stages = {"train": train.stages}
+    if valid is not None:
+        stages["valid"] = valid.stages
+    rejected = train.rejected + (valid.rejected if valid else [])
+    report: dict[str, Any] = {
+        "name": experiment.name,
+        "sources": {"train": data.train, "valid": data.valid},
+        "stages": stages,
+        "cleaning": train.cleaning,
+        "counts": {"train": len(train_examples), "valid": len(valid_examples), "rejected": len(rejected)},
+        "tokens": {"train": reporting.token_stats(train_examples), "valid": reporting.token_stats(valid_examples)},
+        "labels": {k: v for k, v in {"train": reporting.label_counts(train_examples), "valid": reporting.label_counts(valid_examples)}.items() if v},
+        "problems": {
+            "errors": sum(p.severity == "error" for p in everything),
+            "warnings": sum(p.severity == "warning" for p in everything),
+            "by_code": _by_code(everything),
+            "first": [p.to_json() for p in everything[:50]],
+        },
+        "max_length": data.max_length,
+        "overflow": data.overflow,
+        "end_of_turn_token": preparer.encoder.end_of_turn,
+        "seconds": {"read_clean_sample": round(read_done - started, 3), "tokenize": round(tokenized - read_done, 3)},
+    }
+    if experiment.train.backend == "local":
+        report["local"] = reporting.local_estimate(train_examples, experiment)
+    else:
+        report["openai"] = reporting.openai_estimate(train_examples, experiment)
+
+    folder = run.sub("data")
+    with atomic_dir(folder) as tmp:
+        atomic_write_jsonl(tmp / "train.jsonl", (e.openai_record() for e in train_examples))
+        atomic_write_jsonl(tmp / "valid.jsonl", (e.openai_record() for e in valid_examples))
+        atomic_write_jsonl(tmp / "train.meta.jsonl", (e.meta_record() for e in train_examples))
+        atomic_write_jsonl(tmp / "valid.meta.jsonl", (e.meta_record() for e in valid_examples))
+        if rejected:
+            atomic_write_jsonl(tmp / "rejected.jsonl", rejected)
+        hashes = {name: _sha256(tmp / name) for name in ("train.jsonl", "valid.jsonl")}
+        report["sha256"] = hashes
+        reporting.histogram(tmp / "token_lengths.png", {"train": [e.n_tokens for e in train_examples], "valid": [e.n_tokens for e in valid_examples]}, data.max_length)
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", reporting.markdown(report))
+    run.record("data", {"sha256": hashes, "counts": report["counts"], "sources": report["sources"]})
+    return report
+
+
+def _by_code(problems: list[Problem]) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(p.code for p in problems).most_common())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_prepared(folder: Path, split: str) -> list[Example]:
+    """Read back a prepared split (messages plus the meta sidecar) as Examples."""
+    messages_path, meta_path = folder / f"{split}.jsonl", folder / f"{split}.meta.jsonl"
+    if not messages_path.exists():
+        raise TuneforgeError(f"{messages_path} does not exist; run `tuneforge prepare` first")
+    examples = []
+    with open(messages_path, encoding="utf-8") as fm, open(meta_path, encoding="utf-8") as fmeta:
+        for line, meta_line in zip(fm, fmeta):
+            record, meta = json.loads(line), json.loads(meta_line)
+            examples.append(Example(record["messages"], meta["id"], meta["source"], meta.get("label"), meta.get("meta", {})))
+    return examples
+

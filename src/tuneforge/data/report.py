@@ -1,0 +1,175 @@
+"""The preparation report: counts per stage, token statistics, step and cost estimates."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuneforge.data.records import Example
+
+# OpenAI's documented defaults for choosing n_epochs when it is "auto": aim at
+# about 3 epochs, but at least 100 and at most 25,000 example passes in total.
+OPENAI_TARGET_EPOCHS = 3
+OPENAI_MIN_EXAMPLES = 100
+OPENAI_MAX_EXAMPLES = 25_000
+OPENAI_MAX_EPOCHS = 25
+
+
+def token_stats(examples: list[Example]) -> dict[str, Any]:
+    if not examples:
+        return {"examples": 0}
+    lengths = np.array([e.n_tokens for e in examples])
+    trainable = int(sum(e.n_trainable for e in examples))
+    total = int(lengths.sum())
+    return {
+        "examples": len(examples),
+        "min": int(lengths.min()),
+        "median": float(np.median(lengths)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "total": total,
+        "trainable": trainable,
+        "trainable_share": round(trainable / total, 4) if total else 0.0,
+        "truncated": sum(e.truncated for e in examples),
+        "missing_end_of_turn": sum(e.missing_eot for e in examples),
+    }
+
+
+def label_counts(examples: list[Example]) -> dict[str, int] | None:
+    labels = [e.label for e in examples if e.label is not None]
+    return dict(sorted(Counter(labels).items())) if labels else None
+
+
+def openai_epochs(n_examples: int) -> int:
+    """The n_epochs OpenAI picks for `auto`."""
+    epochs = OPENAI_TARGET_EPOCHS
+    if n_examples * epochs < OPENAI_MIN_EXAMPLES:
+        epochs = min(OPENAI_MAX_EPOCHS, math.ceil(OPENAI_MIN_EXAMPLES / max(n_examples, 1)))
+    elif n_examples * epochs > OPENAI_MAX_EXAMPLES:
+        epochs = max(1, OPENAI_MAX_EXAMPLES // n_examples)
+    return epochs
+
+
+def local_estimate(train: list[Example], experiment) -> dict[str, Any]:
+    """Optimizer steps the local trainer will take (packed rows when packing is on)."""
+    t = experiment.train
+    per_step = t.micro_batch_size * t.grad_accum
+    if t.packing:
+        total_tokens = sum(e.n_tokens for e in train)
+        rows = max(1, math.ceil(total_tokens / experiment.data.max_length))
+    else:
+        rows = len(train)
+    steps_per_epoch = max(1, math.ceil(rows / per_step))
+    steps = t.max_steps or math.ceil(steps_per_epoch * t.epochs)
+    return {
+        "rows_per_epoch": rows,
+        "sequences_per_step": per_step,
+        "steps_per_epoch": steps_per_epoch,
+        "estimated_steps": steps,
+        "packing": t.packing,
+    }
+
+
+def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:
+    t = experiment.train
+    epochs = openai_epochs(len(train)) if t.epochs == "auto" else int(t.epochs)
+    tokens_per_epoch = sum(e.n_tokens for e in train)
+    billed = tokens_per_epoch * epochs
+    return {
+        "model": t.model,
+        "n_epochs": epochs,
+        "n_epochs_source": "auto (OpenAI's rule)" if t.epochs == "auto" else "train.epochs",
+        "tokens_per_epoch": tokens_per_epoch,
+        "billed_tokens": billed,
+        "price_per_1m_tokens": t.price_per_1m_tokens,
+        "estimated_cost_usd": round(billed / 1e6 * t.price_per_1m_tokens, 4),
+        "note": "tokens counted with the experiment model's tokenizer; OpenAI's own count differs by a few percent",
+    }
+
+
+def histogram(path: Path, lengths: dict[str, list[int]], max_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tuneforge.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    top = max([max(v) for v in lengths.values() if v] + [max_length])
+    bins = np.linspace(0, top * 1.02, 40)
+    for name, values in lengths.items():
+        if values:
+            ax.hist(values, bins=bins, alpha=0.65, label=f"{name} ({len(values)})")
+    ax.axvline(max_length, color="crimson", linestyle="--", linewidth=1, label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Data report: {report['name']}", ""]
+    lines += ["## Stages", "", "| split | stage | examples | removed |", "| --- | --- | ---: | ---: |"]
+    for split_name, stages in report["stages"].items():
+        for stage in stages:
+            lines.append(f"| {split_name} | {stage['stage']} | {stage['count']} | {stage.get('removed', '')} |")
+    cleaning = report.get("cleaning")
+    if cleaning:
+        lines += ["", "## Cleaning", ""]
+        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in cleaning.items()]
+    lines += ["", "## Tokens per example", "", "| split | examples | min | median | p95 | max | trainable share | truncated | no end-of-turn |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for split_name, s in report["tokens"].items():
+        if s.get("examples"):
+            lines.append(
+                f"| {split_name} | {s['examples']} | {s['min']} | {s['median']:.0f} | {s['p95']:.0f} | {s['max']} | "
+                f"{s['trainable_share']:.1%} | {s['truncated']} | {s['missing_end_of_turn']} |"
+            )
+    if report.get("labels"):
+        lines += ["", "## Labels", ""]
+        for split_name, counts in report["labels"].items():
+            lines.append(f"- {split_name}: " + ", ".join(f"{k} {v}" for k, v in (counts or {}).items()))
+    problems = report["problems"]
+    lines += ["", "## Problems", "", f"{problems['errors']} errors, {problems['warnings']} warnings"]
+    lines += [f"- `{code}`: {n}" for code, n in problems["by_code"].items()]
+    if "local" in report:
+        loc = report["local"]
+        lines += ["", "## Local training estimate", "",
+                  f"{loc['estimated_steps']} optimizer steps ({loc['steps_per_epoch']} per epoch, "
+                  f"{loc['sequences_per_step']} {'packed rows' if loc['packing'] else 'examples'} per step)"]
+    if "openai" in report:
+        oa = report["openai"]
+        lines += ["", "## OpenAI fine-tuning estimate", "",
+                  f"- model: {oa['model']}", f"- n_epochs: {oa['n_epochs']} ({oa['n_epochs_source']})",
+                  f"- billed tokens: {oa['billed_tokens']:,}",
+                  f"- estimated cost: ${oa['estimated_cost_usd']:.2f} at ${oa['price_per_1m_tokens']}/1M tokens", f"- {oa['note']}"]
+    lines += ["", "![token lengths](token_lengths.png)", ""]
+    return "\n".join(lines)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The few lines printed at the end of `tuneforge prepare`."""
+    tok = report["tokens"]["train"]
+    out = [f"train {report['counts']['train']} examples, valid {report['counts']['valid']}"]
+    if tok.get("examples"):
+        out.append(
+            f"tokens/example: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
+            f"trainable share {tok['trainable_share']:.1%}; truncated {tok['truncated']}; no end-of-turn {tok['missing_end_of_turn']}"
+        )
+    problems = report["problems"]
+    out.append(f"problems: {problems['errors']} errors, {problems['warnings']} warnings, {report['counts']['rejected']} rejected")
+    if "local" in report:
+        out.append(f"local training: about {report['local']['estimated_steps']} optimizer steps")
+    if "openai" in report:
+        oa = report["openai"]
+        out.append(f"openai: {oa['n_epochs']} epochs, {oa['billed_tokens']:,} billed tokens, about ${oa['estimated_cost_usd']:.2f}")
+    return "\n".join(out)

@@ -1,0 +1,76 @@
+"""The checks of OpenAI's chat fine-tuning data preparation, plus role order.
+
+Each finding carries a stable code. Errors stop `prepare` (or reject the record
+when `data.on_invalid: drop`); warnings are reported and the record is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.data.records import Problem
+
+ROLES = {"system", "user", "assistant", "tool"}
+MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call", "refusal"}
+RECORD_KEYS = {"messages", "tools", "parallel_tool_calls", "id", "label", "meta"}
+
+
+def check_record(record: Any, where: str) -> list[Problem]:
+    """Every problem of one record in messages shape (an empty list when it is fine)."""
+    if not isinstance(record, dict):
+        return [Problem(where, "data_type", f"record is {type(record).__name__}, not an object")]
+    problems = [
+        Problem(where, "record_unrecognized_key", f"key {key!r} is not part of the format and is dropped", "warning")
+        for key in record
+        if key not in RECORD_KEYS
+    ]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return problems + [Problem(where, "missing_messages_list", "no non-empty 'messages' list")]
+
+    for i, message in enumerate(messages, 1):
+        at = f"message {i}"
+        if not isinstance(message, dict):
+            problems.append(Problem(where, "message_data_type", f"{at} is {type(message).__name__}, not an object"))
+            continue
+        if "role" not in message or ("content" not in message and "tool_calls" not in message):
+            missing = "role" if "role" not in message else "content"
+            problems.append(Problem(where, "message_missing_key", f"{at} has no {missing!r}"))
+        for key in message:
+            if key not in MESSAGE_KEYS:
+                problems.append(Problem(where, "message_unrecognized_key", f"{at} has unrecognised key {key!r}"))
+        role = message.get("role")
+        if "role" in message and role not in ROLES:
+            problems.append(Problem(where, "unrecognized_role", f"{at} has role {role!r}; allowed: {', '.join(sorted(ROLES))}"))
+        content = message.get("content")
+        if "content" in message and (not isinstance(content, str) or not content.strip()) and not message.get("tool_calls"):
+            problems.append(Problem(where, "missing_content", f"{at} ({role}) has empty or non-text content"))
+
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "assistant" not in roles:
+        problems.append(Problem(where, "example_missing_assistant_message", "no assistant message to learn from"))
+    else:
+        order = _role_order_problem(roles)
+        if order:
+            problems.append(Problem(where, "role_order", order))
+        if roles[-1] != "assistant":
+            problems.append(Problem(where, "last_not_assistant", f"the last message is from {roles[-1]!r}, so it is never learned", "warning"))
+    return problems
+
+
+def _role_order_problem(roles: list[Any]) -> str | None:
+    """System first (optional), then user and assistant taking turns; tool replies follow an assistant."""
+    if "system" in roles[1:]:
+        return f"a system message at position {roles.index('system', 1) + 1}; it may only come first"
+    expected = "user"
+    for position, role in enumerate(roles, 1):
+        if role == "system" and position == 1:
+            continue
+        if role == "tool":
+            if position == 1 or roles[position - 2] not in ("assistant", "tool"):
+                return f"tool message at position {position} does not follow an assistant message"
+            continue
+        if role != expected:
+            return f"message {position} is from {role!r} where {expected!r} was expected (turns must alternate, starting with user)"
+        expected = "assistant" if role == "user" else "user"
+    return None
