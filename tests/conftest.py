@@ -27,8 +27,8 @@ def _offline_and_isolated(tmp_path_factory):
     yield
 
 
-def make_tokenizer():
-    """A byte-level BPE tokenizer trained in memory, with ChatML special tokens."""
+def make_tokenizer(template: str = CHATML, bos: str = "<|im_start|>", eos: str = "<|im_end|>", specials: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained in memory, with ChatML (or the given) special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,18 +43,19 @@ def make_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
         unk_token="<|endoftext|>",
-        chat_template=CHATML,
+        chat_template=template,
+        additional_special_tokens=list(specials),
     )
 
 

@@ -20,7 +20,6 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 # Verbs whose issue has not landed yet say so and exit 2.
 PLANNED = {
-    "train": 4,
     "generate": 5,
     "chat": 5,
     "merge": 5,
@@ -77,6 +76,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    if experiment.train.backend == "openai":
+        raise TuneforgeError("train.backend: openai arrives with issue #8; use backend: local for now")
+    from tuneforge.train.local import is_main_process, train_local
+
+    run = _run_dir(args, experiment, "train") if is_main_process() else _run_dir_quiet(args, experiment)
+    summary = train_local(experiment, run, resume=getattr(args, "resume", False))
+    if is_main_process():
+        print(f"trained {summary['steps']} steps in {summary['seconds']} s "
+              f"({summary['supervised_tokens_per_s']} supervised tokens/s); run in {run.path}")
+    return 0
+
+
+def _run_dir_quiet(args: argparse.Namespace, experiment):
+    from tuneforge.run import RunDir
+
+    return RunDir(experiment, args.run_dir)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline, in order, as far as its verbs exist."""
     experiment = _experiment(args)
@@ -103,7 +122,7 @@ def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "prepare": (cmd_prepare, "turn raw data into validated chat examples, with a token and cost report"),
-    "train": (_planned("train"), "fine-tune: QLoRA SFT locally, or a hosted OpenAI job"),
+    "train": (cmd_train, "fine-tune: QLoRA SFT locally, or a hosted OpenAI job"),
     "generate": (_planned("generate"), "batched answers for a file of prompts"),
     "chat": (_planned("chat"), "chat in the terminal with the base or fine-tuned model"),
     "merge": (_planned("merge"), "merge the adapter into a full-precision copy of the base"),
@@ -137,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "rag":
             sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
         _add_common(sub, file_required=verb != "config")
+        if verb == "train":
+            sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         if verb == "config":
             sub.add_argument("--explain", action="store_true", help="list every key with its default and description")
             sub.add_argument("--schema", action="store_true", help="print the JSON schema of the experiment file")

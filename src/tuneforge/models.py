@@ -236,3 +236,25 @@ def load_model(section: ModelSection, plan: DevicePlan | None = None, location: 
         raise TuneforgeError(f"could not load model {section.ref}{hint}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+
+    On CPUs with AVX512-BF16, the first forward pass in eval mode without grad (the
+    base-model evaluation, every periodic evaluation) repacks each Linear4bit for a
+    fast inference kernel and leaves it that way. That kernel has no backward, so in
+    the training steps that follow, gradients silently stop flowing through every
+    frozen 4-bit layer (PyTorch warns "an autograd kernel was not registered") and
+    LoRA learns far more slowly. The repacked kernel also stores the scales in bf16,
+    which moves SmolLM2's logits by up to ~0.5 against the training path. Turning the
+    repacking off keeps training, evaluation during training, and adapter round trips
+    on one numerical path; plain generation may keep the faster kernel.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

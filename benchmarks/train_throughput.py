@@ -1,0 +1,229 @@
+"""Training throughput: tuneforge's trainer against a plain HF Trainer + PEFT baseline.
+
+Both sides train the same model (builtin SmolLM2, 4-bit NF4, LoRA r16 on all linear
+layers) on the same mixed-length chat data for the same number of optimizer steps,
+from the same seed, with about the same examples per step:
+
+  baseline   transformers Trainer + PEFT, one example per row, padded to the longest
+             in the batch, the model's own loss (full logits)
+  tuneforge  ForgeTrainer: examples packed into rows with a block-diagonal mask,
+             logits only at supervised positions
+
+Each side runs in its own process (peak memory is per process). Both are then
+scored by the same function: token-weighted loss on the same held-out examples.
+
+    python benchmarks/train_throughput.py [--steps 8] [--batch 8]
+
+Prints supervised tokens/s, padding share and peak memory for both, then
+`speedup: X.XX`. On CUDA it also prints tokens/s and MFU (4·N FLOPs per token
+for LoRA: forward plus input gradients, N = matmul parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUPPORT_SYSTEM = "You are Kestrel Home's support assistant for the Kestrel K2 thermostat. Answer briefly and accurately."
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}  # dense bf16/fp16
+
+
+def mixed_examples(seed: int) -> list[list[dict]]:
+    """Short support chats, mid-length review classifications and long KB-grounded answers."""
+    rng = random.Random(seed)
+    data = REPO / "examples" / "data"
+    chats = [json.loads(line)["messages"] for line in (data / "support" / "conversations.jsonl").read_text().splitlines()]
+    import csv
+
+    with open(data / "reviews" / "reviews.csv", newline="", encoding="utf-8") as fh:
+        reviews = [r for r in csv.DictReader(fh) if r["review"].strip() and r["sentiment"]]
+    classify = [[{"role": "system", "content": "Classify the sentiment of the review: positive or negative."},
+                 {"role": "user", "content": r["review"].strip()}, {"role": "assistant", "content": r["sentiment"]}]
+                for r in reviews[:150]]
+    pages = sorted((data / "support" / "kb").glob("*.md"))
+    grounded = []
+    for chat in chats[:80]:
+        page = rng.choice(pages).read_text()
+        grounded.append([{"role": "system", "content": SUPPORT_SYSTEM},
+                         {"role": "user", "content": f"Context:\n{page}\n\nQuestion: {chat[1]['content']}"}, chat[2]])
+    examples = chats + classify + grounded
+    rng.shuffle(examples)
+    return examples
+
+
+def tokenized(tokenizer, examples, max_length):
+    from tuneforge.data.chat import ChatEncoder
+
+    encoder = ChatEncoder(tokenizer)
+    out = []
+    for messages, encoded in zip(examples, encoder.encode_many(examples)):
+        if len(encoded.input_ids) > max_length:
+            _, encoded = encoder.fit(messages, max_length, "truncate")
+        out.append((encoded.input_ids, encoded.labels()))
+    return out
+
+
+def load(args):
+    import torch
+
+    from tuneforge.config import ModelSection
+    from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
+
+    section = ModelSection(ref=args.model, quantization=args.quantization)
+    plan = plan_device(section)
+    location = materialize(resolve(section.ref))
+    tokenizer = load_tokenizer(section, location)
+    torch.manual_seed(args.seed)
+    model = load_model(section, plan, location)
+    model.config.use_cache = False
+    return plan, tokenizer, model
+
+
+def add_lora(model, plan):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if plan.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def child(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+    from trl import SFTConfig
+
+    from tuneforge.train.batching import IGNORE, Collator, attention_mode, build_rows
+    from tuneforge.train.trainer import ForgeTrainer
+
+    plan, tokenizer, model = load(args)
+    examples = tokenized(tokenizer, mixed_examples(args.seed), args.max_length)
+    held_out, train = examples[: args.eval_examples], examples[args.eval_examples :]
+    model = add_lora(model, plan)
+    common = dict(
+        output_dir=tempfile.mkdtemp(), max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
+        max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=plan.device == "cpu", bf16=plan.dtype == "bfloat16", fp16=plan.dtype == "float16",
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False,
+    )
+    stats = {"real": 0, "padded": 0, "supervised": 0}
+
+    def counting(collate):
+        def wrapped(features):
+            batch = collate(features)
+            stats["padded"] += batch["input_ids"].numel()
+            stats["real"] += sum(len(f["input_ids"]) for f in features)
+            stats["supervised"] += int((batch["labels"][:, 1:] != IGNORE).sum())
+            return batch
+        return wrapped
+
+    if args.child == "baseline":
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
+
+        def pad_to_longest(features):
+            width = max(len(f["input_ids"]) for f in features)
+            ids = torch.full((len(features), width), tokenizer.pad_token_id)
+            labels = torch.full((len(features), width), IGNORE)
+            mask = torch.zeros((len(features), width), dtype=torch.long)
+            for i, f in enumerate(features):
+                n = len(f["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+        trainer = Trainer(model=model, args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
+                          train_dataset=Dataset.from_list(rows), data_collator=counting(pad_to_longest))
+    else:
+        mean_len = sum(len(ids) for ids, _ in train) / len(train)
+        capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
+        packed = build_rows(train, capacity, packing=True, seed=args.seed)
+        rows = [{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens} for r in packed]
+        collate = Collator(tokenizer.pad_token_id, attention_mode(plan.attention, True), getattr(torch, plan.dtype))
+        config = SFTConfig(per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common)
+        trainer = ForgeTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), data_collator=counting(collate),
+                               processing_class=tokenizer)
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    loss = held_out_loss(trainer.model, held_out, plan)
+    result = {
+        "seconds": seconds,
+        "supervised_tokens_per_s": stats["supervised"] / seconds,
+        "tokens_per_s": stats["real"] / seconds,
+        "padding_share": 1 - stats["real"] / stats["padded"],
+        "eval_loss": loss,
+        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if plan.device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": plan.describe(),
+    }
+    if plan.device == "cuda":
+        matmul = sum(p.numel() * (2 if getattr(p, "quant_type", None) else 1) for n, p in model.named_parameters()
+                     if p.dim() == 2 and "lora_" not in n and "embed" not in n)
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        result["matmul_params"] = matmul
+        result["mfu"] = (result["tokens_per_s"] * 4 * matmul / (peak * 1e12)) if peak else None
+    return result
+
+
+def held_out_loss(model, examples, plan) -> float:
+    """Token-weighted cross-entropy on supervised tokens, one example at a time: the same judge for both sides."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids, labels in examples:
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+            target = torch.tensor(labels[1:], device=device)
+            keep = target != -100
+            total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--quantization", default="4bit", choices=["none", "4bit", "8bit"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the baseline's batch)")
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--eval-examples", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--child", choices=["baseline", "tuneforge"])
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    results = {}
+    for side in ("baseline", "tuneforge"):
+        cmd = [sys.executable, __file__, "--child", side] + [a for a in sys.argv[1:]]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    base, ours = results["baseline"], results["tuneforge"]
+    print(f"model {args.model} ({args.quantization}) on {ours['device']}; {args.steps} steps, ~{args.batch} examples per step")
+    print(f"\n{'':<11}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}{'peak MB':>10}{'eval loss':>11}{'seconds':>9}")
+    for side, r in results.items():
+        print(f"{side:<11}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
+              f"{r['peak_mb']:>10,.0f}{r['eval_loss']:>11.4f}{r['seconds']:>9.1f}")
+        if r.get("mfu") is not None:
+            print(f"{'':<11}MFU {r['mfu']:.1%} ({r['matmul_params'] / 1e6:.0f}M matmul params, 4·N FLOPs/token)")
+    print(f"\npeak memory ratio (tuneforge / baseline): {ours['peak_mb'] / base['peak_mb']:.2f}")
+    print(f"eval loss difference: {(ours['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2%}")
+    print(f"speedup: {ours['supervised_tokens_per_s'] / base['supervised_tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training backends: local (LoRA / QLoRA SFT) and, later, OpenAI fine-tuning jobs."""

@@ -1,0 +1,128 @@
+"""Tokenized examples into training batches: packing, and masks that keep packed examples apart.
+
+Packing concatenates short examples into rows of up to `max_length` tokens so no
+compute is spent on padding. Position ids restart at 0 for every example. That is
+not enough on its own: with sdpa or eager attention, tokens still attend across
+the example boundary (measured: logits moved by up to 0.17 on a tiny Llama). So:
+
+* FlashAttention-2 gets position ids only; its varlen kernel cuts at every reset.
+* sdpa and eager get a 4-D additive mask, block-diagonal and causal, so each
+  token sees only earlier tokens of its own example.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    seq_lens: list[int]  # lengths of the examples packed into this row, in order
+
+
+def pack(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing).
+
+    Ties in length are broken by a seeded shuffle so the packing is reproducible but
+    not tied to file order.
+    """
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    order = sorted(order.tolist(), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, row index), kept sorted
+    for index in order:
+        need = lengths[index]
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(index)
+            bisect.insort(free, (space - need, row))
+        else:
+            rows.append([index])
+            bisect.insort(free, (capacity - need, len(rows) - 1))
+    return rows
+
+
+def build_rows(examples: list[tuple[list[int], list[int]]], capacity: int, packing: bool, seed: int) -> list[Row]:
+    """Rows for the trainer: packed when asked, else one example per row."""
+    if not packing:
+        return [Row(ids, labels, [len(ids)]) for ids, labels in examples]
+    rows = []
+    for members in pack([len(ids) for ids, _ in examples], capacity, seed):
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in members:
+            ids += examples[i][0]
+            labels += examples[i][1]
+        rows.append(Row(ids, labels, [len(examples[i][0]) for i in members]))
+    return rows
+
+
+AttentionMode = Literal["block_mask", "flash_varlen", "padded"]
+
+
+def attention_mode(attention: str, packing: bool) -> AttentionMode:
+    if not packing:
+        return "padded"
+    return "flash_varlen" if attention == "flash_attention_2" else "block_mask"
+
+
+class Collator:
+    """Pad a list of rows into tensors for the model, with the mask the attention kernel needs."""
+
+    def __init__(self, pad_id: int, mode: AttentionMode, mask_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8):
+        self.pad_id = pad_id
+        self.mode = mode
+        self.mask_dtype = mask_dtype
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = -(-longest // self.multiple) * self.multiple
+        batch = len(rows)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        segments = torch.full((batch, width), -1, dtype=torch.long)  # -1 marks padding
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[b, :n] = torch.tensor(row["input_ids"])
+            labels[b, :n] = torch.tensor(row["labels"])
+            start = 0
+            for s, length in enumerate(row["seq_lens"]):
+                position_ids[b, start : start + length] = torch.arange(length)
+                segments[b, start : start + length] = s
+                start += length
+            if n < width:  # padding is its own segment with fresh positions, never a target
+                position_ids[b, n:] = torch.arange(width - n)
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.mode == "padded":
+            out["attention_mask"] = (segments >= 0).long()
+        elif self.mode == "block_mask":
+            out["attention_mask"] = block_causal_mask(segments, self.mask_dtype)
+        return out
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: 0 where query i may see key j (same segment, j <= i), else -inf-ish.
+
+    Padding positions see themselves only, so no softmax row is empty (an empty row
+    would give NaN, and NaN gradients poison the whole batch even where masked).
+    """
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    padding = (segments < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+    allowed = (same & (segments >= 0)[:, :, None] & causal) | padding
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,0 +1,120 @@
+"""Trainer callbacks: metrics.jsonl, the non-finite guard, complete-checkpoint markers, disk check."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
+from tuneforge.errors import TuneforgeError
+
+MARKER = "tuneforge_complete.json"
+
+
+class NonFiniteError(TuneforgeError):
+    pass
+
+
+class MetricsLog(TrainerCallback):
+    """One JSON line per logged step: loss, eval loss, lr, grad norm, supervised tokens and tokens/s.
+
+    Also stops the run on a NaN or inf loss, naming the step. Logging happens every
+    step, before that step's checkpoint is written, so a non-finite loss is caught
+    before anything is saved.
+    """
+
+    def __init__(self, path: Path, trainer_ref: dict, resume_step: int = 0):
+        self.path = path
+        self.trainer_ref = trainer_ref  # {"trainer": ForgeTrainer}, filled once the trainer exists
+        self.records: list[dict[str, Any]] = []
+        if resume_step and path.exists():  # keep what the resumed checkpoint had seen
+            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step]
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = self.trainer_ref["trainer"].supervised_tokens
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"the loss became {loss} at step {state.global_step}; training stopped before saving anything from that step. "
+                    "Lower train.lr, keep train.max_grad_norm on, or look for broken examples"
+                )
+            tokens = self.trainer_ref["trainer"].supervised_tokens
+            now = time.perf_counter()
+            record.update(
+                loss=loss,
+                lr=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                supervised_tokens=tokens,
+                tokens_per_s=round((tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 1),
+            )
+            if "mean_token_accuracy" in logs:
+                record["token_accuracy"] = logs["mean_token_accuracy"]
+            self._last_time, self._last_tokens = now, tokens
+        if "eval_loss" in logs:
+            record["eval_loss"] = float(logs["eval_loss"])
+        if len(record) > 2:
+            self.records.append(record)
+            atomic_write_jsonl(self.path, self.records)
+
+
+class FiniteWeights(TrainerCallback):
+    """Refuse to checkpoint weights that hold NaN or inf."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save or state.global_step == state.max_steps:
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteError(f"non-finite weights after step {state.global_step} (e.g. {bad[0]}); nothing was saved")
+
+
+class CheckpointMarker(TrainerCallback):
+    """A checkpoint counts only once its marker exists; the marker also records what the run depends on."""
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], bytes_needed: int):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.bytes_needed = bytes_needed
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if free < self.bytes_needed:
+            raise TuneforgeError(
+                f"only {free / 2**30:.1f} GiB free under {self.folder}; checkpoints need about {self.bytes_needed / 2**30:.1f} GiB"
+            )
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = self.folder / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            atomic_write_json(checkpoint / MARKER, {**self.fingerprint, "step": state.global_step})
+
+
+def latest_complete_checkpoint(folder: Path) -> Path | None:
+    candidates = []
+    for path in folder.glob("checkpoint-*"):
+        if (path / MARKER).exists() and path.name.split("-")[-1].isdigit():
+            candidates.append((int(path.name.split("-")[-1]), path))
+    return max(candidates)[1] if candidates else None
+
+
+def check_resumable(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a resume whose data or batch settings differ from the checkpoint's."""
+    saved = json.loads((checkpoint / MARKER).read_text())
+    changed = [f"{key}: was {saved.get(key)!r}, now {value!r}" for key, value in fingerprint.items() if saved.get(key) != value]
+    if changed:
+        raise TuneforgeError(f"cannot resume from {checkpoint.name}: " + "; ".join(changed) + ". Start a fresh run (without --resume) or restore the old settings")

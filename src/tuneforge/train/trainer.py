@@ -1,0 +1,85 @@
+"""TRL's SFTTrainer with a loss that computes logits only where there is something to learn.
+
+A causal LM's head turns every position's hidden state into a vocabulary-sized
+row of logits (49,152 wide for SmolLM2), and the loss then discards every row whose
+label is ignored. For chat data most positions are prompt: on the shipped support
+data only ~45% are trained, on a classification table ~2%. So the model runs with
+`logits_to_keep=1`, the final norm's output is captured, and the head and the
+cross-entropy run on the supervised positions alone. Same loss, less time, and far
+less peak memory (no [batch, length, vocab] tensor).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from trl import SFTTrainer
+
+from tuneforge.train.batching import IGNORE
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside DDP / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ForgeTrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our loss divides by the supervised-token count of the whole accumulated batch.
+        self.model_accepts_loss_kwargs = True
+        self.supervised_tokens = 0
+        lm = _causal_lm(self.model)
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+        self._norm = getattr(decoder, "norm", None)
+        self._head = lm.get_output_embeddings()
+        self._softcap = getattr(lm.config, "final_logit_softcapping", None)
+
+    @contextmanager
+    def _capture_final_hidden(self):
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _inputs, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self._norm.register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        shift_labels = labels[:, 1:]
+        chosen = shift_labels != IGNORE
+        if self._norm is not None:
+            with self._capture_final_hidden() as captured:
+                model(**inputs, logits_to_keep=1, use_cache=False)
+            hidden = captured["hidden"][:, :-1][chosen]
+            logits = self._head(hidden).float()
+        else:  # an architecture without a final `norm`: plain full logits
+            logits = model(**inputs, use_cache=False).logits[:, :-1][chosen].float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        targets = shift_labels[chosen]
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        count = int(chosen.sum())
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+        loss = loss_sum / denominator
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed over ranks
+
+        mode = "train" if model.training else "eval"
+        if model.training:
+            self.supervised_tokens += count
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None and count:
+            with torch.no_grad():
+                accuracy = (logits.argmax(-1) == targets).float().mean().item()
+            metrics[mode]["mean_token_accuracy"].append(accuracy)
+        return (loss, {}) if return_outputs else loss

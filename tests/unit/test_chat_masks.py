@@ -1,0 +1,85 @@
+"""Loss masks on four template families: exactly the assistant content plus its end-of-turn token."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.data.chat import ChatEncoder
+
+from ..conftest import CHATML, make_tokenizer
+
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('only user and assistant roles') }}{% endif %}{% endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+STYLES = {
+    "chatml": dict(template=CHATML, bos="<|im_start|>", eos="<|im_end|>", specials=(), eot="<|im_end|>", single_bos=False),
+    "llama3": dict(template=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>",
+                   specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), eot="<|eot_id|>", single_bos=True),
+    "mistral": dict(template=MISTRAL, bos="<s>", eos="</s>", specials=("<s>", "</s>", "[INST]", "[/INST]"), eot="</s>", single_bos=True),
+    "gemma": dict(template=GEMMA, bos="<bos>", eos="<eos>", specials=("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), eot="<end_of_turn>", single_bos=True),
+}
+
+CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And two plus two?"},
+    {"role": "assistant", "content": "Four, of course."},
+]
+
+
+def _runs(ids, mask):
+    runs, current = [], []
+    for token, keep in zip(ids, mask):
+        if keep:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_supervised_positions_are_assistant_content_and_end_of_turn(style):
+    spec = STYLES[style]
+    tokenizer = make_tokenizer(spec["template"], spec["bos"], spec["eos"], spec["specials"])
+    encoder = ChatEncoder(tokenizer)
+    assert encoder.end_of_turn == spec["eot"]
+    encoded = encoder.encode(CONVERSATION)
+    runs = [tokenizer.decode(run) for run in _runs(encoded.input_ids, encoded.supervised)]
+    assert runs == [f"Paris.{spec['eot']}", f"Four, of course.{spec['eot']}"]
+    assert not encoded.missing_eot
+    if spec["single_bos"]:
+        assert encoded.input_ids.count(tokenizer.convert_tokens_to_ids(spec["bos"])) == 1  # no double BOS
+    # the prompt the model gets at inference is a token prefix of the training sequence
+    for turn in (1, 3):
+        prompt = tokenizer.apply_chat_template(CONVERSATION[:turn], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
+        assert not encoded.supervised[len(prompt_ids) - 1] and encoded.supervised[len(prompt_ids)]
+        if turn == 1:
+            assert not any(encoded.supervised[: len(prompt_ids)])
+    labels = encoded.labels()
+    assert [t for t, l in zip(encoded.input_ids, labels) if l != -100] == [t for t, k in zip(encoded.input_ids, encoded.supervised) if k]
+
+
+def test_template_that_rewrites_history_is_refused():
+    shifting = "{% for m in messages %}{{ m['role'] + (loop.length|string) + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    encoder = ChatEncoder(make_tokenizer(shifting))
+    with pytest.raises(Exception, match="renders earlier turns differently"):
+        encoder.encode(CONVERSATION)
