@@ -20,10 +20,6 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 # Verbs whose issue has not landed yet say so and exit 2.
 PLANNED = {
-    "generate": 5,
-    "chat": 5,
-    "merge": 5,
-    "serve": 5,
     "rag": 6,
     "demo": 7,
     "eval": 9,
@@ -90,6 +86,85 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_system(run) -> str:
+    from tuneforge.infer.engine import system_source
+
+    try:
+        system_source("finetuned", run)
+        return "finetuned"
+    except TuneforgeError:
+        return "base"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tuneforge.atomic import atomic_write_jsonl
+    from tuneforge.infer.engine import Engine, Settings
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "generate")
+    records = []
+    with open(args.input, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TuneforgeError(f"{args.input} line {number}: invalid JSON ({exc.msg})") from None
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                messages = [{"role": "user", "content": record["prompt"]}]
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+                messages = [m for m in record["messages"]]
+                if messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
+                    messages = messages[:-1]
+            else:
+                raise TuneforgeError(f"{args.input} line {number}: needs a 'prompt' string or a 'messages' list")
+            records.append((record, messages))
+    system = args.system or _default_system(run)
+    engine = Engine.load(experiment, system, run)
+    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
+    answers = engine.generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
+    output = [{**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason} for (record, _), a in zip(records, answers)]
+    atomic_write_jsonl(args.output, output)
+    print(f"{len(output)} answers from {system} written to {args.output}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tuneforge.infer.chat import chat_loop
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "chat")
+    return chat_loop(experiment, run, args.system or _default_system(run))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tuneforge.infer.merge import merge
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "merge")
+    report = merge(experiment, run, gguf=args.gguf)
+    print(f"merged model written to {report['merged']} ({report['dtype']})")
+    if report["mismatches"]:
+        print(f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:")
+        for m in report["mismatches"]:
+            print(f"  {m['prompt'][:60]!r}: adapter {m['adapter'][:60]!r} vs merged {m['merged'][:60]!r}")
+        return 1
+    print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.infer.server import serve
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "serve")
+    serve(experiment, run, host=args.host, port=args.port)
+    return 0
+
+
 def _run_dir_quiet(args: argparse.Namespace, experiment):
     from tuneforge.run import RunDir
 
@@ -123,13 +198,13 @@ def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "prepare": (cmd_prepare, "turn raw data into validated chat examples, with a token and cost report"),
     "train": (cmd_train, "fine-tune: QLoRA SFT locally, or a hosted OpenAI job"),
-    "generate": (_planned("generate"), "batched answers for a file of prompts"),
-    "chat": (_planned("chat"), "chat in the terminal with the base or fine-tuned model"),
-    "merge": (_planned("merge"), "merge the adapter into a full-precision copy of the base"),
+    "generate": (cmd_generate, "batched answers for a file of prompts"),
+    "chat": (cmd_chat, "chat in the terminal with the base or fine-tuned model"),
+    "merge": (cmd_merge, "merge the adapter into a full-precision copy of the base"),
     "rag": (_planned("rag"), "build or query the retriever over your documents"),
     "eval": (_planned("eval"), "compare base, fine-tuned, RAG and hosted systems in one report"),
     "demo": (_planned("demo"), "open the Gradio chat page"),
-    "serve": (_planned("serve"), "serve an OpenAI-compatible HTTP API"),
+    "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
     "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
     "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
 }
@@ -158,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(sub, file_required=verb != "config")
         if verb == "train":
             sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        if verb in ("generate", "chat"):
+            sub.add_argument("--system", help="base, finetuned, adapter:<dir> or merged:<dir> (default: finetuned when trained)")
+        if verb == "generate":
+            sub.add_argument("--input", required=True, help="JSONL of {'prompt': ...} or {'messages': [...]} lines")
+            sub.add_argument("--output", required=True, help="where the answers go (JSONL)")
+            sub.add_argument("--max-new-tokens", type=int, default=256)
+            sub.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+            sub.add_argument("--batch-size", type=int, default=16)
+        if verb == "merge":
+            sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
+        if verb == "serve":
+            sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
+            sub.add_argument("--port", type=int, default=8000)
         if verb == "config":
             sub.add_argument("--explain", action="store_true", help="list every key with its default and description")
             sub.add_argument("--schema", action="store_true", help="print the JSON schema of the experiment file")

@@ -224,7 +224,8 @@ def load_model(section: ModelSection, plan: DevicePlan | None = None, location: 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast; once is enough.
         warnings.filterwarnings("once", message=".*MatMul8bitLt.*")
-    if plan.device == "cuda":
+    if plan.device == "cuda" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        # one full copy per process (DDP); under FSDP the wrapper places and shards the weights
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     elif plan.quantization != "none":
         kwargs["device_map"] = {"": "cpu"}

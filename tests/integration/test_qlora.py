@@ -80,3 +80,12 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
     again = PeftModel.from_pretrained(fresh_base(), run.sub("adapter")).eval()
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, tuned_logits, atol=1e-4)
+
+    # merged into a full-precision base: the same greedy answers as the adapter on that base
+    from tuneforge.infer.merge import merge
+
+    report = merge(experiment, run, max_new_tokens=24)
+    assert report["probes"] == 8 and report["mismatches"] == []
+    merged = run.sub("merged")
+    assert list(merged.glob("*.safetensors")) and (merged / "chat_template.jinja").exists()
+    assert not any("lora" in k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(next(merged.glob("*.safetensors"))))

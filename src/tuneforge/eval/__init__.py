@@ -1,0 +1,1 @@
+"""Evaluation: systems under test, tasks and metrics (the full harness is issue #9)."""

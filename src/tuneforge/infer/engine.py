@@ -1,0 +1,191 @@
+"""One loaded chat system (base, fine-tuned, or a given adapter / merged folder) that answers chats.
+
+Prompts are rendered with the chat template the system was trained with (the one
+stored in `adapter/`), and generation stops at that template's end-of-turn token.
+Batches are left-padded and grouped by prompt length, so a batch wastes little on
+padding and every row's last prompt token sits at the same position.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tuneforge.errors import TuneforgeError
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+def system_source(name: str, run) -> tuple[str | None, str | None]:
+    """(adapter folder, merged folder) for a system name; (None, None) is the base model."""
+    if name == "base":
+        return None, None
+    if name == "finetuned":
+        adapter = run.sub("adapter")
+        if not (adapter / "adapter_config.json").exists():
+            merged = run.sub("merged")
+            if (merged / "config.json").exists():
+                return None, str(merged)
+            raise TuneforgeError(f"system 'finetuned': no adapter in {adapter}; run `tuneforge train` first")
+        return str(adapter), None
+    kind, _, path = name.partition(":")
+    if kind == "adapter" and (Path(path) / "adapter_config.json").exists():
+        return path, None
+    if kind == "merged" and (Path(path) / "config.json").exists():
+        return None, path
+    raise TuneforgeError(f"unknown or missing system {name!r}; use base, finetuned, adapter:<dir> or merged:<dir>")
+
+
+class Engine:
+    """A model, its tokenizer and chat encoder; thread-safe (one generation at a time)."""
+
+    def __init__(self, model, tokenizer, name: str = "base"):
+        from tuneforge.data.chat import ChatEncoder
+
+        self.name = name
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.encoder = ChatEncoder(tokenizer)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.stop_ids = [i for i in dict.fromkeys([self.encoder.end_of_turn_id, tokenizer.eos_token_id]) if i is not None]
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, experiment, name: str = "base", run=None, adapter: str | None = None, merged: str | None = None,
+             quantization: str | None = None) -> Engine:
+        """Load a system: `name` resolved in the run, or an explicit adapter / merged folder."""
+        from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
+
+        if run is not None and adapter is None and merged is None:
+            adapter, merged = system_source(name, run)
+        update: dict = {} if quantization is None else {"quantization": quantization}
+        if merged:
+            update["ref"] = merged
+        section = experiment.model.model_copy(update=update)
+        plan = plan_device(section)
+        location = materialize(resolve(section.ref))
+        # the tokenizer, and so the chat template, that the system was trained with
+        tokenizer = load_tokenizer(section, adapter or merged or location)
+        model = load_model(section, plan, location)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        return cls(model, tokenizer, name)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.encoder.render(messages, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _generate_kwargs(self, settings: Settings) -> dict:
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
+        """Answers in input order; batched by similar prompt length."""
+        from tqdm.auto import tqdm
+
+        prompts = [self.prompt_ids(m) for m in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[Answer | None] = [None] * len(prompts)
+        with self.lock, tqdm(total=len(prompts), desc=f"generating ({self.name})", unit=" prompts", disable=not progress) as bar:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]) :] = 1
+                with torch.no_grad():
+                    out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **self._generate_kwargs(settings))
+                for row, i in enumerate(chunk):
+                    answers[i] = self._answer(out[row, width:].tolist(), len(prompts[i]), settings)
+                bar.update(len(chunk))
+        return answers  # type: ignore[return-value]
+
+    def _answer(self, new_ids: list[int], prompt_tokens: int, settings: Settings) -> Answer:
+        finish = "length"
+        for position, token in enumerate(new_ids):
+            if token in self.stop_ids:
+                new_ids, finish = new_ids[:position], "stop"
+                break
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        for stop in settings.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        return Answer(text.strip(), prompt_tokens, len(new_ids), finish)
+
+    def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
+        """Text pieces as they are generated; the final item is an Answer with the totals.
+
+        Closing the iterator early (a client that hung up) stops the generation too.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        prompt = self.prompt_ids(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        abort = threading.Event()
+
+        class Abort(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        result: dict = {}
+
+        def work():
+            ids = torch.tensor([prompt], device=self.device)
+            with torch.no_grad():
+                result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                                    stopping_criteria=StoppingCriteriaList([Abort()]), **self._generate_kwargs(settings))
+
+        with self.lock:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            try:
+                emitted = ""
+                for piece in streamer:
+                    emitted += piece
+                    cut = next((emitted.index(s) for s in settings.stop if s in emitted), None)
+                    if cut is not None:
+                        piece = piece[: max(0, len(piece) - (len(emitted) - cut))]
+                        if piece:
+                            yield piece
+                        abort.set()
+                        break
+                    if piece:
+                        yield piece
+            finally:
+                abort.set()
+                thread.join()
+        yield self._answer(result["out"][0, len(prompt) :].tolist(), len(prompt), settings)

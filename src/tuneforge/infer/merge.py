@@ -1,0 +1,100 @@
+"""`tuneforge merge`: the adapter folded into a full-precision copy of the base.
+
+Never into 4-bit weights: the base is loaded de-quantized (quantization none, the
+device's full dtype), the adapter applied and merged, and the result saved as
+safetensors with the tokenizer, chat template and generation config. A probe set
+is then answered greedily by the adapter-on-base model and by the merged model;
+every mismatch is reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneforge.atomic import atomic_dir, atomic_write_json
+from tuneforge.errors import TuneforgeError
+
+PROBES = [
+    "What is the capital of France?",
+    "Give me one tip for writing clear emails.",
+    "Summarise what a thermostat does in one sentence.",
+    "Is this review positive or negative? 'Broke after two days.'",
+]
+
+
+def probe_prompts(run, n: int = 8) -> list[list[dict]]:
+    """Prompts from the run's validation split (its own domain), topped up with general ones."""
+    prompts: list[list[dict]] = []
+    valid = run.sub("data", "valid.jsonl")
+    if valid.exists():
+        from tuneforge.data.prepare import load_prepared
+
+        for example in load_prepared(run.sub("data"), "valid")[:n]:
+            last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+            prompts.append(example.messages[:last])
+    prompts += [[{"role": "user", "content": p}] for p in PROBES[: max(0, n - len(prompts))]]
+    return prompts
+
+
+def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
+
+    adapter = run.sub("adapter")
+    if not (adapter / "adapter_config.json").exists():
+        raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
+    section = experiment.model.model_copy(update={"quantization": "none"})  # de-quantized, full precision
+    plan = plan_device(section)
+    base = load_model(section, plan, materialize(resolve(section.ref)))
+    tokenizer = load_tokenizer(section, str(adapter))
+    with_adapter = Engine(PeftModel.from_pretrained(base, str(adapter)), tokenizer, "adapter")
+    prompts = probe_prompts(run)
+    settings = Settings(max_new_tokens=max_new_tokens)
+    before = with_adapter.generate(prompts, settings)
+
+    merged_model = with_adapter.model.merge_and_unload()
+    target = run.sub("merged")
+    with atomic_dir(target) as tmp:
+        merged_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(adapter / "chat_template.jinja", tmp / "chat_template.jinja")
+        if (adapter / "generation_config.json").exists():
+            shutil.copy(adapter / "generation_config.json", tmp / "generation_config.json")
+    del merged_model, with_adapter, base
+
+    after = Engine.load(experiment, "merged", merged=str(target), quantization="none").generate(prompts, settings)
+    mismatches = [
+        {"prompt": p[-1]["content"], "adapter": a.text, "merged": m.text}
+        for p, a, m in zip(prompts, before, after)
+        if a.text != m.text
+    ]
+    report: dict[str, Any] = {"merged": str(target), "dtype": plan.dtype, "probes": len(prompts), "mismatches": mismatches}
+    if gguf:
+        report["gguf"] = export_gguf(target, run.sub("merged.gguf"))
+    atomic_write_json(run.sub("merge_report.json"), report)
+    run.record("merge", {**report, "mismatches": len(mismatches)})
+    return report
+
+
+def export_gguf(folder: Path, target: Path) -> str:
+    """Convert with llama.cpp's converter when the user has it; say how to get it when not."""
+    import os
+
+    candidates = [shutil.which("convert_hf_to_gguf.py"), shutil.which("convert-hf-to-gguf.py")]
+    home = os.environ.get("LLAMA_CPP_DIR")
+    if home:
+        candidates.append(str(Path(home) / "convert_hf_to_gguf.py"))
+    script = next((c for c in candidates if c and Path(c).exists()), None)
+    if script is None:
+        raise TuneforgeError(
+            "GGUF export needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, `pip install -r requirements.txt` there, "
+            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); the merged safetensors model is already saved"
+        )
+    subprocess.run([sys.executable, script, str(folder), "--outfile", str(target)], check=True)
+    return str(target)

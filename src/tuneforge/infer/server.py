@@ -1,0 +1,230 @@
+"""`tuneforge serve`: an OpenAI-compatible chat API over the run's systems.
+
+    GET  /v1/models            base, finetuned (when the run has an adapter)
+    POST /v1/chat/completions  stream or not; temperature, top_p, max_tokens, stop, seed
+
+Standard library HTTP (one thread per connection); each system has one lock, so
+concurrent requests queue safely. Bad requests get OpenAI-shaped errors with 4xx
+codes and the server keeps serving. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from tuneforge.infer.engine import Answer, Engine, Settings
+
+MAX_BODY = 4 << 20  # bytes
+MAX_WAITING = 32  # requests queued beyond this get 429
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class Systems:
+    """Engines by name, loaded on first use."""
+
+    def __init__(self, experiment, run):
+        from tuneforge.infer.engine import system_source
+
+        self.experiment, self.run = experiment, run
+        self.names = ["base"]
+        try:
+            system_source("finetuned", run)
+            self.names.append("finetuned")
+        except Exception:
+            pass
+        self.engines: dict[str, Engine] = {}
+        self.loading = threading.Lock()
+        self.counter = threading.Lock()
+        self.waiting = 0
+        self.created = int(time.time())
+
+    def get(self, name: str) -> Engine:
+        if name not in self.names:
+            raise ApiError(404, f"The model '{name}' does not exist; available: {', '.join(self.names)}", "model", "model_not_found")
+        with self.loading:
+            if name not in self.engines:
+                self.engines[name] = Engine.load(self.experiment, name, self.run)
+        return self.engines[name]
+
+
+def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool]:
+    """Validate a chat-completions body; raise ApiError naming the bad parameter."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", "model", "missing_required_parameter")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
+            raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant) and text content", f"messages[{i}]")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+
+    def number(key: str, low: float, high: float, default: float) -> float:
+        value = body.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise ApiError(400, f"'{key}' must be a number between {low} and {high}", key)
+        return float(value)
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ApiError(400, "'max_tokens' must be a positive integer", "max_tokens")
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or up to 4 strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, "'seed' must be an integer", "seed")
+    settings = Settings(
+        max_new_tokens=max_tokens or 256,
+        temperature=number("temperature", 0.0, 2.0, 0.0),
+        top_p=number("top_p", 0.0, 1.0, 1.0),
+        seed=seed,
+        stop=tuple(stop),
+    )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream")
+    return model, messages, settings, stream
+
+
+def completion(model: str, answer: Answer) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason, "logprobs": None}],
+        "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                  "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+    }
+
+
+def make_handler(systems: Systems):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "tuneforge"
+
+        def log_message(self, fmt, *args):  # one line per request, on stderr
+            super().log_message(fmt, *args)
+
+        def _json(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, error: ApiError) -> None:
+            self._json(error.status, error.body())
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                data = [{"id": n, "object": "model", "created": systems.created, "owned_by": "tuneforge"} for n in systems.names]
+                self._json(200, {"object": "list", "data": data})
+            elif self.path.startswith("/v1/models/"):
+                name = self.path.split("/v1/models/", 1)[1]
+                if name in systems.names:
+                    self._json(200, {"id": name, "object": "model", "created": systems.created, "owned_by": "tuneforge"})
+                else:
+                    self._error(ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found"))
+            else:
+                self._error(ApiError(404, f"Unknown path {self.path}", code="not_found"))
+
+        def do_POST(self):
+            try:
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    raise ApiError(404, f"Unknown path {self.path}", code="not_found")
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    raise ApiError(413, "request body too large")
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except json.JSONDecodeError as exc:
+                    raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
+                model, messages, settings, stream = parse_request(body)
+                engine = systems.get(model)
+                with systems.counter:
+                    if systems.waiting >= MAX_WAITING:
+                        raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
+                    systems.waiting += 1
+                try:
+                    if stream:
+                        self._stream(engine, model, messages, settings)
+                    else:
+                        answer = engine.generate([messages], settings)[0]
+                        self._json(200, completion(model, answer))
+                finally:
+                    with systems.counter:
+                        systems.waiting -= 1
+            except ApiError as error:
+                self._error(error)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as exc:  # keep serving whatever one request did
+                self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
+
+        def _stream(self, engine: Engine, model: str, messages: list[dict], settings: Settings) -> None:
+            chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+            def event(delta: dict, finish: str | None = None) -> bytes:
+                payload = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                return f"data: {json.dumps(payload)}\n\n".encode()
+
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(event({"role": "assistant", "content": ""}))
+            pieces = engine.stream(messages, settings)
+            try:
+                for piece in pieces:
+                    if isinstance(piece, Answer):
+                        self.wfile.write(event({}, piece.finish_reason))
+                    else:
+                        self.wfile.write(event({"content": piece}))
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            finally:
+                pieces.close()
+
+    return Handler
+
+
+def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None) -> None:
+    systems = Systems(experiment, run)
+    httpd = ThreadingHTTPServer((host, port), make_handler(systems))
+    httpd.daemon_threads = True
+    print(f"serving {', '.join(systems.names)} at http://{host}:{httpd.server_address[1]}/v1 (OpenAI-compatible)", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()

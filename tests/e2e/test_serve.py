@@ -1,0 +1,107 @@
+"""`tuneforge serve` on loopback, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm_location):
+    workdir = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
+         "--run-dir", str(workdir / "run")],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    deadline = time.time() + 300
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.5)
+    yield client
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_lists_models(server):
+    assert [m.id for m in server.models.list().data] == ["base"]  # no adapter in this run yet
+
+
+def test_non_streamed_answer(server):
+    reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+
+
+def test_streamed_answer(server):
+    chunks = list(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_and_seed(server):
+    reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, stop=["Paris"])
+    assert "Paris" not in reply.choices[0].message.content
+    kwargs = dict(model="base", messages=QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    assert server.chat.completions.create(**kwargs).choices[0].message.content == server.chat.completions.create(**kwargs).choices[0].message.content
+
+
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
+    with pytest.raises(openai.NotFoundError) as info:
+        server.chat.completions.create(model="gpt-nope", messages=QUESTION)
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        server.chat.completions.create(model="base", messages=QUESTION, temperature=5)
+    assert info.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        server.chat.completions.create(model="base", messages=[{"role": "wizard", "content": "hi"}])
+    assert "Paris" in server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24).choices[0].message.content
+
+
+def test_concurrent_requests_queue_safely(server):
+    results: list[str] = []
+    errors: list[Exception] = []
+
+    def ask():
+        try:
+            results.append(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=16).choices[0].message.content)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 and len(set(results)) == 1
