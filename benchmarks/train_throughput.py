@@ -71,12 +71,18 @@ def tokenized(tokenizer, examples, max_length):
     return out
 
 
+LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
 def load(args):
     import torch
 
     from tuneforge.config import ModelSection
     from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
 
+    if args.model == "random:llama-3.1-8b":
+        return random_llama_8b(args)
     section = ModelSection(ref=args.model, quantization=args.quantization)
     plan = plan_device(section)
     location = materialize(resolve(section.ref))
@@ -84,6 +90,27 @@ def load(args):
     torch.manual_seed(args.seed)
     model = load_model(section, plan, location)
     model.config.use_cache = False
+    return plan, tokenizer, model
+
+
+def random_llama_8b(args):
+    """A randomly initialised Llama-3.1-8B-shaped model in bf16 on the GPU (MFU needs the shape, not the weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.config import ModelSection
+    from tuneforge.models import load_tokenizer, plan_device
+
+    if not torch.cuda.is_available():
+        raise SystemExit("random:llama-3.1-8b needs a CUDA GPU with about 40 GB free (bf16 weights, LoRA, activations)")
+    plan = plan_device(ModelSection(quantization="none", device="cuda"))
+    torch.manual_seed(args.seed)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B_SHAPE, attn_implementation=plan.attention))
+    torch.set_default_dtype(torch.float32)
+    model.config.use_cache = False
+    tokenizer = load_tokenizer(ModelSection())  # SmolLM2's ids (< 49,152) are valid in the larger vocabulary
     return plan, tokenizer, model
 
 
@@ -195,7 +222,8 @@ def held_out_loss(model, examples, plan) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                        help="a model reference, or random:llama-3.1-8b (CUDA only) for MFU at 8B scale")
     parser.add_argument("--quantization", default="4bit", choices=["none", "4bit", "8bit"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the baseline's batch)")

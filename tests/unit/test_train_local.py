@@ -150,3 +150,20 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):
     for saved in run.sub("checkpoints").glob("checkpoint-*/adapter_model.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(saved).values())
     assert not run.sub("adapter").exists()
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora", "full_finetune"])
+def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, variant):
+    from tuneforge.train.local import train_local
+
+    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 3" + (", full_finetune: true" if variant == "full_finetune" else ""))
+    if variant != "full_finetune":
+        experiment = load_experiment(experiment._source, [f"lora.{variant}=true"])
+    summary = train_local(experiment, RunDir(experiment, run.path), progress=False)
+    assert summary["steps"] == 3
+    if variant == "full_finetune":
+        assert summary["trainable_params"] == summary["total_params"]
+        assert (run.sub("adapter") / "model.safetensors").exists()
+    else:
+        config = json.loads((run.sub("adapter") / "adapter_config.json").read_text())
+        assert config["use_dora" if variant == "dora" else "use_rslora"] is True
