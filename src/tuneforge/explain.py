@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from tuneforge.config import Experiment, _backend_tag, _models_in
+from tuneforge.config import Experiment
+from tuneforge.config_errors import backend_tag, models_in
 
 
 def _type_name(annotation: Any) -> str:
@@ -28,7 +29,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        sections = _models_in(field.annotation)
+        sections = models_in(field.annotation)
         if sections:
             optional = field.default is None
             if len(sections) == 1:
@@ -37,7 +38,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
             else:  # the train section: one block of keys per backend
                 rows.append((key, "section", "", field.description or ""))
                 for variant in sections:
-                    rows.append((f"{key}  [backend: {_backend_tag(variant)}]", "", "", ""))
+                    rows.append((f"{key}  [backend: {backend_tag(variant)}]", "", "", ""))
                     rows.extend(_rows(variant, key + "."))
             continue
         default = "(required)" if field.default is PydanticUndefined else repr(field.default)

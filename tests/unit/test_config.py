@@ -134,12 +134,12 @@ def test_every_field_is_documented_and_schema_is_json():
         assert key in text
 
     def undocumented(model, prefix=""):
-        from tuneforge.config import _models_in
+        from tuneforge.config_errors import models_in
 
         for name, field in model.model_fields.items():
             if not field.description:
                 yield prefix + name
-            for inner in _models_in(field.annotation):
+            for inner in models_in(field.annotation):
                 yield from undocumented(inner, f"{prefix}{name}.")
 
     assert list(undocumented(Experiment)) == []

@@ -47,6 +47,12 @@ class ChatEncoder:
         self.end_of_turn = self._find_end_of_turn()
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids generation stops at: the template's end-of-turn token, then eos."""
+        ids = [self.end_of_turn_id, self.tokenizer.eos_token_id]
+        return [i for i in dict.fromkeys(ids) if i is not None]
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

@@ -10,7 +10,6 @@ records); the whole data folder is replaced at once.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_sha256
 from tuneforge.data import convert, report as reporting, sources, split as splitting, tables
 from tuneforge.data.chat import ChatEncoder
 from tuneforge.data.records import Example, Problem, Raw
@@ -131,7 +130,7 @@ class Preparer:
         counts = tables.TableCounts()
         deduper = tables.Deduper() if clean.dedupe else None
         sampler = tables.Sampler(sample, self.experiment.seed)
-        after_empty = after_dedupe = 0
+        after_dedupe = 0
         names: dict[int, str] = {}
         with tqdm(desc=f"reading {key}", unit=" rows", disable=not self.progress, unit_scale=True) as bar:
             for file_index, (name, chunks) in enumerate(files):
@@ -139,7 +138,6 @@ class Preparer:
                 for chunk in chunks:
                     bar.update(len(chunk))
                     chunk = tables.clean_chunk(chunk, clean, counts)
-                    after_empty += len(chunk)
                     if deduper is not None:
                         chunk = deduper(chunk, counts)
                     after_dedupe += len(chunk)
@@ -342,7 +340,7 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
         atomic_write_jsonl(tmp / "valid.meta.jsonl", (e.meta_record() for e in valid_examples))
         if rejected:
             atomic_write_jsonl(tmp / "rejected.jsonl", rejected)
-        hashes = {name: _sha256(tmp / name) for name in ("train.jsonl", "valid.jsonl")}
+        hashes = {name: file_sha256(tmp / name) for name in ("train.jsonl", "valid.jsonl")}
         report["sha256"] = hashes
         reporting.histogram(tmp / "token_lengths.png", {"train": [e.n_tokens for e in train_examples], "valid": [e.n_tokens for e in valid_examples]}, data.max_length)
         atomic_write_json(tmp / "report.json", report)
@@ -355,14 +353,6 @@ def _by_code(problems: list[Problem]) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter(p.code for p in problems).most_common())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_prepared(folder: Path, split: str) -> list[Example]:

@@ -67,7 +67,7 @@ class Engine:
         self.encoder = ChatEncoder(tokenizer)
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.stop_ids = [i for i in dict.fromkeys([self.encoder.end_of_turn_id, tokenizer.eos_token_id]) if i is not None]
+        self.stop_ids = self.encoder.stop_ids
         self.lock = threading.Lock()
 
     @classmethod

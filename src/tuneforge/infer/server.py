@@ -14,7 +14,6 @@ import json
 import threading
 import time
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -125,9 +124,6 @@ def make_handler(systems: Systems):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "tuneforge"
-
-        def log_message(self, fmt, *args):  # one line per request, on stderr
-            super().log_message(fmt, *args)
 
         def _json(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()

@@ -24,13 +24,12 @@ def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: d
     import copy
 
     generation = copy.deepcopy(model.generation_config) if getattr(model, "generation_config", None) else None
-    stop_ids = [i for i in (encoder.end_of_turn_id, tokenizer.eos_token_id) if i is not None]
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "chat_template.jinja", tokenizer.chat_template)
         if generation is not None:
-            generation.eos_token_id = list(dict.fromkeys(stop_ids))
+            generation.eos_token_id = encoder.stop_ids
             generation.pad_token_id = tokenizer.pad_token_id
             generation.save_pretrained(tmp)
         atomic_write_json(tmp / "tuneforge.json", {

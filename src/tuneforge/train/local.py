@@ -94,12 +94,12 @@ def tokenize(encoder, examples, max_length: int) -> list[tuple[list[int], list[i
 
 def data_fingerprint(experiment, run) -> dict[str, Any]:
     """What a checkpoint depends on: resuming with any of it changed would not continue the same run."""
-    from tuneforge.data.prepare import _sha256
+    from tuneforge.atomic import file_sha256
 
     t = experiment.train
     return {
-        "train_sha256": _sha256(run.sub("data", "train.jsonl")),
-        "valid_sha256": _sha256(run.sub("data", "valid.jsonl")),
+        "train_sha256": file_sha256(run.sub("data", "train.jsonl")),
+        "valid_sha256": file_sha256(run.sub("data", "valid.jsonl")),
         "micro_batch_size": t.micro_batch_size,
         "grad_accum": t.grad_accum,
         "max_length": experiment.data.max_length,
