@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -1,0 +1,31 @@
+"""The README's quickstart, as its last step runs it: `tuneforge run configs/quickstart.yaml`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_readme_quickstart_command_ends_with_that_run():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- quickstart-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1)
+    assert block.strip().endswith("tuneforge run configs/quickstart.yaml")
+
+
+def test_quickstart_trains_below_the_base_models_eval_loss(tmp_path, smollm_location):
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "qs")],
+                         capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "qs" / "manifest.json").read_text())["train"]
+    assert summary["final_eval_loss"] < 0.9 * summary["base_eval_loss"]  # clearly better, not noise
+    assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
+    assert f"run written to {tmp_path / 'qs'}" in out.stdout
