@@ -20,7 +20,6 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 # Verbs whose issue has not landed yet say so and exit 2.
 PLANNED = {
-    "rag": 6,
     "demo": 7,
     "eval": 9,
 }
@@ -165,6 +164,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rag(args: argparse.Namespace) -> int:
+    import json
+
+    from tuneforge.rag import retriever as rag
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, f"rag {args.action}")
+    if args.action == "build":
+        summary = rag.build(experiment, run)
+        print(f"indexed {summary['count']} chunks of {summary['documents']} documents ({summary['index']}, dim {summary['dim']}) "
+              f"in {run.sub('rag')}")
+        return 0
+    if args.action == "query":
+        question = " ".join(args.words).strip()
+        if not question:
+            raise TuneforgeError('rag query needs a question: tuneforge rag query FILE "your question"')
+        hits = rag.Retriever(experiment, run).search([question])[0]
+        if args.json:
+            print(json.dumps([h.to_json() for h in hits], indent=2, ensure_ascii=False))
+        else:
+            for n, hit in enumerate(hits, 1):
+                print(f"[{n}] {hit.score:.3f}  {hit.source}  ({hit.chunk_id})\n    {hit.text[:300].replace(chr(10), ' ')}")
+        return 0
+    pairs = _question_source_pairs(experiment)
+    report = rag.evaluate(rag.Retriever(experiment, run), pairs, experiment.rag.k)
+    from tuneforge.atomic import atomic_write_json
+
+    atomic_write_json(run.sub("rag", "eval.json"), report)
+    recall = report[f"recall@{report['k']}"]
+    print(f"recall@{report['k']} {recall:.3f}, MRR {report['mrr']:.3f} on {report['questions']} questions; "
+          f"misses: {len(report['misses'])} (details in {run.sub('rag', 'eval.json')})")
+    return 0
+
+
+def _question_source_pairs(experiment) -> list[tuple[str, str]]:
+    """(last user message, meta.source) from eval.data: the questions whose right document is known."""
+    import json
+
+    if not experiment.eval.data:
+        raise TuneforgeError("rag eval reads question -> source pairs from eval.data (JSONL lines with meta.source)")
+    path = experiment.resolve_path(experiment.eval.data)
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        source = (record.get("meta") or {}).get("source")
+        users = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
+        if not source or not users:
+            raise TuneforgeError(f"{path.name} line {number}: rag eval needs a user message and meta.source")
+        pairs.append((users[-1], source))
+    return pairs
+
+
 def _run_dir_quiet(args: argparse.Namespace, experiment):
     from tuneforge.run import RunDir
 
@@ -201,7 +254,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "generate": (cmd_generate, "batched answers for a file of prompts"),
     "chat": (cmd_chat, "chat in the terminal with the base or fine-tuned model"),
     "merge": (cmd_merge, "merge the adapter into a full-precision copy of the base"),
-    "rag": (_planned("rag"), "build or query the retriever over your documents"),
+    "rag": (cmd_rag, "build or query the retriever over your documents"),
     "eval": (_planned("eval"), "compare base, fine-tuned, RAG and hosted systems in one report"),
     "demo": (_planned("demo"), "open the Gradio chat page"),
     "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
@@ -241,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-new-tokens", type=int, default=256)
             sub.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
             sub.add_argument("--batch-size", type=int, default=16)
+        if verb == "rag":
+            sub.add_argument("--json", action="store_true", help="query: print hits as JSON")
         if verb == "merge":
             sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
         if verb == "serve":
@@ -263,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # the one verb with free text among its positionals: tuneforge rag query FILE "question"
+    args.words = [o for o in args.overrides if not OVERRIDE.match(o)]
+    args.overrides = [o for o in args.overrides if OVERRIDE.match(o)]
+    if args.words and not (args.verb == "rag" and args.action == "query"):
+        parser.error(f"not a dotted key=value override: {' '.join(args.words)}")
     try:
         return args.func(args) or 0
     except TuneforgeError as exc:

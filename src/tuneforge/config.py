@@ -211,8 +211,8 @@ class RagSection(Section):
     """Column or key holding the text, for JSONL/CSV corpora."""
     embedder: str = "builtin:all-minilm-l6-v2"
     """Sentence-transformers model (builtin, directory or hub id)."""
-    chunk_tokens: int = Field(256, gt=8)
-    """Chunk size in tokens of the embedder's tokenizer."""
+    chunk_tokens: int = Field(128, gt=8)
+    """Chunk size in tokens of the embedder's tokenizer (128 found every right page in the shipped KB; 256 missed 4 of 40)."""
     chunk_overlap: int = Field(32, ge=0)
     """Tokens shared by consecutive chunks."""
     k: int = Field(4, gt=0)

@@ -275,7 +275,7 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
     if data.train is None:
         raise ConfigError(str(experiment._source), ["data.train: no training data named"])
     if data.rag:
-        raise TuneforgeError("data.rag: retrieval-augmented training examples need `tuneforge rag` (issue #6), which has not landed")
+        raise TuneforgeError("data.rag: retrieval-augmented training examples are not implemented yet (issue #6); the retriever itself works (`tuneforge rag build`)")
     if tokenizer is None:
         from tuneforge.models import load_tokenizer
 

@@ -1,0 +1,1 @@
+"""Retrieval over the user's own documents: chunks, embeddings, a FAISS index, prompts with citations."""
