@@ -86,13 +86,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _default_system(run) -> str:
-    from tuneforge.infer.engine import system_source
+    from tuneforge.infer.engine import available_systems
 
-    try:
-        system_source("finetuned", run)
-        return "finetuned"
-    except TuneforgeError:
-        return "base"
+    return available_systems(run)[-1]  # finetuned once trained, else base
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -115,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if isinstance(record, dict) and isinstance(record.get("prompt"), str):
                 messages = [{"role": "user", "content": record["prompt"]}]
             elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-                messages = [m for m in record["messages"]]
+                messages = list(record["messages"])
                 if messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
                     messages = messages[:-1]
             else:
@@ -187,10 +183,10 @@ def cmd_rag(args: argparse.Namespace) -> int:
             for n, hit in enumerate(hits, 1):
                 print(f"[{n}] {hit.score:.3f}  {hit.source}  ({hit.chunk_id})\n    {hit.text[:300].replace(chr(10), ' ')}")
         return 0
-    pairs = _question_source_pairs(experiment)
-    report = rag.evaluate(rag.Retriever(experiment, run), pairs, experiment.rag.k)
     from tuneforge.atomic import atomic_write_json
 
+    pairs = _question_source_pairs(experiment)
+    report = rag.evaluate(rag.Retriever(experiment, run), pairs, experiment.rag.k)
     atomic_write_json(run.sub("rag", "eval.json"), report)
     recall = report[f"recall@{report['k']}"]
     print(f"recall@{report['k']} {recall:.3f}, MRR {report['mrr']:.3f} on {report['questions']} questions; "
@@ -312,12 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse hands out positionals greedily, so overrides written after an option land here.
-    stray = [item for item in extra if not OVERRIDE.match(item)]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    # argparse hands out positionals greedily, so words written after an option land in `extra`.
+    unknown_options = [item for item in extra if item.startswith("-")]
+    if unknown_options:
+        parser.error(f"unrecognized arguments: {' '.join(unknown_options)}")
+    args.overrides = [*args.overrides, *extra]
     # the one verb with free text among its positionals: tuneforge rag query FILE "question"
     args.words = [o for o in args.overrides if not OVERRIDE.match(o)]
     args.overrides = [o for o in args.overrides if OVERRIDE.match(o)]

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 
-def _did_you_mean(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
     import difflib
 
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
@@ -89,7 +89,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tup
         value = err.get("input")
         if kind == "extra_forbidden":
             section = ".".join(parts[:-1])
-            detail = f"unknown key{' in ' + section if section else ''}" + _did_you_mean(parts[-1], allowed or [])
+            detail = f"unknown key{' in ' + section if section else ''}" + did_you_mean(parts[-1], allowed or [])
             if allowed:
                 detail += f" (allowed: {', '.join(allowed)})"
         elif kind == "missing":
@@ -99,7 +99,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tup
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
             choices = re.findall(r"'([^']*)'", expected)
-            detail = f"allowed: {expected}" + (_did_you_mean(value, choices) if isinstance(value, str) else "")
+            detail = f"allowed: {expected}" + (did_you_mean(value, choices) if isinstance(value, str) else "")
             values[key] = repr(value)
         else:
             detail = err["msg"][0].lower() + err["msg"][1:]

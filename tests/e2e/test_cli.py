@@ -38,6 +38,12 @@ def test_bad_file_exits_2_lists_problems_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [bad]  # no run directory, nothing written
 
 
+def test_stray_words_and_unknown_options_are_refused():
+    for extra in (["oops"], ["--bogus"]):
+        out = tuneforge("config", str(REPO / "configs" / "quickstart.yaml"), *extra)
+        assert out.returncode == 2 and extra[0] in out.stderr
+
+
 def test_config_prints_resolved_with_overrides():
     out = tuneforge("config", str(REPO / "configs" / "quickstart.yaml"), "train.lr=5e-5", "seed=3")
     assert out.returncode == 0, out.stderr

@@ -50,7 +50,7 @@ def test_reload_in_a_new_process_gives_identical_hits(built):
     experiment, run, _ = built
     question = "How do I cancel Kestrel Plus?"
     here = [h.to_json() for h in rag.Retriever(experiment, run).search([question])[0]]
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "rag", "query", str(QUICKSTART), question, "--json", "--run-dir", str(run.path)],
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "rag", "query", str(QUICKSTART), "--json", question, "--run-dir", str(run.path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout)

@@ -9,7 +9,6 @@ records); the whole data folder is replaced at once.
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_sha256
+from tuneforge.config_errors import did_you_mean
 from tuneforge.data import convert, report as reporting, sources, split as splitting, tables
 from tuneforge.data.chat import ChatEncoder
 from tuneforge.data.records import Example, Problem, Raw
@@ -118,8 +118,7 @@ class Preparer:
             header = tables.columns_of(path)
             for column, where in named.items():
                 if column not in header:
-                    close = difflib.get_close_matches(column, header, n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    hint = did_you_mean(column, header)
                     problems.append(f"{where} names column {column!r}, which {path.name} does not have{hint} (columns: {', '.join(header)})")
         if problems:
             raise ConfigError(str(self.experiment._source or key), problems)

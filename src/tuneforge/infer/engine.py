@@ -55,6 +55,15 @@ def system_source(name: str, run) -> tuple[str | None, str | None]:
     raise TuneforgeError(f"unknown or missing system {name!r}; use base, finetuned, adapter:<dir> or merged:<dir>")
 
 
+def available_systems(run) -> list[str]:
+    """The systems a run can answer with right now: base, and finetuned once there is an adapter or merged model."""
+    try:
+        system_source("finetuned", run)
+    except TuneforgeError:
+        return ["base"]
+    return ["base", "finetuned"]
+
+
 class Engine:
     """A model, its tokenizer and chat encoder; thread-safe (one generation at a time)."""
 

@@ -41,24 +41,20 @@ def probe_prompts(run, n: int = 8) -> list[list[dict]]:
 
 
 def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict[str, Any]:
-    from peft import PeftModel
-
     from tuneforge.infer.engine import Engine, Settings
-    from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
 
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
-    section = experiment.model.model_copy(update={"quantization": "none"})  # de-quantized, full precision
-    plan = plan_device(section)
-    base = load_model(section, plan, materialize(resolve(section.ref)))
-    tokenizer = load_tokenizer(section, str(adapter))
-    with_adapter = Engine(PeftModel.from_pretrained(base, str(adapter)), tokenizer, "adapter")
+    # the base de-quantized, in the device's full precision, with the adapter on top
+    with_adapter = Engine.load(experiment, "adapter", adapter=str(adapter), quantization="none")
+    tokenizer = with_adapter.tokenizer
     prompts = probe_prompts(run)
     settings = Settings(max_new_tokens=max_new_tokens)
     before = with_adapter.generate(prompts, settings)
 
     merged_model = with_adapter.model.merge_and_unload()
+    dtype = str(merged_model.dtype).removeprefix("torch.")
     target = run.sub("merged")
     with atomic_dir(target) as tmp:
         merged_model.save_pretrained(tmp, safe_serialization=True)
@@ -66,7 +62,7 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
         shutil.copy(adapter / "chat_template.jinja", tmp / "chat_template.jinja")
         if (adapter / "generation_config.json").exists():
             shutil.copy(adapter / "generation_config.json", tmp / "generation_config.json")
-    del merged_model, with_adapter, base
+    del merged_model, with_adapter
 
     after = Engine.load(experiment, "merged", merged=str(target), quantization="none").generate(prompts, settings)
     mismatches = [
@@ -74,7 +70,7 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
         for p, a, m in zip(prompts, before, after)
         if a.text != m.text
     ]
-    report: dict[str, Any] = {"merged": str(target), "dtype": plan.dtype, "probes": len(prompts), "mismatches": mismatches}
+    report: dict[str, Any] = {"merged": str(target), "dtype": dtype, "probes": len(prompts), "mismatches": mismatches}
     if gguf:
         report["gguf"] = export_gguf(target, run.sub("merged.gguf"))
     atomic_write_json(run.sub("merge_report.json"), report)

@@ -36,15 +36,10 @@ class Systems:
     """Engines by name, loaded on first use."""
 
     def __init__(self, experiment, run):
-        from tuneforge.infer.engine import system_source
+        from tuneforge.infer.engine import available_systems
 
         self.experiment, self.run = experiment, run
-        self.names = ["base"]
-        try:
-            system_source("finetuned", run)
-            self.names.append("finetuned")
-        except Exception:
-            pass
+        self.names = available_systems(run)
         self.engines: dict[str, Engine] = {}
         self.loading = threading.Lock()
         self.counter = threading.Lock()

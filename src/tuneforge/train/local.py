@@ -7,7 +7,6 @@ finish  save adapter + tokenizer + chat template + generation config, plot, reco
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import time
@@ -69,12 +68,10 @@ def sft_config(experiment, run, plan, steps_total: int):
     )
     unknown = [k for k in t.extra_args if k not in SFTConfig.__dataclass_fields__]
     if unknown:
+        from tuneforge.config_errors import did_you_mean
+
         fields = list(SFTConfig.__dataclass_fields__)
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hints.append(f"train.extra_args.{key}: not an SFTConfig option" + (f"; did you mean {close[0]!r}?" if close else ""))
-        raise TuneforgeError("; ".join(hints))
+        raise TuneforgeError("; ".join(f"train.extra_args.{key}: not an SFTConfig option" + did_you_mean(key, fields) for key in unknown))
     try:
         return SFTConfig(**{**base, **t.extra_args})
     except (TypeError, ValueError) as exc:
