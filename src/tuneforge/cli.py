@@ -18,12 +18,6 @@ from tuneforge.errors import TuneforgeError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
-# Verbs whose issue has not landed yet say so and exit 2.
-PLANNED = {
-    "demo": 7,
-    "eval": 9,
-}
-
 
 def _experiment(args: argparse.Namespace):
     from tuneforge.config import load_experiment
@@ -74,7 +68,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     if experiment.train.backend == "openai":
-        raise TuneforgeError("train.backend: openai arrives with issue #8; use backend: local for now")
+        from tuneforge.train.openai_backend import train_openai
+
+        return train_openai(experiment, _run_dir(args, experiment, "train"), yes=args.yes, cancel=args.cancel)
+    if args.cancel:
+        raise TuneforgeError("--cancel is for train.backend: openai jobs; stop a local run with Ctrl-C")
     from tuneforge.train.local import is_main_process, train_local
 
     run = _run_dir(args, experiment, "train") if is_main_process() else _run_dir_quiet(args, experiment)
@@ -95,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from tuneforge.atomic import atomic_write_jsonl
-    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.infer.engine import Settings
+    from tuneforge.systems import Systems
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "generate")
@@ -118,10 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise TuneforgeError(f"{args.input} line {number}: needs a 'prompt' string or a 'messages' list")
             records.append((record, messages))
     system = args.system or _default_system(run)
-    engine = Engine.load(experiment, system, run)
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
-    answers = engine.generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
-    output = [{**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason} for (record, _), a in zip(records, answers)]
+    answers = Systems(experiment, run).get(system).generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
+    output = []
+    for (record, _), a in zip(records, answers):
+        row = {**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason}
+        if a.sources:
+            row["sources"] = [h.to_json() for h in a.sources]
+        output.append(row)
     atomic_write_jsonl(args.output, output)
     print(f"{len(output)} answers from {system} written to {args.output}")
     return 0
@@ -214,6 +217,22 @@ def _question_source_pairs(experiment) -> list[tuple[str, str]]:
     return pairs
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tuneforge.eval.harness import run_eval
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "eval")
+    return run_eval(experiment, run)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tuneforge.demo.app import launch
+
+    experiment = _experiment(args)
+    run = _run_dir(args, experiment, "demo")
+    return launch(experiment, run, host=args.host, port=args.port, share=args.share)
+
+
 def _run_dir_quiet(args: argparse.Namespace, experiment):
     from tuneforge.run import RunDir
 
@@ -221,27 +240,16 @@ def _run_dir_quiet(args: argparse.Namespace, experiment):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The whole pipeline, in order, as far as its verbs exist."""
+    """The whole pipeline: prepare, train (locally or on OpenAI), eval."""
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "run")
     print(f"run directory: {run.path}")
     for verb in ("prepare", "train", "eval"):
-        issue = PLANNED.get(verb)
-        if issue is not None:
-            print(f"{verb}: not available yet (issue #{issue}); stopping here")
-            break
-        VERBS[verb][0](args)
+        code = VERBS[verb][0](args)
+        if code:
+            return code
     print(f"run written to {run.path}")
     return 0
-
-
-def _planned(verb: str) -> Callable[[argparse.Namespace], int]:
-    def cmd(args: argparse.Namespace) -> int:
-        _experiment(args)  # a bad file is still reported as such
-        print(f"tuneforge {verb}: not implemented yet (issue #{PLANNED[verb]})", file=sys.stderr)
-        return 2
-
-    return cmd
 
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
@@ -251,8 +259,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "chat": (cmd_chat, "chat in the terminal with the base or fine-tuned model"),
     "merge": (cmd_merge, "merge the adapter into a full-precision copy of the base"),
     "rag": (cmd_rag, "build or query the retriever over your documents"),
-    "eval": (_planned("eval"), "compare base, fine-tuned, RAG and hosted systems in one report"),
-    "demo": (_planned("demo"), "open the Gradio chat page"),
+    "eval": (cmd_eval, "compare base, fine-tuned, RAG and hosted systems in one report"),
+    "demo": (cmd_demo, "open the Gradio chat page"),
     "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
     "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
     "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
@@ -280,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "rag":
             sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
         _add_common(sub, file_required=verb != "config")
-        if verb == "train":
+        if verb in ("train", "run"):
             sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            sub.add_argument("--yes", action="store_true", help="openai backend: accept the cost estimate without asking")
+            sub.add_argument("--cancel", action="store_true", help="openai backend: cancel this experiment's running job")
         if verb in ("generate", "chat"):
-            sub.add_argument("--system", help="base, finetuned, adapter:<dir> or merged:<dir> (default: finetuned when trained)")
+            sub.add_argument("--system", help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
+                                              "with +rag (default: finetuned when trained)")
         if verb == "generate":
             sub.add_argument("--input", required=True, help="JSONL of {'prompt': ...} or {'messages': [...]} lines")
             sub.add_argument("--output", required=True, help="where the answers go (JSONL)")
@@ -297,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "serve":
             sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
             sub.add_argument("--port", type=int, default=8000)
+        if verb == "demo":
+            sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
+            sub.add_argument("--port", type=int, help="default: demo.port")
+            sub.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs auth)")
         if verb == "config":
             sub.add_argument("--explain", action="store_true", help="list every key with its default and description")
             sub.add_argument("--schema", action="store_true", help="print the JSON schema of the experiment file")

@@ -53,7 +53,19 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_lists_models(server):
-    assert [m.id for m in server.models.list().data] == ["base"]  # no adapter in this run yet
+    # no adapter in this run yet; the quickstart has a rag section, so base+rag is served too
+    assert [m.id for m in server.models.list().data] == ["base", "base+rag"]
+
+
+def test_rag_system_answers_with_its_sources(server):
+    question = [{"role": "user", "content": "Which colours is the Kestrel K2 available in?"}]
+    reply = server.chat.completions.create(model="base+rag", messages=question, max_tokens=32)
+    sources = reply.model_extra["sources"]  # beside the OpenAI fields; the client keeps it
+    assert sources and sources[0]["source"] == "product-overview.md"
+    assert {"chunk_id", "score", "text"} <= set(sources[0])
+    plain = server.chat.completions.create(model="base", messages=question, max_tokens=32)
+    assert "sources" not in (plain.model_extra or {})
+    assert reply.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the passages went into the prompt
 
 
 def test_non_streamed_answer(server):

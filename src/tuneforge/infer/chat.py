@@ -1,7 +1,10 @@
 """`tuneforge chat`: a terminal chat with streamed answers and multi-turn history.
 
 Commands: /reset (forget the conversation), /system <text> (set the system
-prompt), /model base|finetuned (switch systems, keeping the history), /exit.
+prompt), /model <system> (switch systems, keeping the history: base, finetuned,
+their +rag variants, openai:<model>), /exit. A +rag system prints the sources it
+retrieved under each answer; the history keeps the plain question, and only the
+turn being answered carries the retrieved passages (as in training).
 """
 
 from __future__ import annotations
@@ -9,26 +12,22 @@ from __future__ import annotations
 import sys
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Engine, Settings
+from tuneforge.infer.engine import Answer, Settings
 
-HELP = "commands: /reset, /system <text>, /model base|finetuned, /exit"
+HELP = "commands: /reset, /system <text>, /model <system>, /exit"
 
 
 def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None) -> int:
+    from tuneforge.systems import Systems
+
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engines: dict[str, Engine] = {}
-
-    def engine(name: str) -> Engine:
-        if name not in engines:
-            engines[name] = Engine.load(experiment, name, run)
-        return engines[name]
-
+    systems = Systems(experiment, run)
     current = system_name
-    engine(current)
+    systems.get(current)
     system_prompt: str | None = None
     history: list[dict] = []
     settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, seed=experiment.seed)
-    stdout.write(f"chatting with {current}; {HELP}\n")
+    stdout.write(f"chatting with {current} (available: {', '.join(systems.available())}); {HELP}\n")
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -51,7 +50,7 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None) -> int
         if text.startswith("/model"):
             wanted = text[len("/model") :].strip()
             try:
-                engine(wanted)
+                systems.get(wanted)
             except TuneforgeError as exc:
                 stdout.write(f"({exc})\n")
                 continue
@@ -64,13 +63,16 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None) -> int
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
         stdout.write(f"{current}> ")
-        reply = ""
-        for piece in engine(current).stream(messages, settings):
+        reply: Answer | None = None
+        for piece in systems.get(current).stream(messages, settings):
             if isinstance(piece, Answer):
-                reply = piece.text
+                reply = piece
             else:
                 stdout.write(piece)
                 stdout.flush()
         stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        if reply is not None and reply.sources:
+            for n, hit in enumerate(reply.sources, 1):
+                stdout.write(f"  [{n}] {hit.source} ({hit.score:.2f})\n")
+        history.append({"role": "assistant", "content": reply.text if reply else ""})
     return 0

@@ -9,7 +9,7 @@ padding and every row's last prompt token sits at the same position.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +33,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
+    sources: list = field(default_factory=list)  # retrieved passages (rag.retriever.Hit) for +rag systems
 
 
 def system_source(name: str, run) -> tuple[str | None, str | None]:

@@ -1,6 +1,6 @@
 """`tuneforge serve`: an OpenAI-compatible chat API over the run's systems.
 
-    GET  /v1/models            base, finetuned (when the run has an adapter)
+    GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section)
     POST /v1/chat/completions  stream or not; temperature, top_p, max_tokens, stop, seed
 
 Standard library HTTP (one thread per connection); each system has one lock, so
@@ -17,10 +17,11 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tuneforge.infer.engine import Answer, Engine, Settings
+from tuneforge.infer.engine import Answer, Settings
 
 MAX_BODY = 4 << 20  # bytes
 MAX_WAITING = 32  # requests queued beyond this get 429
+MAX_UPLOAD = 512 << 20  # bytes, for extra routes such as file uploads
 
 
 class ApiError(Exception):
@@ -32,27 +33,28 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-class Systems:
-    """Engines by name, loaded on first use."""
+class Served:
+    """The run's systems as the API sees them: listed names, 404 for others, and a bounded queue."""
 
     def __init__(self, experiment, run):
-        from tuneforge.infer.engine import available_systems
+        from tuneforge.systems import Systems
 
-        self.experiment, self.run = experiment, run
-        self.names = available_systems(run)
-        self.engines: dict[str, Engine] = {}
-        self.loading = threading.Lock()
+        self.systems = Systems(experiment, run)
         self.counter = threading.Lock()
         self.waiting = 0
         self.created = int(time.time())
+        # extra routes (the fine-tuning API) registered by path prefix: handler(method, path, headers, body) -> (status, payload)
+        self.routes: dict[str, Any] = {}
 
-    def get(self, name: str) -> Engine:
-        if name not in self.names:
-            raise ApiError(404, f"The model '{name}' does not exist; available: {', '.join(self.names)}", "model", "model_not_found")
-        with self.loading:
-            if name not in self.engines:
-                self.engines[name] = Engine.load(self.experiment, name, self.run)
-        return self.engines[name]
+    @property
+    def names(self) -> list[str]:
+        return self.systems.available()
+
+    def get(self, name: str):
+        names = self.names
+        if name not in names:
+            raise ApiError(404, f"The model '{name}' does not exist; available: {', '.join(names)}", "model", "model_not_found")
+        return self.systems.get(name)
 
 
 def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool]:
@@ -104,7 +106,8 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool
 
 
 def completion(model: str, answer: Answer) -> dict:
-    return {
+    extra = {"sources": [h.to_json() for h in answer.sources]} if answer.sources else {}  # +rag systems: what was retrieved
+    return {**extra,
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -115,7 +118,7 @@ def completion(model: str, answer: Answer) -> dict:
     }
 
 
-def make_handler(systems: Systems):
+def make_handler(systems: Served):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "tuneforge"
@@ -131,7 +134,26 @@ def make_handler(systems: Systems):
         def _error(self, error: ApiError) -> None:
             self._json(error.status, error.body())
 
+        def _route(self, method: str) -> bool:
+            """Hand the request to a registered extra route; True when one took it."""
+            for prefix, handler in systems.routes.items():
+                if self.path.startswith(prefix):
+                    try:
+                        length = int(self.headers.get("Content-Length") or 0)
+                        if length > MAX_UPLOAD:
+                            raise ApiError(413, "request body too large")
+                        status, payload = handler(method, self.path, self.headers, self.rfile.read(length) if length else b"")
+                        self._json(status, payload)
+                    except ApiError as error:
+                        self._error(error)
+                    except Exception as exc:  # keep serving whatever one request did
+                        self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
+                    return True
+            return False
+
         def do_GET(self):
+            if self._route("GET"):
+                return
             if self.path.rstrip("/") == "/v1/models":
                 data = [{"id": n, "object": "model", "created": systems.created, "owned_by": "tuneforge"} for n in systems.names]
                 self._json(200, {"object": "list", "data": data})
@@ -144,7 +166,13 @@ def make_handler(systems: Systems):
             else:
                 self._error(ApiError(404, f"Unknown path {self.path}", code="not_found"))
 
+        def do_DELETE(self):
+            if not self._route("DELETE"):
+                self._error(ApiError(404, f"Unknown path {self.path}", code="not_found"))
+
         def do_POST(self):
+            if self._route("POST"):
+                return
             try:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     raise ApiError(404, f"Unknown path {self.path}", code="not_found")
@@ -156,16 +184,16 @@ def make_handler(systems: Systems):
                 except json.JSONDecodeError as exc:
                     raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
                 model, messages, settings, stream = parse_request(body)
-                engine = systems.get(model)
+                system = systems.get(model)
                 with systems.counter:
                     if systems.waiting >= MAX_WAITING:
                         raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
                     systems.waiting += 1
                 try:
                     if stream:
-                        self._stream(engine, model, messages, settings)
+                        self._stream(system, model, messages, settings)
                     else:
-                        answer = engine.generate([messages], settings)[0]
+                        answer = system.generate([messages], settings)[0]
                         self._json(200, completion(model, answer))
                 finally:
                     with systems.counter:
@@ -177,7 +205,7 @@ def make_handler(systems: Systems):
             except Exception as exc:  # keep serving whatever one request did
                 self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
 
-        def _stream(self, engine: Engine, model: str, messages: list[dict], settings: Settings) -> None:
+        def _stream(self, system, model: str, messages: list[dict], settings: Settings) -> None:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
             def event(delta: dict, finish: str | None = None) -> bytes:
@@ -192,7 +220,7 @@ def make_handler(systems: Systems):
             self.end_headers()
             self.close_connection = True
             self.wfile.write(event({"role": "assistant", "content": ""}))
-            pieces = engine.stream(messages, settings)
+            pieces = system.stream(messages, settings)
             try:
                 for piece in pieces:
                     if isinstance(piece, Answer):
@@ -209,7 +237,7 @@ def make_handler(systems: Systems):
 
 
 def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None) -> None:
-    systems = Systems(experiment, run)
+    systems = Served(experiment, run)
     httpd = ThreadingHTTPServer((host, port), make_handler(systems))
     httpd.daemon_threads = True
     print(f"serving {', '.join(systems.names)} at http://{host}:{httpd.server_address[1]}/v1 (OpenAI-compatible)", flush=True)

@@ -1,0 +1,274 @@
+"""Every system a run can answer with, by name, behind one interface.
+
+    base, finetuned               the base model; this run's adapter (or its merged/ folder)
+    adapter:<dir>, merged:<dir>   any other adapter or merged folder
+    openai:<model>                any OpenAI-compatible endpoint (a hosted fine-tuned id too)
+    <any of those>+rag            the same, with retrieved passages put into the last user turn
+
+`chat`, `serve`, `eval` and `demo` all go through `Systems`, so a name means the
+same thing everywhere, and a `+rag` system builds its prompt exactly as
+`prepare` does for `data.rag: true` (`rag.retriever.augment`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.infer.engine import Answer, Engine, Settings
+
+RAG_SUFFIX = "+rag"
+LOCAL_NAMES = ("base", "finetuned")
+HINT = "use base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>, each optionally with +rag"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    model: str  # the name without +rag
+    rag: bool
+
+    @property
+    def hosted(self) -> bool:
+        return self.model.startswith("openai:")
+
+
+def parse(name: str) -> Spec:
+    """Split a system name into its model and whether it retrieves; refuse what cannot be a system."""
+    name = name.strip()
+    rag = name.endswith(RAG_SUFFIX)
+    model = name[: -len(RAG_SUFFIX)] if rag else name
+    kind, colon, rest = model.partition(":")
+    if model in LOCAL_NAMES or (colon and kind in ("adapter", "merged", "openai") and rest):
+        return Spec(name, model, rag)
+    raise TuneforgeError(f"unknown system {name!r}; {HINT}")
+
+
+def openai_job_model(run) -> str | None:
+    """The fine-tuned model id of this run's OpenAI job, once it has succeeded."""
+    path = run.sub("openai_job.json")
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("fine_tuned_model") or None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def openai_base_url(experiment) -> str | None:
+    """Where openai:<model> systems are asked: train.base_url of an openai backend, else OPENAI_BASE_URL."""
+    if experiment.train.backend == "openai" and experiment.train.base_url:
+        return experiment.train.base_url
+    return os.environ.get("OPENAI_BASE_URL") or None
+
+
+class System:
+    """Answers chats; `+rag` variants retrieve first and return their sources with the answer."""
+
+    def __init__(self, spec: Spec, retriever=None, special_tokens: tuple[str, ...] = ()):
+        self.spec, self.name = spec, spec.name
+        self.retriever = retriever
+        self.special_tokens = special_tokens
+        self.retrieval_lock = threading.Lock()
+
+    def retrieve(self, conversations: list[list[dict]]) -> tuple[list[list[dict]], list[list]]:
+        """The conversations with the last user turn augmented, and the hits used for each."""
+        if self.retriever is None:
+            return conversations, [[] for _ in conversations]
+        from tuneforge.rag.retriever import augment
+
+        questions = [_last_user(m) for m in conversations]
+        with self.retrieval_lock:
+            found = self.retriever.search([q for q in questions if q is not None]) if any(q is not None for q in questions) else []
+        results, hits_each, position = [], [], 0
+        for messages, question in zip(conversations, questions):
+            if question is None:
+                results.append(messages)
+                hits_each.append([])
+                continue
+            hits = found[position]
+            position += 1
+            results.append(_replace_last_user(messages, augment(question, hits, self.special_tokens)))
+            hits_each.append(hits)
+        return results, hits_each
+
+    def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
+        prompts, hits = self.retrieve(conversations)
+        answers = self._generate(prompts, settings, batch_size, progress)
+        return [replace(a, sources=h) for a, h in zip(answers, hits)]
+
+    def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
+        """Text pieces, then a final Answer carrying the totals and the retrieved sources."""
+        (prompt,), (hits,) = self.retrieve([messages])
+        pieces = self._stream(prompt, settings)
+        try:
+            for piece in pieces:
+                yield replace(piece, sources=hits) if isinstance(piece, Answer) else piece
+        finally:
+            pieces.close()
+
+    def _generate(self, conversations, settings, batch_size, progress) -> list[Answer]:
+        raise NotImplementedError
+
+    def _stream(self, messages, settings) -> Iterator[str | Answer]:
+        raise NotImplementedError
+
+
+class LocalSystem(System):
+    def __init__(self, spec: Spec, engine: Engine, retriever=None):
+        super().__init__(spec, retriever, tuple(engine.tokenizer.all_special_tokens))
+        self.engine = engine
+
+    def _generate(self, conversations, settings, batch_size, progress):
+        return self.engine.generate(conversations, settings, batch_size=batch_size, progress=progress)
+
+    def _stream(self, messages, settings):
+        return self.engine.stream(messages, settings)
+
+
+class HostedSystem(System):
+    """A model behind an OpenAI-compatible API; the key comes only from OPENAI_API_KEY."""
+
+    def __init__(self, spec: Spec, base_url: str | None, retriever=None, client=None):
+        super().__init__(spec, retriever)
+        self.model = spec.model.split(":", 1)[1]
+        if client is None:
+            try:
+                import openai
+            except ImportError:
+                raise TuneforgeError(f"system {spec.name!r} needs the openai client: pip install 'tuneforge[openai]'") from None
+            # a local OpenAI-compatible server needs no key; the hosted API refuses the placeholder clearly
+            client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "no-key-set", max_retries=4, timeout=120)
+        self.client = client
+
+    def _request(self, messages: list[dict], settings: Settings, stream: bool):
+        import openai
+
+        kwargs = dict(model=self.model, messages=messages, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                      top_p=settings.top_p, stream=stream)
+        if settings.seed is not None:
+            kwargs["seed"] = settings.seed
+        if settings.stop:
+            kwargs["stop"] = list(settings.stop)
+        try:
+            return self.client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            raise TuneforgeError(f"system {self.name!r}: the API answered {exc.status_code}: {_api_message(exc)}") from None
+        except openai.APIConnectionError as exc:
+            raise TuneforgeError(f"system {self.name!r}: cannot reach {self.client.base_url} ({exc})") from None
+
+    def _generate(self, conversations, settings, batch_size, progress):
+        from tqdm.auto import tqdm
+
+        answers = []
+        for messages in tqdm(conversations, desc=f"asking {self.name}", unit=" prompts", disable=not progress):
+            reply = self._request(messages, settings, stream=False)
+            choice = reply.choices[0]
+            usage = reply.usage
+            answers.append(Answer((choice.message.content or "").strip(), getattr(usage, "prompt_tokens", 0) or 0,
+                                  getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop"))
+        return answers
+
+    def _stream(self, messages, settings):
+        stream = self._request(messages, settings, stream=True)
+        text, finish = "", "stop"
+        try:
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                piece = choice.delta.content or ""
+                if piece:
+                    text += piece
+                    yield piece
+                finish = choice.finish_reason or finish
+        finally:
+            stream.close()
+        yield Answer(text.strip(), 0, 0, finish)
+
+
+def _api_message(exc) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    return str(exc)
+
+
+def _last_user(messages: list[dict]) -> str | None:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message.get("content") or ""
+    return None
+
+
+def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") == "user":
+            message["content"] = content
+            break
+    return out
+
+
+class Systems:
+    """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
+
+    def __init__(self, experiment, run, build_index: bool = True):
+        self.experiment, self.run = experiment, run
+        self.build_index = build_index
+        self.engines: dict[str, Engine] = {}
+        self.systems: dict[str, System] = {}
+        self.retriever = None
+        self.lock = threading.RLock()
+        # extra names that stand for a system, e.g. the model id of a fine-tuning job run by `serve`
+        self.aliases: dict[str, str] = {}
+
+    def available(self) -> list[str]:
+        """What this run can answer with now: base, finetuned once trained, +rag variants, the OpenAI job's model."""
+        from tuneforge.infer.engine import available_systems
+
+        names = list(available_systems(self.run))
+        hosted = openai_job_model(self.run)
+        if hosted:
+            names.append(f"openai:{hosted}")
+        if self.experiment.rag is not None:
+            names += [f"{n}{RAG_SUFFIX}" for n in list(names)]
+        return names + [a for a in self.aliases if a not in names]
+
+    def get(self, name: str) -> System:
+        with self.lock:
+            if name not in self.systems:
+                spec = parse(self.aliases.get(name, name))
+                retriever = self._retriever() if spec.rag else None
+                if spec.hosted:
+                    system: System = HostedSystem(spec, openai_base_url(self.experiment), retriever)
+                else:
+                    system = LocalSystem(spec, self._engine(spec.model), retriever)
+                system.name = name
+                self.systems[name] = system
+            return self.systems[name]
+
+    def _engine(self, model: str) -> Engine:
+        if model not in self.engines:
+            self.engines[model] = Engine.load(self.experiment, model, self.run)
+        return self.engines[model]
+
+    def _retriever(self):
+        if self.experiment.rag is None:
+            raise TuneforgeError("a +rag system needs a rag section in the experiment (rag.corpus names the documents)")
+        if self.retriever is None:
+            from tuneforge.rag import retriever as rag
+
+            if not (self.run.sub("rag") / "index.json").exists():
+                if not self.build_index:
+                    raise TuneforgeError(f"no retriever index in {self.run.sub('rag')}; run `tuneforge rag build` first")
+                print(f"building the retriever index over {self.experiment.rag.corpus} (first +rag use)", flush=True)
+                rag.build(self.experiment, self.run)
+            self.retriever = rag.Retriever(self.experiment, self.run)
+        return self.retriever
