@@ -265,10 +265,8 @@ class Systems:
         if self.retriever is None:
             from tuneforge.rag import retriever as rag
 
-            if not (self.run.sub("rag") / "index.json").exists():
-                if not self.build_index:
-                    raise TuneforgeError(f"no retriever index in {self.run.sub('rag')}; run `tuneforge rag build` first")
-                print(f"building the retriever index over {self.experiment.rag.corpus} (first +rag use)", flush=True)
-                rag.build(self.experiment, self.run)
-            self.retriever = rag.Retriever(self.experiment, self.run)
+            if not self.build_index:
+                self.retriever = rag.Retriever(self.experiment, self.run)
+            else:
+                self.retriever = rag.ensure_index(self.experiment, self.run)
         return self.retriever

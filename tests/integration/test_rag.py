@@ -79,3 +79,64 @@ def test_damaged_or_mismatched_files_fail_clearly(built, tmp_path):
     other = load_experiment(QUICKSTART, ["rag.embedder=some-org/other-embedder"])
     with pytest.raises(TuneforgeError, match="built with 'builtin:all-minilm-l6-v2'"):
         rag.Retriever(other, RunDir(other, run.path))
+
+
+def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built, smollm_location):
+    """data.rag: prepare puts the passages into the last user turn exactly as a +rag system does when answering."""
+    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.models import load_tokenizer
+    from tuneforge.systems import Spec, System
+
+    _, run, _ = built
+    experiment = load_experiment(QUICKSTART, ["data.rag=true", "data.max_length=1280"])  # room for 4 passages
+    tokenizer = load_tokenizer(experiment.model)
+    report = prepare(experiment, run, tokenizer=tokenizer, progress=False)
+    assert report["rag"]["augmented"] == report["counts"]["train"] + report["counts"]["valid"]
+    examples = load_prepared(run.sub("data"), "train")
+    example = examples[0]
+    users = [i for i, m in enumerate(example.messages) if m["role"] == "user"]
+    assert rag.OPEN in example.messages[users[-1]]["content"] and "source: " in example.messages[users[-1]]["content"]
+    assert all(rag.OPEN not in example.messages[i]["content"] for i in users[:-1])  # history stays plain
+    assert len(example.meta["rag_sources"]) == experiment.rag.k
+    # the same question through the inference path gives the same user turn
+    originals = [json.loads(line) for line in (REPO / "examples/data/support/conversations.jsonl").read_text().splitlines()]
+    question = example.messages[users[-1]]["content"].rsplit("Question: ", 1)[1].split("\nAnswer from the passages")[0]
+    source = next(o["messages"] for o in originals if any(m["role"] == "user" and m["content"] == question for m in o["messages"]))
+    system = System(Spec("base+rag", "base", True), rag.Retriever(experiment, run), tuple(tokenizer.all_special_tokens))
+    upto = max(i for i, m in enumerate(source) if m["role"] == "user" and m["content"] == question)
+    (inference,), _ = system.retrieve([source[: upto + 1]])
+    assert inference[-1]["content"] == example.messages[users[-1]]["content"]
+    assert "Retrieval-augmented examples" in run.sub("data", "report.md").read_text()
+
+
+def test_index_is_rebuilt_when_the_corpus_changes(tmp_path):
+    import shutil
+
+    kb = tmp_path / "kb"
+    shutil.copytree(REPO / "examples/data/support/kb", kb)
+    experiment = load_experiment(QUICKSTART, [f"rag.corpus={kb}"])
+    run = RunDir(experiment, tmp_path / "run")
+    rag.ensure_index(experiment, run, progress=False)
+    built_at = run.sub("rag", "index.json").stat().st_mtime_ns
+    rag.ensure_index(experiment, run, progress=False)
+    assert run.sub("rag", "index.json").stat().st_mtime_ns == built_at  # unchanged corpus: reused
+    (kb / "new-page.md").write_text("# Loyalty points\nEvery Kestrel K2 owner earns 12 loyalty points per month of use.\n")
+    hits = rag.ensure_index(experiment, run, progress=False).search(["How many loyalty points do I earn?"])[0]
+    assert hits[0].source == "new-page.md"
+
+
+def test_the_prepared_training_data_as_corpus(tmp_path, smollm_location):
+    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.models import load_tokenizer
+
+    experiment = load_experiment(QUICKSTART, ["rag.corpus=train"])
+    run = RunDir(experiment, tmp_path / "run")
+    with pytest.raises(TuneforgeError, match="run `tuneforge prepare` first"):
+        rag.build(experiment, run, progress=False)
+    prepare(experiment, run, tokenizer=load_tokenizer(experiment.model), progress=False)
+    summary = rag.build(experiment, run, progress=False)
+    assert summary["documents"] == len(run.sub("data", "train.jsonl").read_text().splitlines())
+    example = load_prepared(run.sub("data"), "train")[5]
+    question = next(m["content"] for m in example.messages if m["role"] == "user")
+    hit = rag.Retriever(experiment, run).search([question])[0][0]
+    assert hit.source == example.id and question in hit.text  # the example itself, found by its own question

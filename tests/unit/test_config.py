@@ -91,6 +91,8 @@ def test_cross_section_rules(tmp_path):
     assert problem.startswith("line 2: model:") and "revision" in problem
     (problem,) = _problems(_write(tmp_path, "name: x\nrag: {corpus: kb, chunk_tokens: 64, chunk_overlap: 64}\n"))
     assert "chunk_overlap" in problem
+    (problem,) = _problems(_write(tmp_path, "name: x\ndata: {rag: true}\nrag: {corpus: train}\n"))
+    assert "own answer" in problem
 
 
 def test_unknown_eval_system_is_named(tmp_path):

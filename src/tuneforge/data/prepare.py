@@ -213,6 +213,39 @@ class Preparer:
             out.examples = splitting.sample(out.examples, sample, self.experiment.seed)
             out.stage(f"seeded sample of {sample}", len(out.examples))
 
+    # ------------------------------------------------------------------ retrieval
+
+    def retrieve(self, parts: list[Collected], run) -> dict[str, Any]:
+        """data.rag: put retrieved passages into each example's last user turn, as +rag systems do at inference.
+
+        Only the last user turn carries passages, because at inference the chat
+        history keeps the plain questions and only the turn being answered is augmented.
+        """
+        from tuneforge.systems import Spec, System
+
+        # the same augmentation code as a +rag system at inference, with no model behind it
+        retriever = _retriever(self.experiment, run)
+        system = System(Spec("prepare+rag", "base", True), retriever, tuple(self.encoder.tokenizer.all_special_tokens))
+        augmented, without_question = 0, 0
+        sources: dict[str, int] = {}
+        for part in parts:
+            for start in tqdm(range(0, len(part.examples), ENCODE_BATCH), desc="retrieving", unit=" batches", disable=not self.progress):
+                batch = part.examples[start : start + ENCODE_BATCH]
+                prompts, hits = system.retrieve([_without_last_answer(e.messages) for e in batch])
+                for example, prompt, found in zip(batch, prompts, hits):
+                    if not found:
+                        without_question += 1
+                        continue
+                    example.messages = prompt + example.messages[len(prompt):]
+                    example.meta = {**example.meta, "rag_sources": [h.source for h in found]}
+                    augmented += 1
+                    for hit in found:
+                        sources[hit.source] = sources.get(hit.source, 0) + 1
+            part.stage("retrieval-augmented (data.rag)", len(part.examples))
+        top = sorted(sources.items(), key=lambda kv: -kv[1])[:10]
+        return {"augmented": augmented, "no_passages": without_question, "k": self.experiment.rag.k,
+                "corpus": self.experiment.rag.corpus, "most_retrieved": dict(top)}
+
     # ------------------------------------------------------------------ tokens
 
     def measure(self, out: Collected) -> None:
@@ -250,6 +283,18 @@ class Preparer:
             out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
 
 
+def _retriever(experiment, run):
+    from tuneforge.rag.retriever import ensure_index
+
+    return ensure_index(experiment, run)
+
+
+def _without_last_answer(messages: list[dict]) -> list[dict]:
+    """The conversation up to the last user turn: what the retriever is asked at inference."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return messages[: last_user + 1]
+
+
 def _last_answer(example: Example) -> str:
     answers = [m.get("content") or "" for m in example.messages if m.get("role") == "assistant"]
     return answers[-1] if answers else ""
@@ -273,8 +318,6 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
     data = experiment.data
     if data.train is None:
         raise ConfigError(str(experiment._source), ["data.train: no training data named"])
-    if data.rag:
-        raise TuneforgeError("data.rag: retrieval-augmented training examples are not implemented yet (issue #6); the retriever itself works (`tuneforge rag build`)")
     if tokenizer is None:
         from tuneforge.models import load_tokenizer
 
@@ -285,6 +328,7 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
     train = preparer.collect("data.train", data.train, data.sample)
     valid = preparer.collect("data.valid", data.valid, None) if data.valid else None
     read_done = time.perf_counter()
+    retrieval = preparer.retrieve([p for p in (train, valid) if p is not None], run) if data.rag else None
     for part in (train, valid):
         if part is not None:
             preparer.measure(part)
@@ -326,6 +370,8 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
         "end_of_turn_token": preparer.encoder.end_of_turn,
         "seconds": {"read_clean_sample": round(read_done - started, 3), "tokenize": round(tokenized - read_done, 3)},
     }
+    if retrieval is not None:
+        report["rag"] = retrieval
     if experiment.train.backend == "local":
         report["local"] = reporting.local_estimate(train_examples, experiment)
     else:

@@ -138,6 +138,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Labels", ""]
         for split_name, counts in report["labels"].items():
             lines.append(f"- {split_name}: " + ", ".join(f"{k} {v}" for k, v in (counts or {}).items()))
+    if report.get("rag"):
+        rag = report["rag"]
+        lines += ["", "## Retrieval-augmented examples (data.rag)", "",
+                  f"{rag['augmented']} examples carry the top {rag['k']} passages from {rag['corpus']} in their last user turn; "
+                  f"{rag['no_passages']} got none.", ""]
+        lines += [f"- {source}: retrieved {n} times" for source, n in rag["most_retrieved"].items()]
     problems = report["problems"]
     lines += ["", "## Problems", "", f"{problems['errors']} errors, {problems['warnings']} warnings"]
     lines += [f"- `{code}`: {n}" for code, n in problems["by_code"].items()]

@@ -30,9 +30,26 @@ class Hit:
         return {"chunk_id": self.chunk_id, "source": self.source, "score": round(self.score, 6), "text": self.text}
 
 
+PREPARED = "train"  # rag.corpus naming the run's own prepared training data
+
+
+def corpus_documents(experiment, run) -> list[tuple[str, str]]:
+    """(source, text) documents of rag.corpus; `train` means the run's prepared training examples."""
+    rag = _section(experiment)
+    if rag.corpus != PREPARED:
+        return store.read_corpus(rag.corpus, experiment.base_dir, rag.text_column)
+    from tuneforge.data.prepare import load_prepared
+
+    docs = []
+    for example in load_prepared(run.sub("data"), "train"):
+        turns = [f"{m['role']}: {m['content']}" for m in example.messages if m.get("role") != "system" and isinstance(m.get("content"), str)]
+        docs.append((example.id, "\n".join(turns)))
+    return docs
+
+
 def build(experiment, run, progress: bool = True) -> dict[str, Any]:
     rag = _section(experiment)
-    docs = store.read_corpus(rag.corpus, experiment.base_dir, rag.text_column)
+    docs = corpus_documents(experiment, run)
     embedder = store.Embedder(rag.embedder)
     limit = embedder.model.max_seq_length - 2  # room for the embedder's [CLS] and [SEP]
     if rag.chunk_tokens > limit:
@@ -50,6 +67,23 @@ def build(experiment, run, progress: bool = True) -> dict[str, Any]:
     summary = {**sidecar, "count": len(chunks)}
     run.record("rag", summary)
     return summary
+
+
+def ensure_index(experiment, run, progress: bool = True) -> Retriever:
+    """The run's retriever, built first when there is no index or the corpus changed since it was built."""
+    folder = run.sub("rag")
+    sidecar = folder / "index.json"
+    rebuild = not sidecar.exists()
+    if not rebuild:
+        import json
+
+        built = json.loads(sidecar.read_text(encoding="utf-8"))
+        rebuild = built.get("corpus_sha256") != store.corpus_sha256(corpus_documents(experiment, run)) or any(
+            built.get(key) != getattr(experiment.rag, key) for key in ("embedder", "chunk_tokens", "chunk_overlap"))
+    if rebuild:
+        print(f"building the retriever index over {experiment.rag.corpus} into {folder}", flush=True)
+        build(experiment, run, progress)
+    return Retriever(experiment, run)
 
 
 def _section(experiment):
