@@ -312,6 +312,9 @@ class Experiment(Section):
             problems.append("eval.systems names a +rag system but the experiment has no rag section")
         if self.data.rag and self.rag is None:
             problems.append("data.rag is true but the experiment has no rag section")
+        if self.data.rag and self.rag is not None and self.rag.corpus == "train":
+            problems.append("data.rag with rag.corpus: train would retrieve each training example's own answer into its prompt; "
+                            "point rag.corpus at separate documents")
         if isinstance(self.train, LocalTrain) and self.train.full_finetune and self.model.quantization != "none":
             problems.append("train.full_finetune needs model.quantization: none (quantized weights cannot be trained directly)")
         if problems:
