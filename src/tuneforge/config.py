@@ -37,6 +37,8 @@ class ModelSection(Section):
     """Where to run. auto: CUDA when available, else CPU."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the model. Off unless set; needs a pinned revision."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine for generate, chat, serve, eval and demo. vllm: paged attention and continuous batching on a CUDA GPU (`pip install vllm`); scoring (eval labels, perplexity) always uses transformers."""
 
     @model_validator(mode="before")
     @classmethod

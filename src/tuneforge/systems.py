@@ -256,7 +256,12 @@ class Systems:
 
     def _engine(self, model: str) -> Engine:
         if model not in self.engines:
-            self.engines[model] = Engine.load(self.experiment, model, self.run)
+            if self.experiment.model.engine == "vllm":
+                from tuneforge.infer.vllm_engine import VLLMEngine
+
+                self.engines[model] = VLLMEngine.load(self.experiment, model, self.run)  # type: ignore[assignment]
+            else:
+                self.engines[model] = Engine.load(self.experiment, model, self.run)
         return self.engines[model]
 
     def _retriever(self):

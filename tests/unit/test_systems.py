@@ -56,3 +56,18 @@ def test_a_plain_system_sends_the_conversation_as_is():
     system = System(Spec("base", "base", False))
     chat = [{"role": "user", "content": "hi"}]
     assert system.retrieve([chat]) == ([chat], [[]])
+
+
+def test_vllm_engine_is_refused_clearly_where_it_cannot_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from tuneforge.config import load_experiment
+    from tuneforge.run import RunDir
+    from tuneforge.systems import Systems
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here; this checks the message on machines without it")
+    experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml", ["model.engine=vllm"])
+    with pytest.raises(TuneforgeError, match=r"model.engine: vllm needs the vllm package .*use model.engine: transformers"):
+        Systems(experiment, RunDir(experiment, tmp_path / "run")).get("base")
