@@ -270,11 +270,15 @@ class DemoSection(Section):
     port: int = Field(7860, gt=0, lt=65536)
     """Port of the Gradio page."""
     share: bool = False
-    """Public share link; requires auth."""
+    """Public share link (same as --share); refused unless the auth_env variable is set."""
     auth_env: str = "TUNEFORGE_DEMO_AUTH"
-    """Environment variable holding user:password for the page."""
+    """Environment variable holding user:password; when set, the page asks for them. Kept out of the file so it is not copied into runs."""
     presets: dict[str, str] = {}
     """Format presets: a name shown on the page -> the system prompt it fills in."""
+    queue_size: int = Field(16, gt=0)
+    """Requests that may wait for a model; more are turned away, so a busy page cannot pile up work."""
+    concurrency: int = Field(2, gt=0)
+    """Chat or compare requests answered at once; each local model still generates one answer at a time."""
 
 
 # --------------------------------------------------------------------------- experiment

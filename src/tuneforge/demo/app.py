@@ -1,0 +1,177 @@
+"""The demo page: a Chat tab (one system, multi-turn, streamed) and a Compare tab (2 to 4 systems side by side).
+
+`build_app` returns the Gradio Blocks without starting anything; `launch` checks the
+access settings (demo/access.py), then serves the page until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from tuneforge.demo.access import decide, is_loopback, quiet_gradio
+from tuneforge.demo.answers import ask, ask_all, conversation, sources_markdown
+from tuneforge.errors import TuneforgeError
+from tuneforge.infer.engine import Settings
+from tuneforge.systems import LOCAL_NAMES, RAG_SUFFIX, Systems, parse
+
+COMPARE_MAX = 4
+NO_PRESET = "(none)"
+MAX_TOKENS_LIMIT = 2048  # the slider's top; SmolLM-sized models have 2k-8k contexts
+
+
+def system_choices(experiment, systems: Systems) -> list[str]:
+    """What the run can answer with now, then the other systems eval names (openai:, adapter:, merged:)."""
+    names = systems.available()
+    for name in experiment.eval.systems:
+        try:
+            spec = parse(name)
+        except TuneforgeError:  # eval's baselines (tfidf, ngram) are not chat systems
+            continue
+        if spec.model not in LOCAL_NAMES and name not in names:
+            names.append(name)
+    return names
+
+
+def compare_defaults(experiment, names: list[str]) -> list[str]:
+    """eval.systems that can answer now, topped up from the list to at least two."""
+    picked = [n for n in experiment.eval.systems if n in names][:COMPARE_MAX]
+    picked += [n for n in names if n not in picked][: max(0, 2 - len(picked))]
+    return picked
+
+
+def _settings(temperature, max_tokens) -> Settings:
+    return Settings(max_new_tokens=int(max_tokens), temperature=float(temperature))
+
+
+def _column(reply) -> str:
+    """One Compare column: the system, its answer so far, its timing, and its sources when it retrieved."""
+    body = f"**Error:** {reply.error}" if reply.error else (reply.text or "…")
+    text = f"#### {reply.system}\n\n{body}\n\n<sub>{reply.summary()}</sub>"
+    if reply.answer is not None and reply.answer.sources:
+        text += (f"\n\n<details><summary>Sources ({len(reply.answer.sources)} passages)</summary>\n\n"
+                 f"{sources_markdown(reply.answer.sources)}\n\n</details>")
+    return text
+
+
+def build_app(experiment, run, systems: Systems | None = None):
+    import gradio as gr
+
+    systems = systems or Systems(experiment, run)
+    names = system_choices(experiment, systems)
+    presets = experiment.demo.presets
+    compared = compare_defaults(experiment, names)
+    has_rag = experiment.rag is not None
+
+    with gr.Blocks(title=f"tuneforge demo: {experiment.name}", analytics_enabled=False) as app:
+        gr.Markdown(f"### tuneforge demo: {experiment.name}\nRun directory `{run.path}`. A model loads on its first answer."
+                    + (f" `{RAG_SUFFIX}` systems answer from retrieved passages and show them." if has_rag else ""))
+        with gr.Row():
+            preset = gr.Dropdown([NO_PRESET, *presets], value=NO_PRESET, label="Format preset", elem_id="preset")
+            system_prompt = gr.Textbox(label="System prompt", lines=2, scale=3, elem_id="system-prompt",
+                                       placeholder="optional; a preset fills it in")
+            temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature")
+            max_tokens = gr.Slider(1, MAX_TOKENS_LIMIT, value=min(experiment.eval.max_new_tokens, MAX_TOKENS_LIMIT), step=1,
+                                   label="Max tokens", elem_id="max-tokens")
+        preset.change(lambda name: presets.get(name, ""), preset, system_prompt, queue=False)
+
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                system = gr.Dropdown(names, value="finetuned" if "finetuned" in names else names[0], allow_custom_value=True,
+                                     label="System", info="or type openai:<model>", elem_id="system")
+                chatbot = gr.Chatbot(elem_id="chatbot", height=440, buttons=["copy"], feedback_options=None,
+                                     group_consecutive_messages=False, label="Chat")
+                with gr.Row():
+                    message = gr.Textbox(show_label=False, placeholder="Ask something and press Enter", scale=6, elem_id="message")
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
+                status = gr.Markdown(elem_id="chat-status")
+                history = gr.State([])  # what the model sees: user and assistant turns, without the sources
+                shown = gr.State([])  # what the chat shows: the same, plus a sources box under each +rag answer
+
+            with gr.Tab("Compare", id="compare"):
+                picked = gr.Dropdown(names, value=compared, multiselect=True, max_choices=COMPARE_MAX, allow_custom_value=True,
+                                     label=f"Systems (2 to {COMPARE_MAX})", elem_id="compare-systems")
+                with gr.Row():
+                    prompt = gr.Textbox(show_label=False, placeholder="One prompt for every system", scale=6, elem_id="compare-prompt")
+                    compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                with gr.Row(equal_height=True):
+                    columns = [gr.Markdown(container=True, min_height=160, visible=i < len(compared), elem_id=f"compare-{i}")
+                               for i in range(COMPARE_MAX)]
+
+        def chat(text, name, system_prompt, temperature, max_tokens, history, shown):
+            text = (text or "").strip()
+            if not text:
+                raise gr.Error("write a message first")
+            messages = conversation(system_prompt, history, text)
+            before = [*shown, {"role": "user", "content": text}]
+            reply = None
+            try:
+                for reply in ask(systems.get, (name or "").strip(), messages, _settings(temperature, max_tokens)):
+                    yield [*before, {"role": "assistant", "content": reply.text or "…"}], history, shown, "", reply.summary()
+            except TuneforgeError as exc:
+                raise gr.Error(str(exc)) from None
+            answer = reply.answer
+            after = [*before, {"role": "assistant", "content": answer.text}]
+            if answer.sources:
+                after.append({"role": "assistant", "content": sources_markdown(answer.sources),
+                              "metadata": {"title": f"Sources: {len(answer.sources)} retrieved passages", "status": "done"}})
+            turns = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer.text}]
+            yield after, turns, after, "", reply.summary()
+
+        chat_inputs = [message, system, system_prompt, temperature, max_tokens, history, shown]
+        chat_outputs = [chatbot, history, shown, message, status]
+        events = [send.click(chat, chat_inputs, chat_outputs), message.submit(chat, chat_inputs, chat_outputs)]
+        stop.click(None, cancels=events, queue=False)
+        clear.click(lambda: ([], [], [], ""), None, [chatbot, history, shown, status], queue=False)
+
+        def compare(text, chosen, system_prompt, temperature, max_tokens):
+            text = (text or "").strip()
+            chosen = list(dict.fromkeys(n.strip() for n in chosen or [] if n.strip()))
+            if not 2 <= len(chosen) <= COMPARE_MAX:
+                raise gr.Error(f"pick 2 to {COMPARE_MAX} systems")
+            if not text:
+                raise gr.Error("write a prompt first")
+            hidden = [gr.update(value="", visible=False)] * (COMPARE_MAX - len(chosen))
+            messages = conversation(system_prompt, [], text)
+            for replies in ask_all(systems.get, chosen, messages, _settings(temperature, max_tokens)):
+                yield [gr.update(value=_column(r), visible=True) for r in replies] + hidden
+
+        compare_inputs = [prompt, picked, system_prompt, temperature, max_tokens]
+        compare_button.click(compare, compare_inputs, columns)
+        prompt.submit(compare, compare_inputs, columns)
+
+    app.queue(max_size=experiment.demo.queue_size, default_concurrency_limit=experiment.demo.concurrency, api_open=False)
+    return app
+
+
+def launch(experiment, run, host: str | None = None, port: int | None = None, share: bool = False) -> int:
+    """Serve the page until Ctrl-C; host/port default to the demo section, share to demo.share."""
+    access = decide(experiment.demo, run, host=host, port=port, share=share)
+    quiet_gradio(access)
+    if not is_loopback(access.host) and access.auth is None:
+        print(f"warning: the page on {access.host} answers anyone who can reach it; set {experiment.demo.auth_env}=user:password "
+              "to ask for a login", file=sys.stderr)
+    systems = Systems(experiment, run)
+    app = build_app(experiment, run, systems)
+    first = "finetuned" if "finetuned" in systems.available() else "base"
+    # load the Chat tab's default model while the browser opens, so the first answer does not wait for it
+    threading.Thread(target=_warm, args=(systems, first), daemon=True).start()
+    try:
+        _, _, share_url = app.launch(prevent_thread_lock=True, **access.launch_kwargs())
+    except OSError as exc:
+        raise TuneforgeError(f"cannot serve the page on {access.url}: {exc}") from None
+    login = f" (login from {experiment.demo.auth_env})" if access.auth else ""
+    print(f"demo of {experiment.name} on {access.url}{login}; Ctrl-C stops it", flush=True)
+    if share_url:
+        print(f"public share link: {share_url}", flush=True)
+    app.block_thread()
+    return 0
+
+
+def _warm(systems: Systems, name: str) -> None:
+    try:
+        systems.get(name)
+    except TuneforgeError as exc:
+        print(f"could not load {name}: {exc}", file=sys.stderr, flush=True)

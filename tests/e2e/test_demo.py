@@ -1,0 +1,132 @@
+"""`tuneforge demo` on loopback, driven by Debian's headless Chromium through Playwright.
+
+Never downloads a browser: Playwright launches /usr/bin/chromium (the README's test
+command installs it with apt). Screenshots go to test-artifacts/ at the repo root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+# without the background-networking flags Chromium keeps calling Google, which this machine refuses
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps"]
+ANSWER_TIMEOUT_MS = 90_000  # two CPU cores shared with other work; a 16-token answer takes seconds when idle
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory, smollm_location):
+    workdir = tmp_path_factory.mktemp("demo")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
+         "--run-dir", str(workdir / "run")],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.status == 200
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "demo did not come up"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(demo_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.requested = []
+        page.on("request", lambda request: page.requested.append(request.url))
+        page.goto(demo_url)
+        page.wait_for_selector("#message textarea")
+        yield page
+        browser.close()
+
+
+def _set_max_tokens(page, value: int) -> None:
+    box = page.locator("#max-tokens input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+# Records each distinct text of the newest answer bubble, as the browser renders it.
+WATCH_ANSWER = """() => {
+  window.seen = [];
+  const chat = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bots = chat.querySelectorAll('[data-testid="bot"]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_chat_streams_the_answer(page, demo_url):
+    _set_max_tokens(page, 16)
+    page.evaluate(WATCH_ANSWER)
+    page.locator("#message textarea").fill("What is the capital of France?")
+    page.locator("#send").click()
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+    final = page.locator('#chatbot [data-testid="bot"]').last.inner_text().strip()
+    assert "Paris" in final
+    assert page.locator("#chat-status").inner_text().startswith("base:")
+    partials = [t for t in page.evaluate("window.seen") if t not in ("…", final)]
+    # the answer arrived in pieces: at least two shorter texts were on screen before the final one
+    assert len({len(t) for t in partials if len(t) < len(final)}) >= 2, page.evaluate("window.seen")
+    _screenshot(page, "demo-chat.png")
+    # the page itself asks nothing of the internet
+    assert all(url.startswith(demo_url) or url.startswith("data:") for url in page.requested), \
+        [u for u in page.requested if not u.startswith(demo_url)]
+
+
+def test_compare_shows_two_answers_side_by_side(page):
+    page.get_by_role("tab", name="Compare").click()
+    _set_max_tokens(page, 16)
+    page.locator("#compare-prompt textarea").fill("Which colours is the Kestrel K2 available in?")
+    page.locator("#compare-run").click()
+    for column in ("#compare-0", "#compare-1"):
+        page.wait_for_function(f"document.querySelector('{column}').innerText.includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+    left, right = page.locator("#compare-0").inner_text(), page.locator("#compare-1").inner_text()
+    assert left.startswith("base\n") and right.startswith("base+rag\n")
+    assert "Sources (4 passages)" in right and "Sources" not in left
+    assert "Error" not in left + right
+    assert not page.locator("#compare-2").is_visible()
+    page.locator("#compare-1 summary").click()
+    assert "product-overview.md" in page.locator("#compare-1").inner_text()
+    _screenshot(page, "demo-compare.png")

@@ -1,0 +1,190 @@
+"""The demo page without a browser: safe launch defaults, streamed replies, the system lists, the page builds."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tuneforge.config import Experiment
+from tuneforge.demo.access import decide, is_loopback, parse_auth, quiet_gradio
+from tuneforge.demo.answers import ask, ask_all, conversation, sources_markdown
+from tuneforge.errors import TuneforgeError
+from tuneforge.infer.engine import Answer, Settings
+from tuneforge.rag.retriever import Hit
+from tuneforge.run import RunDir
+
+
+def _experiment(**demo) -> Experiment:
+    return Experiment(name="t", data={"label": "label"}, rag={"corpus": "kb"}, eval={"systems": ["base", "finetuned+rag", "openai:gpt-4o-mini", "tfidf"]},
+                      demo=demo)
+
+
+def _run(tmp_path) -> RunDir:
+    run = RunDir(_experiment(), tmp_path / "run")
+    (run.path / "adapter").mkdir(parents=True, exist_ok=True)
+    (run.path / "config.yaml").write_text("name: t\n")
+    return run
+
+
+# --------------------------------------------------------------------------- access
+
+
+def test_defaults_are_loopback_no_share_no_files(tmp_path):
+    run = _run(tmp_path)
+    access = decide(_experiment().demo, run, environ={})
+    kwargs = access.launch_kwargs()
+    assert (kwargs["server_name"], kwargs["server_port"], kwargs["share"], kwargs["auth"]) == ("127.0.0.1", 7860, False, None)
+    assert kwargs["allowed_paths"] == [] and not kwargs["mcp_server"] and not kwargs["ssr_mode"]
+    assert access.cache == (run.path / "demo").resolve()  # Gradio's own files stay in the run
+    assert sorted(kwargs["blocked_paths"]) == sorted(str((run.path / n).resolve()) for n in ("adapter", "config.yaml"))
+    assert is_loopback(access.host)
+
+
+def test_flags_override_the_config(tmp_path):
+    access = decide(_experiment(host="0.0.0.0", port=9000).demo, _run(tmp_path), environ={})
+    assert (access.host, access.port) == ("0.0.0.0", 9000) and not is_loopback("0.0.0.0")
+    access = decide(_experiment(host="0.0.0.0").demo, _run(tmp_path), host="::1", port=8123, environ={})
+    assert (access.host, access.port, access.url) == ("::1", 8123, "http://[::1]:8123") and is_loopback("::1")
+
+
+@pytest.mark.parametrize("from_config", [False, True])
+def test_share_without_auth_is_refused(tmp_path, from_config):
+    demo = _experiment(share=from_config).demo
+    with pytest.raises(TuneforgeError, match="set TUNEFORGE_DEMO_AUTH=user:password"):
+        decide(demo, _run(tmp_path), share=not from_config, environ={})
+
+
+def test_auth_comes_from_the_named_variable(tmp_path):
+    demo = _experiment(share=True, auth_env="MY_DEMO_LOGIN").demo
+    access = decide(demo, _run(tmp_path), environ={"MY_DEMO_LOGIN": "ann:pa:ss", "TUNEFORGE_DEMO_AUTH": "x:y"})
+    assert access.share and access.auth == ("ann", "pa:ss")  # the password may hold a colon
+    # auth without share: the local page asks for the login too
+    assert decide(_experiment().demo, _run(tmp_path), environ={"TUNEFORGE_DEMO_AUTH": "bob:pw"}).auth == ("bob", "pw")
+
+
+@pytest.mark.parametrize("value", ["justauser", ":pw", "user:", " :pw"])
+def test_malformed_auth_names_the_variable(value):
+    with pytest.raises(TuneforgeError, match="TUNEFORGE_DEMO_AUTH must be user:password"):
+        parse_auth(value, "TUNEFORGE_DEMO_AUTH")
+
+
+def test_gradio_is_kept_offline_and_inside_the_run(tmp_path, monkeypatch):
+    for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.setenv(name, "unset")
+    access = decide(_experiment().demo, _run(tmp_path), environ={})
+    quiet_gradio(access)
+    import os
+
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert os.environ["GRADIO_TEMP_DIR"].startswith(str(access.cache))
+    assert os.environ["GRADIO_EXAMPLES_CACHE"].startswith(str(access.cache))
+
+
+def test_queue_and_concurrency_are_bounded():
+    demo = _experiment().demo
+    assert demo.queue_size > 0 and demo.concurrency > 0
+    with pytest.raises(Exception, match="queue_size"):
+        _experiment(queue_size=0)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+class FakeSystem:
+    """Streams the words of `text`, then the Answer; records whether the stream was closed."""
+
+    def __init__(self, name: str, text: str, sources=(), fail: bool = False, gate: threading.Event | None = None):
+        self.name, self.text, self.sources, self.fail, self.gate = name, text, list(sources), fail, gate
+        self.closed = threading.Event()
+
+    def stream(self, messages, settings):
+        try:
+            if self.fail:
+                raise TuneforgeError(f"system {self.name!r}: no adapter")
+            words = self.text.split(" ")
+            for i, word in enumerate(words):
+                if self.gate is not None:
+                    self.gate.wait(5)
+                yield word if i == 0 else " " + word
+            yield Answer(self.text, 3, len(words), "stop", self.sources)
+        finally:
+            self.closed.set()
+
+
+def test_ask_times_the_stream_and_ends_with_the_answer():
+    hit = Hit("kb-1", "manual.md", 0.91, "Hold the dial.\n\nFor ten seconds.")
+    system = FakeSystem("base+rag", "Hold the dial", [hit])
+    snapshots = [(r.text, r.first_token_s is not None, r.done) for r in ask({"base+rag": system}.get, "base+rag", [], Settings())]
+    assert snapshots[0] == ("", False, False)  # shown while the model loads
+    assert [s[0] for s in snapshots[1:]] == ["Hold", "Hold the", "Hold the dial", "Hold the dial"]
+    assert snapshots[-1][1:] == (True, True)
+    reply = list(ask({"x": system}.get, "x", [], Settings()))[-1]
+    assert reply.answer.sources == [hit] and "3 tokens" in reply.summary() and "first token" in reply.summary()
+    text = sources_markdown(reply.answer.sources)
+    assert "**1. manual.md** · score 0.91" in text and "> Hold the dial.\n>\n> For ten seconds." in text
+
+
+def test_ask_all_streams_every_system_and_keeps_going_past_a_broken_one():
+    systems = {"a": FakeSystem("a", "one two"), "b": FakeSystem("b", "", fail=True), "c": FakeSystem("c", "three four five")}
+    rounds = list(ask_all(systems.get, ["a", "b", "c"], [], Settings()))
+    last = rounds[-1]
+    assert [r.system for r in last] == ["a", "b", "c"]
+    assert last[0].text == "one two" and last[2].text == "three four five"
+    assert last[1].error == "system 'b': no adapter" and "error" in last[1].summary()
+
+
+def test_closing_ask_all_stops_the_streams():
+    gate = threading.Event()
+    systems = {"a": FakeSystem("a", "w " * 50, gate=gate), "b": FakeSystem("b", "v " * 50, gate=gate)}
+    rounds = ask_all(systems.get, ["a", "b"], [], Settings())
+    next(rounds)
+    rounds.close()  # the page cancelled, or the browser went away
+    gate.set()
+    assert systems["a"].closed.wait(5) and systems["b"].closed.wait(5)
+
+
+def test_conversation_puts_the_preset_first():
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert conversation("  ", history, "next") == [*history, {"role": "user", "content": "next"}]
+    assert conversation("Be brief.", [], "q")[0] == {"role": "system", "content": "Be brief."}
+
+
+# --------------------------------------------------------------------------- the page
+
+
+class FakeSystems:
+    def __init__(self, names):
+        self.names = names
+
+    def available(self):
+        return list(self.names)
+
+    def get(self, name):
+        raise AssertionError("building the page must not load a model")
+
+
+def test_system_lists_and_compare_defaults():
+    from tuneforge.demo.app import compare_defaults, system_choices
+
+    experiment = _experiment()
+    names = system_choices(experiment, FakeSystems(["base", "base+rag"]))
+    assert names == ["base", "base+rag", "openai:gpt-4o-mini"]  # finetuned+rag waits for an adapter; tfidf is no chat system
+    assert compare_defaults(experiment, names) == ["base", "openai:gpt-4o-mini"]  # eval's systems, in eval's order
+    assert compare_defaults(experiment, ["base", "base+rag"]) == ["base", "base+rag"]  # topped up to two
+    trained = system_choices(experiment, FakeSystems(["base", "finetuned", "base+rag", "finetuned+rag"]))
+    assert compare_defaults(experiment, trained) == ["base", "finetuned+rag", "openai:gpt-4o-mini"]
+
+
+def test_the_page_builds_with_presets_and_a_bounded_queue(tmp_path):
+    pytest.importorskip("gradio")
+    from tuneforge.demo.app import build_app
+
+    experiment = _experiment(presets={"short poem": "Answer with a four-line poem."}, queue_size=5)
+    app = build_app(experiment, _run(tmp_path), FakeSystems(["base", "base+rag"]))
+    config = app.get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    assert {"chatbot", "message", "system", "preset", "compare-systems", "compare-0", "compare-3"} <= ids
+    preset = next(c for c in config["components"] if c["props"].get("elem_id") == "preset")
+    assert [choice[0] for choice in preset["props"]["choices"]] == ["(none)", "short poem"]
+    assert app._queue.max_size == 5
