@@ -130,3 +130,16 @@ def test_compare_shows_two_answers_side_by_side(page):
     page.locator("#compare-1 summary").click()
     assert "product-overview.md" in page.locator("#compare-1").inner_text()
     _screenshot(page, "demo-compare.png")
+
+
+def test_a_system_that_cannot_answer_says_why_and_keeps_the_message(page):
+    page.get_by_role("tab", name="Chat").click()
+    box = page.locator("#system input")
+    box.click()
+    box.fill("finetuned")  # typed, like openai:<model>: this run has no adapter yet
+    box.press("Enter")
+    page.locator("#message textarea").fill("Hello?")
+    page.locator("#send").click()
+    page.get_by_text("run `tuneforge train` first").first.wait_for(timeout=30_000)
+    assert page.locator("#message textarea").input_value() == "Hello?"
+    assert "finetuned: error" in page.locator("#chat-status").inner_text()

@@ -110,7 +110,8 @@ def build_app(experiment, run, systems: Systems | None = None):
             try:
                 for reply in ask(systems.get, (name or "").strip(), messages, _settings(temperature, max_tokens)):
                     yield [*before, {"role": "assistant", "content": reply.text or "…"}], history, shown, "", reply.summary()
-            except TuneforgeError as exc:
+            except TuneforgeError as exc:  # e.g. no adapter yet: give the message back to fix and resend
+                yield shown, history, shown, text, f"{name}: error"
                 raise gr.Error(str(exc)) from None
             answer = reply.answer
             after = [*before, {"role": "assistant", "content": answer.text}]
