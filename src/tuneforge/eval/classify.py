@@ -1,9 +1,14 @@
-"""Classification by likelihood: each label's log-probability as the assistant's answer.
+"""Likelihood of an answer given its prompt: label choice for classification, reference perplexity for generation.
 
 A chat model asked to classify may answer "Positive!" or "The review is positive".
 Scoring every label as the complete answer (its tokens plus the end-of-turn token)
 with the same chat template as training gives a clean choice and a probability per
-label, which accuracy, F1 and ROC-AUC need.
+label, which accuracy, F1 and ROC-AUC need. The same teacher-forced scoring of a
+reference answer gives its perplexity under each system.
+
+Inputs longer than `max_length` never fail: the longest prompt message is shortened
+first (ChatEncoder.fit, as prepare does), and if that is not enough the start of the
+sequence is cut, so the end of the prompt and the whole answer are always scored.
 """
 
 from __future__ import annotations
@@ -12,37 +17,93 @@ import numpy as np
 import torch
 
 
-def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str], batch_size: int = 8) -> np.ndarray:
-    """[n_prompts, n_labels] summed log-probabilities of each label as the whole answer."""
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(labels))]
-    encoded = encoder.encode_many([prompts[i] + [{"role": "assistant", "content": labels[j]}] for i, j in pairs])
-    scores = np.zeros((len(prompts), len(labels)))
+def answer_logprobs(model, encoder, conversations: list[list[dict]], max_length: int | None = None,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of each conversation's last assistant turn (with end-of-turn), and its token count."""
+    encoded = [_last_turn_only(e) for e in _fitted(encoder, conversations, max_length)]
+    sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
     model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         target = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[row, :n] = torch.tensor(e.input_ids)
-            mask[row, :n] = 1
-            target[row, :n] = torch.tensor(e.supervised)
+        for row, i in enumerate(chunk):
+            tokens, supervised = encoded[i]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+            target[row, : len(tokens)] = torch.tensor(supervised)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         picked = logprobs.gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        picked = (picked * target[:, 1:].to(device)).sum(-1).cpu().numpy()
-        for offset, value in enumerate(picked):
-            i, j = pairs[start + offset]
-            scores[i, j] = value
-    return scores
+        keep = target[:, 1:].to(device)
+        totals = (picked * keep).sum(-1).cpu().numpy()
+        for row, i in enumerate(chunk):
+            sums[i], counts[i] = totals[row], int(keep[row].sum())
+    return sums, counts
+
+
+def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str], batch_size: int = 8,
+                   max_length: int | None = None) -> np.ndarray:
+    """[n_prompts, n_labels] summed log-probabilities of each label as the whole answer."""
+    pairs = [prompt + [{"role": "assistant", "content": label}] for prompt in prompts for label in labels]
+    sums, _ = answer_logprobs(model, encoder, pairs, max_length, batch_size)
+    return sums.reshape(len(prompts), len(labels))
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _fitted(encoder, conversations: list[list[dict]], max_length: int | None) -> list[tuple[list[int], list[bool]]]:
+    out = []
+    for messages, encoded in zip(conversations, encoder.encode_many(conversations)):
+        if max_length is not None and len(encoded.input_ids) > max_length:
+            encoded = encoder.encode(_shorten(encoder, messages, len(encoded.input_ids) - max_length, messages[:-1]))
+            if len(encoded.input_ids) > max_length:  # the answer alone is long: keep the end
+                encoded.input_ids, encoded.supervised = encoded.input_ids[-max_length:], encoded.supervised[-max_length:]
+        out.append((encoded.input_ids, encoded.supervised))
+    return out
+
+
+def fit_prompt(encoder, messages: list[dict], max_length: int) -> list[dict]:
+    """A prompt whose rendering (with the generation header) has at most max_length tokens, else the same prompt."""
+    for _ in range(3):  # each round cuts the longest message left; three covers a long system and user turn
+        length = len(encoder.tokenizer(encoder.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        if length <= max_length:
+            break
+        messages = _shorten(encoder, messages, length - max_length, messages)
+    return messages
+
+
+def _shorten(encoder, messages: list[dict], excess: int, among: list[dict]) -> list[dict]:
+    """The messages with the longest of `among` cut by about `excess` tokens, its end kept (a question comes last)."""
+    index = {id(m): i for i, m in enumerate(messages)}
+    candidates = [m for m in among if isinstance(m.get("content"), str) and m.get("role") != "assistant"]
+    messages = [dict(m) for m in messages]
+    if not candidates:
+        return messages
+    longest = messages[index[id(max(candidates, key=lambda m: len(m["content"])))]]
+    ids = encoder.tokenizer(longest["content"], add_special_tokens=False)["input_ids"]
+    keep = max(len(ids) - excess - 4, 0)  # slack: re-tokenizing at the cut can shift by a token or two
+    longest["content"] = "… " + encoder.tokenizer.decode(ids[len(ids) - keep :]).lstrip() if keep else "…"
+    return messages
+
+
+def _last_turn_only(pair: tuple[list[int], list[bool]]) -> tuple[list[int], list[bool]]:
+    """Supervise only the final run of answer tokens (earlier assistant turns are context)."""
+    tokens, supervised = pair
+    end = len(supervised)
+    while end and not supervised[end - 1]:
+        end -= 1
+    start = end
+    while start and supervised[start - 1]:
+        start -= 1
+    return tokens, [start <= i < end for i in range(len(tokens))]

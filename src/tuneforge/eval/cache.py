@@ -1,0 +1,85 @@
+"""Answers and scores already computed, kept per system in eval/cache/<system>.jsonl.
+
+A line is keyed by a hash of the system's identity (its name, base model, the
+adapter's file hash, the retriever index), the prompt, and the settings that shape
+the answer; changing any of them misses the cache, so a stale answer is never
+reused. Re-running eval with one more system computes only that system's lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tuneforge.atomic import atomic_write_jsonl, file_sha256
+
+
+def key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def system_identity(name: str, experiment, run) -> dict:
+    """What decides a system's answers, down to the adapter's bytes and the retriever's index."""
+    from tuneforge.systems import openai_base_url, parse
+
+    if name in ("tfidf", "ngram"):
+        train = run.sub("data", "train.jsonl")
+        return {"name": name, "train": file_sha256(train) if train.exists() else None, "seed": experiment.seed}
+    spec = parse(name)
+    identity: dict[str, Any] = {"name": name}
+    if spec.hosted:
+        identity["base_url"] = openai_base_url(experiment)
+    else:
+        from tuneforge.infer.engine import system_source
+
+        adapter, merged = system_source(spec.model, run)
+        identity.update(model=experiment.model.model_dump(mode="json"), adapter=_folder_hash(adapter, "adapter_model.safetensors"),
+                        merged=_folder_hash(merged, "config.json"))
+    if spec.rag:
+        index = run.sub("rag", "index.json")
+        identity["rag"] = experiment.rag.model_dump(mode="json")
+        identity["index"] = file_sha256(index) if index.exists() else None
+    return identity
+
+
+def _folder_hash(folder: str | None, main: str) -> str | None:
+    if folder is None:
+        return None
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (p.name == main or p.suffix in (".safetensors", ".bin", ".json")))
+    return key([(p.name, file_sha256(p)) for p in files])
+
+
+class Cache:
+    """One system's cached results: `get(key)` before computing, `put` after, `save()` once done."""
+
+    def __init__(self, folder: Path, system: str):
+        self.path = folder / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', system)}.jsonl"
+        self.entries: dict[str, Any] = {}
+        self.hits = self.misses = 0
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self.entries[record["key"]] = record["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a damaged line is just recomputed
+        self.dirty = False
+
+    def get(self, k: str) -> Any:
+        if k in self.entries:
+            self.hits += 1
+            return self.entries[k]
+        self.misses += 1
+        return None
+
+    def put(self, k: str, value: Any) -> None:
+        self.entries[k] = value
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_jsonl(self.path, ({"key": k, "value": v} for k, v in self.entries.items()))
+            self.dirty = False

@@ -1,0 +1,306 @@
+"""`tuneforge eval`: every system in eval.systems on the same examples, scored the same way, in one report.
+
+    classification (the data has a label)   local systems pick the most likely label;
+                                            hosted ones answer and the answer is read as a label
+    generation (reference answers)          ROUGE-L, BLEU, similarity to the reference, quality
+                                            score, perplexity of the reference
+    eval.judge                              pairwise comparison by a judge system, both orders
+
+Writes runs/<name>/eval/: predictions.csv, metrics.json, report.md, report.html and
+the charts; answers are cached in eval/cache/ so adding a system computes only it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval import baselines, scores
+from tuneforge.eval.cache import Cache, key, system_identity
+
+GENERATE_BATCH = 16
+SCORE_CHUNK = 32  # prompts per progress-bar step when scoring
+
+
+@dataclass
+class Item:
+    """One eval example: the prompt, and what a right answer is."""
+
+    id: str
+    prompt: list[dict]
+    reference: str | None
+    label: str | None
+
+    @property
+    def question(self) -> str:
+        return baselines.prompt_text(self.prompt[-1:]) or baselines.prompt_text(self.prompt)
+
+
+@dataclass
+class Outcome:
+    """One system's answers on every item, and the per-example numbers behind its metrics."""
+
+    name: str
+    answers: list[str]
+    sources: list[list[dict]] = field(default_factory=list)
+    probabilities: np.ndarray | None = None  # classification: [items, labels]
+    reference_logprob: list[float] | None = None  # generation: summed log-probability of the reference
+    reference_tokens: list[int] | None = None
+    seconds: float = 0.0
+
+
+def load_items(experiment, run) -> list[Item]:
+    """eval.data mapped like prepare maps data (template, label), else the run's prepared valid split; sampled with the seed."""
+    from tuneforge.data.prepare import load_prepared
+    from tuneforge.data.split import sample
+
+    if experiment.eval.data:
+        from tuneforge.data.prepare import Preparer
+        from tuneforge.models import load_tokenizer
+
+        examples = Preparer(experiment, load_tokenizer(experiment.model), progress=False).collect("eval.data", experiment.eval.data, None).examples
+    else:
+        examples = load_prepared(run.sub("data"), "valid")
+    examples = sample(examples, experiment.eval.sample, experiment.seed)
+    items = []
+    for e in examples:
+        last = max((i for i, m in enumerate(e.messages) if m.get("role") == "assistant"), default=None)
+        prompt = e.messages[:last] if last is not None else e.messages
+        reference = e.messages[last].get("content") if last is not None else None
+        items.append(Item(e.id, prompt, reference, e.label))
+    if not items:
+        raise TuneforgeError("no eval examples: eval.data is empty, or the run's valid split is (set data.valid_split)")
+    return items
+
+
+class Evaluation:
+    """Computes each system's Outcome on the items, through the answer cache."""
+
+    def __init__(self, experiment, run, items: list[Item], labels: list[str] | None, systems=None, progress: bool = True):
+        from tuneforge.infer.engine import Settings
+        from tuneforge.systems import Systems
+
+        self.experiment, self.run, self.items, self.labels = experiment, run, items, labels
+        self.systems = systems if systems is not None else Systems(experiment, run)
+        self.progress = progress
+        self.settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, temperature=0.0, seed=experiment.seed)
+        self.max_length = experiment.eval.max_length or experiment.data.max_length
+        self.cache_dir = run.sub("eval", "cache")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.prepared_loaded = False
+
+    def outcome(self, name: str) -> Outcome:
+        started = time.perf_counter()
+        if name in baselines.BASELINES:
+            result = self._baseline(name)
+        else:
+            cache = Cache(self.cache_dir, name)
+            identity = system_identity(name, self.experiment, self.run)
+            result = self._classify(name, identity, cache) if self.labels else self._generate(name, identity, cache)
+            cache.save()
+        result.seconds = round(time.perf_counter() - started, 2)
+        return result
+
+    # ------------------------------------------------------------------ model systems
+
+    def _local(self, name: str):
+        """The loaded system, its 4-bit layers kept on the training path so scores match training's eval loss."""
+        from tuneforge.models import keep_4bit_layers_differentiable
+
+        system = self.systems.get(name)
+        if hasattr(system, "engine"):
+            keep_4bit_layers_differentiable(system.engine.model)
+        return system
+
+    def _classify(self, name: str, identity: dict, cache: Cache) -> Outcome:
+        hosted = name.startswith("openai:")
+        keys = [key(identity, "label", item.prompt, self.labels, self.max_length,
+                    self.settings.max_new_tokens if hosted else None) for item in self.items]
+        missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
+        if missing:
+            system = self._local(name)
+            prompts = [self.items[i].prompt for i in missing]
+            if hosted:
+                answers = system.generate(prompts, self.settings, progress=self.progress)
+                for i, answer in zip(missing, answers):
+                    cache.put(keys[i], {"text": answer.text, "sources": [h.to_json() for h in answer.sources]})
+            else:
+                augmented, hits = system.retrieve(prompts)
+                found = self._scored(name, system, [p + [{"role": "assistant", "content": label}] for p in augmented for label in self.labels])
+                sums = found[0].reshape(len(missing), len(self.labels))
+                for row, i in enumerate(missing):
+                    cache.put(keys[i], {"scores": sums[row].tolist(), "sources": [h.to_json() for h in hits[row]]})
+        from tuneforge.eval.classify import probabilities
+
+        values = [cache.entries[k] for k in keys]
+        if hosted:
+            picked = [scores.map_to_label(v["text"], self.labels) for v in values]
+            probs = np.array([[1.0 if p == label else 0.0 for label in self.labels] for p in picked])
+            answers = [v["text"] for v in values]
+        else:
+            probs = probabilities(np.array([v["scores"] for v in values]))
+            answers = [self.labels[j] for j in probs.argmax(axis=1)]
+        return Outcome(name, answers, [v["sources"] for v in values], probabilities=probs)
+
+    def _generate(self, name: str, identity: dict, cache: Cache) -> Outcome:
+        hosted = name.startswith("openai:")
+        setting = (self.settings.max_new_tokens, self.settings.seed, self.max_length)
+        answer_keys = [key(identity, "answer", item.prompt, setting) for item in self.items]
+        reference_keys = [key(identity, "reference", item.prompt, item.reference, self.max_length) for item in self.items]
+        need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
+        need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
+        if need_answer or need_reference:
+            system = self._local(name)
+            if hosted:
+                answers = system.generate([self.items[i].prompt for i in need_answer], self.settings, progress=self.progress)
+                for i, answer in zip(need_answer, answers):
+                    cache.put(answer_keys[i], _answer_record(answer, answer.sources))
+            else:
+                from tuneforge.eval.classify import fit_prompt
+
+                wanted = sorted(set(need_answer) | set(need_reference))
+                augmented, hits = system.retrieve([self.items[i].prompt for i in wanted])
+                by_item = dict(zip(wanted, zip(augmented, hits)))
+                if need_reference:
+                    sums, counts = self._scored(name, system, [by_item[i][0] + [{"role": "assistant", "content": self.items[i].reference}] for i in need_reference])
+                    for i, total, count in zip(need_reference, sums, counts):
+                        cache.put(reference_keys[i], {"logprob": float(total), "tokens": int(count)})
+                if need_answer:
+                    room = max(self.max_length - self.settings.max_new_tokens, 16)
+                    fitted = [fit_prompt(system.engine.encoder, by_item[i][0], room) for i in need_answer]
+                    answers = system.engine.generate(fitted, self.settings, batch_size=GENERATE_BATCH, progress=self.progress)
+                    for i, answer in zip(need_answer, answers):
+                        cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
+        values = [cache.entries[k] for k in answer_keys]
+        outcome = Outcome(name, [v["text"] for v in values], [v["sources"] for v in values])
+        if not hosted:
+            references = [cache.entries[k] for k in reference_keys]
+            outcome.reference_logprob = [r["logprob"] for r in references]
+            outcome.reference_tokens = [r["tokens"] for r in references]
+        return outcome
+
+    def _scored(self, name: str, system, conversations: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
+        from tqdm.auto import tqdm
+
+        from tuneforge.eval.classify import answer_logprobs
+
+        sums, counts = [], []
+        with tqdm(total=len(conversations), desc=f"scoring ({name})", unit=" answers", disable=not self.progress) as bar:
+            for start in range(0, len(conversations), SCORE_CHUNK):
+                chunk = conversations[start : start + SCORE_CHUNK]
+                s, c = answer_logprobs(system.engine.model, system.engine.encoder, chunk, self.max_length)
+                sums.append(s)
+                counts.append(c)
+                bar.update(len(chunk))
+        return np.concatenate(sums), np.concatenate(counts)
+
+    # ------------------------------------------------------------------ classical baselines
+
+    def _train_split(self):
+        from tuneforge.data.prepare import load_prepared
+
+        return load_prepared(self.run.sub("data"), "train")
+
+    def _baseline(self, name: str) -> Outcome:
+        train = self._train_split()
+        prompts = [item.prompt for item in self.items]
+        if name == "tfidf":
+            if not self.labels:
+                raise TuneforgeError("the tfidf baseline classifies: it needs data.label (eval data with labels)")
+            model = baselines.TfidfClassifier([e.messages[:-1] for e in train], [e.label for e in train], self.experiment.seed)
+            probs = model.probabilities(prompts, self.labels)
+            return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
+        ngram = baselines.NgramModel([baselines.last_answer(e.messages) for e in train])
+        if self.labels:
+            from tuneforge.eval.classify import probabilities
+
+            probs = probabilities(np.array([[ngram.logprob(label)[0] for label in self.labels] for _ in prompts]))
+            return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
+        answer = ngram.generate(self.settings.max_new_tokens)
+        scored = [ngram.logprob(item.reference or "") for item in self.items]
+        return Outcome(name, [answer] * len(prompts), [[] for _ in prompts],
+                       reference_logprob=[s for s, _ in scored], reference_tokens=[n for _, n in scored])
+
+
+def _answer_record(answer, hits) -> dict:
+    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "finish_reason": answer.finish_reason, "sources": [h.to_json() if hasattr(h, "to_json") else h for h in hits]}
+
+
+def label_set(items: list[Item], run) -> list[str] | None:
+    """The classes when every item has a label: those of the eval items and of the train split, sorted."""
+    if not items or any(item.label is None for item in items):
+        return None
+    from tuneforge.data.prepare import load_prepared
+
+    labels = {item.label for item in items}
+    if run.sub("data", "train.meta.jsonl").exists():
+        labels |= {e.label for e in load_prepared(run.sub("data"), "train") if e.label is not None}
+    return sorted(labels)
+
+
+def run_eval(experiment, run, systems=None, progress: bool = True) -> int:
+    """Evaluate every system in eval.systems, write runs/<name>/eval/, print a summary. Returns the exit code."""
+    from tuneforge.eval import report
+
+    items = load_items(experiment, run)
+    labels = label_set(items, run)
+    if labels is None and any(item.reference is None for item in items):
+        raise TuneforgeError("eval examples need a reference answer (an assistant turn) or a label")
+    mode = "classification" if labels else "generation"
+    print(f"evaluating {', '.join(experiment.eval.systems)} on {len(items)} examples ({mode}"
+          f"{': ' + ', '.join(labels) if labels else ''})", flush=True)
+    evaluation = Evaluation(experiment, run, items, labels, systems, progress)
+    outcomes = [evaluation.outcome(name) for name in experiment.eval.systems]
+    if labels:
+        table, per_example = report.classification_metrics(items, labels, outcomes, experiment.seed)
+    else:
+        table, per_example = report.generation_metrics(items, outcomes, experiment.seed, experiment.eval.embedder)
+    judged = None
+    if experiment.eval.judge is not None:
+        judged = judge_pairs(experiment, run, evaluation, items, outcomes)
+    folder = report.write(run.sub("eval"), items, labels, outcomes, table, per_example, judged, experiment)
+    print(report.summary_table(table, labels is not None))
+    if judged:
+        for pair in judged["pairs"]:
+            print(f"judge {judged['model']}: {pair['first']} vs {pair['second']}: {pair['wins']} wins, {pair['ties']} ties, "
+                  f"{pair['losses']} losses (win rate {pair['win_rate']:.2f}, 95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})")
+    print(f"eval report: {folder / 'report.html'} (metrics.json, predictions.csv, report.md beside it)")
+    return 0
+
+
+def judge_pairs(experiment, run, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]) -> dict | None:
+    """Every pair of systems compared by eval.judge.model in both orders; judge replies are cached like answers."""
+    from tuneforge.eval.judge import compare
+
+    judge = experiment.eval.judge
+    if evaluation.labels:
+        print("eval.judge is skipped for classification: the labels decide who is right", flush=True)
+        return None
+    system = None
+    cache = Cache(evaluation.cache_dir, f"judge-{judge.model}")
+    identity = system_identity(judge.model, experiment, run)
+    settings = type(evaluation.settings)(max_new_tokens=4, temperature=0.0, seed=experiment.seed)  # one word: A, B or tie
+
+    def ask(chats: list[list[dict]]) -> list[str]:
+        nonlocal system
+        keys = [key(identity, "judge", chat, settings.max_new_tokens) for chat in chats]
+        missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
+        if missing:
+            system = system or evaluation.systems.get(judge.model)
+            replies = system.generate([chats[i] for i in missing], settings, progress=evaluation.progress)
+            for i, reply in zip(missing, replies):
+                cache.put(keys[i], reply.text)
+        return [cache.entries[k] for k in keys]
+
+    questions = [item.question for item in items]
+    references = [item.reference for item in items]
+    pairs = []
+    for a, b in itertools.combinations(outcomes, 2):
+        pairs.append(compare(ask, judge.rubric, questions, references, a.name, a.answers, b.name, b.answers).summary(experiment.seed))
+    cache.save()
+    return {"model": judge.model, "rubric": judge.rubric, "pairs": pairs}

@@ -1,0 +1,249 @@
+"""Metrics tables, predictions.csv, metrics.json, report.md and report.html (charts embedded) for one eval."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tuneforge.eval import scores
+
+SIDE_BY_SIDE = 3  # examples shown answer by answer in the report
+HEADLINE = {True: ("accuracy", "macro_f1", "roc_auc"), False: ("similarity", "quality", "rouge_l", "bleu", "perplexity")}
+
+
+def classification_metrics(items, labels: list[str], outcomes, seed: int) -> tuple[dict, dict]:
+    truth = [item.label for item in items]
+    table, per_example = {}, {}
+    for outcome in outcomes:
+        predicted = [a if a in labels else (scores.map_to_label(a, labels) or "(none)") for a in outcome.answers]
+        metrics = scores.classification(truth, predicted, outcome.probabilities, labels)
+        correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=float)
+        metrics["accuracy_low"], metrics["accuracy_high"] = scores.bootstrap_interval(correct, seed)
+        table[outcome.name] = {"examples": len(items), **metrics, "seconds": outcome.seconds}
+        per_example[outcome.name] = [{"predicted": p, "correct": bool(c), **{f"p_{label}": round(float(q), 6) for label, q in zip(labels, row)}}
+                                     for p, c, row in zip(predicted, correct, outcome.probabilities)]
+    return table, per_example
+
+
+def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[dict, dict]:
+    from tuneforge.rag.store import Embedder
+
+    embedder = Embedder(embedder_ref)
+    references = [item.reference or "" for item in items]
+    question_vectors = embedder.encode([item.question for item in items])
+    reference_vectors = embedder.encode(references)
+    table, per_example = {}, {}
+    for outcome in outcomes:
+        answer_vectors = embedder.encode(outcome.answers)
+        similarity = scores.cosine_rows(answer_vectors, reference_vectors)
+        quality = scores.quality_score(scores.cosine_rows(answer_vectors, question_vectors))
+        overlap = scores.rouge_bleu(outcome.answers, references)
+        metrics = {"examples": len(items), "similarity": float(similarity.mean()), "quality": float(quality.mean()),
+                   "rouge_l": overlap["rouge_l"], "bleu": overlap["bleu"]}
+        metrics["similarity_low"], metrics["similarity_high"] = scores.bootstrap_interval(similarity, seed)
+        metrics["quality_low"], metrics["quality_high"] = scores.bootstrap_interval(quality, seed)
+        each_ppl = [None] * len(items)
+        if outcome.reference_logprob is not None:
+            metrics["perplexity"] = scores.perplexity(sum(outcome.reference_logprob), sum(outcome.reference_tokens))
+            each_ppl = [scores.perplexity(lp, n) for lp, n in zip(outcome.reference_logprob, outcome.reference_tokens)]
+        metrics["seconds"] = outcome.seconds
+        table[outcome.name] = metrics
+        per_example[outcome.name] = [
+            {"similarity": round(float(s), 4), "quality": round(float(q), 2), "rouge_l": round(r, 4), "bleu": round(b, 2),
+             "perplexity": None if p is None else round(p, 3)}
+            for s, q, r, b, p in zip(similarity, quality, overlap["rouge_l_each"], overlap["bleu_each"], each_ppl)]
+    return table, per_example
+
+
+def summary_table(table: dict, classification: bool) -> str:
+    columns = [c for c in HEADLINE[classification] if any(table[s].get(c) is not None for s in table)]
+    width = max(len("system"), *(len(s) for s in table))
+    lines = [f"{'system':<{width}}  " + "  ".join(f"{c:>10}" for c in columns) + f"  {'seconds':>8}"]
+    for system, metrics in table.items():
+        lines.append(f"{system:<{width}}  " + "  ".join(f"{_fmt(metrics.get(c)):>10}" for c in columns) + f"  {metrics['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def write(folder: Path, items, labels, outcomes, table: dict, per_example: dict, judged: dict | None, experiment) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    classification = labels is not None
+    atomic_write_text(folder / "predictions.csv", _predictions_csv(items, outcomes, per_example))
+    metrics = {name: {k: v for k, v in values.items()} for name, values in table.items()}
+    if judged:
+        metrics["judge"] = judged
+    atomic_write_json(folder / "metrics.json", metrics)
+    charts = {"metrics.png": _bars(table, classification)}
+    if classification:
+        charts["confusion.png"] = _confusions(table, labels)
+    if judged:
+        charts["judge.png"] = _judge_bars(judged)
+    for name, png in charts.items():
+        atomic_write_bytes(folder / name, png)
+    atomic_write_text(folder / "report.md", _markdown(experiment, items, outcomes, table, judged, charts, classification))
+    atomic_write_text(folder / "report.html", _html(experiment, items, outcomes, table, judged, charts, classification))
+    return folder
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def _predictions_csv(items, outcomes, per_example: dict) -> str:
+    score_columns = sorted({k for rows in per_example.values() for row in rows for k in row})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["id", "system", "prompt", "answer", "reference", "label", "sources", *score_columns])
+    for outcome in outcomes:
+        for item, answer, sources, row in zip(items, outcome.answers, outcome.sources, per_example[outcome.name]):
+            cited = "; ".join(f"{h['source']} ({h['score']:.3f})" for h in sources)
+            writer.writerow([item.id, outcome.name, json.dumps(item.prompt, ensure_ascii=False), answer, item.reference or "",
+                             item.label or "", cited, *(_fmt(row.get(c)) if isinstance(row.get(c), float) else row.get(c, "") for c in score_columns)])
+    return out.getvalue()
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(table: dict, classification: bool) -> bytes:
+    plt = _plt()
+    panels = ["accuracy"] if classification else ["similarity", "quality"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    names = list(table)
+    for ax, metric in zip(axes[0], panels):
+        values = np.array([table[n][metric] for n in names])
+        low = values - np.array([table[n][f"{metric}_low"] for n in names])
+        high = np.array([table[n][f"{metric}_high"] for n in names]) - values
+        ax.bar(names, values, yerr=[low, high], capsize=4, color="#4c78a8")
+        ax.set_title(f"{metric} (95% bootstrap CI)")
+        ax.tick_params(axis="x", rotation=20)
+    return _figure_png(figure)
+
+
+def _confusions(table: dict, labels: list[str]) -> bytes:
+    plt = _plt()
+    figure, axes = plt.subplots(1, len(table), figsize=(3.4 * len(table), 3.2), squeeze=False)
+    for ax, (name, metrics) in zip(axes[0], table.items()):
+        matrix = np.array(metrics["confusion"])
+        ax.imshow(matrix, cmap="Blues")
+        for (r, c), count in np.ndenumerate(matrix):
+            ax.text(c, r, str(count), ha="center", va="center", color="black")
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+    return _figure_png(figure)
+
+
+def _judge_bars(judged: dict) -> bytes:
+    plt = _plt()
+    pairs = judged["pairs"]
+    figure, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(pairs)), 3.2))
+    names = [f"{p['first']}\nvs {p['second']}" for p in pairs]
+    rates = np.array([p["win_rate"] for p in pairs])
+    ax.bar(names, rates, yerr=[rates - [p["win_rate_low"] for p in pairs], np.array([p["win_rate_high"] for p in pairs]) - rates],
+           capsize=4, color="#f58518")
+    ax.axhline(0.5, color="grey", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"win rate of the first system, judge {judged['model']}")
+    return _figure_png(figure)
+
+
+def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in (*HEADLINE[classification], "precision", "recall", "examples", "seconds") if any(table[s].get(c) is not None for s in table)]
+    rows = []
+    for system, metrics in table.items():
+        row = [system]
+        for c in columns:
+            value = _fmt(metrics.get(c))
+            if f"{c}_low" in metrics:
+                value += f" [{_fmt(metrics[f'{c}_low'])}, {_fmt(metrics[f'{c}_high'])}]"
+            row.append(value)
+        rows.append(row)
+    return ["system", *columns], rows
+
+
+def _explanation(classification: bool) -> str:
+    if classification:
+        return ("Local systems answer with the label of highest likelihood given the prompt; hosted ones answer and the answer "
+                "is read as a label. Brackets: 95% bootstrap interval. ROC-AUC uses the label probabilities (one-vs-rest for more than two labels).")
+    return ("similarity: cosine of the answer's and the reference's embeddings; quality: answer-to-question similarity on 0-100; "
+            "ROUGE-L and BLEU against the reference; perplexity: of the reference answer under the system, per token "
+            "(per word for ngram, so not comparable with the models). Brackets: 95% bootstrap interval.")
+
+
+def _judge_lines(judged: dict) -> list[list[str]]:
+    return [[p["first"], p["second"], str(p["wins"]), str(p["ties"]), str(p["losses"]),
+             f"{p['win_rate']:.2f} [{p['win_rate_low']:.2f}, {p['win_rate_high']:.2f}]"] for p in judged["pairs"]]
+
+
+JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]"]
+
+
+def _markdown(experiment, items, outcomes, table, judged, charts, classification) -> str:
+    header, rows = _table_rows(table, classification)
+    lines = [f"# Eval: {experiment.name}", "", f"{len(items)} examples, {'classification' if classification else 'generation'}.", "",
+             _explanation(classification), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", *(f"![{name}]({name})" for name in charts), ""]
+    if judged:
+        lines += [f"## Judge: {judged['model']}", "", f"Rubric: {judged['rubric']}", "", "Each pair asked in both orders; a split verdict is a tie.", "",
+                  "| " + " | ".join(JUDGE_HEADER) + " |", "|" + "---|" * len(JUDGE_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in _judge_lines(judged)] + [""]
+    lines += ["## Examples", ""]
+    for index, item in enumerate(items[:SIDE_BY_SIDE]):
+        lines += [f"### {item.id}", "", f"**Question:** {_one_line(item.question)}", "", f"**Reference:** {_one_line(item.reference or item.label or '')}", ""]
+        lines += [f"- **{o.name}:** {_one_line(o.answers[index])}" for o in outcomes] + [""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _html(experiment, items, outcomes, table, judged, charts, classification) -> str:
+    esc = html.escape
+    header, rows = _table_rows(table, classification)
+
+    def grid(head, body):
+        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+
+    parts = [f"<h1>Eval: {esc(experiment.name)}</h1>", f"<p>{len(items)} examples, {'classification' if classification else 'generation'}.</p>",
+             f"<p>{esc(_explanation(classification))}</p>", grid(header, rows)]
+    parts += [f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">' for name, png in charts.items()]
+    if judged:
+        parts += [f"<h2>Judge: {esc(judged['model'])}</h2>", f"<p>Rubric: {esc(judged['rubric'])}. Each pair asked in both orders; a split verdict is a tie.</p>",
+                  grid(JUDGE_HEADER, _judge_lines(judged))]
+    parts.append("<h2>Examples</h2>")
+    for index, item in enumerate(items[:SIDE_BY_SIDE]):
+        parts.append(f"<h3>{esc(item.id)}</h3><p><b>Question:</b> {esc(item.question)}</p><p><b>Reference:</b> {esc(item.reference or item.label or '')}</p>")
+        parts.append(grid([o.name for o in outcomes], [[o.answers[index] for o in outcomes]]))
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:100%;margin:0.5em 0}"
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>Eval: {esc(experiment.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"

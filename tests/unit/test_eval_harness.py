@@ -1,0 +1,126 @@
+"""The eval harness end to end on a tiny in-process model: answers, cache, report files, baselines."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tuneforge.config import load_experiment
+from tuneforge.data.prepare import prepare
+from tuneforge.eval.harness import run_eval
+from tuneforge.infer.engine import Engine
+from tuneforge.run import RunDir
+from tuneforge.systems import LocalSystem, parse
+
+
+class CountingEngine(Engine):
+    """An Engine that counts the prompts it was asked to answer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts = 0
+
+    def generate(self, conversations, *args, **kwargs):
+        self.prompts += len(conversations)
+        return super().generate(conversations, *args, **kwargs)
+
+
+class TinySystems:
+    """Stands in for tuneforge.systems.Systems: each name answers with an in-process tiny model."""
+
+    def __init__(self, engines: dict[str, Engine]):
+        self.engines = engines
+
+    def get(self, name):
+        return LocalSystem(parse(name), self.engines[name])
+
+
+def _experiment(tmp_path, body: str, overrides=()):
+    path = tmp_path / "exp.yaml"
+    path.write_text(body)
+    return load_experiment(path, list(overrides))
+
+
+def _prepared(experiment, tmp_path, tokenizer):
+    run = RunDir(experiment, tmp_path / "run")
+    prepare(experiment, run, tokenizer=tokenizer, progress=False)
+    return run
+
+
+def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_llama, tiny_tokenizer, tiny_model_dir):
+    rows = [{"messages": [{"role": "user", "content": f"What is the capital of France, question {i}?"},
+                          {"role": "assistant", "content": f"The capital of France is Paris, answer {i}."}]} for i in range(12)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    body = "name: tiny\ndata: {train: chats.jsonl, valid_split: 0.34}\neval: {max_new_tokens: 6}\n"
+    merged = f"merged:{tiny_model_dir}"
+    first = _experiment(tmp_path, body, ["eval.systems=[base, ngram]"])
+    run = _prepared(first, tmp_path, tiny_tokenizer)
+    engines = {"base": CountingEngine(tiny_llama, tiny_tokenizer, "base"), merged: CountingEngine(tiny_llama, tiny_tokenizer, "merged")}
+    systems = TinySystems(engines)
+
+    assert run_eval(first, run, systems=systems, progress=False) == 0
+    n = len((run.sub("data", "valid.jsonl")).read_text().splitlines())
+    assert engines["base"].prompts == n and engines[merged].prompts == 0
+
+    second = _experiment(tmp_path, body, [f"eval.systems=[base, ngram, '{merged}']"])
+    assert run_eval(second, run, systems=systems, progress=False) == 0
+    assert engines["base"].prompts == n  # every base answer came from the cache
+    assert engines[merged].prompts == n
+
+    folder = run.sub("eval")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics) == {"base", "ngram", merged}
+    for name in metrics:
+        assert metrics[name]["examples"] == n
+        assert 0 <= metrics[name]["quality"] <= 100 and -1 <= metrics[name]["similarity"] <= 1
+        assert metrics[name]["similarity_low"] <= metrics[name]["similarity"] <= metrics[name]["similarity_high"]
+        assert metrics[name]["perplexity"] > 1
+    assert metrics["ngram"]["rouge_l"] > metrics["base"]["rouge_l"]  # a random tiny model is no match for the answers' own words
+    with open(folder / "predictions.csv", newline="") as fh:
+        predictions = list(csv.DictReader(fh))
+    assert len(predictions) == 3 * n
+    assert {"prompt", "answer", "reference", "sources", "similarity", "rouge_l", "bleu", "perplexity"} <= set(predictions[0])
+    html = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Examples" in html
+    assert (folder / "metrics.png").stat().st_size > 1000 and "| ngram |" in (folder / "report.md").read_text()
+    cached = sorted(p.name for p in folder.glob("cache/*.jsonl"))
+    assert len(cached) == 2 and "base.jsonl" in cached  # one file per model system; baselines are not cached
+
+
+def test_classification_with_tfidf_beside_a_model(tmp_path, tiny_llama, tiny_tokenizer):
+    words = {"positive": "great lovely wonderful", "negative": "awful broken terrible"}
+    with open(tmp_path / "reviews.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["review", "sentiment"])
+        for i in range(20):
+            label = "positive" if i % 2 else "negative"
+            writer.writerow([f"{words[label]} item number {i}", label])
+    body = ("name: reviews\ndata:\n  train: reviews.csv\n  template: {user: 'Review: {review}', assistant: '{sentiment}'}\n"
+            "  label: sentiment\n  valid_split: 0.3\neval: {systems: [base, tfidf, ngram], max_length: 24}\n")
+    experiment = _experiment(tmp_path, body)
+    run = _prepared(experiment, tmp_path, tiny_tokenizer)
+    engine = CountingEngine(tiny_llama, tiny_tokenizer, "base")
+    assert run_eval(experiment, run, systems=TinySystems({"base": engine}), progress=False) == 0
+    assert engine.prompts == 0  # local systems classify by label likelihood, not by generating
+
+    metrics = json.loads((run.sub("eval", "metrics.json")).read_text())
+    assert metrics["tfidf"]["accuracy"] == 1.0 and metrics["tfidf"]["roc_auc"] == 1.0
+    for name in ("base", "tfidf", "ngram"):
+        m = metrics[name]
+        assert 0 <= m["accuracy"] <= 1 and sum(map(sum, m["confusion"])) == m["examples"] == 6
+        assert m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"]
+    assert (run.sub("eval", "confusion.png")).exists()
+    with open(run.sub("eval", "predictions.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"p_positive", "p_negative", "correct", "label"} <= set(rows[0]) and len(rows) == 18
+
+
+def test_tfidf_without_a_label_is_refused_before_anything_loads(tmp_path):
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tfidf"):
+        _experiment(tmp_path, "name: x\ndata: {train: a.jsonl}\neval: {systems: [base, tfidf]}\n")
+    with pytest.raises(ConfigError, match="judge must be a model"):
+        _experiment(tmp_path, "name: x\neval: {judge: {model: ngram}}\n")
