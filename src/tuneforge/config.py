@@ -238,7 +238,14 @@ SYSTEM_NAME = re.compile(r"^(base|finetuned)(\+rag)?$|^openai:.+$|^tfidf$|^ngram
 
 class JudgeSection(Section):
     model: str
-    """The judge: `base`, `finetuned`, or openai:<model> on any OpenAI-compatible endpoint."""
+    """The judge: any system name (base, finetuned, adapter:<dir>, merged:<dir>) or openai:<model> on any OpenAI-compatible endpoint."""
+
+    @field_validator("model")
+    @classmethod
+    def _judge_is_a_model(cls, model: str) -> str:
+        if model in ("tfidf", "ngram") or model.endswith("+rag") or not SYSTEM_NAME.match(model):
+            raise ValueError(f"the judge must be a model (base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>), not {model!r}")
+        return model
     rubric: str = "Which answer is more helpful, correct and faithful to the question?"
     """What the judge is asked to compare."""
 
@@ -251,7 +258,11 @@ class EvalSection(Section):
     sample: int | None = Field(None, gt=0)
     """Evaluate on this many examples, drawn with the experiment seed."""
     max_new_tokens: int = Field(256, gt=0)
-    """Longest generated answer."""
+    """Longest generated answer in tokens (hosted systems' answers too, when they classify by answering)."""
+    max_length: int | None = Field(None, gt=0)
+    """Longest prompt plus answer in tokens; longer prompts are shortened, keeping their end (default: data.max_length, what training saw)."""
+    embedder: str = "builtin:all-minilm-l6-v2"
+    """Sentence-transformers model for answer-to-reference similarity and the quality score (builtin, directory or hub id)."""
     judge: JudgeSection | None = None
     """LLM-as-judge pairwise comparison; off when unset."""
 
@@ -316,6 +327,8 @@ class Experiment(Section):
         problems = []
         if any(s.endswith("+rag") for s in self.eval.systems) and self.rag is None:
             problems.append("eval.systems names a +rag system but the experiment has no rag section")
+        if "tfidf" in self.eval.systems and self.data.label is None:
+            problems.append("eval.systems names tfidf, a classifier, but data.label is unset (tfidf needs a label to learn)")
         if self.data.rag and self.rag is None:
             problems.append("data.rag is true but the experiment has no rag section")
         if self.data.rag and self.rag is not None and self.rag.corpus == "train":
