@@ -80,6 +80,11 @@ def _set_max_tokens(page, value: int) -> None:
     box.press("Enter")
 
 
+def _wait_until_done(page, selector: str) -> None:
+    """Until the element's timing line says done (null-safe: Gradio re-renders elements while streaming)."""
+    page.wait_for_function(f"(document.querySelector('{selector}')?.innerText || '').includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+
+
 def _screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
@@ -102,7 +107,7 @@ def test_chat_streams_the_answer(page, demo_url):
     page.evaluate(WATCH_ANSWER)
     page.locator("#message textarea").fill("What is the capital of France?")
     page.locator("#send").click()
-    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+    _wait_until_done(page, "#chat-status")
     final = page.locator('#chatbot [data-testid="bot"]').last.inner_text().strip()
     assert "Paris" in final
     assert page.locator("#chat-status").inner_text().startswith("base:")
@@ -121,7 +126,7 @@ def test_compare_shows_two_answers_side_by_side(page):
     page.locator("#compare-prompt textarea").fill("Which colours is the Kestrel K2 available in?")
     page.locator("#compare-run").click()
     for column in ("#compare-0", "#compare-1"):
-        page.wait_for_function(f"document.querySelector('{column}').innerText.includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+        _wait_until_done(page, column)
     left, right = page.locator("#compare-0").inner_text(), page.locator("#compare-1").inner_text()
     assert left.startswith("base\n") and right.startswith("base+rag\n")
     assert "Sources (4 passages)" in right and "Sources" not in left

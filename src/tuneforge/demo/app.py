@@ -117,7 +117,8 @@ def build_app(experiment, run, systems: Systems | None = None):
             after = [*before, {"role": "assistant", "content": answer.text}]
             if answer.sources:
                 after.append({"role": "assistant", "content": sources_markdown(answer.sources),
-                              "metadata": {"title": f"Sources: {len(answer.sources)} retrieved passages", "status": "done"}})
+                              "metadata": {"title": f"Sources: {', '.join(dict.fromkeys(h.source for h in answer.sources))}",
+                                           "log": f"{len(answer.sources)} retrieved passages", "status": "done"}})
             turns = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer.text}]
             yield after, turns, after, "", reply.summary()
 
