@@ -192,6 +192,8 @@ class OpenAITrain(Section):
     """USD per million billed training tokens for the estimate (gpt-4o-mini training price as listed 2024-07)."""
     metadata: dict[str, str] = {}
     """Key/value metadata attached to the job."""
+    poll_seconds: float = Field(10.0, gt=0)
+    """Seconds between status checks while watching the job (doubled after each network error, up to 5 minutes)."""
 
 
 def _default_backend(value: Any) -> Any:

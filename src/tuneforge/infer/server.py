@@ -2,6 +2,7 @@
 
     GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section)
     POST /v1/chat/completions  stream or not; temperature, top_p, max_tokens, stop, seed
+    /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py)
 
 Standard library HTTP (one thread per connection); each system has one lock, so
 concurrent requests queue safely. Bad requests get OpenAI-shaped errors with 4xx
@@ -237,7 +238,12 @@ def make_handler(systems: Served):
 
 
 def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None) -> None:
+    from tuneforge.infer.finetune_api import FineTuningApi
+
     systems = Served(experiment, run)
+    fine_tuning = FineTuningApi(experiment, run, systems)
+    systems.routes["/v1/files"] = fine_tuning.handle
+    systems.routes["/v1/fine_tuning/"] = fine_tuning.handle
     httpd = ThreadingHTTPServer((host, port), make_handler(systems))
     httpd.daemon_threads = True
     print(f"serving {', '.join(systems.names)} at http://{host}:{httpd.server_address[1]}/v1 (OpenAI-compatible)", flush=True)

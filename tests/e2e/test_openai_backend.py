@@ -1,0 +1,226 @@
+"""`train.backend: openai` against `tuneforge serve`'s own fine-tuning endpoints, on loopback.
+
+The server trains every job with the builtin SmolLM2, unquantized, for 3 steps of one 128-token row (overrides on its
+command line), so the whole module runs on CPU in a few minutes. Both sides are real:
+the official `openai` client, our server, our trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = f"sk-test-{secrets.token_hex(16)}"
+CONVERSATIONS = REPO / "examples" / "data" / "support" / "conversations.jsonl"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}
+    env["OPENAI_API_KEY"] = KEY
+    return env
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("openai-backend")
+
+
+@pytest.fixture(scope="module")
+def server(workdir, smollm_location):
+    port = _free_port()
+    log = open(workdir / "server.log", "w")  # a file, not a pipe: a full pipe would stall the server's training
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
+         "--run-dir", str(workdir / "server"), "train.max_steps=3", "model.quantization=none", "data.max_length=128"],
+        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
+    deadline = time.time() + 300
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert proc.poll() is None, (workdir / "server.log").read_text()
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.5)
+    yield client
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _experiment(workdir: Path, client, name: str, sample: int = 16, seed: int = 42) -> Path:
+    path = workdir / f"{name}.yaml"
+    path.write_text(f"""
+name: {name}
+seed: {seed}
+data:
+  train: {CONVERSATIONS}
+  sample: {sample}
+  valid_split: 0.25
+  max_length: 512
+train:
+  backend: openai
+  base_url: {client.base_url}
+  model: base
+  epochs: 1
+  batch_size: 1
+  lr_multiplier: 1.0
+  suffix: support
+  poll_seconds: 0.5
+""")
+    return path
+
+
+def _train(path: Path, run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), *flags],
+                          capture_output=True, text=True, timeout=600, env=_env(), stdin=subprocess.DEVNULL)
+
+
+def _jobs_of(client, name: str) -> list:
+    return [j for j in client.fine_tuning.jobs.list(limit=100) if (j.metadata or {}).get("tuneforge_experiment") == name]
+
+
+def _wait(client, job_id: str, statuses: tuple[str, ...], seconds: float = 300):
+    deadline = time.time() + seconds
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
+        assert time.time() < deadline, f"{job_id} still {job.status}"
+        time.sleep(0.5)
+    return job
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, server):
+    """One end-to-end `tuneforge train --yes`, shared by the tests that look at its results."""
+    path = _experiment(workdir, server, "support")
+    started = time.perf_counter()
+    result = _train(path, workdir / "client", "--yes")
+    print(f"backend job end to end: {time.perf_counter() - started:.1f} s")
+    return path, workdir / "client", result
+
+
+def test_train_runs_the_job_end_to_end(trained, server):
+    _, run_dir, result = trained
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((run_dir / "openai_job.json").read_text())
+    assert state["status"] == "succeeded"
+    assert state["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:tuneforge:support:")
+    assert state["training_file"].startswith("file-") and state["validation_file"].startswith("file-")
+    assert state["checkpoints"] and state["checkpoints"][0]["model"].startswith(state["fine_tuned_model"])
+    assert "OpenAI fine-tuning estimate" in result.stdout and "billed tokens" in result.stdout
+    assert "Fine-tuning job started" in result.stdout and "Step 3/3" in result.stdout
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert any("eval_loss" in m for m in metrics)
+    job = server.fine_tuning.jobs.retrieve(state["job_id"])
+    assert job.method.supervised.hyperparameters.n_epochs == 1 and job.hyperparameters.batch_size == 1
+    assert job.seed == 42 and job.trained_tokens > 0
+    assert json.loads((run_dir / "manifest.json").read_text())["openai_job"]["status"] == "succeeded"
+
+
+def test_the_fine_tuned_model_answers(trained, server):
+    model = json.loads((trained[1] / "openai_job.json").read_text())["fine_tuned_model"]
+    assert model in [m.id for m in server.models.list().data]
+    reply = server.chat.completions.create(model=model, messages=[{"role": "user", "content": "What comes in the box with the K2?"}],
+                                           max_tokens=24)
+    assert reply.model == model and reply.choices[0].message.content.strip()
+
+
+def test_running_train_again_reattaches(trained, server):
+    path, run_dir, first = trained
+    assert first.returncode == 0
+    again = _train(path, run_dir)  # no --yes and no terminal: only a new job would need confirming
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "re-attached to job" in again.stdout and "already succeeded" in again.stdout
+    assert len(_jobs_of(server, "support")) == 1
+
+
+def test_a_file_that_fails_validation_fails_the_job(server, tmp_path):
+    good = CONVERSATIONS.read_text().splitlines()[:12]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(good[:3] + ['{"messages": [{"role": "user", "content": "hi"}]}'] + good[3:]) + "\n")
+    uploaded = server.files.create(file=broken.open("rb"), purpose="fine-tune")
+    assert server.files.retrieve(uploaded.id).filename == "broken.jsonl"
+    job = server.fine_tuning.jobs.create(model="base", training_file=uploaded.id)
+    job = _wait(server, job.id, ("failed",), 60)
+    assert job.error.param == "training_file" and job.error.code == "invalid_file_format"
+    assert "broken.jsonl line 4" in job.error.message and "example_missing_assistant_message" in job.error.message
+    with pytest.raises(openai.BadRequestError) as info:
+        server.fine_tuning.jobs.create(model="gpt-nope", training_file=uploaded.id)
+    assert info.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_the_backend_shows_a_failed_jobs_error(workdir, server):
+    path = _experiment(workdir, server, "too-few", sample=6)  # 5 training examples: the server wants 10, as OpenAI does
+    result = _train(path, workdir / "too-few", "--yes")
+    assert result.returncode == 1
+    assert "failed: [invalid_n_examples]" in result.stderr and "(param: training_file)" in result.stderr
+    assert json.loads((workdir / "too-few" / "openai_job.json").read_text())["error"]["code"] == "invalid_n_examples"
+
+
+def test_no_terminal_and_no_yes_is_refused(workdir, server):
+    path = _experiment(workdir, server, "unconfirmed", seed=3)
+    result = _train(path, workdir / "unconfirmed")
+    assert result.returncode == 2 and "--yes" in result.stderr
+    assert not _jobs_of(server, "unconfirmed") and not (workdir / "unconfirmed" / "openai_job.json").exists()
+
+
+def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(trained, workdir, server):
+    # two jobs ahead in the queue keep the backend's job waiting while we interrupt and cancel it
+    training_file = json.loads((trained[1] / "openai_job.json").read_text())["training_file"]
+    ahead = [server.fine_tuning.jobs.create(model="base", training_file=training_file) for _ in range(2)]
+    path = _experiment(workdir, server, "interrupted", seed=7)
+    run_dir = workdir / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (run_dir / "openai_job.json").exists() or not json.loads((run_dir / "openai_job.json").read_text()).get("job_id"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "keeps running" in err and "--cancel" in err
+    job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
+    assert server.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
+
+    cancelled = _train(path, run_dir, "--cancel")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"cancelled job {job_id}" in cancelled.stdout
+    assert server.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+    assert json.loads((run_dir / "openai_job.json").read_text())["status"] == "cancelled"
+    for job in ahead:
+        assert server.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    events = [e.message for e in server.fine_tuning.jobs.list_events(ahead[1].id)]
+    assert "The job was cancelled" in events
+
+
+def test_the_api_key_is_written_nowhere(trained, workdir):
+    assert trained[2].returncode == 0
+    for path in workdir.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    assert KEY not in trained[2].stdout + trained[2].stderr

@@ -1,0 +1,182 @@
+"""The pieces of the openai backend and of serve's fine-tuning API that need no server."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import pytest
+
+from tuneforge.config import Experiment, LocalTrain, load_experiment
+from tuneforge.errors import TuneforgeError
+from tuneforge.infer.finetune_api import JobFailed, _page, local_train_section, parse_multipart, read_examples, short_model_name
+from tuneforge.infer.server import ApiError
+from tuneforge.train import openai_backend as backend
+
+DATA = {"train.jsonl": "a" * 64, "valid.jsonl": "b" * 64}
+ESTIMATE = {"model": "gpt-4o-mini-2024-07-18", "n_epochs": 3, "n_epochs_source": "auto (OpenAI's rule)", "billed_tokens": 123_000,
+            "price_per_1m_tokens": 3.0, "estimated_cost_usd": 0.369, "note": "tokens counted locally"}
+
+
+def _experiment(**train) -> Experiment:
+    return Experiment.model_validate({"name": "hosted", "train": {"backend": "openai", **train}})
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# --------------------------------------------------------------------------- re-attach keying
+
+
+def test_the_same_config_and_data_give_the_same_key():
+    assert backend.job_key(_experiment(), DATA) == backend.job_key(_experiment(), dict(DATA))
+
+
+@pytest.mark.parametrize("change", [{"epochs": 2}, {"model": "gpt-4.1-mini"}, {"suffix": "v2"}, {"base_url": "http://127.0.0.1:9/v1"}])
+def test_a_changed_train_section_gives_a_new_key(change):
+    assert backend.job_key(_experiment(**change), DATA) != backend.job_key(_experiment(), DATA)
+
+
+def test_changed_data_or_seed_gives_a_new_key_but_watching_settings_do_not():
+    key = backend.job_key(_experiment(), DATA)
+    assert backend.job_key(_experiment(), {**DATA, "train.jsonl": "c" * 64}) != key
+    seeded = Experiment.model_validate({"name": "hosted", "seed": 7, "train": {"backend": "openai"}})
+    assert backend.job_key(seeded, DATA) != key
+    assert backend.job_key(_experiment(poll_seconds=1, price_per_1m_tokens=25), DATA) == key
+
+
+# --------------------------------------------------------------------------- the job request
+
+
+def test_job_request_maps_the_train_section():
+    experiment = _experiment(epochs=3, batch_size="auto", lr_multiplier=0.5, suffix="support", wandb_project="ft",
+                             metadata={"team": "support"})
+    request = backend.job_request(experiment, "k" * 24, "file-train", "file-valid")
+    assert request["method"] == {"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 0.5}}}
+    assert request["model"] == "gpt-4o-mini-2024-07-18" and request["seed"] == 42 and request["suffix"] == "support"
+    assert request["integrations"] == [{"type": "wandb", "wandb": {"project": "ft"}}]
+    assert request["metadata"] == {"team": "support", "tuneforge_experiment": "hosted", "tuneforge_key": "k" * 24}
+    assert request["training_file"] == "file-train" and request["validation_file"] == "file-valid"
+
+
+def test_job_request_leaves_out_what_is_unset():
+    request = backend.job_request(_experiment(), "key", "file-train", None)
+    assert not {"validation_file", "suffix", "integrations"} & set(request)
+    assert request["method"]["supervised"]["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+
+
+# --------------------------------------------------------------------------- confirmation
+
+
+def test_no_terminal_and_no_yes_is_refused_with_exit_code_2(capsys):
+    with pytest.raises(backend.NeedsConfirmation, match="--yes") as info:
+        backend.confirm(ESTIMATE, yes=False, stdin=io.StringIO("y\n"))
+    assert info.value.exit_code == 2
+    assert "123,000 billed tokens, about $0.37" in capsys.readouterr().out
+
+
+def test_yes_accepts_and_a_terminal_is_asked(capsys):
+    backend.confirm(ESTIMATE, yes=True, stdin=io.StringIO())
+    backend.confirm(ESTIMATE, yes=False, stdin=Terminal("y\n"))
+    with pytest.raises(TuneforgeError, match="not confirmed"):
+        backend.confirm(ESTIMATE, yes=False, stdin=Terminal("\n"))  # N is the default
+    assert "[y/N]" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the API key
+
+
+def test_a_missing_key_is_refused_for_openai_but_not_for_a_local_server(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(TuneforgeError, match="OPENAI_API_KEY is not set"):
+        backend.make_client(_experiment())
+    client = backend.make_client(_experiment(base_url="http://127.0.0.1:8000/v1"))
+    assert str(client.base_url).startswith("http://127.0.0.1:8000/v1")
+
+
+def test_the_key_is_never_serialised(monkeypatch, tmp_path):
+    key = "sk-test-never-written-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    experiment = _experiment(base_url="http://127.0.0.1:8000/v1")
+    client = backend.make_client(experiment)
+    assert client.api_key == key  # it is used ...
+
+    class Run:
+        def sub(self, *parts):
+            return tmp_path.joinpath(*parts)
+
+    state = {"key": backend.job_key(experiment, DATA), "base_url": str(client.base_url), "job_id": "ftjob-1"}
+    backend.write_state(Run(), state)
+    written = (tmp_path / backend.STATE).read_text() + experiment.to_yaml()
+    written += json.dumps(backend.job_request(experiment, state["key"], "file-1", None))
+    assert key not in written  # ... and written nowhere
+
+
+def test_cancel_without_a_recorded_job_says_so(tmp_path):
+    class Run:
+        def sub(self, *parts):
+            return tmp_path.joinpath(*parts)
+
+    with pytest.raises(TuneforgeError, match="nothing to cancel"):
+        backend.cancel_job(client=None, run=Run())
+
+
+def test_an_openai_experiment_file_validates(tmp_path):
+    path = tmp_path / "hosted.yaml"
+    path.write_text("name: hosted\ntrain: {backend: openai, epochs: 2, poll_seconds: 2.5}\n")
+    assert load_experiment(path).train.poll_seconds == 2.5
+    path.write_text("name: hosted\ntrain: {backend: openai, poll_seconds: 0}\n")
+    with pytest.raises(TuneforgeError, match="poll_seconds"):
+        load_experiment(path)
+
+
+# --------------------------------------------------------------------------- the server side
+
+
+def test_hyperparameters_map_onto_the_local_trainer():
+    train = LocalTrain(epochs=3, micro_batch_size=4, lr=2e-4, max_steps=5)
+    auto = local_train_section(train, {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, True)
+    assert (auto["epochs"], auto["micro_batch_size"], auto["lr"], auto["max_steps"]) == (3, 4, 2e-4, 5)
+    assert auto["extra_args"] == {}
+    given = local_train_section(train, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5}, False)
+    assert (given["epochs"], given["micro_batch_size"], given["lr"]) == (1, 2, 1e-4)
+    assert given["extra_args"] == {"eval_strategy": "no"}  # nothing to evaluate on without a validation file
+    assert LocalTrain.model_validate(given).backend == "local"
+
+
+def test_an_invalid_line_fails_with_its_number():
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    assert len(read_examples(f"{good}\n\n{good}\n".encode(), "t.jsonl", "training_file")) == 2
+    with pytest.raises(JobFailed) as info:
+        read_examples(f"{good}\n{{not json\n".encode(), "t.jsonl", "training_file")
+    assert info.value.code == "invalid_file_format" and info.value.param == "training_file"
+    assert "t.jsonl line 2" in info.value.message
+    with pytest.raises(JobFailed, match="line 1: \\[unrecognized_role\\]"):
+        read_examples(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "t.jsonl", "training_file")
+
+
+def test_multipart_uploads_round_trip():
+    data = b'{"messages": []}\r\n{"b": 2}\n'
+    request = httpx.Request("POST", "http://x/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", data)})
+    fields = parse_multipart(request.headers["content-type"], request.read())
+    assert fields["file"] == ("t.jsonl", data) and fields["purpose"] == (None, b"fine-tune")
+    with pytest.raises(ApiError):
+        parse_multipart("application/json", b"{}")
+
+
+def test_pages_follow_the_after_cursor():
+    items = [{"id": f"x{i}"} for i in range(5)]
+    first = _page(items, {"limit": "2"}, 20)
+    assert [i["id"] for i in first["data"]] == ["x0", "x1"] and first["has_more"]
+    last = _page(items, {"limit": "2", "after": "x3"}, 20)
+    assert [i["id"] for i in last["data"]] == ["x4"] and not last["has_more"]
+
+
+def test_short_model_names():
+    assert short_model_name("builtin:smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert short_model_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen2.5-0.5B-Instruct"
