@@ -66,9 +66,9 @@ def _chat(i):
     return {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
 
 
-def test_run_prepares_into_run_dir_with_config_and_manifest(tmp_path):
+def test_run_prepares_trains_and_evaluates_into_run_dir_with_config_and_manifest(tmp_path):
     exp = _tiny_experiment(tmp_path, [_chat(i) for i in range(8)])
-    out = tuneforge("run", str(exp), "--run-dir", str(tmp_path / "elsewhere"), "seed=9", cwd=tmp_path)
+    out = tuneforge("run", str(exp), "--run-dir", str(tmp_path / "elsewhere"), "seed=9", "train.max_steps=2", "eval.max_new_tokens=8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "elsewhere"
     assert "seed: 9" in (run / "config.yaml").read_text()
@@ -80,6 +80,10 @@ def test_run_prepares_into_run_dir_with_config_and_manifest(tmp_path):
     assert len((run / "data" / "train.jsonl").read_text().splitlines()) == 6
     assert str(run) in out.stdout
     assert not (tmp_path / "runs").exists()
+    assert (run / "adapter" / "adapter_config.json").exists()
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())  # eval ran last, on the 2 valid examples
+    assert set(metrics) == {"base", "finetuned"} and metrics["finetuned"]["examples"] == 2
+    assert f"eval report: {run / 'eval' / 'report.html'}" in out.stdout
 
 
 def test_prepare_names_broken_lines_and_writes_no_data(tmp_path):

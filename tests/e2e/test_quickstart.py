@@ -21,7 +21,7 @@ def test_readme_quickstart_command_ends_with_that_run():
     assert block.strip().endswith("tuneforge run configs/quickstart.yaml")
 
 
-def test_quickstart_trains_below_the_base_models_eval_loss(tmp_path, smollm_location):
+def test_quickstart_trains_below_the_base_models_eval_loss_and_evaluates_better_than_base(tmp_path, smollm_location):
     out = subprocess.run([sys.executable, "-m", "tuneforge", "run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "qs")],
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -29,3 +29,9 @@ def test_quickstart_trains_below_the_base_models_eval_loss(tmp_path, smollm_loca
     assert summary["final_eval_loss"] < 0.9 * summary["base_eval_loss"]  # clearly better, not noise
     assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
     assert f"run written to {tmp_path / 'qs'}" in out.stdout
+    # the run ends with eval on the 40 held-out questions: the adapter's answers are closer to the references
+    metrics = json.loads((tmp_path / "qs" / "eval" / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "finetuned", "finetuned+rag"}
+    assert metrics["finetuned"]["similarity"] > metrics["base"]["similarity"]
+    assert metrics["finetuned"]["perplexity"] < metrics["base"]["perplexity"]
+    assert "finetuned" in (tmp_path / "qs" / "eval" / "report.md").read_text()

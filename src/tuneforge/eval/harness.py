@@ -91,7 +91,6 @@ class Evaluation:
         self.max_length = experiment.eval.max_length or experiment.data.max_length
         self.cache_dir = run.sub("eval", "cache")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.prepared_loaded = False
 
     def outcome(self, name: str) -> Outcome:
         started = time.perf_counter()
