@@ -244,7 +244,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "run")
     print(f"run directory: {run.path}")
-    for verb in ("prepare", "train", "eval"):
+    # the openai backend prepares and checks the data itself before uploading
+    verbs = ("train", "eval") if experiment.train.backend == "openai" else ("prepare", "train", "eval")
+    for verb in verbs:
         code = VERBS[verb][0](args)
         if code:
             return code

@@ -29,10 +29,12 @@ def _free_port() -> int:
 def server(tmp_path_factory, smollm_location):
     workdir = tmp_path_factory.mktemp("serve")
     port = _free_port()
+    log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
          "--run-dir", str(workdir / "run")],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
+        # a log file, not a pipe: an unread pipe fills with the access log and freezes the server
+        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
     )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
     deadline = time.time() + 300
@@ -41,12 +43,13 @@ def server(tmp_path_factory, smollm_location):
             client.models.list()
             break
         except openai.APIConnectionError:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, (workdir / "server.log").read_text()
             assert time.time() < deadline, "server did not come up"
             time.sleep(0.5)
     yield client
     proc.terminate()
     proc.wait(timeout=30)
+    log.close()
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -97,6 +97,12 @@ class Engine:
         # the tokenizer, and so the chat template, that the system was trained with
         tokenizer = load_tokenizer(section, adapter or merged or location)
         model = load_model(section, plan, location)
+        if plan.device == "cpu" and plan.quantization == "4bit":
+            from tuneforge.models import keep_4bit_layers_differentiable
+
+            # bitsandbytes' CPU inference repack (bf16 scales) gives answers that change with the batch a prompt
+            # lands in (13/16 identical greedy answers one-by-one vs batched); the training path gives 16/16
+            keep_4bit_layers_differentiable(model)
         if adapter:
             from peft import PeftModel
 
