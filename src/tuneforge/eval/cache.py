@@ -39,10 +39,20 @@ def system_identity(name: str, experiment, run) -> dict:
         identity.update(model=experiment.model.model_dump(mode="json"), adapter=_folder_hash(adapter, "adapter_model.safetensors"),
                         merged=_folder_hash(merged, "config.json"))
     if spec.rag:
-        index = run.sub("rag", "index.json")
         identity["rag"] = experiment.rag.model_dump(mode="json")
-        identity["index"] = file_sha256(index) if index.exists() else None
+        identity["corpus"] = _corpus_hash(experiment, run)
     return identity
+
+
+def _corpus_hash(experiment, run) -> str | None:
+    """The documents retrieved from, not the index file: the index is built on first use, after this is read."""
+    from tuneforge.rag.retriever import PREPARED
+    from tuneforge.rag.store import corpus_sha256, read_corpus
+
+    if experiment.rag.corpus == PREPARED:
+        train = run.sub("data", "train.jsonl")
+        return file_sha256(train) if train.exists() else None
+    return corpus_sha256(read_corpus(experiment.rag.corpus, experiment.base_dir, experiment.rag.text_column))
 
 
 def _folder_hash(folder: str | None, main: str) -> str | None:
