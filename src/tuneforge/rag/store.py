@@ -69,7 +69,8 @@ def chunk_documents(docs: Iterable[tuple[str, str]], tokenizer, size: int, overl
     chunks, seen = [], set()
     step = size - overlap
     for source, text in docs:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # whole documents are longer than the embedder reads; they are windowed below, so no length warning
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = encoded["offset_mapping"]
         start = 0
         while start < max(len(offsets), 1):
