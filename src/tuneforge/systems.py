@@ -254,6 +254,22 @@ class Systems:
                 self.systems[name] = system
             return self.systems[name]
 
+    def scorer(self, name: str) -> Engine:
+        """A transformers Engine for teacher-forced scoring (label log-likelihoods, perplexity) of a local system.
+
+        It is the generating engine itself unless that is vLLM, which only generates.
+        """
+        spec = parse(self.aliases.get(name, name))
+        if spec.hosted:
+            raise TuneforgeError(f"system {name!r} is hosted; only local systems can be scored token by token")
+        with self.lock:
+            if self.experiment.model.engine == "transformers":
+                return self._engine(spec.model)
+            key = f"scoring:{spec.model}"
+            if key not in self.engines:
+                self.engines[key] = Engine.load(self.experiment, spec.model, self.run)
+            return self.engines[key]
+
     def _engine(self, model: str) -> Engine:
         if model not in self.engines:
             if self.experiment.model.engine == "vllm":

@@ -36,6 +36,9 @@ class TinySystems:
     def get(self, name):
         return LocalSystem(parse(name), self.engines[name])
 
+    def scorer(self, name):
+        return self.engines[name]
+
 
 def _experiment(tmp_path, body: str, overrides=()):
     path = tmp_path / "exp.yaml"

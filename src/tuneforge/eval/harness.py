@@ -107,13 +107,8 @@ class Evaluation:
     # ------------------------------------------------------------------ model systems
 
     def _local(self, name: str):
-        """The loaded system, its 4-bit layers kept on the training path so scores match training's eval loss."""
-        from tuneforge.models import keep_4bit_layers_differentiable
-
-        system = self.systems.get(name)
-        if hasattr(system, "engine"):
-            keep_4bit_layers_differentiable(system.engine.model)
-        return system
+        """The loaded system (a CPU 4-bit engine already stays on the training path, so scores match training's eval loss)."""
+        return self.systems.get(name)
 
     def _classify(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
@@ -191,7 +186,8 @@ class Evaluation:
         with tqdm(total=len(conversations), desc=f"scoring ({name})", unit=" answers", disable=not self.progress) as bar:
             for start in range(0, len(conversations), SCORE_CHUNK):
                 chunk = conversations[start : start + SCORE_CHUNK]
-                s, c = answer_logprobs(system.engine.model, system.engine.encoder, chunk, self.max_length)
+                scorer = self.systems.scorer(name)  # transformers even when answers come from vLLM
+                s, c = answer_logprobs(scorer.model, scorer.encoder, chunk, self.max_length)
                 sums.append(s)
                 counts.append(c)
                 bar.update(len(chunk))
