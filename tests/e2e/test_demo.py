@@ -6,15 +6,12 @@ command installs it with apt). Screenshots go to test-artifacts/ at the repo roo
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.live import free_port, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -27,43 +24,34 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-d
 ANSWER_TIMEOUT_MS = 90_000  # two CPU cores shared with other work; a 16-token answer takes seconds when idle
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _page_served(url: str):
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return ready
 
 
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory, smollm_location):
     workdir = tmp_path_factory.mktemp("demo")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
-         "--run-dir", str(workdir / "run")],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
-    )
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                assert response.status == 200
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "demo did not come up"
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running(["demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")],
+                 workdir, _page_served(url), timeout=120):
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(demo_url):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright
+
+    # the README's test command installs it; a missing browser is a failure, never a silent skip
+    assert CHROMIUM.exists(), "needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.requested = []

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.live import answers_models, free_port, running
+
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = f"sk-test-{secrets.token_hex(16)}"
 CONVERSATIONS = REPO / "examples" / "data" / "support" / "conversations.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -46,27 +41,12 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workdir, smollm_location):
-    port = _free_port()
-    log = open(workdir / "server.log", "w")  # a file, not a pipe: a full pipe would stall the server's training
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
-         "--run-dir", str(workdir / "server"), "train.max_steps=3", "model.quantization=none", "data.max_length=128"],
-        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(),
-    )
+    port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
-    deadline = time.time() + 300
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            assert proc.poll() is None, (workdir / "server.log").read_text()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
-    yield client
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "server"),
+            "train.max_steps=3", "model.quantization=none", "data.max_length=128"]
+    with running(args, workdir, answers_models(client), env=_env()):
+        yield client
 
 
 def _experiment(workdir: Path, client, name: str, sample: int = 16, seed: int = 42) -> Path:

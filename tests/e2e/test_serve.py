@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
+
+from tests.live import answers_models, free_port, running
 
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -19,37 +16,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm_location):
     workdir = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
-         "--run-dir", str(workdir / "run")],
-        # a log file, not a pipe: an unread pipe fills with the access log and freezes the server
-        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ.copy(),
-    )
+    port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
-    deadline = time.time() + 300
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            assert proc.poll() is None, (workdir / "server.log").read_text()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
-    yield client
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with running(["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")], workdir, answers_models(client)):
+        yield client
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
