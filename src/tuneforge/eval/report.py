@@ -147,16 +147,18 @@ def _bars(table: dict, classification: bool) -> bytes:
 
 def _confusions(table: dict, labels: list[str]) -> bytes:
     plt = _plt()
-    figure, axes = plt.subplots(1, len(table), figsize=(3.4 * len(table), 3.2), squeeze=False)
-    for ax, (name, metrics) in zip(axes[0], table.items()):
+    figure, axes = plt.subplots(1, len(table), figsize=(3.0 * len(table) + 1.0, 3.4), squeeze=False, sharey=True, layout="constrained")
+    for column, (ax, (name, metrics)) in enumerate(zip(axes[0], table.items())):
         matrix = np.array(metrics["confusion"])
-        ax.imshow(matrix, cmap="Blues")
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        dark = matrix.max() * 0.6
         for (r, c), count in np.ndenumerate(matrix):
-            ax.text(c, r, str(count), ha="center", va="center", color="black")
+            ax.text(c, r, str(count), ha="center", va="center", color="white" if count > dark else "black")
         ax.set_xticks(range(len(labels)), labels, rotation=30)
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        if column == 0:  # the rows are the same true labels in every panel
+            ax.set_ylabel("true")
         ax.set_title(name)
     return _figure_png(figure)
 
