@@ -12,6 +12,7 @@ same thing everywhere, and a `+rag` system builds its prompt exactly as
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import threading
@@ -66,35 +67,38 @@ def openai_base_url(experiment) -> str | None:
     return os.environ.get("OPENAI_BASE_URL") or None
 
 
-class System:
+def retrieve_into(conversations: list[list[dict]], retriever, special_tokens=()) -> tuple[list[list[dict]], list[list]]:
+    """The conversations with retrieved passages in each last user turn, and the hits used for each.
+
+    The one place prompts get their passages: +rag systems when answering, and
+    `prepare` for `data.rag` training examples, so both see the same format.
+    """
+    if retriever is None:
+        return conversations, [[] for _ in conversations]
+    from tuneforge.rag.retriever import augment
+
+    questions = [_last_user(m) for m in conversations]
+    asked = [q for q in questions if q is not None]
+    found = iter(retriever.search(asked) if asked else [])
+    results, hits_each = [], []
+    for messages, question in zip(conversations, questions):
+        hits = [] if question is None else next(found)
+        results.append(messages if question is None else _replace_last_user(messages, augment(question, hits, special_tokens)))
+        hits_each.append(hits)
+    return results, hits_each
+
+
+class System(abc.ABC):
     """Answers chats; `+rag` variants retrieve first and return their sources with the answer."""
 
     def __init__(self, spec: Spec, retriever=None, special_tokens: tuple[str, ...] = ()):
         self.spec, self.name = spec, spec.name
         self.retriever = retriever
         self.special_tokens = special_tokens
-        self.retrieval_lock = threading.Lock()
 
     def retrieve(self, conversations: list[list[dict]]) -> tuple[list[list[dict]], list[list]]:
-        """The conversations with the last user turn augmented, and the hits used for each."""
-        if self.retriever is None:
-            return conversations, [[] for _ in conversations]
-        from tuneforge.rag.retriever import augment
-
-        questions = [_last_user(m) for m in conversations]
-        with self.retrieval_lock:
-            found = self.retriever.search([q for q in questions if q is not None]) if any(q is not None for q in questions) else []
-        results, hits_each, position = [], [], 0
-        for messages, question in zip(conversations, questions):
-            if question is None:
-                results.append(messages)
-                hits_each.append([])
-                continue
-            hits = found[position]
-            position += 1
-            results.append(_replace_last_user(messages, augment(question, hits, self.special_tokens)))
-            hits_each.append(hits)
-        return results, hits_each
+        """The conversations as this system sends them (augmented for +rag), and the hits used for each."""
+        return retrieve_into(conversations, self.retriever, self.special_tokens)
 
     def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
         prompts, hits = self.retrieve(conversations)
@@ -111,11 +115,13 @@ class System:
         finally:
             pieces.close()
 
+    @abc.abstractmethod
     def _generate(self, conversations, settings, batch_size, progress) -> list[Answer]:
-        raise NotImplementedError
+        """Answers for already-augmented conversations, in order."""
 
+    @abc.abstractmethod
     def _stream(self, messages, settings) -> Iterator[str | Answer]:
-        raise NotImplementedError
+        """Text pieces for an already-augmented conversation, then the final Answer."""
 
 
 class LocalSystem(System):

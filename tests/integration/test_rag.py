@@ -85,7 +85,9 @@ def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built,
     """data.rag: prepare puts the passages into the last user turn exactly as a +rag system does when answering."""
     from tuneforge.data.prepare import load_prepared, prepare
     from tuneforge.models import load_tokenizer
-    from tuneforge.systems import Spec, System
+    from types import SimpleNamespace
+
+    from tuneforge.systems import LocalSystem, Spec
 
     _, run, _ = built
     experiment = load_experiment(QUICKSTART, ["data.rag=true", "data.max_length=1280"])  # room for 4 passages
@@ -102,7 +104,8 @@ def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built,
     originals = [json.loads(line) for line in (REPO / "examples/data/support/conversations.jsonl").read_text().splitlines()]
     question = example.messages[users[-1]]["content"].rsplit("Question: ", 1)[1].split("\nAnswer from the passages")[0]
     source = next(o["messages"] for o in originals if any(m["role"] == "user" and m["content"] == question for m in o["messages"]))
-    system = System(Spec("base+rag", "base", True), rag.Retriever(experiment, run), tuple(tokenizer.all_special_tokens))
+    # a +rag system's own retrieval step; only the engine's tokenizer takes part in it
+    system = LocalSystem(Spec("base+rag", "base", True), SimpleNamespace(tokenizer=tokenizer), rag.Retriever(experiment, run))
     upto = max(i for i, m in enumerate(source) if m["role"] == "user" and m["content"] == question)
     (inference,), _ = system.retrieve([source[: upto + 1]])
     assert inference[-1]["content"] == example.messages[users[-1]]["content"]

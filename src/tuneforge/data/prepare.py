@@ -221,17 +221,17 @@ class Preparer:
         Only the last user turn carries passages, because at inference the chat
         history keeps the plain questions and only the turn being answered is augmented.
         """
-        from tuneforge.systems import Spec, System
+        from tuneforge.rag.retriever import ensure_index
+        from tuneforge.systems import retrieve_into
 
-        # the same augmentation code as a +rag system at inference, with no model behind it
-        retriever = _retriever(self.experiment, run)
-        system = System(Spec("prepare+rag", "base", True), retriever, tuple(self.encoder.tokenizer.all_special_tokens))
+        retriever = ensure_index(self.experiment, run)
+        special_tokens = tuple(self.encoder.tokenizer.all_special_tokens)
         augmented, without_question = 0, 0
         sources: dict[str, int] = {}
         for part in parts:
             for start in tqdm(range(0, len(part.examples), ENCODE_BATCH), desc="retrieving", unit=" batches", disable=not self.progress):
                 batch = part.examples[start : start + ENCODE_BATCH]
-                prompts, hits = system.retrieve([_without_last_answer(e.messages) for e in batch])
+                prompts, hits = retrieve_into([_without_last_answer(e.messages) for e in batch], retriever, special_tokens)
                 for example, prompt, found in zip(batch, prompts, hits):
                     if not found:
                         without_question += 1
@@ -281,12 +281,6 @@ class Preparer:
         out.stage(label, len(out.examples))
         if too_long:
             out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
-
-
-def _retriever(experiment, run):
-    from tuneforge.rag.retriever import ensure_index
-
-    return ensure_index(experiment, run)
 
 
 def _without_last_answer(messages: list[dict]) -> list[dict]:

@@ -8,6 +8,7 @@ close the delimiters or act as a special token of the chat model is neutralised.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,10 @@ def corpus_documents(experiment, run) -> list[tuple[str, str]]:
     return docs
 
 
-def build(experiment, run, progress: bool = True) -> dict[str, Any]:
+def build(experiment, run, progress: bool = True, docs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Chunk, embed and index rag.corpus (or `docs` already read from it) into runs/<name>/rag/."""
     rag = _section(experiment)
-    docs = corpus_documents(experiment, run)
+    docs = corpus_documents(experiment, run) if docs is None else docs
     embedder = store.Embedder(rag.embedder)
     limit = embedder.model.max_seq_length - 2  # room for the embedder's [CLS] and [SEP]
     if rag.chunk_tokens > limit:
@@ -71,18 +73,15 @@ def build(experiment, run, progress: bool = True) -> dict[str, Any]:
 
 def ensure_index(experiment, run, progress: bool = True) -> Retriever:
     """The run's retriever, built first when there is no index or the corpus changed since it was built."""
-    folder = run.sub("rag")
-    sidecar = folder / "index.json"
-    rebuild = not sidecar.exists()
-    if not rebuild:
-        import json
+    import json
 
-        built = json.loads(sidecar.read_text(encoding="utf-8"))
-        rebuild = built.get("corpus_sha256") != store.corpus_sha256(corpus_documents(experiment, run)) or any(
-            built.get(key) != getattr(experiment.rag, key) for key in ("embedder", "chunk_tokens", "chunk_overlap"))
-    if rebuild:
-        print(f"building the retriever index over {experiment.rag.corpus} into {folder}", flush=True)
-        build(experiment, run, progress)
+    sidecar = run.sub("rag", "index.json")
+    docs = corpus_documents(experiment, run)
+    built = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else None
+    if built is None or built.get("corpus_sha256") != store.corpus_sha256(docs) or any(
+            built.get(key) != getattr(experiment.rag, key) for key in ("embedder", "chunk_tokens", "chunk_overlap")):
+        print(f"building the retriever index over {experiment.rag.corpus} into {run.sub('rag')}", flush=True)
+        build(experiment, run, progress, docs)
     return Retriever(experiment, run)
 
 
@@ -97,10 +96,15 @@ class Retriever:
         self.rag = _section(experiment)
         self.index, self.chunks, self.sidecar = store.load(run.sub("rag"), self.rag.embedder)
         self.embedder = embedder or store.Embedder(self.rag.embedder)
+        self.lock = threading.Lock()
         if self.embedder.dim != self.sidecar["dim"]:
             raise TuneforgeError(f"embedder dimension {self.embedder.dim} differs from the index's {self.sidecar['dim']}; rebuild it")
 
     def search(self, questions: list[str], k: int | None = None) -> list[list[Hit]]:
+        with self.lock:  # one retriever serves every +rag system of a server or demo
+            return self._search(questions, k)
+
+    def _search(self, questions: list[str], k: int | None) -> list[list[Hit]]:
         k = k or self.rag.k
         vectors = self.embedder.encode(questions)
         fetch = min(len(self.chunks), k * 4 if self.rag.mmr else k)
