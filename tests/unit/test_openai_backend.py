@@ -215,3 +215,20 @@ def test_files_and_jobs_survive_a_server_restart(tmp_path):
     with pytest.raises(ApiError) as info:
         again.handle("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, b"")
     assert info.value.status == 400  # a failed job cannot be cancelled
+
+
+def test_prepared_files_are_checked_line_by_line_before_upload(tmp_path):
+    from tuneforge.run import RunDir
+
+    run = RunDir(_experiment(), tmp_path / "run")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    run.sub("data").mkdir(parents=True)
+    run.sub("data", "train.jsonl").write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    run.sub("data", "valid.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(TuneforgeError) as info:
+        backend.check_prepared(run)
+    message = str(info.value)
+    assert message.startswith("2 problems") and "nothing was uploaded" in message
+    assert "train.jsonl line 2" in message and "train.jsonl line 3" in message and "valid.jsonl" not in message.split("\n", 1)[1]
+    run.sub("data", "train.jsonl").write_text(json.dumps(good) + "\n")
+    backend.check_prepared(run)  # clean files pass

@@ -84,22 +84,17 @@ def make_client(experiment):
 
 def check_prepared(run) -> None:
     """Every line of the prepared files in OpenAI's chat format, or an error naming each bad file and line."""
+    from tuneforge.data.sources import read_json_records
     from tuneforge.data.validate import check_record
 
     problems = []
     for name in ("train.jsonl", "valid.jsonl"):
-        path = run.sub("data", name)
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: invalid JSON ({exc.msg})")
-                continue
-            problems += [str(p) for p in check_record(record, where) if p.severity == "error"]
+        for raw in read_json_records(run.sub("data", name)):
+            found = [raw.problem] if raw.problem is not None else check_record(raw.data, raw.where)
+            problems += [str(p) for p in found if p.severity == "error"]
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
-        raise TuneforgeError(f"{len(problems)} problems in the prepared data; nothing was uploaded:\n{shown}")
+        raise TuneforgeError(f"{len(problems)} problems in the prepared data in {run.sub('data')}; nothing was uploaded:\n{shown}")
 
 
 def confirm(estimate: dict[str, Any], yes: bool, stdin=None) -> None:
