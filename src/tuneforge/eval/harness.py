@@ -106,17 +106,13 @@ class Evaluation:
 
     # ------------------------------------------------------------------ model systems
 
-    def _local(self, name: str):
-        """The loaded system (a CPU 4-bit engine already stays on the training path, so scores match training's eval loss)."""
-        return self.systems.get(name)
-
     def _classify(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
         keys = [key(identity, "label", item.prompt, self.labels, self.max_length,
                     self.settings.max_new_tokens if hosted else None) for item in self.items]
         missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
         if missing:
-            system = self._local(name)
+            system = self.systems.get(name)
             prompts = [self.items[i].prompt for i in missing]
             if hosted:
                 answers = system.generate(prompts, self.settings, progress=self.progress)
@@ -148,7 +144,7 @@ class Evaluation:
         need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
         need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
         if need_answer or need_reference:
-            system = self._local(name)
+            system = self.systems.get(name)
             if hosted:
                 answers = system.generate([self.items[i].prompt for i in need_answer], self.settings, progress=self.progress)
                 for i, answer in zip(need_answer, answers):

@@ -10,6 +10,8 @@ module refuses with the reason before anything loads.
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 from typing import Iterator
 
 from tuneforge.errors import TuneforgeError
@@ -56,9 +58,6 @@ class VLLMEngine:
         if section.quantization == "4bit":
             options["quantization"] = "bitsandbytes"  # the same NF4 base weights the adapter was trained against
         if adapter is not None:
-            import json
-            from pathlib import Path
-
             options["max_lora_rank"] = max(8, int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]))
         llm = LLM(**options)
         lora = LoRARequest(name, 1, str(adapter)) if adapter is not None else None
