@@ -90,7 +90,10 @@ class Embedder:
     """A sentence-transformers model; embeddings are L2-normalised so inner product is cosine."""
 
     def __init__(self, ref: str):
-        from sentence_transformers import SentenceTransformer
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise TuneforgeError(f"the embedder {ref} needs sentence-transformers: pip install 'tuneforge[rag]' (or [eval], or [all])") from None
 
         from tuneforge.models import materialize, resolve
 
