@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -41,11 +43,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workdir, smollm_location):
-    port = free_port()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
-    args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "server"),
-            "train.max_steps=3", "model.quantization=none", "data.max_length=128"]
-    with running(args, workdir, answers_models(client), env=_env()):
+    with _serve(workdir, "server", "train.max_steps=3") as client:
         yield client
 
 
@@ -167,35 +165,53 @@ def test_no_terminal_and_no_yes_is_refused(workdir, server):
     assert not _jobs_of(server, "unconfirmed") and not (workdir / "unconfirmed" / "openai_job.json").exists()
 
 
-def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(trained, workdir, server):
-    # two jobs ahead in the queue keep the backend's job waiting while we interrupt and cancel it
-    training_file = json.loads((trained[1] / "openai_job.json").read_text())["training_file"]
-    ahead = [server.fine_tuning.jobs.create(model="base", training_file=training_file) for _ in range(2)]
-    path = _experiment(workdir, server, "interrupted", seed=7)
-    run_dir = workdir / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.time() + 120
-    while not (run_dir / "openai_job.json").exists() or not json.loads((run_dir / "openai_job.json").read_text()).get("job_id"):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "keeps running" in err and "--cancel" in err
-    job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
-    assert server.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
+@contextmanager
+def _serve(workdir: Path, name: str, *overrides: str) -> Iterator[openai.OpenAI]:
+    port = free_port()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
+    args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / name),
+            "model.quantization=none", "data.max_length=128", *overrides]
+    with running(args, workdir, answers_models(client), env=_env()):
+        yield client
 
-    cancelled = _train(path, run_dir, "--cancel")
-    assert cancelled.returncode == 0, cancelled.stderr
-    assert f"cancelled job {job_id}" in cancelled.stdout
-    assert server.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
-    assert json.loads((run_dir / "openai_job.json").read_text())["status"] == "cancelled"
-    for job in ahead:
-        assert server.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    events = [e.message for e in server.fine_tuning.jobs.list_events(ahead[1].id)]
-    assert "The job was cancelled" in events
+
+def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_location):
+    # A server without the step cap, and two 50-epoch jobs ahead of ours: the first trains for many minutes and the
+    # second waits behind it, so the backend's job stays queued however slow the machine is (with the 3-step cap the
+    # jobs ahead could finish before the interrupt and the cancel).
+    with _serve(workdir, "held-server") as held:
+        upload = held.files.create(file=CONVERSATIONS.open("rb"), purpose="fine-tune")
+        ahead = [held.fine_tuning.jobs.create(model="base", training_file=upload.id, hyperparameters={"n_epochs": 50})
+                 for _ in range(2)]
+        path = _experiment(workdir, held, "interrupted", seed=7)
+        run_dir = workdir / "interrupted"
+        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        deadline = time.time() + 120
+        while not (run_dir / "openai_job.json").exists() or not json.loads((run_dir / "openai_job.json").read_text()).get("job_id"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "keeps running" in err and "--cancel" in err
+        job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
+        assert held.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
+        _wait(held, ahead[0].id, ("running",))
+
+        cancelled = _train(path, run_dir, "--cancel")
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert f"cancelled job {job_id}" in cancelled.stdout
+        assert held.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+        assert json.loads((run_dir / "openai_job.json").read_text())["status"] == "cancelled"
+        assert "The job was cancelled" in [e.message for e in held.fine_tuning.jobs.list_events(job_id)]
+        for job in reversed(ahead):  # the queued one, then the one training, which stops at its next step
+            assert held.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        deadline = time.time() + 120
+        while "Training stopped: the job was cancelled" not in [e.message for e in held.fine_tuning.jobs.list_events(ahead[0].id)]:
+            assert time.time() < deadline, "the cancelled job kept training"
+            time.sleep(0.5)
 
 
 def test_the_api_key_is_written_nowhere(trained, workdir):
