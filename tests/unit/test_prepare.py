@@ -231,6 +231,20 @@ def test_report_counts_tokens_and_estimates(tmp_path, tiny_tokenizer):
     assert len(manifest["data"]["sha256"]["train.jsonl"]) == 64
 
 
+def test_step_estimate_counts_the_rows_the_trainer_packs(tmp_path):
+    from tuneforge.data.records import Example
+    from tuneforge.data.report import local_estimate
+    from tuneforge.train.batching import build_rows
+
+    exp, _ = experiment(tmp_path, "  train: x.jsonl\n  max_length: 100", extra="train: {micro_batch_size: 2, grad_accum: 1, epochs: 3}\n")
+    lengths = [60] * 9 + [30, 25]  # two 60s never share a row: dividing total tokens by 100 would say 7 rows
+    examples = [Example(messages=[], id=str(i), where="", n_tokens=n) for i, n in enumerate(lengths)]
+    rows = build_rows([([0] * n, [0] * n) for n in lengths], 100, packing=True, seed=exp.seed)
+    estimate = local_estimate(examples, exp)
+    assert estimate["rows_per_epoch"] == len(rows) == 9
+    assert estimate["estimated_steps"] == 3 * 5
+
+
 def test_failed_prepare_keeps_previous_output(tmp_path, tiny_tokenizer):
     good = write_lines(tmp_path / "g.jsonl", [chat("a"), chat("b"), chat("c")])
     _, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {good}")

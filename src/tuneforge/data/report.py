@@ -58,9 +58,10 @@ def local_estimate(train: list[Example], experiment) -> dict[str, Any]:
     """Optimizer steps the local trainer will take (packed rows when packing is on)."""
     t = experiment.train
     per_step = t.micro_batch_size * t.grad_accum
-    if t.packing:
-        total_tokens = sum(e.n_tokens for e in train)
-        rows = max(1, math.ceil(total_tokens / experiment.data.max_length))
+    if t.packing:  # the trainer's own packing, so the estimate counts the rows it will really make
+        from tuneforge.train.batching import pack
+
+        rows = max(1, len(pack([e.n_tokens for e in train], experiment.data.max_length, experiment.seed)))
     else:
         rows = len(train)
     steps_per_epoch = max(1, math.ceil(rows / per_step))
