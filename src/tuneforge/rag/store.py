@@ -100,7 +100,9 @@ class Embedder:
         self.ref = ref
         self.model = SentenceTransformer(materialize(resolve(ref)), device="cpu")
         self.tokenizer = self.model.tokenizer
-        self.dim = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers 6 renamed the method; older releases only have the long name
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = dimension()
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)

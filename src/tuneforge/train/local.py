@@ -16,6 +16,13 @@ from typing import Any
 from tuneforge.errors import TuneforgeError
 
 
+def _checkpointing_args(config_class, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing under the name this transformers uses (5.x calls it activation checkpointing)."""
+    fields = config_class.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -54,8 +61,7 @@ def sft_config(experiment, run, plan, steps_total: int):
         bf16=plan.device == "cuda" and plan.dtype == "bfloat16",
         fp16=plan.device == "cuda" and plan.dtype == "float16",  # fp16 gets a loss scaler from the Trainer
         use_cpu=plan.device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
         report_to="none",  # tensorboard and W&B are added as callbacks with our paths
         remove_unused_columns=False,  # the collator needs seq_lens
         dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenized, masked and packed by tuneforge
