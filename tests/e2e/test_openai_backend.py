@@ -199,6 +199,13 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
         assert held.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
         _wait(held, ahead[0].id, ("running",))
+        deadline = time.time() + 120
+        while not (finish := held.fine_tuning.jobs.retrieve(ahead[0].id).estimated_finish):
+            assert time.time() < deadline, "a running job never got an estimated_finish"
+            time.sleep(0.5)
+        assert finish > time.time() + 60  # 50 epochs of 190 conversations on CPU: far more than a minute left
+        with pytest.raises(openai.BadRequestError, match="in use"):
+            held.files.delete(upload.id)
 
         cancelled = _train(path, run_dir, "--cancel")
         assert cancelled.returncode == 0, cancelled.stderr
@@ -208,10 +215,13 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         assert "The job was cancelled" in [e.message for e in held.fine_tuning.jobs.list_events(job_id)]
         for job in reversed(ahead):  # the queued one, then the one training, which stops at its next step
             assert held.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert held.fine_tuning.jobs.retrieve(ahead[0].id).estimated_finish is None
         deadline = time.time() + 120
         while "Training stopped: the job was cancelled" not in [e.message for e in held.fine_tuning.jobs.list_events(ahead[0].id)]:
             assert time.time() < deadline, "the cancelled job kept training"
             time.sleep(0.5)
+        assert held.files.content(upload.id).read() == CONVERSATIONS.read_bytes()
+        assert held.files.delete(upload.id).deleted  # no unfinished job needs it any more
 
 
 def test_the_api_key_is_written_nowhere(trained, workdir):

@@ -10,7 +10,7 @@ import pytest
 
 from tuneforge.config import Experiment, LocalTrain, load_experiment
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.finetune_api import JobFailed, _page, local_train_section, parse_multipart, read_examples, short_model_name
+from tuneforge.infer.finetune_wire import JobFailed, local_train_section, page, parse_multipart, read_examples, short_model_name
 from tuneforge.infer.server import ApiError
 from tuneforge.train import openai_backend as backend
 
@@ -171,9 +171,9 @@ def test_multipart_uploads_round_trip():
 
 def test_pages_follow_the_after_cursor():
     items = [{"id": f"x{i}"} for i in range(5)]
-    first = _page(items, {"limit": "2"}, 20)
+    first = page(items, {"limit": "2"}, 20)
     assert [i["id"] for i in first["data"]] == ["x0", "x1"] and first["has_more"]
-    last = _page(items, {"limit": "2", "after": "x3"}, 20)
+    last = page(items, {"limit": "2", "after": "x3"}, 20)
     assert [i["id"] for i in last["data"]] == ["x4"] and not last["has_more"]
 
 
@@ -216,6 +216,13 @@ def test_files_and_jobs_survive_a_server_restart(tmp_path):
         again.handle("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, b"")
     assert info.value.status == 400  # a failed job cannot be cancelled
 
+    assert again.handle("GET", f"/v1/files/{uploaded['id']}/content", {}, b"")[1] == f"{line}\n".encode() * 3
+    assert again.handle("DELETE", f"/v1/files/{uploaded['id']}", {}, b"")[1] == {"id": uploaded["id"], "object": "file", "deleted": True}
+    with pytest.raises(ApiError) as info:
+        again.handle("GET", f"/v1/files/{uploaded['id']}/content", {}, b"")
+    assert info.value.status == 404
+    assert list((tmp_path / "server" / "api" / "files").iterdir()) == []
+
 
 def test_prepared_files_are_checked_line_by_line_before_upload(tmp_path):
     from tuneforge.run import RunDir
@@ -232,3 +239,59 @@ def test_prepared_files_are_checked_line_by_line_before_upload(tmp_path):
     assert "train.jsonl line 2" in message and "train.jsonl line 3" in message and "valid.jsonl" not in message.split("\n", 1)[1]
     run.sub("data", "train.jsonl").write_text(json.dumps(good) + "\n")
     backend.check_prepared(run)  # clean files pass
+
+
+# --------------------------------------------------------------------------- watching through network trouble
+
+def _flaky_api(failures: int):
+    """An OpenAI-shaped transport whose job endpoint answers 503 `failures` times, then reports a finished job."""
+    calls = {"job": 0}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/ftjob-1"):
+            calls["job"] += 1
+            if calls["job"] <= failures:
+                return httpx.Response(503, json={"error": {"message": "overloaded", "type": "server_error"}})
+            return httpx.Response(200, json={"id": "ftjob-1", "object": "fine_tuning.job", "status": "succeeded", "model": "m",
+                                             "fine_tuned_model": "ft:m:x", "created_at": 1, "finished_at": 2, "trained_tokens": 9})
+        if path.endswith("/events"):
+            event = {"id": "ev-1", "object": "fine_tuning.job.event", "created_at": 1, "level": "info", "type": "metrics",
+                     "message": "Step 1/1: train loss=1.5", "data": {"step": 1, "train_loss": 1.5}}
+            return httpx.Response(200, json={"object": "list", "data": [event], "has_more": False})
+        if path.endswith("/checkpoints"):
+            return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
+        return httpx.Response(404, json={"error": {"message": f"no route {path}"}})
+
+    import openai
+
+    client = openai.OpenAI(api_key="sk-test", base_url="http://api.test/v1", max_retries=0,
+                           http_client=httpx.Client(transport=httpx.MockTransport(handle)))
+    return client, calls
+
+
+def test_watching_backs_off_through_server_errors_and_then_finishes(tmp_path, monkeypatch, capsys):
+    from tuneforge.run import RunDir
+
+    experiment = _experiment(poll_seconds=1)
+    run = RunDir(experiment, tmp_path / "run")
+    slept = []
+    monkeypatch.setattr(backend.time, "sleep", slept.append)
+    client, calls = _flaky_api(failures=3)
+    assert backend.watch(client, experiment, run, {"job_id": "ftjob-1"}) == 0
+    assert calls["job"] == 4 and slept == [2, 4, 8]  # doubling from the poll interval, no poll after the finish
+    assert capsys.readouterr().err.count("retrying in") == 3
+    assert json.loads(run.sub("metrics.jsonl").read_text()) == {"step": 1, "loss": 1.5}
+    assert json.loads(run.sub(backend.STATE).read_text())["fine_tuned_model"] == "ft:m:x"
+
+
+def test_watching_gives_up_after_too_many_failures_and_says_how_to_reattach(tmp_path, monkeypatch):
+    from tuneforge.run import RunDir
+
+    experiment = _experiment(poll_seconds=1)
+    monkeypatch.setattr(backend.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(backend, "MAX_NETWORK_FAILURES", 4)
+    client, calls = _flaky_api(failures=100)
+    with pytest.raises(TuneforgeError, match="run the same `tuneforge train` again to re-attach"):
+        backend.watch(client, experiment, RunDir(experiment, tmp_path / "run"), {"job_id": "ftjob-1"})
+    assert calls["job"] == 5

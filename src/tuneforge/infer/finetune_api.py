@@ -1,7 +1,8 @@
 """OpenAI's fine-tuning endpoints on `tuneforge serve`, backed by the local trainer.
 
     POST /v1/files                          upload a JSONL file (multipart, purpose fine-tune)
-    GET  /v1/files, /v1/files/{id}
+    GET  /v1/files, /v1/files/{id}, /v1/files/{id}/content
+    DELETE /v1/files/{id}                   refused while an unfinished job uses it
     POST /v1/fine_tuning/jobs               validating_files -> queued -> running -> succeeded | failed | cancelled
     GET  /v1/fine_tuning/jobs               newest first, `after` / `limit`
     GET  /v1/fine_tuning/jobs/{id}, .../events, .../checkpoints
@@ -22,96 +23,19 @@ import json
 import queue
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from tuneforge.infer.finetune_wire import (HYPERPARAMETERS, MIN_EXAMPLES, TERMINAL, JobFailed, hyperparameter, json_body,
+                                           local_train_section, new_id, page, parse_multipart, read_examples,
+                                           short_model_name)
 from tuneforge.infer.server import ApiError
-
-MIN_EXAMPLES = 10  # OpenAI refuses training files with fewer examples; so do we, to behave alike
-TERMINAL = ("succeeded", "failed", "cancelled")
-HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-
-
-class JobFailed(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
 
 
 class JobCancelled(Exception):
     pass
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def short_model_name(ref: str) -> str:
-    """builtin:smollm2-135m-instruct -> smollm2-135m-instruct; a folder or hub id -> its last part."""
-    return ref.split(":", 1)[-1].rstrip("/").split("/")[-1]
-
-
-def local_train_section(train, hyperparameters: dict[str, Any], has_validation: bool) -> dict[str, Any]:
-    """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
-
-    n_epochs -> epochs, batch_size -> micro_batch_size, learning_rate_multiplier -> a multiple of train.lr.
-    A server started with train.max_steps keeps that cap: it bounds every job.
-    """
-    section = train.model_dump()
-    section.update(backend="local", resume="never", wandb_project=None)
-    if hyperparameters.get("n_epochs", "auto") != "auto":
-        section["epochs"] = hyperparameters["n_epochs"]
-    if hyperparameters.get("batch_size", "auto") != "auto":
-        section["micro_batch_size"] = hyperparameters["batch_size"]
-    if hyperparameters.get("learning_rate_multiplier", "auto") != "auto":
-        section["lr"] = train.lr * hyperparameters["learning_rate_multiplier"]
-    if not has_validation:  # the trainer refuses to evaluate on nothing
-        section["extra_args"] = {**section["extra_args"], "eval_strategy": "no"}
-    return section
-
-
-def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """name -> (filename, bytes) of a multipart/form-data body."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(400, "uploads must be multipart/form-data with 'file' and 'purpose' fields")
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
-        raise ApiError(400, "could not read the multipart body")
-    fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
-    return fields
-
-
-def read_examples(data: bytes, filename: str, param: str) -> list[dict[str, Any]]:
-    """The chat records of an uploaded JSONL file; JobFailed naming the first bad line."""
-    from tuneforge.data.validate import check_record
-
-    records = []
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise JobFailed("invalid_file_format", f"{filename} is not UTF-8 text (byte {exc.start})", param) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise JobFailed("invalid_file_format", f"{filename} line {number}: invalid JSON ({exc.msg})", param) from None
-        errors = [p for p in check_record(record, f"{filename} line {number}") if p.severity == "error"]
-        if errors:
-            raise JobFailed("invalid_file_format", f"{errors[0]}", param)
-        records.append({"messages": record["messages"]})
-    return records
 
 
 class Job:
@@ -175,7 +99,7 @@ class FineTuningApi:
 
     def _event(self, job: Job, message: str, level: str = "info", data: dict | None = None, kind: str = "message") -> None:
         with self.lock:
-            job.events.append({"id": _id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
+            job.events.append({"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
                                "level": level, "message": message, "data": data or {}, "type": kind})
             self._save(job)
 
@@ -184,6 +108,7 @@ class FineTuningApi:
             if job.obj["status"] == "cancelled":  # a cancel wins over whatever the worker was about to say
                 return
             job.obj["status"] = status
+            job.obj["estimated_finish"] = None  # only a running job has one (set as its steps go by)
             if status in TERMINAL:
                 job.obj["finished_at"] = int(time.time())
             self._event(job, message, level)
@@ -269,7 +194,7 @@ class FineTuningApi:
             metrics = {"step": summary["steps"], "train_loss": summary["train_loss"]}
             if summary["final_eval_loss"] is not None:
                 metrics.update(valid_loss=summary["final_eval_loss"], full_valid_loss=summary["final_eval_loss"])
-            job.checkpoints.append({"id": _id("ftckpt"), "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
+            job.checkpoints.append({"id": new_id("ftckpt"), "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
                                     "fine_tuned_model_checkpoint": f"{model_id}:ckpt-step-{summary['steps']}",
                                     "fine_tuning_job_id": job.id, "metrics": metrics, "step_number": summary["steps"]})
             job.obj.update(fine_tuned_model=model_id, trained_tokens=summary["supervised_tokens"])
@@ -288,23 +213,28 @@ class FineTuningApi:
             if route == ("POST", "files", 1):
                 return 200, self.upload(headers.get("Content-Type") or "", body)
             if route == ("GET", "files", 1):
-                return 200, _page(sorted(self.files.values(), key=lambda f: f["created_at"], reverse=query.get("order", "desc") == "desc"),
+                return 200, page(sorted(self.files.values(), key=lambda f: f["created_at"], reverse=query.get("order", "desc") == "desc"),
                                   query, 10_000, lambda f: query.get("purpose") in (None, f["purpose"]))
             if route == ("GET", "files", 2):
                 return 200, self._file(parts[1])
+            if route == ("DELETE", "files", 2):
+                return 200, self.delete_file(parts[1])
+            if route == ("GET", "files", 3) and parts[2] == "content":
+                self._file(parts[1])
+                return 200, self._file_path(parts[1]).read_bytes()
         elif parts[:2] == ["fine_tuning", "jobs"]:
             rest = parts[2:]
             if method == "POST" and not rest:
-                return 200, self.create(_json_body(body))
+                return 200, self.create(json_body(body))
             if method == "GET" and not rest:
-                return 200, _page(sorted((j.obj for j in self.jobs.values()), key=lambda o: o["created_at"], reverse=True), query, 20)
+                return 200, page(sorted((j.obj for j in self.jobs.values()), key=lambda o: o["created_at"], reverse=True), query, 20)
             job = self._job(rest[0]) if rest else None
             if job is not None and method == "GET" and len(rest) == 1:
                 return 200, job.obj
             if job is not None and method == "GET" and rest[1:] == ["events"]:
-                return 200, _page(list(reversed(job.events)), query, 20)
+                return 200, page(list(reversed(job.events)), query, 20)
             if job is not None and method == "GET" and rest[1:] == ["checkpoints"]:
-                return 200, _page(list(reversed(job.checkpoints)), query, 10)
+                return 200, page(list(reversed(job.checkpoints)), query, 10)
             if job is not None and method == "POST" and rest[1:] == ["cancel"]:
                 return 200, self.cancel(job)
         raise ApiError(404, f"Unknown path {method} {url.path}", code="not_found")
@@ -317,13 +247,26 @@ class FineTuningApi:
         if "file" not in fields:
             raise ApiError(400, "the upload has no 'file' field", "file", "missing_required_parameter")
         filename, data = fields["file"]
-        obj = {"id": _id("file"), "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename or "upload.jsonl",
+        obj = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename or "upload.jsonl",
                "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}
         atomic_write_bytes(self._file_path(obj["id"]), data)
         atomic_write_json(self._file_path(obj["id"]).with_suffix(".json"), obj)
         with self.lock:
             self.files[obj["id"]] = obj
         return obj
+
+    def delete_file(self, file_id: str) -> dict:
+        """Forget an upload; refused while a job that has not finished still needs it."""
+        with self.lock:
+            self._file(file_id)
+            users = [job.id for job in self.jobs.values() if job.obj["status"] not in TERMINAL
+                     and file_id in (job.obj["training_file"], job.obj["validation_file"])]
+            if users:
+                raise ApiError(400, f"File {file_id} is in use by fine-tuning job {users[0]}; cancel it or wait for it to finish", "id", "file_in_use")
+            del self.files[file_id]
+        for path in (self._file_path(file_id).with_suffix(".json"), self._file_path(file_id)):
+            path.unlink(missing_ok=True)  # the metadata first: a half-deleted file is never read back as present
+        return {"id": file_id, "object": "file", "deleted": True}
 
     def create(self, body: dict[str, Any]) -> dict:
         model = body.get("model")
@@ -340,7 +283,7 @@ class FineTuningApi:
         if not isinstance(method, dict) or method.get("type") != "supervised":
             raise ApiError(400, "only method.type 'supervised' is supported by this server", "method.type")
         given = ((method.get("supervised") or {}).get("hyperparameters")) or {}
-        hyperparameters = {key: _hyperparameter(key, given.get(key, "auto")) for key in HYPERPARAMETERS}
+        hyperparameters = {key: hyperparameter(key, given.get(key, "auto")) for key in HYPERPARAMETERS}
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64 or ":" in suffix):
             raise ApiError(400, "suffix must be a string of at most 64 characters without ':'", "suffix")
@@ -351,7 +294,7 @@ class FineTuningApi:
         if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
             raise ApiError(400, "metadata must map strings to strings", "metadata")
         obj = {
-            "id": _id("ftjob"), "object": "fine_tuning.job", "created_at": int(time.time()), "error": None,
+            "id": new_id("ftjob"), "object": "fine_tuning.job", "created_at": int(time.time()), "error": None,
             "fine_tuned_model": None, "finished_at": None, "hyperparameters": hyperparameters, "model": model,
             "organization_id": "org-tuneforge", "result_files": [], "seed": seed, "status": "validating_files",
             "trained_tokens": None, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
@@ -393,9 +336,22 @@ def _progress_callback(api: FineTuningApi, job: Job):
     from transformers import TrainerCallback
 
     class JobProgress(TrainerCallback):
+        started = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first_step = time.monotonic(), state.global_step
+
         def on_step_begin(self, args, state, control, **kwargs):
             if job.cancel.is_set():
                 raise JobCancelled
+
+        def on_step_end(self, args, state, control, **kwargs):
+            done = state.global_step - self.first_step
+            if done > 0 and state.max_steps:  # the mean step time so far, times the steps left
+                left = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step)
+                with api.lock:
+                    if job.obj["status"] == "running":
+                        job.obj["estimated_finish"] = int(time.time() + left)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -412,42 +368,3 @@ def _progress_callback(api: FineTuningApi, job: Job):
                 api._event(job, f"{where}: {losses}", data=data, kind="metrics")
 
     return JobProgress()
-
-
-def _hyperparameter(key: str, value: Any) -> Any:
-    if value == "auto":
-        return value
-    if key == "learning_rate_multiplier":
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 10:
-            return float(value)
-        raise ApiError(400, f"{key} must be 'auto' or a number in (0, 10]", f"method.supervised.hyperparameters.{key}")
-    high = 50 if key == "n_epochs" else 256
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high:
-        return value
-    raise ApiError(400, f"{key} must be 'auto' or an integer from 1 to {high}", f"method.supervised.hyperparameters.{key}")
-
-
-def _json_body(body: bytes) -> dict:
-    try:
-        parsed = json.loads(body or b"null")
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
-    if not isinstance(parsed, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    return parsed
-
-
-def _page(items: list[dict], query: dict[str, str], default_limit: int, keep=lambda item: True) -> dict:
-    """A cursor page: items after the one whose id is `after`, at most `limit` of them."""
-    try:
-        limit = max(1, min(int(query.get("limit", default_limit)), 10_000))
-    except ValueError:
-        raise ApiError(400, "limit must be an integer", "limit") from None
-    items = [item for item in items if keep(item)]
-    after = query.get("after")
-    if after:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    page = items[:limit]
-    return {"object": "list", "data": page, "has_more": len(items) > limit,
-            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}

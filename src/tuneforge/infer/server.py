@@ -44,7 +44,8 @@ class Served:
         self.counter = threading.Lock()
         self.waiting = 0
         self.created = int(time.time())
-        # extra routes (the fine-tuning API) registered by path prefix: handler(method, path, headers, body) -> (status, payload)
+        # extra routes (the fine-tuning API) registered by path prefix: handler(method, path, headers, body) -> (status, payload);
+        # a dict payload is sent as JSON, bytes as they are
         self.routes: dict[str, Any] = {}
 
     @property
@@ -132,6 +133,13 @@ def make_handler(systems: Served):
             self.end_headers()
             self.wfile.write(data)
 
+        def _raw(self, status: int, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def _error(self, error: ApiError) -> None:
             self._json(error.status, error.body())
 
@@ -144,7 +152,10 @@ def make_handler(systems: Served):
                         if length > MAX_UPLOAD:
                             raise ApiError(413, "request body too large")
                         status, payload = handler(method, self.path, self.headers, self.rfile.read(length) if length else b"")
-                        self._json(status, payload)
+                        if isinstance(payload, bytes):  # a file's content, sent as stored
+                            self._raw(status, payload)
+                        else:
+                            self._json(status, payload)
                     except ApiError as error:
                         self._error(error)
                     except Exception as exc:  # keep serving whatever one request did
