@@ -179,7 +179,7 @@ def cmd_rag(args: argparse.Namespace) -> int:
         question = " ".join(args.words).strip()
         if not question:
             raise TuneforgeError('rag query needs a question: tuneforge rag query FILE "your question"')
-        hits = rag.Retriever(experiment, run).search([question])[0]
+        hits = rag.ensure_index(experiment, run).search([question])[0]  # built first when missing or stale
         if args.json:
             print(json.dumps([h.to_json() for h in hits], indent=2, ensure_ascii=False))
         else:
@@ -189,7 +189,7 @@ def cmd_rag(args: argparse.Namespace) -> int:
     from tuneforge.atomic import atomic_write_json
 
     pairs = _question_source_pairs(experiment)
-    report = rag.evaluate(rag.Retriever(experiment, run), pairs, experiment.rag.k)
+    report = rag.evaluate(rag.ensure_index(experiment, run), pairs, experiment.rag.k)
     atomic_write_json(run.sub("rag", "eval.json"), report)
     recall = report[f"recall@{report['k']}"]
     print(f"recall@{report['k']} {recall:.3f}, MRR {report['mrr']:.3f} on {report['questions']} questions; "

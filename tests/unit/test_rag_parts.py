@@ -21,6 +21,20 @@ def test_chunks_overlap_keep_positions_and_drop_duplicates(tiny_tokenizer):
     assert chunks[-1].text.endswith("word59")
 
 
+def test_a_window_cut_below_its_heading_carries_the_heading_trail(tiny_tokenizer):
+    body = " ".join(f"fix{i}" for i in range(40))
+    text = f"# Error codes\n\nIntro words here.\n\n## E3 – Cannot reach the servers\n\n{body}\n\n## E4 – Sensor fault\n\nRestart it."
+    assert store.heading_trail(text, text.index("fix20")) == ["Error codes", "E3 – Cannot reach the servers"]
+    assert store.heading_trail(text, text.index("Restart")) == ["Error codes", "E4 – Sensor fault"]  # a sibling replaces E3
+    assert store.heading_trail(text, 0) == []
+    chunks = store.chunk_documents([("errors.md", text)], tiny_tokenizer, size=16, overlap=4)
+    assert chunks[0].text.startswith("# Error codes")  # starts at its heading: no prefix
+    inside = [c for c in chunks if "fix20" in c.text][0]
+    assert inside.text.startswith("(Error codes › E3 – Cannot reach the servers)\n")
+    plain = store.chunk_documents([("notes.txt", body)], tiny_tokenizer, size=16, overlap=4)
+    assert not any(c.text.startswith("(") for c in plain)  # no headings, no prefix
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_indexes_agree_with_exact_search(kind):
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ close the delimiters or act as a special token of the chat model is neutralised.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,7 @@ def ensure_index(experiment, run, progress: bool = True) -> Retriever:
     built = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else None
     if built is None or built.get("corpus_sha256") != store.corpus_sha256(docs) or any(
             built.get(key) != getattr(experiment.rag, key) for key in ("embedder", "chunk_tokens", "chunk_overlap")):
-        print(f"building the retriever index over {experiment.rag.corpus} into {run.sub('rag')}", flush=True)
+        print(f"building the retriever index over {experiment.rag.corpus} into {run.sub('rag')}", file=sys.stderr, flush=True)
         build(experiment, run, progress, docs)
     return Retriever(experiment, run)
 

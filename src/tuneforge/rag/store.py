@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,8 +65,26 @@ def read_corpus(spec: str, base_dir: Path, text_column: str) -> list[tuple[str, 
     return [(path.name, path.read_text(encoding="utf-8"))]
 
 
+MARKDOWN_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+
+
+def heading_trail(text: str, at: int) -> list[str]:
+    """The markdown headings in force at character `at`: the title, then each deeper section heading."""
+    trail: dict[int, str] = {}
+    for match in MARKDOWN_HEADING.finditer(text, 0, at):
+        level = len(match.group(1))
+        trail = {lvl: title for lvl, title in trail.items() if lvl < level}
+        trail[level] = match.group(2).strip()
+    return [trail[level] for level in sorted(trail)]
+
+
 def chunk_documents(docs: Iterable[tuple[str, str]], tokenizer, size: int, overlap: int) -> list[Chunk]:
-    """Windows of `size` tokens of the embedder's tokenizer, `overlap` shared; exact duplicates dropped."""
+    """Windows of `size` tokens of the embedder's tokenizer, `overlap` shared; exact duplicates dropped.
+
+    A window that starts inside a markdown section is prefixed with the headings it sits under
+    ("Error Codes E1–E9 › E3 – Cannot reach Kestrel"), so the embedding and the model both know what
+    the passage is about even when the window cut the heading off.
+    """
     chunks, seen = [], set()
     step = size - overlap
     for source, text in docs:
@@ -75,7 +94,11 @@ def chunk_documents(docs: Iterable[tuple[str, str]], tokenizer, size: int, overl
         start = 0
         while start < max(len(offsets), 1):
             window = offsets[start : start + size]
-            piece = text[window[0][0] : window[-1][1]].strip() if window else text.strip()
+            begin = window[0][0] if window else 0
+            piece = text[begin : window[-1][1]].strip() if window else text.strip()
+            trail = heading_trail(text, begin)
+            if trail and not MARKDOWN_HEADING.match(piece):  # a window that starts at a heading already says it
+                piece = f"({' › '.join(trail)})\n{piece}"
             key = " ".join(piece.split())
             if piece and key not in seen:
                 seen.add(key)
