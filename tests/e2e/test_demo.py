@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.live import free_port, running
+from tuneforge.config import load_experiment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -117,7 +118,8 @@ def test_compare_shows_two_answers_side_by_side(page):
         _wait_until_done(page, column)
     left, right = page.locator("#compare-0").inner_text(), page.locator("#compare-1").inner_text()
     assert left.startswith("base\n") and right.startswith("base+rag\n")
-    assert "Sources (4 passages)" in right and "Sources" not in left
+    k = load_experiment(REPO / "configs" / "quickstart.yaml").rag.k
+    assert f"Sources ({k} passages)" in right and "Sources" not in left
     assert "Error" not in left + right
     assert not page.locator("#compare-2").is_visible()
     page.locator("#compare-1 summary").click()

@@ -21,7 +21,7 @@ def test_readme_quickstart_command_ends_with_that_run():
     assert block.strip().endswith("tuneforge run configs/quickstart.yaml")
 
 
-def test_quickstart_trains_below_the_base_models_eval_loss_and_evaluates_better_than_base(tmp_path, smollm_location):
+def test_quickstart_trains_below_the_base_models_eval_loss_and_beats_base_on_reference_similarity(tmp_path, smollm_location):
     out = subprocess.run([sys.executable, "-m", "tuneforge", "run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "qs")],
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -29,11 +29,18 @@ def test_quickstart_trains_below_the_base_models_eval_loss_and_evaluates_better_
     assert summary["final_eval_loss"] < 0.9 * summary["base_eval_loss"]  # clearly better, not noise
     assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").exists()
     assert f"run written to {tmp_path / 'qs'}" in out.stdout
-    # the run ends with eval on the 40 held-out questions. The adapter makes the reference answers far more
-    # likely and its answers share more words with them; embedding similarity to the reference came out even
-    # (0.512 vs 0.511), so it is reported but not asserted.
+    # the run ends with eval on the 40 held-out questions. The bar: fine-tuned beats base on embedding
+    # similarity to the reference answers. The quickstart trains with retrieved passages (data.rag), so the system
+    # it trains for is finetuned+rag (measured: 0.524 against base 0.511 and base+rag 0.479). Without passages the
+    # same adapter still gets closer wording and likelier references, but not higher similarity (0.490).
     metrics = json.loads((tmp_path / "qs" / "eval" / "metrics.json").read_text())
-    assert set(metrics) >= {"base", "finetuned", "finetuned+rag"}
-    assert metrics["finetuned"]["perplexity"] < 0.75 * metrics["base"]["perplexity"]
+    assert set(metrics) >= {"base", "base+rag", "finetuned", "finetuned+rag"}
+    assert metrics["finetuned+rag"]["similarity"] > metrics["base"]["similarity"]
+    assert metrics["finetuned+rag"]["rouge_l"] > metrics["base"]["rouge_l"]
     assert metrics["finetuned"]["rouge_l"] > metrics["base"]["rouge_l"]
-    assert "finetuned" in (tmp_path / "qs" / "eval" / "report.md").read_text()
+    assert metrics["finetuned"]["perplexity"] < 0.75 * metrics["base"]["perplexity"]
+    # training with the passages is what makes them pay: the same retrieval helps the base model less
+    assert metrics["finetuned+rag"]["similarity"] > metrics["base+rag"]["similarity"]
+    assert metrics["finetuned+rag"]["perplexity"] < 0.75 * metrics["base+rag"]["perplexity"]
+    report = (tmp_path / "qs" / "eval" / "report.md").read_text()
+    assert "finetuned+rag" in report and "base+rag" in report

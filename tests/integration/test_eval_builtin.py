@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_generation_eval_with_a_local_judge(tmp_path, smollm_location, capsys):
-    experiment = load_experiment(CONFIGS / "quickstart.yaml", ["eval.sample=3", "eval.systems=[base, ngram]", "eval.max_new_tokens=24",
+    experiment = load_experiment(CONFIGS / "quickstart.yaml", ["data.rag=false", "eval.sample=3", "eval.systems=[base, ngram]", "eval.max_new_tokens=24",
                                                                "eval.judge.model=base"])
     run = RunDir(experiment, tmp_path / "qs")
     prepare(experiment, run, progress=False)

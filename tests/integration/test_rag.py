@@ -59,6 +59,15 @@ def test_reload_in_a_new_process_gives_identical_hits(built):
     assert set(there[0]) == {"source", "score", "text", "chunk_id"} and there[0]["source"] == "kestrel-plus.md"
 
 
+def test_query_on_a_new_run_builds_the_index_first_and_keeps_stdout_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "rag", "query", str(QUICKSTART), "--json", "What does E3 mean?",
+                          "--run-dir", str(tmp_path / "new")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "building the retriever index" in out.stderr
+    assert json.loads(out.stdout)[0]["source"] == "error-codes.md"
+    assert (tmp_path / "new" / "rag" / "index.faiss").exists()
+
+
 def test_damaged_or_mismatched_files_fail_clearly(built, tmp_path):
     import shutil
 
@@ -90,7 +99,8 @@ def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built,
     from tuneforge.systems import LocalSystem, Spec
 
     _, run, _ = built
-    experiment = load_experiment(QUICKSTART, ["data.rag=true", "data.max_length=1280"])  # room for 4 passages
+    experiment = load_experiment(QUICKSTART)  # the quickstart trains with passages (data.rag: true)
+    assert experiment.data.rag
     tokenizer = load_tokenizer(experiment.model)
     report = prepare(experiment, run, tokenizer=tokenizer, progress=False)
     assert report["rag"]["augmented"] == report["counts"]["train"] + report["counts"]["valid"]
@@ -132,7 +142,7 @@ def test_the_prepared_training_data_as_corpus(tmp_path, smollm_location):
     from tuneforge.data.prepare import load_prepared, prepare
     from tuneforge.models import load_tokenizer
 
-    experiment = load_experiment(QUICKSTART, ["rag.corpus=train"])
+    experiment = load_experiment(QUICKSTART, ["rag.corpus=train", "data.rag=false"])
     run = RunDir(experiment, tmp_path / "run")
     with pytest.raises(TuneforgeError, match="run `tuneforge prepare` first"):
         rag.build(experiment, run, progress=False)
