@@ -20,6 +20,8 @@ HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 class JobFailed(Exception):
+    """Why a job failed, in the shape OpenAI reports it on the job: a code, a message and the parameter at fault."""
+
     def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
