@@ -90,32 +90,29 @@ def _default_system(run) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import json
+    from pathlib import Path
 
     from tuneforge.atomic import atomic_write_jsonl
+    from tuneforge.data.sources import read_json_records
     from tuneforge.infer.engine import Settings
     from tuneforge.systems import Systems
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "generate")
     records = []
-    with open(args.input, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TuneforgeError(f"{args.input} line {number}: invalid JSON ({exc.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                messages = [{"role": "user", "content": record["prompt"]}]
-            elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-                messages = list(record["messages"])
-                if messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
-                    messages = messages[:-1]
-            else:
-                raise TuneforgeError(f"{args.input} line {number}: needs a 'prompt' string or a 'messages' list")
-            records.append((record, messages))
+    for raw in read_json_records(Path(args.input), str(args.input)):
+        record = raw.data
+        if raw.problem is not None:
+            raise TuneforgeError(str(raw.problem))
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+            messages = list(record["messages"])
+            if messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
+                messages = messages[:-1]
+        else:
+            raise TuneforgeError(f"{raw.where}: needs a 'prompt' string or a 'messages' list")
+        records.append((record, messages))
     system = args.system or _default_system(run)
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
     answers = Systems(experiment, run).get(system).generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)

@@ -149,15 +149,20 @@ def test_hyperparameters_map_onto_the_local_trainer():
     assert LocalTrain.model_validate(given).backend == "local"
 
 
-def test_an_invalid_line_fails_with_its_number():
+def test_an_invalid_line_fails_with_its_number(tmp_path):
+    def upload(text: str):  # stored under the server's own name; places are named after the uploaded file
+        stored = tmp_path / "file-1.jsonl"
+        stored.write_text(text)
+        return stored
+
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
-    assert len(read_examples(f"{good}\n\n{good}\n".encode(), "t.jsonl", "training_file")) == 2
+    assert len(read_examples(upload(f"{good}\n\n{good}\n"), "t.jsonl", "training_file")) == 2
     with pytest.raises(JobFailed) as info:
-        read_examples(f"{good}\n{{not json\n".encode(), "t.jsonl", "training_file")
+        read_examples(upload(f"{good}\n{{not json\n"), "t.jsonl", "training_file")
     assert info.value.code == "invalid_file_format" and info.value.param == "training_file"
     assert "t.jsonl line 2" in info.value.message
     with pytest.raises(JobFailed, match="line 1: \\[unrecognized_role\\]"):
-        read_examples(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "t.jsonl", "training_file")
+        read_examples(upload(json.dumps({"messages": [{"role": "wizard", "content": "x"}]})), "t.jsonl", "training_file")
 
 
 def test_multipart_uploads_round_trip():

@@ -70,9 +70,12 @@ def detect_format(path: Path | None, first: dict | None, has_template: bool, key
     return "table" if has_template else "messages"
 
 
-def read_json_records(path: Path) -> Iterator[Raw]:
-    """Records of a .jsonl (one per line) or .json (an array) file, each with its place; bad lines become problems."""
-    name = path.name
+def read_json_records(path: Path, name: str | None = None) -> Iterator[Raw]:
+    """Records of a .jsonl (one per line) or .json (an array) file, each with its place; bad lines become problems.
+
+    Places are named after `name` (default: the file's name), e.g. for an upload stored under another name.
+    """
+    name = name or path.name
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))

@@ -136,7 +136,7 @@ class FineTuningApi:
             for key in ("training_file", "validation_file"):
                 file_id = job.obj[key]
                 if file_id:
-                    examples = read_examples(self._file_path(file_id).read_bytes(), self.files[file_id]["filename"], key)
+                    examples = read_examples(self._file_path(file_id), self.files[file_id]["filename"], key)
                     if key == "training_file" and len(examples) < MIN_EXAMPLES:
                         raise JobFailed("invalid_n_examples", f"Training file has {len(examples)} example(s), but must have at least {MIN_EXAMPLES} examples", key)
         except JobFailed as failure:
@@ -177,7 +177,7 @@ class FineTuningApi:
         run = RunDir(experiment, folder).start("fine-tuning job")
         for split, key in (("train", "training_file"), ("valid", "validation_file")):
             file_id = job.obj[key]
-            examples = read_examples(self._file_path(file_id).read_bytes(), self.files[file_id]["filename"], key) if file_id else []
+            examples = read_examples(self._file_path(file_id), self.files[file_id]["filename"], key) if file_id else []
             atomic_write_jsonl(run.sub("data", f"{split}.jsonl"), examples)
             atomic_write_jsonl(run.sub("data", f"{split}.meta.jsonl"),
                                ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from tuneforge.infer.server import ApiError
@@ -73,26 +74,17 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     return fields
 
 
-def read_examples(data: bytes, filename: str, param: str) -> list[dict[str, Any]]:
-    """The chat records of an uploaded JSONL file; JobFailed naming the first bad line."""
+def read_examples(path: Path, filename: str, param: str) -> list[dict[str, Any]]:
+    """The chat records of an uploaded JSONL file stored at `path`; JobFailed naming the first bad line of `filename`."""
+    from tuneforge.data.sources import read_json_records
     from tuneforge.data.validate import check_record
 
     records = []
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise JobFailed("invalid_file_format", f"{filename} is not UTF-8 text (byte {exc.start})", param) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise JobFailed("invalid_file_format", f"{filename} line {number}: invalid JSON ({exc.msg})", param) from None
-        errors = [p for p in check_record(record, f"{filename} line {number}") if p.severity == "error"]
+    for raw in read_json_records(path, filename):
+        errors = [raw.problem] if raw.problem is not None else [p for p in check_record(raw.data, raw.where) if p.severity == "error"]
         if errors:
             raise JobFailed("invalid_file_format", f"{errors[0]}", param)
-        records.append({"messages": record["messages"]})
+        records.append({"messages": raw.data["messages"]})
     return records
 
 
