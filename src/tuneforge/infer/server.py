@@ -125,20 +125,15 @@ def make_handler(systems: Served):
         protocol_version = "HTTP/1.1"
         server_version = "tuneforge"
 
-        def _json(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, data: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def _raw(self, status: int, data: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        def _json(self, status: int, payload: dict) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json")
 
         def _error(self, error: ApiError) -> None:
             self._json(error.status, error.body())
@@ -153,7 +148,7 @@ def make_handler(systems: Served):
                             raise ApiError(413, "request body too large")
                         status, payload = handler(method, self.path, self.headers, self.rfile.read(length) if length else b"")
                         if isinstance(payload, bytes):  # a file's content, sent as stored
-                            self._raw(status, payload)
+                            self._send(status, payload, "application/octet-stream")
                         else:
                             self._json(status, payload)
                     except ApiError as error:
