@@ -128,7 +128,8 @@ def child(args) -> dict:
     from transformers import Trainer, TrainingArguments
     from trl import SFTConfig
 
-    from tuneforge.train.batching import IGNORE, Collator, attention_mode, build_rows
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import IGNORE, Collator, attention_mode
     from tuneforge.train.trainer import ForgeTrainer
 
     plan, tokenizer, model = load(args)

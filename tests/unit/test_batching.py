@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.train.batching import IGNORE, Collator, block_causal_mask, build_rows, pack
+from tuneforge.data.packing import build_rows, pack
+from tuneforge.train.batching import IGNORE, Collator, block_causal_mask
 
 
 def test_pack_fills_rows_and_uses_every_example_once():

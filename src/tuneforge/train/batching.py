@@ -1,7 +1,6 @@
-"""Tokenized examples into training batches: packing, and masks that keep packed examples apart.
+"""Packed rows into training batches, with masks that keep packed examples apart.
 
-Packing concatenates short examples into rows of up to `max_length` tokens so no
-compute is spent on padding. Position ids restart at 0 for every example. That is
+Rows come from `data.packing`. Position ids restart at 0 for every example. That is
 not enough on its own: with sdpa or eager attention, tokens still attend across
 the example boundary (measured: logits moved by up to 0.17 on a tiny Llama). So:
 
@@ -12,59 +11,11 @@ the example boundary (measured: logits moved by up to 0.17 on a tiny Llama). So:
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 IGNORE = -100
-
-
-@dataclass
-class Row:
-    input_ids: list[int]
-    labels: list[int]
-    seq_lens: list[int]  # lengths of the examples packed into this row, in order
-
-
-def pack(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
-    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing).
-
-    Ties in length are broken by a seeded shuffle so the packing is reproducible but
-    not tied to file order.
-    """
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    order = sorted(order.tolist(), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, row index), kept sorted
-    for index in order:
-        need = lengths[index]
-        at = bisect.bisect_left(free, (need, -1))
-        if at < len(free):
-            space, row = free.pop(at)
-            rows[row].append(index)
-            bisect.insort(free, (space - need, row))
-        else:
-            rows.append([index])
-            bisect.insort(free, (capacity - need, len(rows) - 1))
-    return rows
-
-
-def build_rows(examples: list[tuple[list[int], list[int]]], capacity: int, packing: bool, seed: int) -> list[Row]:
-    """Rows for the trainer: packed when asked, else one example per row."""
-    if not packing:
-        return [Row(ids, labels, [len(ids)]) for ids, labels in examples]
-    rows = []
-    for members in pack([len(ids) for ids, _ in examples], capacity, seed):
-        ids: list[int] = []
-        labels: list[int] = []
-        for i in members:
-            ids += examples[i][0]
-            labels += examples[i][1]
-        rows.append(Row(ids, labels, [len(examples[i][0]) for i in members]))
-    return rows
 
 
 AttentionMode = Literal["block_mask", "flash_varlen", "padded"]
@@ -93,6 +44,8 @@ class Collator:
         labels = torch.full((batch, width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((batch, width), dtype=torch.long)
         segments = torch.full((batch, width), -1, dtype=torch.long)  # -1 marks padding
+        weighted = any(row.get("weights") for row in rows)
+        weights = torch.ones((batch, width), dtype=torch.float32) if weighted else None
         for b, row in enumerate(rows):
             n = len(row["input_ids"])
             input_ids[b, :n] = torch.tensor(row["input_ids"])
@@ -101,10 +54,14 @@ class Collator:
             for s, length in enumerate(row["seq_lens"]):
                 position_ids[b, start : start + length] = torch.arange(length)
                 segments[b, start : start + length] = s
+                if weights is not None and row.get("weights"):
+                    weights[b, start : start + length] = row["weights"][s]
                 start += length
             if n < width:  # padding is its own segment with fresh positions, never a target
                 position_ids[b, n:] = torch.arange(width - n)
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if weights is not None:
+            out["loss_weights"] = weights
         if self.mode == "padded":
             out["attention_mask"] = (segments >= 0).long()
         elif self.mode == "block_mask":
