@@ -9,10 +9,16 @@ from tuneforge.data.chat import ChatEncoder
 from tuneforge.eval.classify import label_logprobs, probabilities
 
 
-def test_label_scores_match_single_sequence_log_likelihood(tiny_llama, tiny_tokenizer):
+import pytest
+
+
+@pytest.mark.parametrize("labels", [["positive", "negative"], ["neg", "negative", "neutral", "positive"]])
+def test_label_scores_match_single_sequence_log_likelihood(tiny_llama, tiny_tokenizer, labels):
+    """All labels of a prompt share one forward pass (a tree mask); each must score as if it ran alone,
+    also when labels begin with the same tokens."""
     encoder = ChatEncoder(tiny_tokenizer)
-    prompts = [[{"role": "user", "content": "Classify: great"}], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Classify: awful thing"}]]
-    labels = ["positive", "negative"]
+    prompts = [[{"role": "user", "content": "Classify: great"}], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Classify: awful thing"}],
+               [{"role": "user", "content": "Classify: a much longer review that pads the others in its batch " * 2}]]
     batched = label_logprobs(tiny_llama, encoder, prompts, labels, batch_size=3)
     for i, prompt in enumerate(prompts):
         for j, label in enumerate(labels):

@@ -49,11 +49,77 @@ def answer_logprobs(model, encoder, conversations: list[list[dict]], max_length:
 
 
 def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str], batch_size: int = 8,
-                   max_length: int | None = None) -> np.ndarray:
-    """[n_prompts, n_labels] summed log-probabilities of each label as the whole answer."""
-    pairs = [prompt + [{"role": "assistant", "content": label}] for prompt in prompts for label in labels]
-    sums, _ = answer_logprobs(model, encoder, pairs, max_length, batch_size)
-    return sums.reshape(len(prompts), len(labels))
+                   max_length: int | None = None, return_counts: bool = False):
+    """[n_prompts, n_labels] summed log-probabilities of each label as the whole answer (and, with return_counts,
+    how many tokens each sum covers).
+
+    Every label of one prompt is scored in a single forward pass: the prompt's tokens
+    once, then each label's tokens as a branch that sees the prompt and itself only
+    (a tree-shaped mask with positions continuing from the prompt). The same numbers
+    as scoring prompt+label one by one, for one prompt's cost instead of one per label.
+    FlashAttention-2 takes no such mask, so there each pair runs on its own.
+    """
+    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2" or len(labels) == 1:
+        pairs = [prompt + [{"role": "assistant", "content": label}] for prompt in prompts for label in labels]
+        sums, counts = answer_logprobs(model, encoder, pairs, max_length, batch_size)
+        shape = (len(prompts), len(labels))
+        return (sums.reshape(shape), counts.reshape(shape)) if return_counts else sums.reshape(shape)
+    trees = [_label_tree(encoder, prompt, labels, max_length) for prompt in prompts]
+    out = np.zeros((len(prompts), len(labels)))
+    counts = np.array([[len(targets) for _, targets in tree[3]] for tree in trees], dtype=int).reshape(len(prompts), len(labels))
+    device = next(model.parameters()).device
+    dtype = getattr(model, "dtype", torch.float32)
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    model.eval()
+    order = sorted(range(len(trees)), key=lambda i: len(trees[i][0]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(trees[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), width), encoder.tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(chunk), width), dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself: no empty softmax row
+        for row, i in enumerate(chunk):
+            tokens, pos, visible, _ = trees[i]
+            n = len(tokens)
+            ids[row, :n], positions[row, :n] = torch.tensor(tokens), torch.tensor(pos)
+            allowed[row, :n, :n] = visible
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
+        for row, i in enumerate(chunk):
+            for j, (predict_from, targets) in enumerate(trees[i][3]):
+                picked = torch.log_softmax(logits[row, predict_from].float(), dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])
+                out[i, j] = float(picked.sum())
+    return (out, counts) if return_counts else out
+
+
+def _label_tree(encoder, prompt: list[dict], labels: list[str], max_length: int | None):
+    """Tokens, positions and visibility of the prompt followed by one branch per label, and per label
+    (positions whose logits predict its answer tokens, those tokens)."""
+    encoded = [_last_turn_only(e) for e in _fitted(encoder, [prompt + [{"role": "assistant", "content": label}] for label in labels], max_length)]
+    shared = 0
+    first = encoded[0][0]
+    while shared < len(first) and all(len(t) > shared and t[shared] == first[shared] for t, _ in encoded):
+        shared += 1
+    shared = min([shared] + [s.index(True) for _, s in encoded if True in s])  # labels may share their first tokens
+    shared = max(shared, 1)
+    tokens, positions, owner = list(first[:shared]), list(range(shared)), [-1] * shared
+    branches = []
+    for j, (ids, supervised) in enumerate(encoded):
+        start = len(tokens)
+        tail = ids[shared:]
+        tokens += tail
+        positions += range(shared, shared + len(tail))
+        owner += [j] * len(tail)
+        # the token at sequence index shared+t is predicted by the logits one position before it in its own branch
+        predict_from = [start + t - 1 if t else shared - 1 for t in range(len(tail)) if supervised[shared + t]]
+        branches.append((predict_from, [tail[t] for t in range(len(tail)) if supervised[shared + t]]))
+    owner_t = torch.tensor(owner)
+    index = torch.arange(len(tokens))
+    same_branch = owner_t[:, None] == owner_t[None, :]
+    visible = (owner_t[None, :] == -1) | same_branch
+    visible &= (index[None, :] <= index[:, None])
+    return tokens, positions, visible, branches
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
