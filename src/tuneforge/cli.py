@@ -14,7 +14,7 @@ import sys
 from typing import Callable
 
 from tuneforge import __version__
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import TuneforgeError, describe_os_error
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
@@ -83,10 +83,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_run(args: argparse.Namespace, experiment):
+    """The run a reading verb (generate, chat, serve, demo) answers from; it is never created or rewritten here."""
+    from tuneforge.run import RunDir
+
+    run = RunDir(experiment, args.run_dir)
+    if not run.path.is_dir():
+        print(f"note: no run directory at {run.path.resolve()} (runs/<name> under the working directory, or --run-dir); "
+              "only base can answer", file=sys.stderr)
+    return run
+
+
 def _default_system(run) -> str:
     from tuneforge.infer.engine import available_systems
 
-    return available_systems(run)[-1]  # finetuned once trained, else base
+    found = available_systems(run)[-1]  # finetuned once trained, else base
+    if found == "base":
+        print(f"note: no adapter in {run.sub('adapter').resolve()}: answering with base", file=sys.stderr)
+    return found
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tuneforge.systems import Systems
 
     experiment = _experiment(args)
-    run = _run_dir(args, experiment, "generate")
+    run = _existing_run(args, experiment)
     records = []
     for raw in read_json_records(Path(args.input), str(args.input)):
         record = raw.data
@@ -115,7 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         records.append((record, messages))
     system = args.system or _default_system(run)
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
-    answers = Systems(experiment, run).get(system).generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
+    systems = Systems(experiment, run, system_prompt=args.system_prompt)
+    _say_system_prompt(systems, system)
+    answers = systems.get(system).generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
     output = []
     for (record, _), a in zip(records, answers):
         row = {**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason}
@@ -127,12 +143,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_system_prompt(systems, name: str) -> None:
+    prompt = systems.system_prompt(name)
+    if prompt:
+        origin = "--system-prompt" if systems.system_prompt_override else "the run's training data"
+        print(f"conversations without a system message get the system prompt from {origin}: {prompt!r} (--system-prompt '' for none)",
+              file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from tuneforge.infer.chat import chat_loop
 
     experiment = _experiment(args)
-    run = _run_dir(args, experiment, "chat")
-    return chat_loop(experiment, run, args.system or _default_system(run))
+    run = _existing_run(args, experiment)
+    return chat_loop(experiment, run, args.system or _default_system(run), system_prompt=args.system_prompt)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -155,8 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tuneforge.infer.server import serve
 
     experiment = _experiment(args)
-    run = _run_dir(args, experiment, "serve")
-    serve(experiment, run, host=args.host, port=args.port)
+    run = _existing_run(args, experiment)
+    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt)
     return 0
 
 
@@ -226,8 +250,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tuneforge.demo.app import launch
 
     experiment = _experiment(args)
-    run = _run_dir(args, experiment, "demo")
-    return launch(experiment, run, host=args.host, port=args.port, share=args.share)
+    run = _existing_run(args, experiment)
+    return launch(experiment, run, host=args.host, port=args.port, share=args.share, system_prompt=args.system_prompt)
 
 
 def _run_dir_quiet(args: argparse.Namespace, experiment):
@@ -294,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb in ("generate", "chat"):
             sub.add_argument("--system", help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
                                               "with +rag (default: finetuned when trained)")
+        if verb in ("generate", "chat", "serve", "demo"):
+            sub.add_argument("--system-prompt", help="system prompt for conversations that have none "
+                                                     "(default: the one the run trained with; '' for none)")
         if verb == "generate":
             sub.add_argument("--input", required=True, help="JSONL of {'prompt': ...} or {'messages': [...]} lines")
             sub.add_argument("--output", required=True, help="where the answers go (JSONL)")
@@ -318,8 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Silence what a user cannot act on: bitsandbytes' note that an optional CPU kernel package is absent (printed
+    on every 4-bit load), and deprecation warnings raised from inside peft and transformers, not from our calls."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse hands out positionals greedily, so words written after an option land in `extra`.
@@ -340,3 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tuneforge {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a missing or unreadable file, a full disk, a busy port: the cause, not a traceback
+        if os.environ.get("TUNEFORGE_DEBUG"):
+            raise
+        print(f"tuneforge {args.verb}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+

@@ -128,19 +128,27 @@ class LoraSection(Section):
 # --------------------------------------------------------------------------- train
 
 
+Auto = Literal["auto"]
+
+
 class LocalTrain(Section):
+    """Every knob that says `auto` is chosen from the prepared data by `tuneforge.data.plan` (prepare's report and
+    the start of training print the value and why); a value you set always wins."""
+
     backend: Literal["local"] = "local"
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
-    epochs: float = Field(2.0, gt=0)
-    """Passes over the training data (ignored when max_steps is set)."""
+    epochs: Union[float, Auto] = Field("auto", union_mode="left_to_right")
+    """Passes over the training data (ignored when max_steps is set). auto: 2, more for tiny files (enough optimizer steps), fewer past 25,000 example passes."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run; overrides epochs."""
-    micro_batch_size: int = Field(4, gt=0)
-    """Sequences (or packed rows) per forward pass."""
-    grad_accum: int = Field(2, gt=0)
-    """Micro-batches per optimizer step."""
-    lr: float = Field(2e-4, gt=0)
-    """Peak learning rate. 2e-4 with warmup, cosine decay and clipping is stable for LoRA; 3e-4 without them diverged."""
+    batch_size: Union[int, Auto] = "auto"
+    """Examples (packed rows when packing) per optimizer step, over all processes. auto: the largest power of two up to 32 that still gives the minimum number of steps."""
+    micro_batch_size: Union[int, Auto] = "auto"
+    """Sequences (or packed rows) per forward pass: a memory knob. auto: as many of the batch as fit 8,192 tokens."""
+    grad_accum: Union[int, Auto] = "auto"
+    """Micro-batches per optimizer step. auto: batch_size / micro_batch_size / processes."""
+    lr: Union[float, Auto] = Field("auto", union_mode="left_to_right")
+    """Peak learning rate. auto: 2e-4 for LoRA (stable with warmup, cosine decay and clipping; 3e-4 without them diverged), 2e-5 for full fine-tuning."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -153,22 +161,40 @@ class LocalTrain(Section):
     """paged_adamw_8bit saves optimizer memory on GPU (bitsandbytes)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
-    packing: bool = True
-    """Pack short examples into full rows, with attention kept inside each example."""
+    packing: Union[bool, Auto] = "auto"
+    """Pack short examples into full rows, with attention kept inside each example. auto: off for labelled (classification) data, whose steps count examples; off when the median example fills over half of max_length; else on."""
+    label_weights: Literal["none", "balanced"] = "none"
+    """With data.label: balanced weighs each example's loss by n / (classes x examples of its class), so rare labels count as much as common ones."""
     full_finetune: bool = False
     """Train every weight instead of LoRA adapters (small models only; needs quantization: none)."""
-    eval_every: int = Field(50, gt=0)
-    """Evaluate on the valid split every N optimizer steps."""
-    save_every: int = Field(100, gt=0)
-    """Write a checkpoint every N optimizer steps."""
+    eval_every: Union[int, Auto] = "auto"
+    """Evaluate on the valid split every N optimizer steps. auto: five evaluations per run."""
+    save_every: Union[int, Auto] = "auto"
+    """Write a checkpoint every N optimizer steps. auto: at every evaluation (needed to keep the best one)."""
     keep_checkpoints: int = Field(2, gt=0)
-    """How many recent checkpoints to keep."""
+    """How many recent checkpoints to keep (the best one is kept besides)."""
+    keep_best: bool = True
+    """Keep the adapter of the best evaluation (valid accuracy with data.label, else valid loss) instead of the last step's."""
     resume: Literal["never", "auto"] = "never"
     """auto: continue from the newest complete checkpoint of this run."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project."""
     extra_args: dict[str, Any] = {}
     """Further trainer options (TRL SFTConfig names), checked by building the trainer config."""
+
+    @field_validator("epochs", "lr")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return value
+
+    @field_validator("batch_size", "micro_batch_size", "grad_accum", "eval_every", "save_every")
+    @classmethod
+    def _positive_count(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a whole number of at least 1 (or auto)")
+        return value
 
 
 class OpenAITrain(Section):
@@ -235,7 +261,7 @@ class RagSection(Section):
         return self
 
 
-SYSTEM_NAME = re.compile(r"^(base|finetuned)(\+rag)?$|^openai:.+$|^tfidf$|^ngram$|^(adapter|merged):.+$")
+SYSTEM_NAME = re.compile(r"^(base|finetuned)(\+rag)?$|^openai:.+$|^tfidf$|^ngram$|^majority$|^(adapter|merged):.+$")
 
 
 class JudgeSection(Section):
@@ -245,7 +271,7 @@ class JudgeSection(Section):
     @field_validator("model")
     @classmethod
     def _judge_is_a_model(cls, model: str) -> str:
-        if model in ("tfidf", "ngram") or model.endswith("+rag") or not SYSTEM_NAME.match(model):
+        if model in ("tfidf", "ngram", "majority") or model.endswith("+rag") or not SYSTEM_NAME.match(model):
             raise ValueError(f"the judge must be a model (base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>), not {model!r}")
         return model
     rubric: str = "Which answer is more helpful, correct and faithful to the question?"
@@ -254,7 +280,7 @@ class JudgeSection(Section):
 
 class EvalSection(Section):
     systems: list[str] = ["base", "finetuned"]
-    """Systems to compare: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, adapter:<dir>, merged:<dir>."""
+    """Systems to compare: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, majority, adapter:<dir>, merged:<dir>. With labels, majority (always the most common training label) is added as the floor."""
     data: str | None = None
     """Eval set in any form prepare accepts (default: the run's valid split)."""
     sample: int | None = Field(None, gt=0)
@@ -273,7 +299,7 @@ class EvalSection(Section):
     def _known_systems(cls, systems: list[str]) -> list[str]:
         bad = [s for s in systems if not SYSTEM_NAME.match(s)]
         if bad:
-            raise ValueError(f"unknown system(s) {bad}; allowed: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, adapter:<dir>, merged:<dir>")
+            raise ValueError(f"unknown system(s) {bad}; allowed: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, majority, adapter:<dir>, merged:<dir>")
         return systems
 
 
@@ -329,8 +355,9 @@ class Experiment(Section):
         problems = []
         if any(s.endswith("+rag") for s in self.eval.systems) and self.rag is None:
             problems.append("eval.systems names a +rag system but the experiment has no rag section")
-        if "tfidf" in self.eval.systems and self.data.label is None:
-            problems.append("eval.systems names tfidf, a classifier, but data.label is unset (tfidf needs a label to learn)")
+        for classifier in ("tfidf", "majority"):
+            if classifier in self.eval.systems and self.data.label is None:
+                problems.append(f"eval.systems names {classifier}, a classifier, but data.label is unset ({classifier} needs a label to learn)")
         if self.data.rag and self.rag is None:
             problems.append("data.rag is true but the experiment has no rag section")
         if self.data.rag and self.rag is not None and self.rag.corpus == "train":

@@ -96,6 +96,8 @@ def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tup
             detail = "required key is missing"
         elif kind in ("value_error", "assertion_error"):
             detail = err["msg"].removeprefix("Value error, ")
+            if not isinstance(value, (dict, list)):  # a field's own check: show what was written
+                values[key] = repr(value)
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
             choices = re.findall(r"'([^']*)'", expected)

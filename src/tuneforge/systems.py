@@ -8,6 +8,11 @@
 `chat`, `serve`, `eval` and `demo` all go through `Systems`, so a name means the
 same thing everywhere, and a `+rag` system builds its prompt exactly as
 `prepare` does for `data.rag: true` (`rag.retriever.augment`).
+
+A conversation that comes without a system message gets the system prompt the run
+trained with (`adapter/tuneforge.json`, else the prepared training data): a model
+fine-tuned behind a persona answers off-topic without it, and base and finetuned
+are then compared on the prompt users really send.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 from tuneforge.errors import TuneforgeError
@@ -88,6 +94,13 @@ def retrieve_into(conversations: list[list[dict]], retriever, special_tokens=())
     return results, hits_each
 
 
+def with_system_prompt(conversations: list[list[dict]], system_prompt: str | None) -> list[list[dict]]:
+    """Each conversation that has no system message opens with `system_prompt` (when there is one)."""
+    if not system_prompt:
+        return conversations
+    return [m if any(x.get("role") == "system" for x in m) else [{"role": "system", "content": system_prompt}, *m] for m in conversations]
+
+
 class System(abc.ABC):
     """Answers chats; `+rag` variants retrieve first and return their sources with the answer."""
 
@@ -95,10 +108,12 @@ class System(abc.ABC):
         self.spec, self.name = spec, spec.name
         self.retriever = retriever
         self.special_tokens = special_tokens
+        self.system_prompt: str | None = None  # given to conversations without one (Systems sets it)
 
     def retrieve(self, conversations: list[list[dict]]) -> tuple[list[list[dict]], list[list]]:
-        """The conversations as this system sends them (augmented for +rag), and the hits used for each."""
-        return retrieve_into(conversations, self.retriever, self.special_tokens)
+        """The conversations as this system sends them (with the default system prompt, augmented for +rag),
+        and the hits used for each."""
+        return retrieve_into(with_system_prompt(conversations, self.system_prompt), self.retriever, self.special_tokens)
 
     def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
         prompts, hits = self.retrieve(conversations)
@@ -197,6 +212,28 @@ class HostedSystem(System):
         yield Answer(text.strip(), 0, 0, finish)
 
 
+def training_system_prompt(run, spec: Spec | None = None) -> str | None:
+    """The system prompt a system was trained with: its folder's tuneforge.json for adapter:/merged: systems,
+    else this run's adapter (or merged) tuneforge.json, else the most common one in the run's prepared training data."""
+    from tuneforge.data.records import common_system_prompt
+
+    folders = [run.sub("adapter"), run.sub("merged")]
+    if spec is not None and spec.model.startswith(("adapter:", "merged:")):
+        folders = [Path(spec.model.split(":", 1)[1])]
+    for folder in folders:
+        try:
+            saved = json.loads((folder / "tuneforge.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "system_prompt" in saved:
+            return saved["system_prompt"]
+    train = run.sub("data", "train.jsonl")
+    if not train.exists():
+        return None
+    with open(train, encoding="utf-8") as fh:
+        return common_system_prompt(json.loads(line)["messages"] for line in fh if line.strip())
+
+
 def _api_message(exc) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
@@ -225,9 +262,10 @@ def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
-    def __init__(self, experiment, run, build_index: bool = True):
+    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None):
         self.experiment, self.run = experiment, run
         self.build_index = build_index
+        self.system_prompt_override = system_prompt  # None: the training one; "": none; text: that
         self.engines: dict[str, Engine] = {}
         self.systems: dict[str, System] = {}
         self.retriever = None
@@ -257,8 +295,15 @@ class Systems:
                 else:
                     system = LocalSystem(spec, self._engine(spec.model), retriever)
                 system.name = name
+                system.system_prompt = self.system_prompt(name)
                 self.systems[name] = system
             return self.systems[name]
+
+    def system_prompt(self, name: str) -> str | None:
+        """What a conversation without a system message gets when `name` answers it."""
+        if self.system_prompt_override is not None:
+            return self.system_prompt_override or None
+        return training_system_prompt(self.run, parse(self.aliases.get(name, name)))
 
     def scorer(self, name: str) -> Engine:
         """A transformers Engine for teacher-forced scoring (label log-likelihoods, perplexity) of a local system.

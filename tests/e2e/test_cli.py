@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,9 @@ def test_run_prepares_trains_and_evaluates_into_run_dir_with_config_and_manifest
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["seed"] == 9 and manifest["name"] == "tiny"
     assert "torch" in manifest["packages"] and "transformers" in manifest["packages"]
-    assert manifest["device"]["cuda"] in (True, False)
+    import torch
+
+    assert manifest["device"]["cuda"] is torch.cuda.is_available() and manifest["device"]["cpu_count"] == os.cpu_count()
     assert manifest["data"]["counts"] == {"train": 6, "valid": 2, "rejected": 0}
     assert len((run / "data" / "train.jsonl").read_text().splitlines()) == 6
     assert str(run) in out.stdout
@@ -93,3 +96,30 @@ def test_prepare_names_broken_lines_and_writes_no_data(tmp_path):
     assert "chats.jsonl line 2: [invalid_json]" in out.stderr
     assert "chats.jsonl line 4: [example_missing_assistant_message]" in out.stderr
     assert not (tmp_path / "runs" / "tiny" / "data").exists()
+
+
+def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
+    """A missing input file, a busy port and a verb that only reads a run: the cause in one line, no traceback,
+    and nothing created where there was no run."""
+    import socket
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: lonely\nmodel: {ref: builtin:smollm2-135m-instruct}\n")
+    out = tuneforge("generate", str(exp), "--input", "missing.jsonl", "--output", "out.jsonl", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "tuneforge generate: error: no such file or folder: missing.jsonl" in out.stderr
+    assert not (tmp_path / "runs").exists()  # a verb that reads a run never creates one
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = tuneforge("serve", str(exp), "--port", str(port), cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in out.stderr
+
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    out = tuneforge("generate", str(exp), "--input", "prompts.jsonl", "--output", "out.jsonl", "--system", "finetuned", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"no adapter in {tmp_path / 'runs' / 'lonely' / 'adapter'}" in out.stderr  # says where it looked
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out.jsonl").exists()

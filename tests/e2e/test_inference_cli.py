@@ -38,7 +38,7 @@ def test_generate_answers_prompt_and_messages_lines(tmp_path, smollm_location):
 
 
 def test_terminal_chat_streams_and_handles_commands(tmp_path, smollm_location):
-    script = ("What is the capital of France?\n/model finetuned\n/system Answer in one word.\n/system\n/reset\n"
+    script = ("What is the capital of France?\n/model finetuned\n/system Answer in one word.\n/system\n/system off\n/reset\n"
               "What is the capital of Italy?\n/exit\n")
     out = subprocess.run([sys.executable, "-m", "tuneforge", "chat", QUICKSTART, "--run-dir", str(tmp_path / "run")],
                          input=script, capture_output=True, text=True, timeout=600)
@@ -46,4 +46,6 @@ def test_terminal_chat_streams_and_handles_commands(tmp_path, smollm_location):
     lines = out.stdout
     assert "base> " in lines and "Paris" in lines and "Rome" in lines
     assert "no adapter" in lines  # /model finetuned before training: explained, chat goes on
-    assert "(system prompt set)" in lines and "(system prompt cleared)" in lines and "(conversation cleared)" in lines
+    assert "(no system prompt)" in lines  # nothing was prepared in this run, so there is no training prompt to start with
+    assert "(system prompt set)" in lines and "(system prompt: 'Answer in one word.')" in lines and "(system prompt off)" in lines
+    assert "(conversation cleared)" in lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
     assert summary["steps"] == 6
     assert summary["final_eval_loss"] < summary["base_eval_loss"]
     losses = [json.loads(x).get("loss") for x in run.sub("metrics.jsonl").read_text().splitlines()]
-    assert all(l is None or l == l for l in losses)  # finite
+    assert all(loss is None or math.isfinite(loss) for loss in losses)
 
     # the saved adapter on a freshly loaded 4-bit base reproduces the trained model's logits
     section = ModelSection(quantization="4bit", device="cpu")

@@ -75,14 +75,17 @@ def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_
     folder = run.sub("eval")
     metrics = json.loads((folder / "metrics.json").read_text())
     assert set(metrics) == {"base", "ngram", merged}
+    with open(folder / "predictions.csv", newline="") as fh:
+        predictions = list(csv.DictReader(fh))
     for name in metrics:
         assert metrics[name]["examples"] == n
-        assert 0 <= metrics[name]["quality"] <= 100 and -1 <= metrics[name]["similarity"] <= 1
+        rows = [r for r in predictions if r["system"] == name]
+        # the headline numbers are the means of the per-example scores written beside them
+        assert metrics[name]["similarity"] == pytest.approx(sum(float(r["similarity"]) for r in rows) / n, abs=1e-3)
+        assert metrics[name]["quality"] == pytest.approx(sum(float(r["quality"]) for r in rows) / n, abs=0.05)
         assert metrics[name]["similarity_low"] <= metrics[name]["similarity"] <= metrics[name]["similarity_high"]
         assert metrics[name]["perplexity"] > 1
     assert metrics["ngram"]["rouge_l"] > metrics["base"]["rouge_l"]  # a random tiny model is no match for the answers' own words
-    with open(folder / "predictions.csv", newline="") as fh:
-        predictions = list(csv.DictReader(fh))
     assert len(predictions) == 3 * n
     assert {"prompt", "answer", "reference", "sources", "similarity", "rouge_l", "bleu", "perplexity"} <= set(predictions[0])
     html = (folder / "report.html").read_text()
@@ -117,7 +120,12 @@ def test_classification_with_tfidf_beside_a_model(tmp_path, tiny_llama, tiny_tok
     assert (run.sub("eval", "confusion.png")).exists()
     with open(run.sub("eval", "predictions.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {"p_positive", "p_negative", "correct", "label"} <= set(rows[0]) and len(rows) == 18
+    assert {"p_positive", "p_negative", "correct", "label"} <= set(rows[0]) and len(rows) == 24  # 4 systems x 6
+    # the majority floor is added to every classification eval: always the most common training label
+    majority = [r for r in rows if r["system"] == "majority"]
+    assert len({r["answer"] for r in majority}) == 1
+    share = sum(r["label"] == majority[0]["answer"] for r in majority) / len(majority)
+    assert metrics["majority"]["accuracy"] == share
 
 
 def test_tfidf_without_a_label_is_refused_before_anything_loads(tmp_path):

@@ -139,12 +139,14 @@ def test_an_openai_experiment_file_validates(tmp_path):
 
 
 def test_hyperparameters_map_onto_the_local_trainer():
-    train = LocalTrain(epochs=3, micro_batch_size=4, lr=2e-4, max_steps=5)
+    train = LocalTrain(epochs=3, batch_size=4, lr=2e-4, max_steps=5)
     auto = local_train_section(train, {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, True)
-    assert (auto["epochs"], auto["micro_batch_size"], auto["lr"], auto["max_steps"]) == (3, 4, 2e-4, 5)
+    assert (auto["epochs"], auto["batch_size"], auto["lr"], auto["max_steps"]) == (3, 4, 2e-4, 5)
     assert auto["extra_args"] == {}
     given = local_train_section(train, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5}, False)
-    assert (given["epochs"], given["micro_batch_size"], given["lr"]) == (1, 2, 1e-4)
+    assert (given["epochs"], given["batch_size"], given["lr"]) == (1, 2, 1e-4)
+    # the job's multiplier applies to the auto rate when the server leaves lr on auto
+    assert local_train_section(LocalTrain(), {"learning_rate_multiplier": 0.5}, True)["lr"] == 1e-4
     assert given["extra_args"] == {"eval_strategy": "no"}  # nothing to evaluate on without a validation file
     assert LocalTrain.model_validate(given).backend == "local"
 

@@ -207,8 +207,8 @@ def test_split_is_seeded_and_stratified(tmp_path, tiny_tokenizer):
     valid_a = run.sub("data", "valid.meta.jsonl").read_text()
     second, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {path}\n  valid_split: 0.25")
     assert run.sub("data", "valid.meta.jsonl").read_text() == valid_a
-    assert first["labels"]["valid"] == {"negative": 2, "positive": 8}
-    assert first["labels"]["train"] == {"negative": 8, "positive": 22}
+    assert first["labels"]["valid"]["counts"] == {"negative": 2, "positive": 8}
+    assert first["labels"]["train"]["counts"] == {"negative": 8, "positive": 22}
     other, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {path}\n  valid_split: 0.25", extra="seed: 7\n")
     assert run.sub("data", "valid.meta.jsonl").read_text() != valid_a
 
@@ -232,17 +232,18 @@ def test_report_counts_tokens_and_estimates(tmp_path, tiny_tokenizer):
 
 
 def test_step_estimate_counts_the_rows_the_trainer_packs(tmp_path):
+    from tuneforge.data.packing import build_rows
     from tuneforge.data.records import Example
-    from tuneforge.data.report import local_estimate
-    from tuneforge.train.batching import build_rows
+    from tuneforge.data.report import local_plan
 
-    exp, _ = experiment(tmp_path, "  train: x.jsonl\n  max_length: 100", extra="train: {micro_batch_size: 2, grad_accum: 1, epochs: 3}\n")
+    exp, _ = experiment(tmp_path, "  train: x.jsonl\n  max_length: 100",
+                        extra="train: {micro_batch_size: 2, grad_accum: 1, epochs: 3, packing: true}\n")
     lengths = [60] * 9 + [30, 25]  # two 60s never share a row: dividing total tokens by 100 would say 7 rows
-    examples = [Example(messages=[], id=str(i), where="", n_tokens=n) for i, n in enumerate(lengths)]
+    examples = [Example(messages=[], id=str(i), where="", n_tokens=n, n_trainable=20) for i, n in enumerate(lengths)]
     rows = build_rows([([0] * n, [0] * n) for n in lengths], 100, packing=True, seed=exp.seed)
-    estimate = local_estimate(examples, exp)
-    assert estimate["rows_per_epoch"] == len(rows) == 9
-    assert estimate["estimated_steps"] == 3 * 5
+    plan = local_plan(examples, exp)
+    assert plan["rows"] == len(rows) == 9
+    assert plan["steps"] == 3 * 5
 
 
 def test_failed_prepare_keeps_previous_output(tmp_path, tiny_tokenizer):

@@ -24,7 +24,7 @@ def _experiment(tmp_path, model_dir, name):
         f"name: {name}\nseed: 11\nmodel: {{ref: {model_dir}, quantization: none}}\n"
         f"data: {{train: {data.name}, valid_split: 0.05, max_length: 32}}\n"
         "lora: {r: 4, alpha: 8, dropout: 0.1}\n"  # dropout on: the RNG state must be restored too
-        "train: {epochs: 1, micro_batch_size: 1, grad_accum: 2, lr: 1.0e-3, save_every: 10, eval_every: 1000, packing: false}\n"
+        "train: {epochs: 1, micro_batch_size: 1, grad_accum: 2, lr: 1.0e-3, save_every: 10, eval_every: 1000, keep_best: false, packing: false}\n"
     )
     return exp
 

@@ -88,3 +88,55 @@ def test_vllm_engine_is_refused_clearly_where_it_cannot_run(tmp_path):
     experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml", ["model.engine=vllm"])
     with pytest.raises(TuneforgeError, match=r"model.engine: vllm needs the vllm package .*use model.engine: transformers"):
         Systems(experiment, RunDir(experiment, tmp_path / "run")).get("base")
+
+
+class EchoAll(Echo):
+    """Answers with the whole conversation it was sent."""
+
+    def _generate(self, conversations, settings, batch_size, progress):
+        return [Answer(repr(m), 0, 0, "stop") for m in conversations]
+
+
+def _run_with(tmp_path, system_prompts: list[str | None], adapter_prompt: str | None = "unset"):
+    import json
+
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
+
+    run = RunDir(Experiment(name="sp"), tmp_path / "run")
+    data = run.sub("data")
+    data.mkdir(parents=True)
+    with open(data / "train.jsonl", "w") as fh:
+        for prompt in system_prompts:
+            head = [{"role": "system", "content": prompt}] if prompt else []
+            fh.write(json.dumps({"messages": [*head, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    if adapter_prompt != "unset":
+        run.sub("adapter").mkdir()
+        run.sub("adapter", "tuneforge.json").write_text(json.dumps({"system_prompt": adapter_prompt}))
+    return run
+
+
+def test_conversations_without_a_system_message_get_the_training_one(tmp_path):
+    from tuneforge.config import Experiment
+    from tuneforge.systems import Systems, training_system_prompt
+
+    run = _run_with(tmp_path, ["You are Kestrel's support assistant."] * 3 + ["Other.", None])
+    assert training_system_prompt(run) == "You are Kestrel's support assistant."  # the most common one
+    systems = Systems(Experiment(name="sp"), run)
+    system = EchoAll(Spec("base", "base", False))
+    system.system_prompt = systems.system_prompt("base")
+    bare = [{"role": "user", "content": "My K2 shows E3"}]
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    (with_default, kept), _ = system.retrieve([bare, own])
+    assert with_default == [{"role": "system", "content": "You are Kestrel's support assistant."}, *bare]
+    assert kept == own  # a conversation's own system message always wins
+    assert Systems(Experiment(name="sp"), run, system_prompt="").system_prompt("base") is None  # --system-prompt ''
+    assert Systems(Experiment(name="sp"), run, system_prompt="Be terse.").system_prompt("finetuned") == "Be terse."
+
+
+def test_the_adapters_recorded_prompt_wins_over_the_data(tmp_path):
+    from tuneforge.systems import training_system_prompt
+
+    assert training_system_prompt(_run_with(tmp_path / "a", ["From data."], adapter_prompt="From training.")) == "From training."
+    assert training_system_prompt(_run_with(tmp_path / "b", ["From data."], adapter_prompt=None)) is None  # trained without one
+    assert training_system_prompt(_run_with(tmp_path / "c", [None, None])) is None

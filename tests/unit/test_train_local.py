@@ -96,7 +96,8 @@ def test_our_loss_equals_the_models_own(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from tuneforge.train.batching import Collator, build_rows
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -167,3 +168,111 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
     else:
         config = json.loads((run.sub("adapter") / "adapter_config.json").read_text())
         assert config["use_dora" if variant == "dora" else "use_rslora"] is True
+
+
+def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_model_dir):
+    """Validation says step 10 was best (the callback makes it so): the adapter kept is that checkpoint's, not the last."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from tuneforge.train.local import train_local
+
+    class BestAtTen(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step:
+                metrics["eval_loss"] = 0.01 if state.global_step == 10 else 5.0
+
+    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 20")
+    summary = train_local(experiment, run, progress=False, callbacks=[BestAtTen()])
+    assert summary["kept_step"] == 10 and "lowest valid loss" in summary["kept_because"]
+    kept = load_file(run.sub("adapter", "adapter_model.safetensors"))
+    best = load_file(run.sub("checkpoints", "checkpoint-10", "adapter_model.safetensors"))
+    last = load_file(run.sub("checkpoints", "checkpoint-20", "adapter_model.safetensors"))
+    assert all(torch.equal(kept[k], best[k]) for k in kept)
+    assert any(not torch.equal(kept[k], last[k]) for k in kept)
+    assert json.loads(run.sub("adapter", "tuneforge.json").read_text())["training"]["kept_step"] == 10
+
+
+def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path, tiny_model_dir):
+    import csv
+
+    from tuneforge.train.local import train_local
+
+    words = {"positive": "great lovely", "negative": "awful broken", "neutral": "fine okay"}
+    with open(tmp_path / "reviews.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["review", "sentiment"])
+        for i in range(60):
+            label = ["positive", "positive", "negative", "neutral"][i % 4]
+            writer.writerow([f"{words[label]} thing {i}", label])
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        f"name: tiny-labels\nseed: 3\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
+        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
+        "lora: {r: 8, alpha: 32, dropout: 0.0}\ntrain: {max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1}\n")
+    experiment = load_experiment(exp)
+    run = RunDir(experiment, tmp_path / "run").start("train")
+    report = prepare(experiment, run, progress=False)
+    assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
+    assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
+    summary = train_local(experiment, run, progress=False)
+
+    records = [json.loads(x) for x in run.sub("metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [0, 3, 6, 9, 12]
+    assert all(0 <= r["eval_macro_f1"] <= 1 and r["eval_loss"] > 0 for r in evaluated)
+    trained = evaluated[1:]
+    best = max(trained, key=lambda r: (r["eval_accuracy"], -r["eval_loss"], -r["step"]))
+    assert summary["kept_step"] == best["step"] and summary["valid_accuracy"] == best["eval_accuracy"]
+    assert summary["base_valid_accuracy"] == evaluated[0]["eval_accuracy"]
+    assert summary["majority_accuracy"] == 0.5 and summary["majority_label"] == "positive"
+    assert ("warning" in summary) == (summary["valid_accuracy"] <= 0.5)
+    from PIL import Image
+
+    with Image.open(run.sub("plots", "training.png")) as image:
+        assert image.width > 1.8 * image.height  # the loss panel and the valid accuracy panel side by side
+
+
+def test_balanced_label_weights_weigh_each_class_equally(tiny_model_dir):
+    from tuneforge.data.packing import build_rows
+    from tuneforge.data.records import Example
+    from tuneforge.train.batching import Collator
+    from tuneforge.train.local import label_weights
+
+    examples = [Example([], str(i), "", label) for i, label in enumerate(["a"] * 6 + ["b"] * 2)]
+    weights = label_weights(examples, "balanced")
+    assert sum(weights) == pytest.approx(len(examples))  # mean 1: the loss keeps its scale
+    assert sum(w for w, e in zip(weights, examples) if e.label == "a") == pytest.approx(sum(w for w, e in zip(weights, examples) if e.label == "b"))
+    assert label_weights(examples, "none") is None
+    rows = build_rows([([5, 6, 7], [-100, 6, 7])] * 2 + [([8, 9], [-100, 9])], 16, packing=True, seed=0, weights=[3.0, 3.0, 0.5])
+    batch = Collator(2, "block_mask")([r.__dict__ for r in rows])
+    for b, row in enumerate(rows):
+        start = 0
+        for length, weight in zip(row.seq_lens, row.weights):
+            assert batch["loss_weights"][b, start : start + length].eq(weight).all()
+            start += length
+
+
+def test_weighted_loss_is_the_weighted_mean_of_token_losses(tmp_path, tiny_model_dir):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
+    from tuneforge.train.trainer import ForgeTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n - 3) + ids[n - 3 :]) for n in (12, 7, 20)]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]), data_collator=lambda x: x)
+    model.eval()
+    plain = [trainer.compute_loss(model, dict(Collator(2, "padded")([build_rows([e], 32, False, 0)[0].__dict__]))).item() for e in examples]
+    rows = build_rows(examples, 32, packing=False, seed=0, weights=[2.0, 0.5, 1.0])
+    with torch.no_grad():
+        weighted = trainer.compute_loss(model, dict(Collator(2, "padded")([r.__dict__ for r in rows])))
+    # every example has three supervised tokens, so the batch mean weighs each example's mean loss by its weight
+    expected = (2.0 * plain[0] + 0.5 * plain[1] + 1.0 * plain[2]) / 3
+    assert weighted.item() == pytest.approx(expected, rel=1e-4)

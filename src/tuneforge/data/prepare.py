@@ -352,7 +352,7 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
         "cleaning": train.cleaning,
         "counts": {"train": len(train_examples), "valid": len(valid_examples), "rejected": len(rejected)},
         "tokens": {"train": reporting.token_stats(train_examples), "valid": reporting.token_stats(valid_examples)},
-        "labels": {k: v for k, v in {"train": reporting.label_counts(train_examples), "valid": reporting.label_counts(valid_examples)}.items() if v},
+        "labels": {k: v for k, v in {"train": reporting.label_summary(train_examples), "valid": reporting.label_summary(valid_examples)}.items() if v},
         "problems": {
             "errors": sum(p.severity == "error" for p in everything),
             "warnings": sum(p.severity == "warning" for p in everything),
@@ -367,7 +367,7 @@ def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str,
     if retrieval is not None:
         report["rag"] = retrieval
     if experiment.train.backend == "local":
-        report["local"] = reporting.local_estimate(train_examples, experiment)
+        report["local"] = reporting.local_plan(train_examples, experiment)
     else:
         report["openai"] = reporting.openai_estimate(train_examples, experiment)
 

@@ -49,6 +49,15 @@ class Example:
         return record
 
 
+def common_system_prompt(conversations) -> str | None:
+    """The system prompt most training conversations open with (None when none has one)."""
+    from collections import Counter
+
+    found = Counter(m[0]["content"] for m in conversations
+                    if m and m[0].get("role") == "system" and isinstance(m[0].get("content"), str) and m[0]["content"].strip())
+    return found.most_common(1)[0][0] if found else None
+
+
 @dataclass
 class Raw:
     """A record as read from a source, before it is turned into messages."""

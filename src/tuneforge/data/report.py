@@ -54,25 +54,22 @@ def openai_epochs(n_examples: int) -> int:
     return epochs
 
 
-def local_estimate(train: list[Example], experiment) -> dict[str, Any]:
-    """Optimizer steps the local trainer will take (packed rows when packing is on)."""
-    t = experiment.train
-    per_step = t.micro_batch_size * t.grad_accum
-    if t.packing:  # the trainer's own packing, so the estimate counts the rows it will really make
-        from tuneforge.train.batching import pack
+def local_plan(train: list[Example], experiment) -> dict[str, Any]:
+    """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
+    from tuneforge.data.plan import plan_training
 
-        rows = max(1, len(pack([e.n_tokens for e in train], experiment.data.max_length, experiment.seed)))
-    else:
-        rows = len(train)
-    steps_per_epoch = max(1, math.ceil(rows / per_step))
-    steps = t.max_steps or math.ceil(steps_per_epoch * t.epochs)
-    return {
-        "rows_per_epoch": rows,
-        "sequences_per_step": per_step,
-        "steps_per_epoch": steps_per_epoch,
-        "estimated_steps": steps,
-        "packing": t.packing,
-    }
+    plan = plan_training(experiment.train, [e.n_tokens for e in train], [e.n_trainable for e in train],
+                         experiment.data.label is not None, experiment.data.max_length, experiment.seed)
+    return plan.to_json()
+
+
+def label_summary(examples: list[Example]) -> dict[str, Any] | None:
+    """Counts per label, and the accuracy of always answering the most common one: the floor every system must beat."""
+    counts = label_counts(examples)
+    if not counts:
+        return None
+    majority = max(counts, key=lambda k: (counts[k], k))
+    return {"counts": counts, "majority_label": majority, "majority_accuracy": round(counts[majority] / sum(counts.values()), 4)}
 
 
 def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:
@@ -136,9 +133,13 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{s['trainable_share']:.1%} | {s['truncated']} | {s['missing_end_of_turn']} |"
             )
     if report.get("labels"):
-        lines += ["", "## Labels", ""]
-        for split_name, counts in report["labels"].items():
-            lines.append(f"- {split_name}: " + ", ".join(f"{k} {v}" for k, v in (counts or {}).items()))
+        lines += ["", "## Labels", "", "Always answering the most common label is the floor a classifier has to beat.", "",
+                  "| split | " + " | ".join(_all_labels(report["labels"])) + " | majority-class accuracy |",
+                  "| --- |" + " ---: |" * (len(_all_labels(report["labels"])) + 1)]
+        for split_name, summary_ in report["labels"].items():
+            total = sum(summary_["counts"].values())
+            cells = [f"{summary_['counts'].get(k, 0)} ({summary_['counts'].get(k, 0) / total:.0%})" for k in _all_labels(report["labels"])]
+            lines.append(f"| {split_name} | " + " | ".join(cells) + f" | {summary_['majority_accuracy']:.3f} ({summary_['majority_label']}) |")
     if report.get("rag"):
         rag = report["rag"]
         lines += ["", "## Retrieval-augmented examples (data.rag)", "",
@@ -149,10 +150,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Problems", "", f"{problems['errors']} errors, {problems['warnings']} warnings"]
     lines += [f"- `{code}`: {n}" for code, n in problems["by_code"].items()]
     if "local" in report:
-        loc = report["local"]
-        lines += ["", "## Local training estimate", "",
-                  f"{loc['estimated_steps']} optimizer steps ({loc['steps_per_epoch']} per epoch, "
-                  f"{loc['sequences_per_step']} {'packed rows' if loc['packing'] else 'examples'} per step)"]
+        from tuneforge.data.plan import TrainingPlan
+
+        plan = TrainingPlan(**report["local"])
+        lines += ["", "## Training plan (local)", "", "Values marked auto in the experiment file were chosen from this data:", ""]
+        lines += [f"- {line}" for line in plan.describe()]
+        lines += [f"- **warning:** {w}" for w in plan.warnings]
     if "openai" in report:
         oa = report["openai"]
         lines += ["", "## OpenAI fine-tuning estimate", "",
@@ -161,6 +164,10 @@ def markdown(report: dict[str, Any]) -> str:
                   f"- estimated cost: ${oa['estimated_cost_usd']:.2f} at ${oa['price_per_1m_tokens']}/1M tokens", f"- {oa['note']}"]
     lines += ["", "![token lengths](token_lengths.png)", ""]
     return "\n".join(lines)
+
+
+def _all_labels(labels: dict[str, Any]) -> list[str]:
+    return sorted({k for summary_ in labels.values() for k in summary_["counts"]})
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -174,8 +181,14 @@ def summary(report: dict[str, Any]) -> str:
         )
     problems = report["problems"]
     out.append(f"problems: {problems['errors']} errors, {problems['warnings']} warnings, {report['counts']['rejected']} rejected")
+    if report.get("labels"):
+        floor = report["labels"].get("valid") or report["labels"]["train"]
+        out.append(f"majority-class accuracy {floor['majority_accuracy']:.3f} (always {floor['majority_label']!r}): the floor to beat")
     if "local" in report:
-        out.append(f"local training: about {report['local']['estimated_steps']} optimizer steps")
+        plan = report["local"]
+        out.append(f"local training plan: {plan['steps']} optimizer steps ({plan['epochs']:g} epochs, batch {plan['batch_size']}, "
+                   f"lr {plan['lr']:g}, packing {'on' if plan['packing'] else 'off'})")
+        out += [f"warning: {w}" for w in plan["warnings"]]
     if "openai" in report:
         oa = report["openai"]
         out.append(f"openai: {oa['n_epochs']} epochs, {oa['billed_tokens']:,} billed tokens, about ${oa['estimated_cost_usd']:.2f}")

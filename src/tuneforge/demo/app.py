@@ -54,10 +54,15 @@ def _column(reply) -> str:
     return text
 
 
-def build_app(experiment, run, systems: Systems | None = None):
+def build_app(experiment, run, systems: Systems | None = None, system_prompt: str | None = None):
+    """The page. Its system prompt box starts with `system_prompt`, else the one the run trained with, and the
+    page sends exactly what the box holds (empty: none)."""
     import gradio as gr
 
-    systems = systems or Systems(experiment, run)
+    from tuneforge.systems import training_system_prompt
+
+    systems = systems or Systems(experiment, run, system_prompt="")
+    default_prompt = (training_system_prompt(run) if system_prompt is None else system_prompt) or ""
     names = system_choices(experiment, systems)
     presets = experiment.demo.presets
     compared = compare_defaults(experiment, names)
@@ -68,12 +73,12 @@ def build_app(experiment, run, systems: Systems | None = None):
                     + (f" `{RAG_SUFFIX}` systems answer from retrieved passages and show them." if has_rag else ""))
         with gr.Row():
             preset = gr.Dropdown([NO_PRESET, *presets], value=NO_PRESET, label="Format preset", elem_id="preset")
-            system_prompt = gr.Textbox(label="System prompt", lines=2, scale=3, elem_id="system-prompt",
-                                       placeholder="optional; a preset fills it in")
+            system_prompt = gr.Textbox(default_prompt, label="System prompt" + (" (the one the run trained with)" if default_prompt else ""),
+                                       lines=2, scale=3, elem_id="system-prompt", placeholder="optional; a preset fills it in")
             temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature")
             max_tokens = gr.Slider(1, MAX_TOKENS_LIMIT, value=min(experiment.eval.max_new_tokens, MAX_TOKENS_LIMIT), step=1,
                                    label="Max tokens", elem_id="max-tokens")
-        preset.change(lambda name: presets.get(name, ""), preset, system_prompt, queue=False)
+        preset.change(lambda name: presets.get(name, default_prompt), preset, system_prompt, queue=False)
 
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -148,15 +153,16 @@ def build_app(experiment, run, systems: Systems | None = None):
     return app
 
 
-def launch(experiment, run, host: str | None = None, port: int | None = None, share: bool = False) -> int:
+def launch(experiment, run, host: str | None = None, port: int | None = None, share: bool = False,
+           system_prompt: str | None = None) -> int:
     """Serve the page until Ctrl-C; host/port default to the demo section, share to demo.share."""
     access = decide(experiment.demo, run, host=host, port=port, share=share)
     quiet_gradio(access)
     if not is_loopback(access.host) and access.auth is None:
         print(f"warning: the page on {access.host} answers anyone who can reach it; set {experiment.demo.auth_env}=user:password "
               "to ask for a login", file=sys.stderr)
-    systems = Systems(experiment, run)
-    app = build_app(experiment, run, systems)
+    systems = Systems(experiment, run, system_prompt="")  # the page sends the prompt its box holds
+    app = build_app(experiment, run, systems, system_prompt)
     first = "finetuned" if "finetuned" in systems.available() else "base"
     # load the Chat tab's default model while the browser opens, so the first answer does not wait for it
     threading.Thread(target=_warm, args=(systems, first), daemon=True).start()

@@ -1,6 +1,8 @@
 """Classical baselines trained on the run's prepared train split: how much does a language model add?
 
     tfidf   TF-IDF features of the prompt + logistic regression (classification)
+    majority  always the most common training label: the floor every classifier must beat
+              (added to every classification eval)
     ngram   a word trigram language model of the training answers (generation): it
             answers every question with its most likely answer, and has a perplexity
 """
@@ -15,7 +17,7 @@ import numpy as np
 
 from tuneforge.errors import TuneforgeError
 
-BASELINES = ("tfidf", "ngram")
+BASELINES = ("tfidf", "ngram", "majority")
 WORD = re.compile(r"\w+|[^\w\s]")
 START, END = "<s>", "</s>"
 

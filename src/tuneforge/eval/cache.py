@@ -23,13 +23,14 @@ def key(*parts: Any) -> str:
 
 def system_identity(name: str, experiment, run) -> dict:
     """What decides a system's answers, down to the adapter's bytes and the retriever's index."""
-    from tuneforge.systems import openai_base_url, parse
+    from tuneforge.eval.baselines import BASELINES
+    from tuneforge.systems import openai_base_url, parse, training_system_prompt
 
-    if name in ("tfidf", "ngram"):
+    if name in BASELINES:
         train = run.sub("data", "train.jsonl")
         return {"name": name, "train": file_sha256(train) if train.exists() else None, "seed": experiment.seed}
     spec = parse(name)
-    identity: dict[str, Any] = {"name": name}
+    identity: dict[str, Any] = {"name": name, "system_prompt": training_system_prompt(run, spec)}
     if spec.hosted:
         identity["base_url"] = openai_base_url(experiment)
     else:

@@ -120,8 +120,7 @@ class Evaluation:
                     cache.put(keys[i], {"text": answer.text, "sources": [h.to_json() for h in answer.sources]})
             else:
                 augmented, hits = system.retrieve(prompts)
-                found = self._scored(name, system, [p + [{"role": "assistant", "content": label}] for p in augmented for label in self.labels])
-                sums = found[0].reshape(len(missing), len(self.labels))
+                sums = self._label_scores(name, augmented)
                 for row, i in enumerate(missing):
                     cache.put(keys[i], {"scores": sums[row].tolist(), "sources": [h.to_json() for h in hits[row]]})
         from tuneforge.eval.classify import probabilities
@@ -173,6 +172,20 @@ class Evaluation:
             outcome.reference_tokens = [r["tokens"] for r in references]
         return outcome
 
+    def _label_scores(self, name: str, prompts: list[list[dict]]) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        from tuneforge.eval.classify import label_logprobs
+
+        rows = []
+        with tqdm(total=len(prompts), desc=f"scoring labels ({name})", unit=" prompts", disable=not self.progress) as bar:
+            for start in range(0, len(prompts), SCORE_CHUNK):
+                chunk = prompts[start : start + SCORE_CHUNK]
+                scorer = self.systems.scorer(name)  # transformers even when answers come from vLLM
+                rows.append(label_logprobs(scorer.model, scorer.encoder, chunk, self.labels, max_length=self.max_length))
+                bar.update(len(chunk))
+        return np.concatenate(rows)
+
     def _scored(self, name: str, system, conversations: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
         from tqdm.auto import tqdm
 
@@ -199,6 +212,16 @@ class Evaluation:
     def _baseline(self, name: str) -> Outcome:
         train = self._train_split()
         prompts = [item.prompt for item in self.items]
+        if name == "majority":
+            if not self.labels:
+                raise TuneforgeError("the majority baseline classifies: it needs data.label (eval data with labels)")
+            counts = {label: 0 for label in self.labels}
+            for e in train:
+                if e.label in counts:
+                    counts[e.label] += 1
+            top = max(self.labels, key=lambda label: (counts[label], label))
+            probs = np.array([[1.0 if label == top else 0.0 for label in self.labels]] * len(prompts))
+            return Outcome(name, [top] * len(prompts), [[] for _ in prompts], probabilities=probs)
         if name == "tfidf":
             if not self.labels:
                 raise TuneforgeError("the tfidf baseline classifies: it needs data.label (eval data with labels)")
@@ -246,7 +269,10 @@ def run_eval(experiment, run, systems=None, progress: bool = True) -> int:
     print(f"evaluating {', '.join(experiment.eval.systems)} on {len(items)} examples ({mode}"
           f"{': ' + ', '.join(labels) if labels else ''})", flush=True)
     evaluation = Evaluation(experiment, run, items, labels, systems, progress)
-    outcomes = [evaluation.outcome(name) for name in experiment.eval.systems]
+    names = list(experiment.eval.systems)
+    if labels and "majority" not in names:
+        names.append("majority")  # the floor: always the most common training label
+    outcomes = [evaluation.outcome(name) for name in names]
     if labels:
         table, per_example = report.classification_metrics(items, labels, outcomes, experiment.seed)
     else:

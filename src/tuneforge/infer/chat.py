@@ -1,8 +1,10 @@
 """`tuneforge chat`: a terminal chat with streamed answers and multi-turn history.
 
-Commands: /reset (forget the conversation), /system <text> (set the system
-prompt), /model <system> (switch systems, keeping the history: base, finetuned,
-their +rag variants, openai:<model>), /exit. A +rag system prints the sources it
+Commands: /reset (forget the conversation), /system (show the system prompt),
+/system <text> (set it), /system off (send none), /model <system> (switch systems,
+keeping the history: base, finetuned, their +rag variants, openai:<model>), /exit.
+The chat starts with the system prompt the run trained with, unless
+`--system-prompt` says otherwise ('' for none). A +rag system prints the sources it
 retrieved under each answer; the history keeps the plain question, and only the
 turn being answered carries the retrieved passages (as in training).
 """
@@ -14,20 +16,26 @@ import sys
 from tuneforge.errors import TuneforgeError
 from tuneforge.infer.engine import Answer, Settings
 
-HELP = "commands: /reset, /system <text>, /model <system>, /exit"
+HELP = "commands: /reset, /system [<text> | off], /model <system>, /exit"
 
 
-def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None) -> int:
-    from tuneforge.systems import Systems
+def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None) -> int:
+    from tuneforge.systems import Systems, parse, training_system_prompt
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    systems = Systems(experiment, run)
+    systems = Systems(experiment, run, system_prompt="")  # the chat sends its own system prompt, shown and changeable
     current = system_name
     systems.get(current)
-    system_prompt: str | None = None
+    if system_prompt is None:
+        system_prompt = training_system_prompt(run, parse(current))
+        origin = "the one the run trained with"
+    else:
+        origin = "from --system-prompt"
+    system_prompt = system_prompt or None
     history: list[dict] = []
     settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, seed=experiment.seed)
     stdout.write(f"chatting with {current} (available: {', '.join(systems.available())}); {HELP}\n")
+    stdout.write(f"(system prompt, {origin}: {system_prompt!r})\n" if system_prompt else "(no system prompt)\n")
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -44,8 +52,12 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None) -> int
             stdout.write("(conversation cleared)\n")
             continue
         if text.startswith("/system"):
-            system_prompt = text[len("/system") :].strip() or None
-            stdout.write(f"(system prompt {'set' if system_prompt else 'cleared'})\n")
+            given = text[len("/system") :].strip()
+            if given:
+                system_prompt = None if given == "off" else given
+                stdout.write(f"(system prompt {'set' if system_prompt else 'off'})\n")
+            else:
+                stdout.write(f"(system prompt: {system_prompt!r})\n" if system_prompt else "(no system prompt)\n")
             continue
         if text.startswith("/model"):
             wanted = text[len("/model") :].strip()

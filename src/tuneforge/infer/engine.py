@@ -46,7 +46,8 @@ def system_source(name: str, run) -> tuple[str | None, str | None]:
             merged = run.sub("merged")
             if (merged / "config.json").exists():
                 return None, str(merged)
-            raise TuneforgeError(f"system 'finetuned': no adapter in {adapter}; run `tuneforge train` first")
+            raise TuneforgeError(f"system 'finetuned': no adapter in {adapter.resolve()} (nor a merged model); run `tuneforge train` "
+                                 "first, or name the run with --run-dir")
         return str(adapter), None
     kind, _, path = name.partition(":")
     if kind == "adapter" and (Path(path) / "adapter_config.json").exists():

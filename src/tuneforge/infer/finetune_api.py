@@ -182,8 +182,8 @@ class FineTuningApi:
             atomic_write_jsonl(run.sub("data", f"{split}.meta.jsonl"),
                                ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)))
         t = experiment.train
-        self._event(job, f"Training {experiment.model.ref} with epochs={t.epochs}, micro_batch_size={t.micro_batch_size}, "
-                         f"lr={t.lr:g}" + (f", max_steps={t.max_steps} (server cap)" if t.max_steps else ""))
+        self._event(job, f"Training {experiment.model.ref} with epochs={t.epochs}, batch_size={t.batch_size}, "
+                         f"lr={t.lr}" + (f", max_steps={t.max_steps} (server cap)" if t.max_steps else ""))
         summary = train_local(experiment, run, progress=False, callbacks=[_progress_callback(self, job)])
 
         with self.lock:

@@ -40,7 +40,8 @@ def short_model_name(ref: str) -> str:
 def local_train_section(train, hyperparameters: dict[str, Any], has_validation: bool) -> dict[str, Any]:
     """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
 
-    n_epochs -> epochs, batch_size -> micro_batch_size, learning_rate_multiplier -> a multiple of train.lr.
+    n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
+    learning_rate_multiplier -> a multiple of train.lr (of the auto rate when train.lr is auto).
     A server started with train.max_steps keeps that cap: it bounds every job.
     """
     section = train.model_dump()
@@ -48,9 +49,11 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
     if hyperparameters.get("n_epochs", "auto") != "auto":
         section["epochs"] = hyperparameters["n_epochs"]
     if hyperparameters.get("batch_size", "auto") != "auto":
-        section["micro_batch_size"] = hyperparameters["batch_size"]
+        section.update(batch_size=hyperparameters["batch_size"], grad_accum="auto")  # the job's batch wins over the server's split
     if hyperparameters.get("learning_rate_multiplier", "auto") != "auto":
-        section["lr"] = train.lr * hyperparameters["learning_rate_multiplier"]
+        from tuneforge.data.plan import auto_lr
+
+        section["lr"] = (auto_lr(train) if train.lr == "auto" else train.lr) * hyperparameters["learning_rate_multiplier"]
     if not has_validation:  # the trainer refuses to evaluate on nothing
         section["extra_args"] = {**section["extra_args"], "eval_strategy": "no"}
     return section

@@ -60,8 +60,9 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
         merged_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.copy(adapter / "chat_template.jinja", tmp / "chat_template.jinja")
-        if (adapter / "generation_config.json").exists():
-            shutil.copy(adapter / "generation_config.json", tmp / "generation_config.json")
+        for name in ("generation_config.json", "tuneforge.json"):  # tuneforge.json: the training system prompt
+            if (adapter / name).exists():
+                shutil.copy(adapter / name, tmp / name)
     del merged_model, with_adapter
 
     after = Engine.load(experiment, "merged", merged=str(target), quantization="none").generate(prompts, settings)

@@ -18,6 +18,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.infer.engine import Answer, Settings
 
 MAX_BODY = 4 << 20  # bytes
@@ -37,10 +38,10 @@ class ApiError(Exception):
 class Served:
     """The run's systems as the API sees them: listed names, 404 for others, and a bounded queue."""
 
-    def __init__(self, experiment, run):
+    def __init__(self, experiment, run, system_prompt: str | None = None):
         from tuneforge.systems import Systems
 
-        self.systems = Systems(experiment, run)
+        self.systems = Systems(experiment, run, system_prompt=system_prompt)
         self.counter = threading.Lock()
         self.waiting = 0
         self.created = int(time.time())
@@ -243,16 +244,23 @@ def make_handler(systems: Served):
     return Handler
 
 
-def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None) -> None:
+def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
+          system_prompt: str | None = None) -> None:
     from tuneforge.infer.finetune_api import FineTuningApi
 
-    systems = Served(experiment, run)
+    systems = Served(experiment, run, system_prompt)
     fine_tuning = FineTuningApi(experiment, run, systems)
     systems.routes["/v1/files"] = fine_tuning.handle
     systems.routes["/v1/fine_tuning/"] = fine_tuning.handle
-    httpd = ThreadingHTTPServer((host, port), make_handler(systems))
+    try:
+        httpd = ThreadingHTTPServer((host, port), make_handler(systems))
+    except OSError as exc:
+        raise TuneforgeError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
     httpd.daemon_threads = True
     print(f"serving {', '.join(systems.names)} at http://{host}:{httpd.server_address[1]}/v1 (OpenAI-compatible)", flush=True)
+    default = systems.systems.system_prompt("base")
+    if default:
+        print(f"requests without a system message get the system prompt {default!r} (--system-prompt '' for none)", flush=True)
     if ready is not None:
         ready.set()
     try:

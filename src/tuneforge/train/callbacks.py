@@ -65,8 +65,9 @@ class MetricsLog(TrainerCallback):
             if "mean_token_accuracy" in logs:
                 record["token_accuracy"] = logs["mean_token_accuracy"]
             self._last_time, self._last_tokens = now, tokens
-        if "eval_loss" in logs:
-            record["eval_loss"] = float(logs["eval_loss"])
+        for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
+            if key in logs:
+                record[key] = float(logs[key])
         if len(record) > 2:
             self.records.append(record)
             atomic_write_jsonl(self.path, self.records)

@@ -10,9 +10,17 @@ from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_
 
 def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict]) -> None:
     save_adapter(trainer.model, tokenizer, encoder, experiment, run.sub("adapter"), summary)
-    plot_training(records, run.sub("plots", "training.png"))
+    plot_training(records, run.sub("plots", "training.png"), summary.get("majority_accuracy"))
     run.record("train", summary)
-    print(f"adapter written to {run.sub('adapter')}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary['final_eval_loss'])}")
+    print(f"adapter written to {run.sub('adapter')}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}")
+    if "kept_step" in summary:
+        line = f"kept the adapter of step {summary['kept_step']} of {summary['steps']}: {summary['kept_because']}"
+        if summary.get("valid_accuracy") is not None:
+            line += (f"; valid accuracy {_fmt(summary.get('base_valid_accuracy'))} -> {_fmt(summary['valid_accuracy'])}, "
+                     f"macro-F1 {_fmt(summary['valid_macro_f1'])} (always {summary['majority_label']!r}: {_fmt(summary['majority_accuracy'])})")
+        print(line)
+    if summary.get("warning"):
+        print(f"warning: {summary['warning']}")
 
 
 def _fmt(value) -> str:
@@ -33,6 +41,7 @@ def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: d
             generation.pad_token_id = tokenizer.pad_token_id
             generation.save_pretrained(tmp)
         atomic_write_json(tmp / "tuneforge.json", {
+            "system_prompt": summary.get("system_prompt"),  # what every verb sends when the user gives none
             "base_model": experiment.model.ref,
             "base_revision": experiment.model.revision,
             "quantization": experiment.model.quantization,
@@ -43,7 +52,9 @@ def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: d
         })
 
 
-def plot_training(records: list[dict], path: Path) -> None:
+def plot_training(records: list[dict], path: Path, majority_accuracy: float | None = None) -> None:
+    """Train loss as a line, each evaluation as a point (nothing is drawn between evaluations that was not measured),
+    and with labels a second panel of valid accuracy and macro-F1 over the majority-class floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,12 +63,16 @@ def plot_training(records: list[dict], path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     lrs = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
+    accuracy = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    f1 = [(r["step"], r["eval_macro_f1"]) for r in records if "eval_macro_f1" in r]
     if not train:
         return
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    panels = 2 if accuracy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 3.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+        ax.plot(*zip(*evals), "o", label="eval loss", markersize=6)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (supervised tokens)")
     if lrs:
@@ -67,6 +82,16 @@ def plot_training(records: list[dict], path: Path) -> None:
         twin.legend(loc="upper center")
     ax.legend(loc="upper right")
     ax.set_title("Training")
+    if accuracy:
+        ax = axes[0][1]
+        ax.plot(*zip(*accuracy), "o", label="valid accuracy", markersize=6)
+        ax.plot(*zip(*f1), "s", label="valid macro-F1", markersize=5)
+        if majority_accuracy is not None:
+            ax.axhline(majority_accuracy, color="crimson", linestyle="--", linewidth=1, label=f"always the majority label ({majority_accuracy:.2f})")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("optimizer step")
+        ax.set_title("Valid split, labels scored by likelihood")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -11,6 +11,7 @@ less peak memory (no [batch, length, vocab] tensor).
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,8 +30,9 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class ForgeTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, label_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.label_eval = label_eval  # train.label_eval.LabelEval when the data has labels
         # Our loss divides by the supervised-token count of the whole accumulated batch.
         self.model_accepts_loss_kwargs = True
         self.supervised_tokens = 0
@@ -53,8 +55,21 @@ class ForgeTrainer(SFTTrainer):
         finally:
             handle.remove()
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With labels: one scoring pass over the valid prompts gives loss, accuracy and macro-F1; else the usual loop."""
+        if self.label_eval is None or eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        started = time.perf_counter()
+        scored = self.label_eval(self.model, batch_size=self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scored.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs.pop("labels")
+        weights = inputs.pop("loss_weights", None)
         shift_labels = labels[:, 1:]
         chosen = shift_labels != IGNORE
         if self._norm is not None:
@@ -67,7 +82,10 @@ class ForgeTrainer(SFTTrainer):
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         targets = shift_labels[chosen]
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        if weights is not None:  # train.label_weights: each example's tokens count by its label's weight
+            loss_sum = (F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)).sum()
+        else:
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         count = int(chosen.sum())
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator

@@ -1,0 +1,56 @@
+"""Valid accuracy and macro-F1 during training, when the data has labels.
+
+A classifier's eval loss says little about whether it picks the right label: a
+model that learned only how common each label is has a low loss and answers the
+majority class every time. So each evaluation scores every valid prompt's labels
+by likelihood with the same function `tuneforge eval` uses
+(`eval.classify.label_logprobs`), and reports accuracy, macro-F1 and the loss of
+the true labels from that one pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+SELECTION_LOSS_WEIGHT = 1e-4  # the kept checkpoint: best accuracy; among equal accuracies, the lower valid loss
+
+
+class LabelEval:
+    def __init__(self, encoder, examples, labels: list[str], max_length: int):
+        self.encoder = encoder
+        self.labels = labels
+        self.max_length = max_length
+        self.prompts = []
+        for e in examples:
+            last = max(i for i, m in enumerate(e.messages) if m.get("role") == "assistant")
+            self.prompts.append(e.messages[:last])
+        self.truth = np.array([labels.index(e.label) for e in examples])
+        counts = Counter(e.label for e in examples)
+        self.majority_label = max(counts, key=lambda k: (counts[k], k))
+        self.majority_accuracy = round(counts[self.majority_label] / len(examples), 4)
+
+    def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
+        from tuneforge.eval.classify import label_logprobs
+
+        scores, counts = label_logprobs(model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True)
+        predicted = scores.argmax(axis=1)
+        rows = np.arange(len(self.truth))
+        loss = float(-scores[rows, self.truth].sum() / max(counts[rows, self.truth].sum(), 1))
+        accuracy = float((predicted == self.truth).mean())
+        return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(self.truth, predicted, len(self.labels)),
+                "selection": accuracy - SELECTION_LOSS_WEIGHT * min(loss, 100.0)}
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> float:
+    """Mean F1 over the labels that occur in the truth or the predictions (sklearn's macro average with zero_division=0)."""
+    scores = []
+    for label in range(n_labels):
+        tp = int(((predicted == label) & (truth == label)).sum())
+        fp = int(((predicted == label) & (truth != label)).sum())
+        fn = int(((predicted != label) & (truth == label)).sum())
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
