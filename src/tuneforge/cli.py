@@ -108,12 +108,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tuneforge.atomic import atomic_write_jsonl
     from tuneforge.data.sources import read_json_records
+    from tuneforge.data.validate import check_prompt, text_content
     from tuneforge.infer.engine import Settings
     from tuneforge.systems import Systems
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    records = []
+    records, problems = [], []
     for raw in read_json_records(Path(args.input), str(args.input)):
         record = raw.data
         if raw.problem is not None:
@@ -121,12 +122,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             messages = [{"role": "user", "content": record["prompt"]}]
         elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-            messages = list(record["messages"])
-            if messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
+            messages = text_content(record["messages"])
+            if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
                 messages = messages[:-1]
         else:
             raise TuneforgeError(f"{raw.where}: needs a 'prompt' string or a 'messages' list")
+        problems.extend(p for p in check_prompt(messages, raw.where) if p.severity == "error")
         records.append((record, messages))
+    if problems:  # the same checks prepare and serve apply
+        raise TuneforgeError(f"{len(problems)} invalid prompts in {args.input}; nothing was generated\n" + "\n".join(f"  {p}" for p in problems[:30]))
     system = args.system or _default_system(run)
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
     systems = Systems(experiment, run, system_prompt=args.system_prompt)

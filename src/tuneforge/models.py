@@ -133,10 +133,12 @@ class DevicePlan:
     attention: Literal["sdpa", "eager", "flash_attention_2"]
     quantization: Literal["none", "4bit", "8bit"]
     device_name: str
+    autocast: Literal["bfloat16"] | None = None  # training only: fp32 weights, bf16 matmuls (CPUs with native bf16)
 
     def describe(self) -> str:
         quant = "" if self.quantization == "none" else f", {self.quantization} weights"
-        return f"{self.device_name}: {self.dtype}, {self.attention} attention{quant}"
+        cast = f", {self.autocast} autocast in training" if self.autocast else ""
+        return f"{self.device_name}: {self.dtype}, {self.attention} attention{quant}{cast}"
 
 
 def plan_device(section: ModelSection) -> DevicePlan:
@@ -177,9 +179,24 @@ def plan_device(section: ModelSection) -> DevicePlan:
     if attention == "auto":
         attention = "flash_attention_2" if (device == "cuda" and major >= 8 and flash_installed and dtype != "float32") else "sdpa"
 
-    if section.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        raise TuneforgeError(f"model.quantization: {section.quantization} needs bitsandbytes (pip install bitsandbytes)")
-    return DevicePlan(device, dtype, attention, section.quantization, name)
+    quantization = section.quantization
+    if quantization == "auto":
+        # QLoRA's 4-bit base is what lets a large model fit a GPU. On CPU bitsandbytes dequantizes every layer on
+        # every pass: no faster than fp32 (measured 90 s vs 92 s for 6 steps), and on the builtin, whose GGUF is
+        # already 4-bit, NF4 on top raised the base eval loss from 2.21 to 3.96 and left valid accuracy lower.
+        quantization = "4bit" if device == "cuda" else "none"
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise TuneforgeError(f"model.quantization: {quantization} needs bitsandbytes (pip install bitsandbytes)")
+    # fp32 weights with bf16 matmuls where the CPU computes bf16 natively: 6 steps took 40.9 s instead of 54.2 s
+    autocast = "bfloat16" if (device == "cpu" and section.dtype == "auto" and quantization == "none" and cpu_has_bf16()) else None
+    return DevicePlan(device, dtype, attention, quantization, name, autocast)
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check()) or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 # --------------------------------------------------------------------------- loading

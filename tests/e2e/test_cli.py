@@ -118,6 +118,10 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in out.stderr
 
+    (tmp_path / "human.jsonl").write_text('{"messages": [{"role": "human", "content": "hi"}]}\n')
+    out = tuneforge("generate", str(exp), "--input", "human.jsonl", "--output", "out.jsonl", cwd=tmp_path)
+    assert out.returncode == 1 and "human.jsonl line 1: [unrecognized_role] message 1 has role 'human'" in out.stderr
+
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
     out = tuneforge("generate", str(exp), "--input", "prompts.jsonl", "--output", "out.jsonl", "--system", "finetuned", cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr

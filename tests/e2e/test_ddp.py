@@ -45,7 +45,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir):
     marker = json.loads((run / "checkpoints" / "checkpoint-4" / "tuneforge_complete.json").read_text())
     assert marker["world_size"] == 2
     assert out.stdout.count("adapter written to") == 1  # only the main process writes the run's outputs
-    assert "4 rows per step" in out.stdout  # 2 packed rows on each of 2 processes
+    assert "batch_size 4 packed rows per step (micro_batch_size 2 x grad_accum 1)" in out.stdout  # 2 packed rows on each of 2 processes
 
 
 def test_accelerate_launch_runs_the_train_verb(tmp_path, tiny_model_dir):

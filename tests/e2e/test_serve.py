@@ -72,9 +72,12 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
     with pytest.raises(openai.BadRequestError) as info:
         server.chat.completions.create(model="base", messages=QUESTION, temperature=5)
     assert info.value.param == "temperature"
-    with pytest.raises(openai.BadRequestError):
-        server.chat.completions.create(model="base", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        server.chat.completions.create(model="base", messages=[{"role": "human", "content": "hi"}])
+    assert "[unrecognized_role]" in info.value.message  # the same check prepare applies to training data
     assert "Paris" in server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24).choices[0].message.content
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]  # as the client may send it
+    assert "Paris" in server.chat.completions.create(model="base", messages=parts, max_tokens=24).choices[0].message.content
 
 
 def test_concurrent_requests_queue_safely(server):

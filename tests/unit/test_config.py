@@ -147,3 +147,9 @@ def test_every_field_is_documented_and_schema_is_json():
     assert list(undocumented(Experiment)) == []
     schema = json.loads(json.dumps(Experiment.model_json_schema()))
     assert "train" in schema["properties"]
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = _write(tmp_path, "name: x\nseed: 1\ntrain:\n  lr: 1.0e-4\n  lr: 2.0e-4\nseed: 2\n")
+    problems = _problems(path)
+    assert problems == ["line 5: train.lr: given twice (lines 4 and 5); keep one", "line 6: seed: given twice (lines 2 and 6); keep one"]

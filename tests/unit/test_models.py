@@ -49,10 +49,25 @@ def test_cpu_policy():
         plan_device(ModelSection(device="cpu", dtype="float16"))
 
 
+def test_auto_quantization_is_4bit_on_a_gpu_and_none_on_cpu(fake_gpu):
+    assert plan_device(ModelSection(device="cpu")).quantization == "none"
+    assert plan_device(ModelSection(device="cpu", quantization="4bit")).quantization == "4bit"  # a value set wins
+    fake_gpu(8, 0, "A100")
+    assert plan_device(ModelSection()).quantization == "4bit"
+
+
+def test_full_finetuning_resolves_auto_quantization_to_none():
+    from tuneforge.config import Experiment
+
+    assert Experiment(name="x", train={"full_finetune": True}).model.quantization == "none"
+    with pytest.raises(Exception, match="full_finetune needs model.quantization: none"):
+        Experiment(name="x", model={"quantization": "4bit"}, train={"full_finetune": True})
+
+
 def test_t4_gets_fp16_and_refuses_bf16_and_flash(fake_gpu):
     fake_gpu(7, 5, "Tesla T4")
     plan = plan_device(ModelSection())
-    assert (plan.device, plan.dtype, plan.attention) == ("cuda", "float16", "sdpa")
+    assert (plan.device, plan.dtype, plan.attention, plan.quantization) == ("cuda", "float16", "sdpa", "4bit")
     with pytest.raises(TuneforgeError, match="bfloat16 needs an Ampere"):
         plan_device(ModelSection(dtype="bfloat16"))
     with pytest.raises(TuneforgeError, match="flash_attention_2 needs an Ampere"):

@@ -23,7 +23,7 @@ def test_a_500_example_labelled_file_gets_at_least_the_minimum_of_steps():
     plan = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
     assert plan.steps >= rules.MIN_STEPS_SHORT
     assert not plan.packing  # labelled: one example per row, steps count examples
-    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 4
+    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 2  # 1,000 example passes / 400 steps
     assert plan.batch_size == plan.micro_batch_size * plan.grad_accum
     assert plan.lr == rules.LORA_LR and not plan.warnings
     assert plan.eval_every == -(-plan.steps // rules.EVALS_PER_RUN) and plan.save_every == plan.eval_every
@@ -58,9 +58,9 @@ def test_a_large_file_does_not_waste_passes_and_a_tiny_one_is_repeated():
     large = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0)
     assert large.epochs < rules.TARGET_EPOCHS and large.batch_size == rules.MAX_BATCH
     assert large.epochs * large.examples <= rules.MAX_EXAMPLE_PASSES
-    lengths, trainable = classification(30)
+    lengths, trainable = classification(50)
     tiny = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0)
-    assert tiny.batch_size == 1 and tiny.steps >= rules.MIN_STEPS_SHORT and tiny.epochs == 7  # 30 x 7 = 210 steps
+    assert tiny.batch_size == 1 and tiny.steps >= rules.MIN_STEPS_SHORT and tiny.epochs == 8  # 50 x 8 = 400 steps
     assert "repeated" in tiny.reasons["epochs"]
     lengths, trainable = classification(5)
     assert plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0).epochs == rules.MAX_EPOCHS

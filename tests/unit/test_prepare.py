@@ -264,3 +264,33 @@ def test_hub_name_offline_is_a_clear_error(tmp_path, tiny_tokenizer, monkeypatch
     exp, run = experiment(tmp_path, "  train: someorg/some-dataset")
     with pytest.raises(TuneforgeError, match="hub is off"):
         prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
+
+
+def test_json_errors_name_the_right_column(tmp_path):
+    from tuneforge.data.sources import read_json_records
+
+    lines = ['{"messages": [{"role": "user", "content": "hi"}]}', '{"messages": [{"role": "user"', '{"messages": [{"role": "user", "content": "cut}]}']
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    problems = [str(r.problem) for r in read_json_records(path) if r.problem]
+    expected = []
+    for number, line in enumerate(lines, 1):  # Python's own column for each line on its own
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            expected.append((number, exc.colno))
+    assert [(2, 30), (3, 43)] == expected
+    assert problems == ["cut.jsonl line 2: [invalid_json] Expecting ',' delimiter at column 30",
+                        "cut.jsonl line 3: [invalid_json] Unterminated string starting at column 43"]
+
+
+def test_prompts_get_the_message_checks_of_training_data():
+    from tuneforge.data.validate import check_prompt, text_content
+
+    assert check_prompt([{"role": "user", "content": "hi"}], "x") == []
+    assert [p.code for p in check_prompt([{"role": "human", "content": "hi"}], "p.jsonl line 1")] == ["unrecognized_role"]
+    assert [p.code for p in check_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "x")] == ["role_order"]
+    parts = text_content([{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    assert parts == [{"role": "user", "content": "Hello there"}] and check_prompt(parts, "x") == []
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert [p.code for p in check_prompt(text_content(image), "x")] == ["missing_content"]

@@ -215,6 +215,9 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
     report = prepare(experiment, run, progress=False)
     assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
     assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
+    markdown = run.sub("data", "report.md").read_text()
+    assert "| valid | 4 (25%) | 4 (25%) | 8 (50%) | 0.500 (positive) |" in markdown  # the labels and the floor per split
+    assert "## Training plan (local)" in markdown and "packing off: labelled data" in markdown
     summary = train_local(experiment, run, progress=False)
 
     records = [json.loads(x) for x in run.sub("metrics.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ from tuneforge.data.packing import pack
 # Examples whose answers are this short (a label, a number, a yes/no) carry about one
 # informative token each, so the number of updates is what they learn from.
 SHORT_ANSWER_TOKENS = 16
-MIN_STEPS_SHORT = 200  # short answers: 120 steps gave 0.83 on real reviews, 203 steps more (README outcome table)
+MIN_STEPS_SHORT = 400  # short answers: on real reviews 26 steps gave 0.64, 50 gave 0.71, 120-204 gave 0.80-0.83 (README)
 MIN_STEPS_LONG = 60  # long answers carry hundreds of supervised tokens a step: the support quickstart's eval loss flattens within 81 one-row steps
 WARN_FRACTION = 0.5  # an explicit plan under half the minimum is warned about (26 and 50 steps both lost to TF-IDF)
 TARGET_EPOCHS = 2.0  # two passes: the second still helped on the reviews; best-checkpoint selection guards the overfit

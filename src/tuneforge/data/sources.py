@@ -84,7 +84,7 @@ def read_json_records(path: Path, name: str | None = None) -> Iterator[Raw]:
             return
         except json.JSONDecodeError as exc:
             where = f"{name} line {exc.lineno}"
-            yield Raw(where, problem=Problem(where, "invalid_json", exc.msg))
+            yield Raw(where, problem=Problem(where, "invalid_json", json_error(exc)))
             return
         items = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(items, list):
@@ -104,9 +104,16 @@ def read_json_records(path: Path, name: str | None = None) -> Iterator[Raw]:
             if not text.strip():
                 continue
             try:
-                yield Raw(where, json.loads(text))
+                # without its line break: a line cut short would otherwise be blamed on column 1 past the break
+                yield Raw(where, json.loads(text.rstrip("\r\n")))
             except json.JSONDecodeError as exc:
-                yield Raw(where, problem=Problem(where, "invalid_json", f"{exc.msg} at column {exc.colno}"))
+                yield Raw(where, problem=Problem(where, "invalid_json", json_error(exc)))
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """"Expecting ',' delimiter at column 15"; Python's messages that end in "at" ("Unterminated string starting at")
+    take the column directly."""
+    return f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
 
 
 def first_record(path: Path) -> dict | None:

@@ -27,7 +27,46 @@ def check_record(record: Any, where: str) -> list[Problem]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return problems + [Problem(where, "missing_messages_list", "no non-empty 'messages' list")]
+    problems += _message_problems(messages, where)
 
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "assistant" not in roles:
+        problems.append(Problem(where, "example_missing_assistant_message", "no assistant message to learn from"))
+    else:
+        order = _role_order_problem(roles)
+        if order:
+            problems.append(Problem(where, "role_order", order))
+        if roles[-1] != "assistant":
+            problems.append(Problem(where, "last_not_assistant", f"the last message is from {roles[-1]!r}, so it is never learned", "warning"))
+    return problems
+
+
+def check_prompt(messages: Any, where: str) -> list[Problem]:
+    """The same message checks for a conversation to be answered (generate, serve): no assistant turn needed."""
+    if not isinstance(messages, list) or not messages:
+        return [Problem(where, "missing_messages_list", "no non-empty 'messages' list")]
+    problems = _message_problems(messages, where)
+    if not problems:
+        order = _role_order_problem([m.get("role") for m in messages])
+        if order:
+            problems.append(Problem(where, "role_order", order))
+    return problems
+
+
+def text_content(messages: list[Any]) -> list[Any]:
+    """Messages whose content is a list of text parts ([{"type": "text", "text": ...}], as OpenAI's clients may send)
+    with those parts joined into one string; anything else is left for the checks to name."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            message = {**message, "content": "".join(p["text"] for p in content)}
+        out.append(message)
+    return out
+
+
+def _message_problems(messages: list[Any], where: str) -> list[Problem]:
+    problems = []
     for i, message in enumerate(messages, 1):
         at = f"message {i}"
         if not isinstance(message, dict):
@@ -45,16 +84,6 @@ def check_record(record: Any, where: str) -> list[Problem]:
         content = message.get("content")
         if "content" in message and (not isinstance(content, str) or not content.strip()) and not message.get("tool_calls"):
             problems.append(Problem(where, "missing_content", f"{at} ({role}) has empty or non-text content"))
-
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
-    if "assistant" not in roles:
-        problems.append(Problem(where, "example_missing_assistant_message", "no assistant message to learn from"))
-    else:
-        order = _role_order_problem(roles)
-        if order:
-            problems.append(Problem(where, "role_order", order))
-        if roles[-1] != "assistant":
-            problems.append(Problem(where, "last_not_assistant", f"the last message is from {roles[-1]!r}, so it is never learned", "warning"))
     return problems
 
 

@@ -67,12 +67,15 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", "model", "missing_required_parameter")
+    from tuneforge.data.validate import check_prompt, text_content
+
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
-            raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant) and text content", f"messages[{i}]")
+    messages = text_content(messages)
+    problems = [p for p in check_prompt(messages, "messages") if p.severity == "error"]
+    if problems:  # the checks prepare applies to training data, so what trains is what is served
+        raise ApiError(400, "; ".join(f"[{p.code}] {p.message}" for p in problems), "messages")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
 

@@ -55,7 +55,7 @@ class VLLMEngine:
         tokenizer = load_tokenizer(section, adapter or merged or location)
         options = dict(model=str(location), tokenizer=str(adapter or merged or location), dtype=plan.dtype, seed=experiment.seed,
                        enable_lora=adapter is not None)
-        if section.quantization == "4bit":
+        if plan.quantization == "4bit":
             options["quantization"] = "bitsandbytes"  # the same NF4 base weights the adapter was trained against
         if adapter is not None:
             options["max_lora_rank"] = max(8, int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]))

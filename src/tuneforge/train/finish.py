@@ -8,8 +8,8 @@ from typing import Any
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 
 
-def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict]) -> None:
-    save_adapter(trainer.model, tokenizer, encoder, experiment, run.sub("adapter"), summary)
+def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict], quantization: str) -> None:
+    save_adapter(trainer.model, tokenizer, encoder, experiment, run.sub("adapter"), summary, quantization)
     plot_training(records, run.sub("plots", "training.png"), summary.get("majority_accuracy"))
     run.record("train", summary)
     print(f"adapter written to {run.sub('adapter')}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}")
@@ -27,7 +27,7 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any]) -> None:
+def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any], quantization: str) -> None:
     """adapter (safetensors), tokenizer, the exact chat template, and a generation config that stops at end-of-turn."""
     import copy
 
@@ -44,7 +44,7 @@ def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: d
             "system_prompt": summary.get("system_prompt"),  # what every verb sends when the user gives none
             "base_model": experiment.model.ref,
             "base_revision": experiment.model.revision,
-            "quantization": experiment.model.quantization,
+            "quantization": quantization,  # as resolved on the training machine
             "end_of_turn": encoder.end_of_turn,
             "full_finetune": experiment.train.full_finetune,
             "max_length": experiment.data.max_length,

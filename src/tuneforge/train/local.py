@@ -67,7 +67,7 @@ def sft_config(experiment, run, plan, training, labelled: bool, has_valid: bool)
         train_sampling_strategy="random" if training.packing else "group_by_length",
         seed=experiment.seed,
         data_seed=experiment.seed,
-        bf16=plan.device == "cuda" and plan.dtype == "bfloat16",
+        bf16=(plan.device == "cuda" and plan.dtype == "bfloat16") or plan.autocast == "bfloat16",
         fp16=plan.device == "cuda" and plan.dtype == "float16",  # fp16 gets a loss scaler from the Trainer
         use_cpu=plan.device == "cpu",
         **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
@@ -301,7 +301,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     if valid_rows:
         summary.update(kept_adapter(trainer, records, label_eval))
     if is_main_process():
-        finish(trainer, tokenizer, encoder, experiment, run, summary, records)
+        finish(trainer, tokenizer, encoder, experiment, run, summary, records, plan.quantization)
     return summary
 
 
