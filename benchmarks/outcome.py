@@ -106,7 +106,8 @@ def main() -> None:
     plan = json.loads((work / "run" / "manifest.json").read_text())["train"]["plan"]
 
     print(f"\n{args.preset}: {Path(table).name}, {metrics['finetuned']['examples']} held-out examples; run in {work / 'run'}")
-    print(f"plan chosen by auto: {plan['steps']} steps, {plan['epochs']:g} epochs, batch {plan['batch_size']}, lr {plan['lr']:g}, "
+    chosen = "auto" if not args.override else f"auto, with {', '.join(args.override)}"
+    print(f"plan ({chosen}): {plan['steps']} steps, {plan['epochs']:g} epochs, batch {plan['batch_size']}, lr {plan['lr']:g}, "
           f"packing {'on' if plan['packing'] else 'off'}")
     print(f"\n{'system':<10}  {'accuracy':>8}  {'macro-F1':>8}")
     for name in ("base", "finetuned", "tfidf", "majority"):

@@ -23,7 +23,7 @@ def test_a_500_example_labelled_file_gets_at_least_the_minimum_of_steps():
     plan = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
     assert plan.steps >= rules.MIN_STEPS_SHORT
     assert not plan.packing  # labelled: one example per row, steps count examples
-    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 2  # 1,000 example passes / 400 steps
+    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 4  # 1,000 example passes / 200 steps: 4, not 8
     assert plan.batch_size == plan.micro_batch_size * plan.grad_accum
     assert plan.lr == rules.LORA_LR and not plan.warnings
     assert plan.eval_every == -(-plan.steps // rules.EVALS_PER_RUN) and plan.save_every == plan.eval_every
@@ -60,7 +60,7 @@ def test_a_large_file_does_not_waste_passes_and_a_tiny_one_is_repeated():
     assert large.epochs * large.examples <= rules.MAX_EXAMPLE_PASSES
     lengths, trainable = classification(50)
     tiny = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0)
-    assert tiny.batch_size == 1 and tiny.steps >= rules.MIN_STEPS_SHORT and tiny.epochs == 8  # 50 x 8 = 400 steps
+    assert tiny.batch_size == 1 and tiny.steps >= rules.MIN_STEPS_SHORT and tiny.epochs == 4  # 50 x 4 = 200 steps
     assert "repeated" in tiny.reasons["epochs"]
     lengths, trainable = classification(5)
     assert plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0).epochs == rules.MAX_EPOCHS
@@ -86,3 +86,9 @@ def test_auto_and_numbers_are_the_only_values_accepted():
     for bad in ({"epochs": 0}, {"batch_size": 0}, {"lr": "fast"}, {"packing": "sometimes"}, {"eval_every": "often"}):
         with pytest.raises(ValidationError):
             LocalTrain(**bad)
+
+
+def test_an_explicit_batch_that_is_no_power_of_two_runs_as_set():
+    lengths, trainable = generation(4000, length=2048)  # at most 4 sequences of 2,048 tokens fit a micro-batch
+    plan = plan_training(LocalTrain(batch_size=6), lengths, trainable, labelled=False, max_length=2048, seed=0)
+    assert (plan.batch_size, plan.micro_batch_size, plan.grad_accum) == (6, 3, 2)

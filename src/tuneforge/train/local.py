@@ -324,9 +324,7 @@ def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
                if label_eval is not None else "lowest valid loss of the evaluations")
     kept_record = next((r for r in records if r.get("step") == kept and "eval_loss" in r), None)
     if kept_record is None:  # no evaluation at the kept step: measure it now
-        metrics = trainer.evaluate()
-        kept_record = {k.removeprefix("eval_"): v for k, v in metrics.items()}
-        kept_record = {"eval_loss": kept_record.get("loss"), "eval_accuracy": kept_record.get("accuracy"), "eval_macro_f1": kept_record.get("macro_f1")}
+        kept_record = trainer.evaluate()
     out: dict[str, Any] = {"kept_step": kept, "kept_because": why, "final_eval_loss": kept_record["eval_loss"]}
     if label_eval is not None:
         base = _from_log(records, 0, "eval_accuracy")
