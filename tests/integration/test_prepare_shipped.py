@@ -80,8 +80,11 @@ def test_review_table_report_matches_a_recount(tmp_path, tokenizer):
     assert stages["exact duplicates"]["removed"] == len(rows) - len(unique)
     assert report["counts"]["train"] + report["counts"]["valid"] == len(unique)
     positives = sum(r["sentiment"] == "positive" for r in unique)
-    labels = report["labels"]
+    labels = {split: summary["counts"] for split, summary in report["labels"].items()}
     assert labels["train"]["positive"] + labels["valid"]["positive"] == positives
+    floor = report["labels"]["valid"]
+    assert floor["majority_label"] == max(labels["valid"], key=labels["valid"].get)
+    assert floor["majority_accuracy"] == round(max(labels["valid"].values()) / sum(labels["valid"].values()), 4)
     # the split is stratified: both splits hold about the same share of positives
     share = lambda counts: counts["positive"] / sum(counts.values())  # noqa: E731
     assert abs(share(labels["train"]) - share(labels["valid"])) < 0.05
