@@ -85,7 +85,7 @@ def test_missing_name_and_bad_name(tmp_path):
 def test_cross_section_rules(tmp_path):
     (problem,) = _problems(_write(tmp_path, "name: x\neval: {systems: [base, finetuned+rag]}\n"))
     assert "+rag" in problem and "no rag section" in problem
-    (problem,) = _problems(_write(tmp_path, "name: x\ntrain: {full_finetune: true}\n"))
+    (problem,) = _problems(_write(tmp_path, "name: x\nmodel: {quantization: 4bit}\ntrain: {full_finetune: true}\n"))
     assert "quantization: none" in problem
     (problem,) = _problems(_write(tmp_path, "name: x\nmodel: {ref: org/model, trust_remote_code: true}\n"))
     assert problem.startswith("line 2: model:") and "revision" in problem

@@ -143,7 +143,8 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):
     from tuneforge.train.callbacks import NonFiniteError
     from tuneforge.train.local import train_local
 
-    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 30, lr: 1.0e+30, max_grad_norm: 0, warmup_ratio: 0")
+    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 30, max_grad_norm: 0")
+    experiment = load_experiment(experiment._source, ["train.lr=1.0e+30", "train.warmup_ratio=0"])
     with pytest.raises(NonFiniteError, match=r"at step \d+|after step \d+"):
         train_local(experiment, run, progress=False)
     from safetensors.torch import load_file

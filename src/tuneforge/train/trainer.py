@@ -29,6 +29,25 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Random groups of similar-length rows, the same for a given seed and epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class ForgeTrainer(SFTTrainer):
     def __init__(self, *args, label_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,6 +73,15 @@ class ForgeTrainer(SFTTrainer):
             yield captured
         finally:
             handle.remove()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches drawn from a generator seeded by the run's seed and the epoch, so a resumed run
+        sees the batches an uninterrupted one would (the library's sampler draws from the global RNG, which a
+        resume restores to the checkpoint's state, not the epoch's start)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in getattr(dataset, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        return SeededLengthGroupedSampler(dataset["length"], self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """With labels: one scoring pass over the valid prompts gives loss, accuracy and macro-F1; else the usual loop."""
