@@ -215,11 +215,9 @@ class Evaluation:
         if name == "majority":
             if not self.labels:
                 raise TuneforgeError("the majority baseline classifies: it needs data.label (eval data with labels)")
-            counts = {label: 0 for label in self.labels}
-            for e in train:
-                if e.label in counts:
-                    counts[e.label] += 1
-            top = max(self.labels, key=lambda label: (counts[label], label))
+            from tuneforge.data.report import label_summary
+
+            top = label_summary(train)["majority_label"]  # the rule prepare's report uses
             probs = np.array([[1.0 if label == top else 0.0 for label in self.labels]] * len(prompts))
             return Outcome(name, [top] * len(prompts), [[] for _ in prompts], probabilities=probs)
         if name == "tfidf":

@@ -10,9 +10,9 @@ the true labels from that one pass.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
+
+from tuneforge.data.report import label_summary
 
 SELECTION_LOSS_WEIGHT = 1e-4  # the kept checkpoint: best accuracy; among equal accuracies, the lower valid loss
 
@@ -27,9 +27,8 @@ class LabelEval:
             last = max(i for i, m in enumerate(e.messages) if m.get("role") == "assistant")
             self.prompts.append(e.messages[:last])
         self.truth = np.array([labels.index(e.label) for e in examples])
-        counts = Counter(e.label for e in examples)
-        self.majority_label = max(counts, key=lambda k: (counts[k], k))
-        self.majority_accuracy = round(counts[self.majority_label] / len(examples), 4)
+        floor = label_summary(examples)  # the same floor prepare's report shows for this split
+        self.majority_label, self.majority_accuracy = floor["majority_label"], floor["majority_accuracy"]
 
     def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
         from tuneforge.eval.classify import label_logprobs
