@@ -91,6 +91,8 @@ class DataSection(Section):
     """How a table row becomes a chat example (needed for tables)."""
     label: str | None = None
     """Class column: enables stratified splits and classification metrics."""
+    encoding: str = "auto"
+    """Text encoding of CSV/TSV tables. auto: UTF-8 when the whole file is UTF-8, else detected (charset-normalizer) and reported; or a codec name such as cp1252, latin-1, utf-16."""
     clean: Clean = Clean()
     """Cleaning steps, each reported with its counts."""
     sample: int | None = Field(None, gt=0)
@@ -105,6 +107,18 @@ class DataSection(Section):
     """error: stop and write nothing; drop: skip invalid records and list them in rejected.jsonl."""
     rag: bool = False
     """Build retrieval-augmented training examples with the rag section's retriever."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        if name == "auto":
+            return name
+        import codecs
+
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {name!r}; use auto or a codec name such as utf-8, cp1252, latin-1, utf-16") from None
 
 
 # --------------------------------------------------------------------------- lora

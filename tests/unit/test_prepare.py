@@ -294,3 +294,56 @@ def test_prompts_get_the_message_checks_of_training_data():
     assert parts == [{"role": "user", "content": "Hello there"}] and check_prompt(parts, "x") == []
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert [p.code for p in check_prompt(text_content(image), "x")] == ["missing_content"]
+
+
+LATIN = "question,answer\nWhat is a café?,A place for coffee. Très bien.\nNaïve?,Yes — très naïve.\nÜber?,Straße.\n"
+
+
+def test_a_latin1_table_is_detected_read_right_and_reported(tmp_path, tiny_tokenizer):
+    table = tmp_path / "excel.csv"
+    table.write_bytes(LATIN.encode("cp1252"))  # what Excel writes in Western locales
+    report, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {table}\n  valid_split: 0\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}")
+    rows = [json.loads(line) for line in run.sub("data", "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {r["messages"][-1]["content"] for r in rows} == {"A place for coffee. Très bien.", "Yes — très naïve.", "Straße."}
+    note = report["cleaning"]["encoding"]["excel.csv"]
+    assert note.startswith("cp1252 ") and "line 2, column 14, byte 29" in note  # the first non-UTF-8 byte: 'é' of café
+
+
+def test_a_wrong_explicit_encoding_names_line_and_column(tmp_path, tiny_tokenizer):
+    table = tmp_path / "excel.csv"
+    table.write_bytes(LATIN.encode("cp1252"))
+    exp, run = experiment(tmp_path, f"  train: {table}\n  encoding: utf-8\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}")
+    with pytest.raises(Exception) as info:
+        prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
+    assert "excel.csv is not utf-8 text at line 2, column 14, byte 29" in str(info.value)
+    assert not run.sub("data").exists()
+
+
+def test_utf8_past_the_first_block_and_a_bom_stay_utf8(tmp_path):
+    from tuneforge.data import tables
+
+    big = tmp_path / "big.csv"
+    big.write_text("q,a\n" + "plain,row\n" * 200_000 + "naïve,é\n", encoding="utf-8")  # the first non-ASCII byte is past 1 MiB
+    assert tables.detect_encoding(big)[0] == "utf-8"
+    late = tmp_path / "late.csv"
+    late.write_bytes(("q,a\n" + "plain,row\n" * 200_000).encode() + "naïve,é\n".encode("cp1252"))
+    codec, found = tables.detect_encoding(late)
+    assert codec == "cp1252" and "line 200002, column 3" in found
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + "q,a\nx,y\n".encode())
+    assert tables.detect_encoding(bom)[0] == "utf-8-sig"
+
+
+def test_ragged_rows_are_reported_not_silently_padded(tmp_path, tiny_tokenizer):
+    table = tmp_path / "ragged.csv"
+    table.write_text('q,a\nq1,a1\nq2,a2,EXTRA\n\n"q3, quoted",a3\nq4\nq5,a5\n', encoding="utf-8")
+    data = f"  train: {table}\n  valid_split: 0\n  template: {{user: '{{q}}', assistant: '{{a}}'}}"
+    exp, run = experiment(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
+    text = str(info.value)
+    assert "ragged.csv row 2: [ragged_row] line 3 has 3 fields where the header has 2" in text
+    assert "ragged.csv row 4: [ragged_row] line 6 has 1 field where the header has 2" in text  # the blank line is not a row
+    assert "row 3" not in text  # a quoted delimiter is one field
+    report, run = run_prepare(tmp_path, tiny_tokenizer, data.replace("valid_split: 0", "valid_split: 0\n  on_invalid: drop"))
+    assert report["counts"]["train"] == 3 and report["counts"]["rejected"] == 2

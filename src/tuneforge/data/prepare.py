@@ -90,17 +90,18 @@ class Preparer:
             raise TuneforgeError(f"{key}: files of different formats {sorted(by_format)}; keep one format per source")
         fmt, paths = next(iter(by_format.items()))
         if fmt == "table":
-            columns = self._table_columns(key, paths)
-            self._tables(key, [(p.name, tables.read_chunks(p, columns)) for p in paths], out, sample)
+            files = [tables.open_table(p, self.data.encoding, key) for p in paths]
+            columns = self._table_columns(key, files)
+            self._tables(key, [(f.path.name, tables.read_chunks(f, columns), f) for f in files], out, sample)
         else:
             records = (raw for p in paths for raw in sources.read_json_records(p))
             self._records(key, fmt, records, out, sample)
         return out
 
-    def _table_columns(self, key: str, paths: list[Path]) -> list[str]:
+    def _table_columns(self, key: str, files: list[tables.TableFile]) -> list[str]:
         """The columns the experiment names, checked against every file's header."""
         if self.data.template is None:
-            raise ConfigError(key, [f"data.template is needed to map the columns of {paths[0].name} into chat messages (columns: {', '.join(tables.columns_of(paths[0]))})"])
+            raise ConfigError(key, [f"data.template is needed to map the columns of {files[0].path.name} into chat messages (columns: {', '.join(tables.columns_of(files[0]))})"])
         template = self.data.template
         named: dict[str, str] = {}
         for part in ("system", "user", "assistant"):
@@ -114,28 +115,44 @@ class Preparer:
         for column in self.data.clean.fill_empty:
             named.setdefault(column, "data.clean.fill_empty")
         problems = []
-        for path in paths:
-            header = tables.columns_of(path)
+        for table in files:
+            header = tables.columns_of(table)
             for column, where in named.items():
                 if column not in header:
                     hint = did_you_mean(column, header)
-                    problems.append(f"{where} names column {column!r}, which {path.name} does not have{hint} (columns: {', '.join(header)})")
+                    problems.append(f"{where} names column {column!r}, which {table.path.name} does not have{hint} (columns: {', '.join(header)})")
         if problems:
             raise ConfigError(str(self.experiment._source or key), problems)
         return list(named)
 
-    def _tables(self, key: str, files: list[tuple[str, Iterable]], out: Collected, sample: int | None) -> None:
+    def _tables(self, key: str, files: list[tuple], out: Collected, sample: int | None) -> None:
+        """files: (name, chunks) or (name, chunks, TableFile) per file."""
         clean = self.data.clean
         counts = tables.TableCounts()
         deduper = tables.Deduper() if clean.dedupe else None
         sampler = tables.Sampler(sample, self.experiment.seed)
         after_dedupe = 0
         names: dict[int, str] = {}
+        encodings: dict[str, str] = {}
+        ragged_rows = 0
         with tqdm(desc=f"reading {key}", unit=" rows", disable=not self.progress, unit_scale=True) as bar:
-            for file_index, (name, chunks) in enumerate(files):
+            for file_index, (name, chunks, *info) in enumerate(files):
                 names[file_index] = name
+                table = info[0] if info else None
+                if table is not None and table.text:
+                    encodings[name] = table.note()
                 for chunk in chunks:
                     bar.update(len(chunk))
+                    if table is not None and table.ragged:
+                        ragged = chunk[tables.ROW].isin(table.ragged.keys()).to_numpy()
+                        for record in chunk[ragged].to_dict("records"):
+                            line, fields = table.ragged[record[tables.ROW]]
+                            where = f"{name} row {record[tables.ROW]}"
+                            problem = Problem(where, "ragged_row", f"line {line} has {fields} field{'s' if fields != 1 else ''} where the header has {table.header_fields}; quote the cell that holds the delimiter")
+                            out.reject(where, [problem], {k: v for k, v in record.items() if not k.startswith("__")})
+                        ragged_rows += int(ragged.sum())
+                        counts.rows_read += int(ragged.sum())
+                        chunk = chunk[~ragged]
                     chunk = tables.clean_chunk(chunk, clean, counts)
                     if deduper is not None:
                         chunk = deduper(chunk, counts)
@@ -144,6 +161,9 @@ class Preparer:
                     sampler.add(chunk)
         out.stage("read", counts.rows_read)
         running = counts.rows_read
+        if ragged_rows:
+            running -= ragged_rows
+            out.stage("ragged rows (rejected)", running)
         for column, dropped in counts.dropped_empty.items():
             running -= dropped
             out.stage(f"empty {column} (dropped)", running)
@@ -153,6 +173,7 @@ class Preparer:
         if sample is not None:
             out.stage(f"seeded sample of {sample}", len(rows))
         out.cleaning = {
+            **({"encoding": encodings} if encodings else {}),
             "html_entities_unescaped": counts.unescaped,
             "whitespace_normalised": counts.whitespace_fixed,
             "empty_cells": dict(counts.emptied),

@@ -174,6 +174,9 @@ def summary(report: dict[str, Any]) -> str:
     """The few lines printed at the end of `tuneforge prepare`."""
     tok = report["tokens"]["train"]
     out = [f"train {report['counts']['train']} examples, valid {report['counts']['valid']}"]
+    for name, note in (report.get("cleaning") or {}).get("encoding", {}).items():
+        if not note.startswith(("utf-8 ", "utf-8-sig ")):  # say so whenever a file was not read as UTF-8
+            out.append(f"{name} read as {note}; set data.encoding to override")
     if tok.get("examples"):
         out.append(
             f"tokens/example: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
