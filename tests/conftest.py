@@ -59,7 +59,7 @@ def make_tokenizer(template: str = CHATML, bos: str = "<|im_start|>", eos: str =
     )
 
 
-def make_llama(vocab_size: int, seed: int = 0):
+def make_llama(vocab_size: int, seed: int = 0, tie: bool = True):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +75,7 @@ def make_llama(vocab_size: int, seed: int = 0):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -88,6 +88,13 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_tokenizer):
     return make_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def talking_llama(tiny_tokenizer):
+    """A tiny random Llama with untied embeddings: its greedy answers are varied text, where the tied one
+    repeats its prompt's last token (a newline), which would make any comparison of answers vacuous."""
+    return make_llama(len(tiny_tokenizer), tie=False)
 
 
 @pytest.fixture()

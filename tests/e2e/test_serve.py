@@ -58,6 +58,23 @@ def test_streamed_answer(server):
     assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_streamed_usage_and_rag_sources(server):
+    chunks = list(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens > 0 and last.usage.prompt_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=8, stream=True))
+    assert all(c.choices and c.usage is None for c in plain)  # no usage chunk unless asked
+    question = [{"role": "user", "content": "Which colours is the Kestrel K2 available in?"}]
+    chunks = list(server.chat.completions.create(model="base+rag", messages=question, max_tokens=8, stream=True))
+    final = chunks[-1]
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.model_extra["sources"][0]["source"] == "product-overview.md"  # a streamed +rag answer names its sources too
+    assert all("sources" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
 def test_stop_and_seed(server):
     reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, stop=["Paris"])
     assert "Paris" not in reply.choices[0].message.content

@@ -9,8 +9,8 @@ from tuneforge.infer.engine import Answer, Engine, Settings
 
 
 @pytest.fixture()
-def engine(tiny_llama, tiny_tokenizer):
-    return Engine(tiny_llama, tiny_tokenizer, "base")
+def engine(talking_llama, tiny_tokenizer):
+    return Engine(talking_llama, tiny_tokenizer, "base")
 
 
 CHATS = [
@@ -26,6 +26,7 @@ def test_batched_equals_one_at_a_time_and_keeps_order(engine):
     batched = engine.generate(CHATS, settings, batch_size=3)
     single = [engine.generate([chat], settings, batch_size=1)[0] for chat in CHATS]
     assert [a.text for a in batched] == [a.text for a in single]
+    assert len({a.text for a in single}) == len(CHATS) and all(a.text for a in single)  # real, different answers to compare
     assert [a.prompt_tokens for a in batched] == [len(engine.prompt_ids(c)) for c in CHATS]
 
 
@@ -52,3 +53,77 @@ def test_sampling_is_seeded(engine):
     assert [x.text for x in a] == [x.text for x in b]
     other = engine.generate(CHATS[:2], Settings(max_new_tokens=8, temperature=1.0, seed=6))
     assert [x.text for x in other] != [x.text for x in a]  # the seed, not a fixed path, decides the sample
+
+
+def _concurrently(calls):
+    """Run the callables on threads started together; results in order."""
+    import threading
+
+    results: list = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i):
+        start.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_answers(engine):
+    budgets = [12, 3, 7, 12] * 2
+    chats = CHATS * 2
+    alone = [engine.generate([c], Settings(max_new_tokens=b), batch_size=1)[0] for c, b in zip(chats, budgets)]
+    batcher = engine.batcher()
+    batcher.window_s = 0.2  # the eight threads arrive together
+    before = batcher.batches
+    together = _concurrently([lambda c=c, b=b: engine.answer(c, Settings(max_new_tokens=b)) for c, b in zip(chats, budgets)])
+    assert batcher.batches - before < len(chats)  # some generate calls were shared
+    assert [a.text for a in together] == [a.text for a in alone]  # greedy: batching changes no answer
+    assert [a.completion_tokens for a in together] == [a.completion_tokens for a in alone]
+    assert [a.finish_reason for a in together] == [a.finish_reason for a in alone]
+
+
+def test_concurrent_streams_each_add_up_to_their_answer(engine):
+    batcher = engine.batcher()
+    batcher.window_s = 0.2
+    before = batcher.batches
+    streams = _concurrently([lambda c=c: list(engine.stream(c, Settings(max_new_tokens=10))) for c in CHATS])
+    assert batcher.batches - before == 1
+    for chat, pieces in zip(CHATS, streams):
+        assert isinstance(pieces[-1], Answer) and all(isinstance(p, str) for p in pieces[:-1])
+        assert "".join(pieces[:-1]).strip() == pieces[-1].text
+        assert pieces[-1].text == engine.generate([chat], Settings(max_new_tokens=10), batch_size=1)[0].text
+
+
+def test_a_stop_string_ends_its_row_only_and_is_never_streamed(engine):
+    free = engine.generate([CHATS[0]], Settings(max_new_tokens=12))[0].text
+    stop = free.split()[1] if len(free.split()) > 1 else free[2:4]
+    batcher = engine.batcher()
+    batcher.window_s = 0.2
+    stopped, other = _concurrently([lambda: list(engine.stream(CHATS[0], Settings(max_new_tokens=12, stop=(stop,)))),
+                                    lambda: engine.answer(CHATS[2], Settings(max_new_tokens=12))])
+    assert stopped[-1].finish_reason == "stop" and stop not in "".join(stopped[:-1])
+    assert "".join(stopped[:-1]).strip() == stopped[-1].text == free[: free.index(stop)].strip()
+    assert other.text == engine.generate([CHATS[2]], Settings(max_new_tokens=12))[0].text
+
+
+def test_a_caller_that_leaves_ends_its_row_and_an_error_reaches_every_caller(engine, monkeypatch):
+    stream = engine.stream(CHATS[0], Settings(max_new_tokens=200))
+    first = next(stream)
+    assert isinstance(first, str)
+    stream.close()  # the client hung up
+    assert engine.answer(CHATS[2], Settings(max_new_tokens=4)).completion_tokens <= 4  # the model is free again
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(engine.stream(CHATS[0], Settings(max_new_tokens=5)))  # ends with the error instead of hanging
+    monkeypatch.undo()
+    assert engine.answer(CHATS[2], Settings(max_new_tokens=3)).completion_tokens <= 3  # and the lock was released

@@ -67,7 +67,8 @@ def available_systems(run) -> list[str]:
 
 
 class Engine:
-    """A model, its tokenizer and chat encoder; thread-safe (one generation at a time)."""
+    """A model, its tokenizer and chat encoder; thread-safe (one generate call at a time, concurrent single
+    conversations batched together by `answer` and `stream`)."""
 
     def __init__(self, model, tokenizer, name: str = "base"):
         from tuneforge.data.chat import ChatEncoder
@@ -79,7 +80,10 @@ class Engine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.stop_ids = self.encoder.stop_ids
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one generate call at a time: batched requests and whole eval sets take turns
+        self._batcher = None
+        self._batcher_lock = threading.Lock()
+        self.max_batch = 16  # for the batcher: most concurrent conversations in one generate call
 
     @classmethod
     def load(cls, experiment, name: str = "base", run=None, adapter: str | None = None, merged: str | None = None,
@@ -161,48 +165,23 @@ class Engine:
                 text, finish = text[: text.index(stop)], "stop"
         return Answer(text.strip(), prompt_tokens, len(new_ids), finish)
 
+    def batcher(self):
+        """The dynamic batcher that lets concurrent callers (server threads, demo users) share generate calls."""
+        with self._batcher_lock:
+            if self._batcher is None:
+                from tuneforge.infer.batcher import Batcher
+
+                self._batcher = Batcher(self, max_batch=self.max_batch)
+            return self._batcher
+
+    def answer(self, messages: list[dict], settings: Settings) -> Answer:
+        """One conversation's answer, batched with whatever other callers are asking at the same time."""
+        return self.batcher().answer(self.prompt_ids(messages), settings)
+
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
         """Text pieces as they are generated; the final item is an Answer with the totals.
 
-        Closing the iterator early (a client that hung up) stops the generation too.
+        Batched with concurrent callers. Closing the iterator early (a client that hung up) ends this
+        conversation's row; an error in generation ends the stream with that error and frees the model.
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        prompt = self.prompt_ids(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        abort = threading.Event()
-
-        class Abort(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        result: dict = {}
-
-        def work():
-            ids = torch.tensor([prompt], device=self.device)
-            with torch.no_grad():
-                result["out"] = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                                    stopping_criteria=StoppingCriteriaList([Abort()]), **self._generate_kwargs(settings))
-
-        with self.lock:
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            try:
-                emitted = ""
-                for piece in streamer:
-                    emitted += piece
-                    cut = next((emitted.index(s) for s in settings.stop if s in emitted), None)
-                    if cut is not None:
-                        piece = piece[: max(0, len(piece) - (len(emitted) - cut))]
-                        if piece:
-                            yield piece
-                        abort.set()
-                        break
-                    if piece:
-                        yield piece
-            finally:
-                abort.set()
-                thread.join()
-        yield self._answer(result["out"][0, len(prompt) :].tolist(), len(prompt), settings)
+        return self.batcher().stream(self.prompt_ids(messages), settings)

@@ -1,11 +1,11 @@
 """`tuneforge serve`: an OpenAI-compatible chat API over the run's systems.
 
     GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section)
-    POST /v1/chat/completions  stream or not; temperature, top_p, max_tokens, stop, seed
+    POST /v1/chat/completions  stream or not (stream_options.include_usage); temperature, top_p, max_tokens, stop, seed
     /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py)
 
-Standard library HTTP (one thread per connection); each system has one lock, so
-concurrent requests queue safely. Bad requests get OpenAI-shaped errors with 4xx
+Standard library HTTP (one thread per connection). Concurrent requests for one
+model are batched together (infer/batcher.py), so they share its forward passes. Bad requests get OpenAI-shaped errors with 4xx
 codes and the server keeps serving. Binds 127.0.0.1 unless told otherwise.
 """
 
@@ -38,10 +38,10 @@ class ApiError(Exception):
 class Served:
     """The run's systems as the API sees them: listed names, 404 for others, and a bounded queue."""
 
-    def __init__(self, experiment, run, system_prompt: str | None = None):
+    def __init__(self, experiment, run, system_prompt: str | None = None, max_batch: int = 16):
         from tuneforge.systems import Systems
 
-        self.systems = Systems(experiment, run, system_prompt=system_prompt)
+        self.systems = Systems(experiment, run, system_prompt=system_prompt, max_batch=max_batch)
         self.counter = threading.Lock()
         self.waiting = 0
         self.created = int(time.time())
@@ -60,8 +60,10 @@ class Served:
         return self.systems.get(name)
 
 
-def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool]:
-    """Validate a chat-completions body; raise ApiError naming the bad parameter."""
+def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool | None]:
+    """Validate a chat-completions body; raise ApiError naming the bad parameter.
+
+    The last item is None for a plain answer, else (streaming) whether to end with a usage chunk."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     model = body.get("model")
@@ -108,19 +110,33 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", "stream")
-    return model, messages, settings, stream
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+    return model, messages, settings, (bool((options or {}).get("include_usage")) if stream else None)
+
+
+def usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+
+def sources(answer: Answer) -> dict:
+    """+rag systems: what was retrieved, beside the answer (an extra field the OpenAI types keep)."""
+    return {"sources": [h.to_json() for h in answer.sources]} if answer.sources else {}
 
 
 def completion(model: str, answer: Answer) -> dict:
-    extra = {"sources": [h.to_json() for h in answer.sources]} if answer.sources else {}  # +rag systems: what was retrieved
-    return {**extra,
+    return {**sources(answer),
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason, "logprobs": None}],
-        "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                  "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+        "usage": usage(answer),
     }
 
 
@@ -194,15 +210,15 @@ def make_handler(systems: Served):
                     body = json.loads(self.rfile.read(length) or b"null")
                 except json.JSONDecodeError as exc:
                     raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
-                model, messages, settings, stream = parse_request(body)
+                model, messages, settings, include_usage = parse_request(body)
                 system = systems.get(model)
                 with systems.counter:
                     if systems.waiting >= MAX_WAITING:
                         raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
                     systems.waiting += 1
                 try:
-                    if stream:
-                        self._stream(system, model, messages, settings)
+                    if include_usage is not None:
+                        self._stream(system, model, messages, settings, include_usage)
                     else:
                         answer = system.generate([messages], settings)[0]
                         self._json(200, completion(model, answer))
@@ -216,12 +232,14 @@ def make_handler(systems: Served):
             except Exception as exc:  # keep serving whatever one request did
                 self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
 
-        def _stream(self, system, model: str, messages: list[dict], settings: Settings) -> None:
+        def _stream(self, system, model: str, messages: list[dict], settings: Settings, include_usage: bool) -> None:
             chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-            def event(delta: dict, finish: str | None = None) -> bytes:
-                payload = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            def event(delta: dict | None, finish: str | None = None, **extra) -> bytes:
+                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                payload = {**extra, "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+                if include_usage and "usage" not in payload:
+                    payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
                 return f"data: {json.dumps(payload)}\n\n".encode()
 
             self.send_response(200)
@@ -235,7 +253,9 @@ def make_handler(systems: Served):
             try:
                 for piece in pieces:
                     if isinstance(piece, Answer):
-                        self.wfile.write(event({}, piece.finish_reason))
+                        self.wfile.write(event({}, piece.finish_reason, **sources(piece)))
+                        if include_usage:
+                            self.wfile.write(event(None, usage=usage(piece)))
                     else:
                         self.wfile.write(event({"content": piece}))
                     self.wfile.flush()
@@ -248,10 +268,10 @@ def make_handler(systems: Served):
 
 
 def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
-          system_prompt: str | None = None) -> None:
+          system_prompt: str | None = None, max_batch: int = 16) -> None:
     from tuneforge.infer.finetune_api import FineTuningApi
 
-    systems = Served(experiment, run, system_prompt)
+    systems = Served(experiment, run, system_prompt, max_batch)
     fine_tuning = FineTuningApi(experiment, run, systems)
     systems.routes["/v1/files"] = fine_tuning.handle
     systems.routes["/v1/fine_tuning/"] = fine_tuning.handle

@@ -1,0 +1,222 @@
+"""Dynamic batching: requests that wait for one model share its forward passes.
+
+A server thread per connection hands its chat to `Batcher.submit`; one worker
+thread per model takes every waiting request that can share a `generate` call
+(greedy with greedy, sampling with the same temperature and top-p; a seeded
+request runs alone so its seed means what it says) and runs them as one
+left-padded batch. Each row keeps its own budget, stop strings and end-of-turn:
+a per-row stopping rule ends a row early while the others go on, and a per-row
+streamer hands each row's text to its caller as it is generated. A caller that
+goes away (a client hanging up) ends its row only.
+
+Requests that arrive while a batch runs form the next batch, so under load the
+batch grows to `max_batch` and the model's passes are shared; alone, a request
+waits at most `window_s` for company.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from tuneforge.infer.engine import Answer, Settings
+
+@dataclass
+class Request:
+    prompt: list[int]
+    settings: Settings
+    streaming: bool
+    pieces: queue.Queue = field(default_factory=queue.Queue)  # str pieces, then the Answer (or an exception)
+    cancelled: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key can share one generate call."""
+        s = self.settings
+        if s.temperature <= 0:
+            return ("greedy",)
+        if s.seed is not None:
+            return ("seeded", id(self))
+        return ("sample", s.temperature, s.top_p)
+
+
+class Row:
+    """One request's place in a running batch: the ids it produced, the text it streamed, whether it ended."""
+
+    def __init__(self, request: Request, engine):
+        self.request = request
+        self.engine = engine
+        self.ids: list[int] = []
+        self.done = False
+        self.emitted = ""
+        self.watch_text = request.streaming or bool(request.settings.stop)
+
+    def take(self, token: int) -> None:
+        if self.done:
+            return
+        if self.request.cancelled:
+            self.done = True
+            return
+        self.ids.append(token)
+        if token in self.engine.stop_ids or len(self.ids) >= self.request.settings.max_new_tokens:
+            self.done = True
+        if self.watch_text and token not in self.engine.stop_ids:
+            self._text(final=False)
+
+    def flush(self) -> None:
+        """After the batch: stream what was held back (a possible start of a stop string, half a character)."""
+        if self.request.streaming and not self.request.cancelled:
+            self._text(final=True)
+
+    def _text(self, final: bool) -> None:
+        ids = [t for t in self.ids if t not in self.engine.stop_ids]
+        text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        stops = self.request.settings.stop
+        cut = min((text.index(s) for s in stops if s in text), default=None)
+        if cut is not None:
+            text, self.done = text[:cut], True
+        elif not final:
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                return
+            held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - held]  # it may be the start of a stop string
+        if not text.startswith(self.emitted):
+            return  # the tokenizer re-spelled earlier text; the final Answer has it right
+        piece, self.emitted = text[len(self.emitted):], text
+        if piece and self.request.streaming:
+            self.request.pieces.put(piece)
+
+
+class RowStreamer:
+    """transformers' streamer protocol for a whole batch: put() gets the prompt once, then one token per row per step."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.view(-1).tolist()):
+            row.take(token)
+
+    def end(self) -> None:
+        pass
+
+
+class RowsDone:
+    """A stopping criterion that ends each row on its own: budget reached, stop string seen, caller gone."""
+
+    def __init__(self, rows: list[Row], width: int):
+        self.rows = rows
+        self.width = width
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        produced = input_ids.shape[1] - self.width
+        flags = [row.done or row.request.cancelled or produced >= row.request.settings.max_new_tokens for row in self.rows]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+class Batcher:
+    """Groups concurrent requests for one Engine into batched generate calls."""
+
+    def __init__(self, engine, max_batch: int = 16, window_s: float = 0.005):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.waiting: list[Request] = []
+        self.ready = threading.Condition()
+        self.batches = 0  # generate calls run, for tests and benchmarks
+        self.rows_run = 0
+        self.worker = threading.Thread(target=self._work, name=f"batcher-{engine.name}", daemon=True)
+        self.worker.start()
+
+    def submit(self, prompt: list[int], settings: Settings, streaming: bool) -> Request:
+        request = Request(prompt, settings, streaming)
+        with self.ready:
+            self.waiting.append(request)
+            self.ready.notify()
+        return request
+
+    def answer(self, prompt: list[int], settings: Settings) -> Answer:
+        request = self.submit(prompt, settings, streaming=False)
+        item = request.pieces.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stream(self, prompt: list[int], settings: Settings) -> Iterator[str | Answer]:
+        request = self.submit(prompt, settings, streaming=True)
+        try:
+            while True:
+                item = request.pieces.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Answer):
+                    return
+        finally:
+            request.cancelled = True  # a caller that stops reading ends its row (no-op once answered)
+
+    # ------------------------------------------------------------------ worker
+
+    def _next_batch(self) -> list[Request]:
+        with self.ready:
+            while not self.waiting:
+                self.ready.wait()
+        time.sleep(self.window_s)  # let requests that arrive together go together
+        with self.ready:
+            key = self.waiting[0].key
+            batch = [r for r in self.waiting if r.key == key and not r.cancelled][: self.max_batch]
+            chosen = {id(r) for r in batch}
+            self.waiting = [r for r in self.waiting if id(r) not in chosen and not r.cancelled]
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                answers = self.run(batch)
+            except BaseException as exc:  # every caller in the batch hears of it; the model stays usable
+                for request in batch:
+                    request.pieces.put(exc)
+                continue
+            for request, answer in zip(batch, answers):
+                request.pieces.put(answer)
+
+    def run(self, batch: list[Request]) -> list[Answer]:
+        """One generate call for the batch; each row ends on its own."""
+        from transformers import StoppingCriteriaList
+
+        engine = self.engine
+        rows = [Row(r, engine) for r in batch]
+        width = max(len(r.prompt) for r in batch)
+        pad = engine.tokenizer.pad_token_id
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, request in enumerate(batch):
+            ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
+            mask[i, width - len(request.prompt):] = 1
+        first = batch[0].settings
+        shared = Settings(max_new_tokens=max(r.settings.max_new_tokens for r in batch), temperature=first.temperature,
+                          top_p=first.top_p, seed=first.seed)  # stop strings are per row, in RowsDone
+        with engine.lock:
+            if shared.seed is not None:
+                torch.manual_seed(shared.seed)
+            with torch.no_grad():
+                engine.model.generate(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
+                                      streamer=RowStreamer(rows), stopping_criteria=StoppingCriteriaList([RowsDone(rows, width)]),
+                                      **engine._generate_kwargs(shared))
+        self.batches += 1
+        self.rows_run += len(batch)
+        for row in rows:
+            row.flush()
+        return [engine._answer(row.ids, len(row.request.prompt), row.request.settings) for row in rows]
