@@ -66,11 +66,15 @@ def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_
     assert run_eval(first, run, systems=systems, progress=False) == 0
     n = len((run.sub("data", "valid.jsonl")).read_text().splitlines())
     assert engines["base"].prompts == n and engines[merged].prompts == 0
+    computed = json.loads((run.sub("eval", "metrics.json")).read_text())["base"]["seconds"]
+    assert computed > 0
 
     second = _experiment(tmp_path, body, [f"eval.systems=[base, ngram, '{merged}']"])
     assert run_eval(second, run, systems=systems, progress=False) == 0
     assert engines["base"].prompts == n  # every base answer came from the cache
     assert engines[merged].prompts == n
+    # and reports what computing them cost, not the 0 s of reading the cache
+    assert json.loads((run.sub("eval", "metrics.json")).read_text())["base"]["seconds"] == pytest.approx(computed, abs=0.02)
 
     folder = run.sub("eval")
     metrics = json.loads((folder / "metrics.json").read_text())

@@ -90,6 +90,16 @@ class Cache:
         self.entries[k] = value
         self.dirty = True
 
+    def stamp(self, keys: list[str], seconds: float) -> None:
+        """Record what computing these entries cost (shared evenly), so a cached re-run reports the same seconds."""
+        for k in keys:
+            self.entries[k]["seconds"] = seconds / max(len(keys), 1)
+        self.dirty = self.dirty or bool(keys)
+
+    def seconds(self, keys: list[str]) -> float:
+        """What the entries behind these keys cost to compute, whenever they were computed."""
+        return round(sum(self.entries[k].get("seconds", 0.0) for k in dict.fromkeys(keys)), 2)
+
     def save(self) -> None:
         if self.dirty:
             atomic_write_jsonl(self.path, ({"key": k, "value": v} for k, v in self.entries.items()))

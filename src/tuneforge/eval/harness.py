@@ -101,6 +101,7 @@ class Evaluation:
             identity = system_identity(name, self.experiment, self.run)
             result = self._classify(name, identity, cache) if self.labels else self._generate(name, identity, cache)
             cache.save()
+            return result  # its seconds: what its answers cost to compute, cached or not
         result.seconds = round(time.perf_counter() - started, 2)
         return result
 
@@ -112,6 +113,7 @@ class Evaluation:
                     self.settings.max_new_tokens if hosted else None) for item in self.items]
         missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
         if missing:
+            started = time.perf_counter()
             system = self.systems.get(name)
             prompts = [self.items[i].prompt for i in missing]
             if hosted:
@@ -123,6 +125,7 @@ class Evaluation:
                 sums = self._label_scores(name, augmented)
                 for row, i in enumerate(missing):
                     cache.put(keys[i], {"scores": sums[row].tolist(), "sources": [h.to_json() for h in hits[row]]})
+            cache.stamp([keys[i] for i in missing], time.perf_counter() - started)
         from tuneforge.eval.classify import probabilities
 
         values = [cache.entries[k] for k in keys]
@@ -133,7 +136,7 @@ class Evaluation:
         else:
             probs = probabilities(np.array([v["scores"] for v in values]))
             answers = [self.labels[j] for j in probs.argmax(axis=1)]
-        return Outcome(name, answers, [v["sources"] for v in values], probabilities=probs)
+        return Outcome(name, answers, [v["sources"] for v in values], probabilities=probs, seconds=cache.seconds(keys))
 
     def _generate(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
@@ -143,11 +146,13 @@ class Evaluation:
         need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
         need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
         if need_answer or need_reference:
+            started = time.perf_counter()
             system = self.systems.get(name)
             if hosted:
                 answers = system.generate([self.items[i].prompt for i in need_answer], self.settings, progress=self.progress)
                 for i, answer in zip(need_answer, answers):
                     cache.put(answer_keys[i], _answer_record(answer, answer.sources))
+                cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
             else:
                 from tuneforge.eval.classify import fit_prompt
 
@@ -158,14 +163,18 @@ class Evaluation:
                     sums, counts = self._scored(name, system, [by_item[i][0] + [{"role": "assistant", "content": self.items[i].reference}] for i in need_reference])
                     for i, total, count in zip(need_reference, sums, counts):
                         cache.put(reference_keys[i], {"logprob": float(total), "tokens": int(count)})
+                    cache.stamp([reference_keys[i] for i in need_reference], time.perf_counter() - started)
+                started = time.perf_counter()
                 if need_answer:
                     room = max(self.max_length - self.settings.max_new_tokens, 16)
                     fitted = [fit_prompt(system.engine.encoder, by_item[i][0], room) for i in need_answer]
                     answers = system.engine.generate(fitted, self.settings, batch_size=GENERATE_BATCH, progress=self.progress)
                     for i, answer in zip(need_answer, answers):
                         cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
+                    cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
         values = [cache.entries[k] for k in answer_keys]
-        outcome = Outcome(name, [v["text"] for v in values], [v["sources"] for v in values])
+        spent = cache.seconds(answer_keys + ([] if hosted else reference_keys))
+        outcome = Outcome(name, [v["text"] for v in values], [v["sources"] for v in values], seconds=spent)
         if not hosted:
             references = [cache.entries[k] for k in reference_keys]
             outcome.reference_logprob = [r["logprob"] for r in references]
