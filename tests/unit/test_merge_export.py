@@ -1,18 +1,21 @@
-"""GGUF export says how to get llama.cpp's converter when it is missing."""
+"""GGUF export: the converter is looked for before merging, and a failed conversion keeps the merge and its report."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.merge import export_gguf
+from tuneforge.infer import merge as merging
+from tuneforge.infer.merge import export_gguf, gguf_converter
 
 
 def test_missing_converter_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(TuneforgeError, match="LLAMA_CPP_DIR.*merged safetensors model is already saved"):
-        export_gguf(tmp_path / "merged", tmp_path / "out.gguf")
+    with pytest.raises(TuneforgeError, match="LLAMA_CPP_DIR.*nothing was merged"):
+        gguf_converter()
 
 
 def test_converter_from_llama_cpp_dir_is_run(tmp_path, monkeypatch):
@@ -20,5 +23,57 @@ def test_converter_from_llama_cpp_dir_is_run(tmp_path, monkeypatch):
     converter.parent.mkdir()
     converter.write_text("import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'w').write(sys.argv[1])\n")
     monkeypatch.setenv("LLAMA_CPP_DIR", str(converter.parent))
-    out = export_gguf(tmp_path / "merged", tmp_path / "out.gguf")
+    out = export_gguf(tmp_path / "merged", tmp_path / "out.gguf", gguf_converter())
     assert (tmp_path / "out.gguf").read_text() == str(tmp_path / "merged") and out.endswith("out.gguf")
+
+
+@pytest.fixture()
+def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
+    """A run with a LoRA adapter on the tiny Llama, and Engine.load serving the tiny model instead of the builtin."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import load_experiment
+    from tuneforge.infer.engine import Engine
+    from tuneforge.run import RunDir
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: m\ndata: {train: x.jsonl}\n")
+    experiment = load_experiment(path)
+    run = RunDir(experiment, tmp_path / "run")
+    peft = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(run.sub("adapter"))
+    tiny_tokenizer.save_pretrained(run.sub("adapter"))
+    loads = []
+
+    def load(experiment, name="base", run=None, adapter=None, merged=None, quantization=None):
+        loads.append(name)
+        model = peft if adapter else AutoModelForCausalLM.from_pretrained(merged)
+        return Engine(model, tiny_tokenizer, name)
+
+    monkeypatch.setattr(Engine, "load", staticmethod(load))
+    return experiment, run, loads
+
+
+def test_merge_gguf_without_converter_stops_before_merging(trained_run, tmp_path, monkeypatch):
+    experiment, run, loads = trained_run
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(TuneforgeError, match="convert_hf_to_gguf.py"):
+        merging.merge(experiment, run, max_new_tokens=4, gguf=True)
+    assert loads == [] and not run.sub("merged").exists()  # nothing was loaded or merged first
+
+
+def test_a_failed_conversion_keeps_the_merge_and_its_report(trained_run, tmp_path, monkeypatch):
+    experiment, run, loads = trained_run
+    converter = tmp_path / "llama.cpp" / "convert_hf_to_gguf.py"
+    converter.parent.mkdir()
+    converter.write_text("import sys\nprint('unsupported architecture', file=sys.stderr)\nsys.exit(3)\n")
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(converter.parent))
+    with pytest.raises(TuneforgeError, match="converter failed \\(exit 3\\): unsupported architecture"):
+        merging.merge(experiment, run, max_new_tokens=4, gguf=True)
+    report = json.loads(run.sub("merge_report.json").read_text())
+    assert report["probes"] > 0 and report["mismatches"] == [] and "unsupported architecture" in report["gguf_error"]
+    assert list(run.sub("merged").glob("*.safetensors"))

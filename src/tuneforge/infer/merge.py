@@ -46,6 +46,7 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
+    converter = gguf_converter() if gguf else None  # before minutes of merging, not after
     # the base de-quantized, in the device's full precision, with the adapter on top
     with_adapter = Engine.load(experiment, "adapter", adapter=str(adapter), quantization="none")
     tokenizer = with_adapter.tokenizer
@@ -72,15 +73,21 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
         if a.text != m.text
     ]
     report: dict[str, Any] = {"merged": str(target), "dtype": dtype, "probes": len(prompts), "mismatches": mismatches}
-    if gguf:
-        report["gguf"] = export_gguf(target, run.sub("merged.gguf"))
-    atomic_write_json(run.sub("merge_report.json"), report)
+    failure = None
+    if converter is not None:
+        try:
+            report["gguf"] = export_gguf(target, run.sub("merged.gguf"), converter)
+        except TuneforgeError as exc:
+            report["gguf_error"] = failure = str(exc)
+    atomic_write_json(run.sub("merge_report.json"), report)  # the merge and its probes are kept whatever GGUF did
     run.record("merge", {**report, "mismatches": len(mismatches)})
+    if failure:
+        raise TuneforgeError(f"{failure}; the merged safetensors model and merge_report.json are saved")
     return report
 
 
-def export_gguf(folder: Path, target: Path) -> str:
-    """Convert with llama.cpp's converter when the user has it; say how to get it when not."""
+def gguf_converter() -> str:
+    """llama.cpp's convert_hf_to_gguf.py when the user has it; say how to get it when not."""
     import os
 
     candidates = [shutil.which("convert_hf_to_gguf.py"), shutil.which("convert-hf-to-gguf.py")]
@@ -90,8 +97,16 @@ def export_gguf(folder: Path, target: Path) -> str:
     script = next((c for c in candidates if c and Path(c).exists()), None)
     if script is None:
         raise TuneforgeError(
-            "GGUF export needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, `pip install -r requirements.txt` there, "
-            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); the merged safetensors model is already saved"
+            "merge --gguf needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, `pip install -r requirements.txt` there, "
+            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); nothing was merged (drop --gguf for safetensors only)"
         )
-    subprocess.run([sys.executable, script, str(folder), "--outfile", str(target)], check=True)
+    return script
+
+
+def export_gguf(folder: Path, target: Path, script: str) -> str:
+    """Convert the merged folder with llama.cpp's converter."""
+    result = subprocess.run([sys.executable, script, str(folder), "--outfile", str(target)], capture_output=True, text=True)
+    if result.returncode:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise TuneforgeError(f"llama.cpp's converter failed (exit {result.returncode}): {tail[0]}")
     return str(target)
