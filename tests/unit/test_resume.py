@@ -68,3 +68,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+
+    # resuming the finished run again has nothing to do, and says so instead of training on
+    adapter = tmp_path / "runs" / "killed" / "adapter" / "adapter_model.safetensors"
+    written = adapter.stat().st_mtime_ns
+    again = subprocess.run(_tuneforge("train", str(killed), "--resume", cwd=tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"nothing to resume: this run already finished its {steps_per_epoch} steps" in again.stdout
+    assert adapter.stat().st_mtime_ns == written

@@ -4,7 +4,8 @@ Commands: /reset (forget the conversation), /system (show the system prompt),
 /system <text> (set it), /system off (send none), /model <system> (switch systems,
 keeping the history: base, finetuned, their +rag variants, openai:<model>), /exit.
 The chat starts with the system prompt the run trained with, unless
-`--system-prompt` says otherwise ('' for none). A +rag system prints the sources it
+`--system-prompt` says otherwise ('' for none). Ctrl-C stops the answer being
+streamed (what was shown stays in the history) and the chat goes on. A +rag system prints the sources it
 retrieved under each answer; the history keeps the plain question, and only the
 turn being answered carries the retrieved passages (as in training).
 """
@@ -76,12 +77,24 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
         stdout.write(f"{current}> ")
         reply: Answer | None = None
-        for piece in systems.get(current).stream(messages, settings):
-            if isinstance(piece, Answer):
-                reply = piece
+        shown = ""
+        stream = systems.get(current).stream(messages, settings)
+        try:
+            for piece in stream:
+                if isinstance(piece, Answer):
+                    reply = piece
+                else:
+                    shown += piece
+                    stdout.write(piece)
+                    stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            stream.close()
+            stdout.write("\n(answer stopped; /exit or Ctrl-D ends the chat)\n")
+            if shown.strip():
+                history.append({"role": "assistant", "content": shown.strip()})  # what was shown stays in the conversation
             else:
-                stdout.write(piece)
-                stdout.flush()
+                history.pop()
+            continue
         stdout.write("\n")
         if reply is not None and reply.sources:
             for n, hit in enumerate(reply.sources, 1):

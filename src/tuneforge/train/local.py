@@ -7,6 +7,7 @@ finish  save adapter + tokenizer + chat template + generation config, plot, reco
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -171,6 +172,20 @@ def add_adapters(model, experiment, plan):
     return get_peft_model(model, config)
 
 
+def finished_run(run, checkpoint: Path) -> dict[str, Any] | None:
+    """The recorded summary, marked `already_trained`, when the run already trained every step its checkpoints
+    planned and saved its adapter: a resume then has nothing to do, and says so instead of training again."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    summary = run.read_manifest().get("train")
+    planned = state.get("max_steps") or 0
+    if not summary or not planned or summary.get("steps", 0) < planned or not (run.sub("adapter") / "adapter_config.json").exists():
+        return None
+    return {**summary, "already_trained": True}
+
+
 def train_local(experiment, run, resume: bool = False, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     import torch
     from transformers.integrations import TensorBoardCallback
@@ -218,6 +233,9 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
             raise TuneforgeError(f"--resume: no complete checkpoint under {checkpoints}")
         if resume_from is not None:
             cb.check_resumable(resume_from, fingerprint)
+            done = finished_run(run, resume_from)
+            if done is not None:
+                return done
 
     torch.manual_seed(experiment.seed)  # adapter initialisation
     model = load_model(experiment.model, plan, location)

@@ -1,0 +1,52 @@
+"""The terminal chat: Ctrl-C stops the answer being streamed, and the conversation goes on."""
+
+from __future__ import annotations
+
+import io
+
+from tuneforge.infer import chat as chatting
+from tuneforge.infer.engine import Answer
+
+
+class FakeSystems:
+    """Stands in for Systems: the first answer is interrupted after one piece, as Ctrl-C would."""
+
+    def __init__(self, *args, **kwargs):
+        self.asked: list[list[dict]] = []
+        self.closed = 0
+        FakeSystems.last = self
+
+    def get(self, name):
+        return self
+
+    def available(self):
+        return ["base"]
+
+    def stream(self, messages, settings):
+        self.asked.append([dict(m) for m in messages])
+        first = len(self.asked) == 1
+        try:
+            yield "Hel"
+            if first:
+                raise KeyboardInterrupt  # arrives while the answer is streaming
+            yield "lo"
+            yield Answer("Hello", 3, 2, "stop")
+        finally:
+            self.closed += 1
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, tmp_path):
+    import tuneforge.systems
+
+    monkeypatch.setattr(tuneforge.systems, "Systems", FakeSystems)
+    stdin = io.StringIO("tell me\nand then?\n/exit\n")
+    stdout = io.StringIO()
+    experiment = type("E", (), {"eval": type("V", (), {"max_new_tokens": 8})(), "seed": 0})()
+    assert chatting.chat_loop(experiment, None, "base", stdin=stdin, stdout=stdout, system_prompt="") == 0
+    fake = FakeSystems.last
+    assert "(answer stopped" in stdout.getvalue()
+    assert fake.closed == 2  # the interrupted stream was closed, so its generation ends
+    # the second question went out with the history, the stopped answer as far as it was shown
+    assert fake.asked[1] == [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "Hel"},
+                             {"role": "user", "content": "and then?"}]
+    assert stdout.getvalue().rstrip().endswith("you>")
