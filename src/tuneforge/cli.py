@@ -77,7 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = _run_dir(args, experiment, "train") if is_main_process() else _run_dir_quiet(args, experiment)
     summary = train_local(experiment, run, resume=getattr(args, "resume", False))
-    if is_main_process():
+    if is_main_process() and summary.get("already_trained"):
+        print(f"nothing to resume: this run already finished its {summary['steps']} steps, and its adapter is in {run.sub('adapter')}. "
+              "To train again, use a new --run-dir (or delete this run's checkpoints/)")
+    elif is_main_process():
         print(f"trained {summary['steps']} steps in {summary['seconds']} s "
               f"({summary['supervised_tokens_per_s']} supervised tokens/s); run in {run.path}")
     return 0
@@ -179,12 +182,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tuneforge.infer.server import serve
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt)
+    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt, max_batch=args.max_batch)
     return 0
 
 
@@ -216,14 +229,21 @@ def cmd_rag(args: argparse.Namespace) -> int:
     pairs = _question_source_pairs(experiment)
     report = rag.evaluate(rag.ensure_index(experiment, run), pairs, experiment.rag.k)
     atomic_write_json(run.sub("rag", "eval.json"), report)
-    recall = report[f"recall@{report['k']}"]
-    print(f"recall@{report['k']} {recall:.3f}, MRR {report['mrr']:.3f} on {report['questions']} questions; "
-          f"misses: {len(report['misses'])} (details in {run.sub('rag', 'eval.json')})")
+    k = report["k"]
+    print(f"recall@1 {report['recall@1']:.3f}, recall@{k} {report[f'recall@{k}']:.3f}, MRR {report['mrr']:.3f} "
+          f"on {report['questions']} questions")
+    follow = report["multi_turn"]
+    if follow["questions"]:
+        print(f"  of which {follow['questions']} in conversations (retrieved with their earlier turns): recall@1 {follow['recall@1']:.3f}, "
+              f"recall@{k} {follow[f'recall@{k}']:.3f}")
+    for miss in report["misses"]:
+        print(f"  missed: {miss['question'][:70]!r} wants {miss['expected']}, got {', '.join(dict.fromkeys(miss['retrieved'])) or 'nothing'}")
+    print(f"details in {run.sub('rag', 'eval.json')}")
     return 0
 
 
 def _question_source_pairs(experiment) -> list[tuple[str, str]]:
-    """(last user message, meta.source) from eval.data: the questions whose right document is known."""
+    """(user turns, meta.source) from eval.data: the conversations whose right document is known."""
     import json
 
     if not experiment.eval.data:
@@ -238,7 +258,7 @@ def _question_source_pairs(experiment) -> list[tuple[str, str]]:
         users = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
         if not source or not users:
             raise TuneforgeError(f"{path.name} line {number}: rag eval needs a user message and meta.source")
-        pairs.append((users[-1], source))
+        pairs.append((users, source))
     return pairs
 
 
@@ -338,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "serve":
             sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
             sub.add_argument("--port", type=int, default=8000)
+            sub.add_argument("--max-batch", type=_positive_int, default=16,
+                             help="most concurrent requests batched into one generate call (1: one at a time)")
         if verb == "demo":
             sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
             sub.add_argument("--port", type=int, help="default: demo.port")

@@ -84,8 +84,9 @@ def retrieve_into(conversations: list[list[dict]], retriever, special_tokens=())
     from tuneforge.rag.retriever import augment
 
     questions = [_last_user(m) for m in conversations]
-    asked = [q for q in questions if q is not None]
-    found = iter(retriever.search(asked) if asked else [])
+    # the query is the conversation's user turns (the retriever weighs the last one most), the passages go to the last
+    asked = [[m.get("content") or "" for m in messages if m.get("role") == "user"] for messages, q in zip(conversations, questions) if q is not None]
+    found = iter(retriever.search_conversations(asked) if asked else [])
     results, hits_each = [], []
     for messages, question in zip(conversations, questions):
         hits = [] if question is None else next(found)
@@ -145,6 +146,8 @@ class LocalSystem(System):
         self.engine = engine
 
     def _generate(self, conversations, settings, batch_size, progress):
+        if len(conversations) == 1 and hasattr(self.engine, "answer"):  # one caller among maybe many: batched dynamically
+            return [self.engine.answer(conversations[0], settings)]
         return self.engine.generate(conversations, settings, batch_size=batch_size, progress=progress)
 
     def _stream(self, messages, settings):
@@ -262,8 +265,9 @@ def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
-    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None):
+    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16):
         self.experiment, self.run = experiment, run
+        self.max_batch = max_batch  # concurrent conversations one generate call may carry
         self.build_index = build_index
         self.system_prompt_override = system_prompt  # None: the training one; "": none; text: that
         self.engines: dict[str, Engine] = {}
@@ -329,6 +333,7 @@ class Systems:
                 self.engines[model] = VLLMEngine.load(self.experiment, model, self.run)  # type: ignore[assignment]
             else:
                 self.engines[model] = Engine.load(self.experiment, model, self.run)
+                self.engines[model].max_batch = self.max_batch
         return self.engines[model]
 
     def _retriever(self):

@@ -40,10 +40,25 @@ def test_right_page_first_and_recall_on_shipped_questions(built):
     experiment, run, _ = built
     retriever = rag.Retriever(experiment, run)
     assert retriever.search(["My thermostat shows E3, what does it mean?"])[0][0].source == "error-codes.md"
-    pairs = [(json.loads(l)["messages"][1]["content"], json.loads(l)["meta"]["source"])
-             for l in (REPO / "examples/data/support/eval.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (REPO / "examples/data/support/eval.jsonl").read_text().splitlines()]
+    pairs = [([m["content"] for m in r["messages"] if m["role"] == "user"], r["meta"]["source"]) for r in records]
     report = rag.evaluate(retriever, pairs, k=4)
-    assert report["recall@4"] >= 0.9 and report["mrr"] > 0.7
+    assert report["recall@4"] >= 0.9 and report["mrr"] > 0.7 and report["recall@1"] <= report["recall@4"]
+    assert report["multi_turn"]["questions"] == sum(len(t) > 1 for t, _ in pairs) >= 12
+    assert all(set(m) == {"question", "earlier_turns", "expected", "retrieved"} for m in report["misses"])
+
+
+def test_a_follow_up_is_retrieved_with_its_conversation(built):
+    experiment, run, _ = built
+    retriever = rag.Retriever(experiment, run)
+    follow_up = ["Which battery goes in the KS1 sensor?", "How long will it last?"]
+    alone = retriever.search([follow_up[-1]])[0]
+    assert alone[0].source != "remote-sensors.md"  # the last turn alone names nothing
+    assert retriever.search_conversations([follow_up])[0][0].source == "remote-sensors.md"
+    switch = ["How much does Kestrel Plus cost?", "Thanks. How do I connect the thermostat to Alexa?"]
+    assert retriever.search_conversations([switch])[0][0].source == "voice-assistants.md"  # a new topic outweighs the old
+    last_only = experiment.model_copy(update={"rag": experiment.rag.model_copy(update={"history_turns": 0})})
+    assert rag.Retriever(last_only, run).search_conversations([follow_up])[0][0].source == alone[0].source
 
 
 def test_reload_in_a_new_process_gives_identical_hits(built):

@@ -102,12 +102,34 @@ class Retriever:
             raise TuneforgeError(f"embedder dimension {self.embedder.dim} differs from the index's {self.sidecar['dim']}; rebuild it")
 
     def search(self, questions: list[str], k: int | None = None) -> list[list[Hit]]:
+        """The top hits for each question on its own."""
         with self.lock:  # one retriever serves every +rag system of a server or demo
-            return self._search(questions, k)
+            return self._search(self.embedder.encode(questions), k)
 
-    def _search(self, questions: list[str], k: int | None) -> list[list[Hit]]:
+    def search_conversations(self, conversations: list[list[str]], k: int | None = None) -> list[list[Hit]]:
+        """The top hits for each conversation, given as its user turns, oldest first (see query_vectors)."""
+        with self.lock:
+            return self._search(self.query_vectors(conversations), k)
+
+    def query_vectors(self, conversations: list[list[str]]) -> np.ndarray:
+        """One query per conversation: the last user turn's embedding plus up to rag.history_turns earlier turns',
+        each turn back weighted by another factor of rag.history_weight, normalised. A follow-up that names
+        nothing ("how do I fix it?") then leans on the turn that named the topic, while a question that does
+        name one outweighs the history."""
+        keep = self.rag.history_turns + 1
+        turns_each = [list(turns)[-keep:] for turns in conversations]
+        vectors = self.embedder.encode([t for turns in turns_each for t in turns])
+        queries, at = [], 0
+        for turns in turns_each:
+            block = vectors[at : at + len(turns)]
+            at += len(turns)
+            weights = self.rag.history_weight ** np.arange(len(turns) - 1, -1, -1, dtype=np.float32)
+            blended = (weights[:, None] * block).sum(axis=0)
+            queries.append(blended / max(float(np.linalg.norm(blended)), 1e-12))
+        return np.ascontiguousarray(np.stack(queries), dtype=np.float32) if queries else np.zeros((0, self.embedder.dim), np.float32)
+
+    def _search(self, vectors: np.ndarray, k: int | None) -> list[list[Hit]]:
         k = k or self.rag.k
-        vectors = self.embedder.encode(questions)
         fetch = min(len(self.chunks), k * 4 if self.rag.mmr else k)
         scores, ids = self.index.search(vectors, fetch)
         results = []
@@ -160,18 +182,29 @@ def augment(question: str, hits: list[Hit], special_tokens: list[str] = ()) -> s
     return "\n\n".join(parts)
 
 
-def evaluate(retriever: Retriever, pairs: list[tuple[str, str]], k: int) -> dict[str, Any]:
-    """recall@k and MRR of the right source for each (question, source) pair."""
-    results = retriever.search([q for q, _ in pairs], k)
-    ranks = []
-    for (question, source), hits in zip(pairs, results):
-        rank = next((i for i, h in enumerate(hits, 1) if h.source == source or h.source.endswith("/" + source)), None)
-        ranks.append(rank)
-    found = [r for r in ranks if r is not None]
+def evaluate(retriever: Retriever, pairs: list[tuple[list[str], str]], k: int) -> dict[str, Any]:
+    """recall@1, recall@k and MRR of the right source for each (user turns, source) pair, retrieved as +rag
+    systems retrieve for a conversation; follow-ups (more than one user turn) are also counted on their own.
+    Each miss is listed with the pages retrieved instead."""
+    results = retriever.search_conversations([turns for turns, _ in pairs], k)
+
+    def right(hit: Hit, source: str) -> bool:
+        return hit.source == source or hit.source.endswith("/" + source)
+
+    ranks = [next((i for i, h in enumerate(hits, 1) if right(h, source)), None) for (_, source), hits in zip(pairs, results)]
+
+    def scores(chosen: list[int]) -> dict[str, Any]:
+        n = len(chosen)
+        found = [ranks[i] for i in chosen if ranks[i] is not None]
+        return {"questions": n, "recall@1": round(sum(r == 1 for r in found) / n, 4) if n else 0.0,
+                f"recall@{k}": round(len(found) / n, 4) if n else 0.0, "mrr": round(sum(1 / r for r in found) / n, 4) if n else 0.0}
+
+    follow_ups = [i for i, (turns, _) in enumerate(pairs) if len(turns) > 1]
     return {
-        "questions": len(pairs),
+        **scores(list(range(len(pairs)))),
         "k": k,
-        f"recall@{k}": round(len(found) / len(pairs), 4) if pairs else 0.0,
-        "mrr": round(sum(1 / r for r in found) / len(pairs), 4) if pairs else 0.0,
-        "misses": [q for (q, _), r in zip(pairs, ranks) if r is None],
+        "multi_turn": scores(follow_ups),
+        "misses": [{"question": turns[-1], "earlier_turns": turns[:-1], "expected": source,
+                    "retrieved": [h.source for h in hits]}
+                   for (turns, source), hits, rank in zip(pairs, results, ranks) if rank is None],
     }
