@@ -127,3 +127,61 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"no adapter in {tmp_path / 'runs' / 'lonely' / 'adapter'}" in out.stderr  # says where it looked
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+# every verb with the arguments it needs, run against a file that is not there and a run folder that cannot be made
+VERB_ARGS = {
+    "prepare": [], "train": [], "generate": ["--input", "p.jsonl", "--output", "o.jsonl"], "chat": [], "merge": [],
+    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [],
+}
+
+
+def _one_error_line(out, verb):
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("Loading weights", "Batches"))]
+    assert out.returncode not in (0, None) and "Traceback" not in out.stderr, (verb, out.stderr[-2000:])
+    assert lines and lines[-1].startswith(f"tuneforge {verb}"), (verb, out.stderr[-2000:])
+    return lines[-1]
+
+
+@pytest.mark.parametrize("verb", sorted(VERB_ARGS))
+def test_every_verb_names_a_missing_experiment_file_in_one_line(tmp_path, verb):
+    args = ["build", "gone.yaml"] if verb == "rag" else ["gone.yaml", *VERB_ARGS[verb]]
+    out = tuneforge(verb, *args, cwd=tmp_path)
+    assert "gone.yaml" in _one_error_line(out, verb)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("verb", ["prepare", "train", "merge", "rag", "eval", "run"])
+def test_every_writing_verb_names_a_run_folder_it_cannot_create(tmp_path, verb):
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(_chat(i)) for i in range(4)) + "\n")
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "page.md").write_text("# Page\n\nSome text to index.\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: blocked\ndata: {train: chats.jsonl}\nrag: {corpus: kb}\n")
+    (tmp_path / "afile").write_text("a file where the run folder's parent should be")
+    args = ["build", str(exp)] if verb == "rag" else [str(exp)]
+    out = tuneforge(verb, *args, "--run-dir", str(tmp_path / "afile" / "run"), cwd=tmp_path)
+    line = _one_error_line(out, verb)
+    assert "afile" in line or "no prepared data" in line or "no adapter" in line, line
+
+
+@pytest.mark.parametrize("verb", ["serve", "chat"])
+def test_ctrl_c_ends_a_long_running_verb_in_one_line(tmp_path, verb):
+    import signal
+    import time
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: waiting\nmodel: {ref: builtin:smollm2-135m-instruct}\n")
+    args = ["--port", "0"] if verb == "serve" else ["--system", "base"]
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", verb, str(exp), *args], cwd=tmp_path, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ready = "serving " if verb == "serve" else "chatting with"
+    deadline = time.time() + 300
+    seen = ""
+    while ready not in seen:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        seen += proc.stdout.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"tuneforge {verb}: interrupted"

@@ -10,8 +10,10 @@ streamer hands each row's text to its caller as it is generated. A caller that
 goes away (a client hanging up) ends its row only.
 
 Requests that arrive while a batch runs form the next batch, so under load the
-batch grows to `max_batch` and the model's passes are shared; alone, a request
-waits at most `window_s` for company.
+batch grows to `max_batch` and the model's passes are shared. An idle model
+waits `window_s` (20 ms) after a request arrives, and again while more keep
+arriving (at most `max_wait_s`, 100 ms), so clients that start together are not
+split into a batch of one and a batch of the rest.
 """
 
 from __future__ import annotations
@@ -126,10 +128,11 @@ class RowsDone:
 class Batcher:
     """Groups concurrent requests for one Engine into batched generate calls."""
 
-    def __init__(self, engine, max_batch: int = 16, window_s: float = 0.005):
+    def __init__(self, engine, max_batch: int = 16, window_s: float = 0.02, max_wait_s: float = 0.1):
         self.engine = engine
         self.max_batch = max_batch
-        self.window_s = window_s
+        self.window_s = window_s  # an idle model waits this long for company after a request arrives...
+        self.max_wait_s = max_wait_s  # ...and again while more keep arriving, up to this in all
         self.waiting: list[Request] = []
         self.ready = threading.Condition()
         self.batches = 0  # generate calls run, for tests and benchmarks
@@ -170,7 +173,16 @@ class Batcher:
         with self.ready:
             while not self.waiting:
                 self.ready.wait()
-        time.sleep(self.window_s)  # let requests that arrive together go together
+        # let requests that arrive together go together: clients started at once reach the server spread over
+        # tens of milliseconds, and a batch of one that starts first makes the rest wait a whole generation
+        started, seen = time.perf_counter(), -1
+        while True:
+            with self.ready:
+                count = len(self.waiting)
+            if count >= self.max_batch or count == seen or time.perf_counter() - started >= self.max_wait_s:
+                break
+            seen = count
+            time.sleep(self.window_s)
         with self.ready:
             key = self.waiting[0].key
             batch = [r for r in self.waiting if r.key == key and not r.cancelled][: self.max_batch]
