@@ -1,15 +1,19 @@
 """Chat examples to token ids with a mask of the positions the model learns.
 
 The rendering comes from the model's own chat template, so training sees exactly
-what inference will send. The rendered text is cut at the boundaries between what
-the model is given (system, user, tool turns and each assistant header) and what it
-must produce (each assistant turn's content and its end-of-turn token), and each
-piece is tokenized on its own:
+what inference will send. The rendered conversation is tokenized once, as a whole,
+exactly as inference tokenizes a rendered prompt; the positions the model must
+produce (each assistant turn's content and its end-of-turn token) are found from
+character spans of the rendered text through the tokenizer's offset mapping:
 
 * the prompt rendered at inference (`add_generation_prompt=True`) is a token
-  prefix of the training sequence, because it is tokenized exactly as it will be;
+  prefix of the training sequence, on byte-level BPE and SentencePiece alike
+  (tokenizing each piece on its own put a SentencePiece "▁" at every piece start:
+  `▁Paris` where the whole text says `Par`,`is`);
 * supervision needs no `{% generation %}` markers in the template;
 * no BOS is added on top of the one the template writes (no double BOS).
+
+A token that straddles the start of an answer is learned with the answer.
 """
 
 from __future__ import annotations
@@ -95,6 +99,20 @@ class ChatEncoder:
 
     def encode_many(self, conversations: list[list[dict]]) -> list[Encoded]:
         """Encode many examples with one batched call into the fast tokenizer."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._encode_by_pieces(conversations)  # no offset mapping: cut the text where the spans are
+        rendered = [self.spans(messages) for messages in conversations]
+        if not rendered:
+            return []
+        batch = self.tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
+            mask = [any(begin < end and max(stop, begin + 1) > start for start, end, _ in spans) for begin, stop in offsets]
+            out.append(Encoded(list(ids), mask, missing_eot=any(not has_eot for _, _, has_eot in spans)))
+        return out
+
+    def _encode_by_pieces(self, conversations: list[list[dict]]) -> list[Encoded]:
+        """For tokenizers without offsets: each prompt piece and answer piece tokenized on its own."""
         pieces: list[str] = []
         layout: list[list[tuple[int, bool]]] = []  # per example: (piece index, supervised)
         missing = []

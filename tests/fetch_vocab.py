@@ -1,0 +1,49 @@
+"""Fetch the real tokenizers the tests use: vocab-only GGUF files from llama-cpp-python's source distribution.
+
+The README's test command runs this before pytest. It downloads the pinned sdist from
+the package index once (pip download, no build), extracts only the vocabularies below
+into tests/.vocab/ and leaves them there; a second run finds them and does nothing.
+Tests never fetch anything: without these files the tests that need them fail and say
+to run this script.
+
+    python tests/fetch_vocab.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+VERSION = "0.3.36"
+FILES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf"]
+FOLDER = Path(__file__).resolve().parent / ".vocab"
+
+
+def main() -> int:
+    if all((FOLDER / name).exists() for name in FILES):
+        return 0
+    FOLDER.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={VERSION}", "-d", tmp], check=True)
+        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if name in FILES and "/vendor/llama.cpp/models/" in member.name:
+                    with tar.extractfile(member) as src:
+                        (FOLDER / f".{name}.part").write_bytes(src.read())
+                    (FOLDER / f".{name}.part").replace(FOLDER / name)
+    missing = [name for name in FILES if not (FOLDER / name).exists()]
+    if missing:
+        print(f"llama-cpp-python {VERSION} did not carry {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(f"real tokenizers in {FOLDER}: {', '.join(FILES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
