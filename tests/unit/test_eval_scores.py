@@ -61,8 +61,14 @@ def test_quality_score_is_zero_to_hundred():
 
 def test_read_verdict():
     assert read_verdict("A") == "A" and read_verdict("b.") == "B" and read_verdict("Tie") == "tie"
-    assert read_verdict("Answer B is better") == "B"
-    assert read_verdict("") == "tie" and read_verdict("both fine") == "tie"
+    assert read_verdict("Verdict: B") == "B" and read_verdict("**Verdict:** A") == "A" and read_verdict("verdict = tie") == "tie"
+    assert read_verdict("Answer A is shorter, but B is right.\nVerdict: Answer B") == "B"  # the verdict line decides
+    assert read_verdict("At first I'd say A.\nVerdict: A\nOn reflection... Verdict: B") == "B"  # the last one counts
+    assert read_verdict("**Answer A**") == "A" and read_verdict("(B)") == "B"
+    # adversarial phrasings: the article 'a' is not a vote, and prose without a verdict decides nothing
+    for reply in ("It's a tie", "It's a tie.", "a tie", "draw", "This is a close call", "Both are a good answer",
+                  "B is slightly better but A is shorter", "I cannot decide between a and b", "", "both fine"):
+        assert read_verdict(reply) == "tie", reply
 
 
 def _answer_of(chat, which):

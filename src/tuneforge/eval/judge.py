@@ -17,7 +17,11 @@ import numpy as np
 from tuneforge.eval.scores import bootstrap_interval
 
 SYSTEM_PROMPT = "You are an impartial judge. You compare two answers to the same question and say which is better."
-VERDICT = re.compile(r"\b(tie|a|b)\b", re.I)
+# The judge is asked to end with "Verdict: A", "Verdict: B" or "Verdict: tie". Only that line, or a reply that is
+# nothing but the verdict ("B", "**Answer A**", "Tie."), counts: a search for a bare a/b would read the article in
+# "It's a tie" as a vote for A.
+VERDICT_LINE = re.compile(r"verdict\s*[:=\-]?\s*[*_`\"'(\[]*\s*(?:answer\s+)?(a|b|tie)\b", re.I)
+BARE = re.compile(r"^[\s*_`\"'(\[]*(?:(?:answer\s+)?(a|b)|(tie|it'?s a tie|draw|equal))[\s*_`\"')\].!]*$", re.I)
 
 
 def judge_prompt(rubric: str, question: str, reference: str | None, first: str, second: str) -> list[dict]:
@@ -25,17 +29,22 @@ def judge_prompt(rubric: str, question: str, reference: str | None, first: str, 
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": f"{rubric}\n\n[Question]\n{question}\n\n{reference_part}[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
-                                    "Reply with one word: A if answer A is better, B if answer B is better, or tie."},
+                                    "End your reply with one line: \"Verdict: A\" if answer A is better, \"Verdict: B\" if answer B is "
+                                    "better, or \"Verdict: tie\"."},
     ]
 
 
 def read_verdict(text: str) -> str:
-    """'A', 'B' or 'tie' from the judge's reply; a reply naming neither is a tie."""
-    found = VERDICT.search(text.strip())
-    if not found:
-        return "tie"
-    word = found.group(1).lower()
-    return "tie" if word == "tie" else word.upper()
+    """'A', 'B' or 'tie' from the judge's reply: its last "Verdict: ..." line, or a reply that is only a verdict.
+    Anything else ("both are fine", "B is slightly better but A is shorter") decides nothing: a tie."""
+    found = VERDICT_LINE.findall(text)
+    if found:
+        word = found[-1].lower()
+        return "tie" if word == "tie" else word.upper()
+    bare = BARE.match(text.strip())
+    if bare:
+        return bare.group(1).upper() if bare.group(1) else "tie"
+    return "tie"
 
 
 @dataclass
