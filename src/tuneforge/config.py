@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, UsageError
 
 
 class Section(BaseModel):
@@ -497,7 +497,9 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(source, ["file not found"]) from None
+        raise UsageError(f"no experiment file {source} (looked from {Path.cwd()})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{source} is a folder; name the experiment's YAML file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
     try:

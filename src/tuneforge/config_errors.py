@@ -98,6 +98,15 @@ def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tup
             detail = err["msg"].removeprefix("Value error, ")
             if not isinstance(value, (dict, list)):  # a field's own check: show what was written
                 values[key] = repr(value)
+        elif kind == "union_tag_invalid":  # a discriminated section (train) with an unknown tag: name the tag's key
+            ctx = err.get("ctx", {})
+            tag_key = ctx.get("discriminator", "").strip("'")
+            choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+            tag = ctx.get("tag")
+            parts = [*parts, tag_key] if tag_key else parts
+            key = ".".join(parts)
+            detail = f"allowed: {', '.join(choices)}" + (did_you_mean(tag, choices) if isinstance(tag, str) else "")
+            values[key] = repr(tag)
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
             choices = re.findall(r"'([^']*)'", expected)

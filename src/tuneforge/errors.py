@@ -9,6 +9,12 @@ class TuneforgeError(Exception):
     exit_code = 1
 
 
+class UsageError(TuneforgeError):
+    """The command line names something that is not there (an experiment file): exit 2, as for a bad file."""
+
+    exit_code = 2
+
+
 class ConfigError(TuneforgeError):
     """The experiment file (or an override) is invalid; every problem is listed at once."""
 

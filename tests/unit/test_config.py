@@ -72,7 +72,11 @@ def test_backend_variant_keys_are_checked_per_backend(tmp_path):
     (problem,) = _problems(_write(tmp_path, "name: x\ntrain: {backend: openai, micro_batch_size: 8}\n"))
     assert problem.split(": ")[1] == "train.micro_batch_size" and "unknown key" in problem
     (problem,) = _problems(_write(tmp_path, "name: x\ntrain: {backend: azure}\n"))
-    assert "train" in problem and "azure" in problem
+    assert problem == "line 2: train.backend: got 'azure'; allowed: local, openai"
+    (problem,) = _problems(_write(tmp_path, "name: x\ntrain:\n  epochs: 2\n  backend: localhost\n"))
+    assert problem == "line 4: train.backend: got 'localhost'; allowed: local, openai; did you mean 'local'?"
+    (problem,) = _problems(_write(tmp_path, GOOD), ["train.backend=opnai"])
+    assert problem.startswith("override train.backend: got 'opnai'") and "did you mean 'openai'" in problem
 
 
 def test_missing_name_and_bad_name(tmp_path):
