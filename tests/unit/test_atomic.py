@@ -47,3 +47,20 @@ def test_atomic_path_and_dir(tmp_path):
         (tmp / "w.txt").write_text("v2")
     assert (folder / "w.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_written_files_and_folders_keep_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    from tuneforge.atomic import atomic_dir, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text(tmp_path / "report.md", "hello")
+        with atomic_dir(tmp_path / "adapter") as folder:
+            (folder / "a.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # as open() would make it, not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o750  # as mkdir() would, not mkdtemp's 0700
