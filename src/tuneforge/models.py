@@ -165,7 +165,8 @@ def plan_device(section: ModelSection) -> DevicePlan:
     if dtype == "float16" and device == "cpu":
         raise TuneforgeError("model.dtype: float16 is a GPU dtype; on CPU use float32 (or bfloat16)")
 
-    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    flash_problem = flash_attn_problem() if device == "cuda" else "no CUDA"
+    flash_installed = flash_problem is None
     attention = section.attention
     if attention == "flash_attention_2":
         if device == "cpu":
@@ -173,7 +174,7 @@ def plan_device(section: ModelSection) -> DevicePlan:
         if major < 8:
             raise TuneforgeError(f"model.attention: flash_attention_2 needs an Ampere or newer GPU; {name} is older. Use sdpa or auto")
         if not flash_installed:
-            raise TuneforgeError("model.attention: flash_attention_2 needs the flash-attn package (pip install flash-attn --no-build-isolation)")
+            raise TuneforgeError(f"model.attention: flash_attention_2 needs a working flash-attn package: {flash_problem}")
         if dtype == "float32":
             raise TuneforgeError("model.attention: flash_attention_2 runs in bfloat16 or float16, not float32")
     if attention == "auto":
@@ -190,6 +191,18 @@ def plan_device(section: ModelSection) -> DevicePlan:
     # fp32 weights with bf16 matmuls where the CPU computes bf16 natively: 6 steps took 40.9 s instead of 54.2 s
     autocast = "bfloat16" if (device == "cpu" and section.dtype == "auto" and quantization == "none" and cpu_has_bf16()) else None
     return DevicePlan(device, dtype, attention, quantization, name, autocast)
+
+
+def flash_attn_problem() -> str | None:
+    """Why FlashAttention-2 cannot be used here, or None. Installed is not enough: a wheel built for another torch
+    or CUDA is found by the import system and then fails to load (undefined symbol), so it is imported."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "it is not installed (pip install flash-attn --no-build-isolation)"
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
+    except Exception as exc:  # ImportError, OSError from a mismatched binary, ...
+        return f"it is installed but cannot be imported ({type(exc).__name__}: {str(exc)[:200]}); reinstall it for this torch and CUDA"
+    return None
 
 
 def cpu_has_bf16() -> bool:

@@ -80,7 +80,21 @@ def test_ampere_gets_bf16(fake_gpu):
     assert plan.dtype == "bfloat16"
     import importlib.util
 
-    assert plan.attention == ("flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
+    from tuneforge.models import flash_attn_problem
+
+    assert plan.attention == ("flash_attention_2" if flash_attn_problem() is None else "sdpa")
+
+
+def test_a_flash_attn_that_does_not_import_is_not_used(fake_gpu, tmp_path, monkeypatch):
+    broken = tmp_path / "flash_attn"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "flash_attn", raising=False)
+    fake_gpu(8, 0, "A100")
+    assert plan_device(ModelSection()).attention == "sdpa"  # auto falls back instead of failing at model load
+    with pytest.raises(TuneforgeError, match="installed but cannot be imported .*undefined symbol"):
+        plan_device(ModelSection(attention="flash_attention_2"))
 
 
 def test_cuda_asked_without_gpu(monkeypatch):
