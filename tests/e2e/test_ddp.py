@@ -45,6 +45,11 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir):
     marker = json.loads((run / "checkpoints" / "checkpoint-4" / "tuneforge_complete.json").read_text())
     assert marker["world_size"] == 2
     assert out.stdout.count("adapter written to") == 1  # only the main process writes the run's outputs
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4]  # one writer: each step once
+    # supervised tokens are summed over both processes, in the log and the summary alike
+    assert trained[-1]["supervised_tokens"] == summary["supervised_tokens"] > 0
     assert "batch_size 4 packed rows per step (micro_batch_size 2 x grad_accum 1)" in out.stdout  # 2 packed rows on each of 2 processes
 
 

@@ -134,9 +134,15 @@ def test_resume_refuses_changed_batch_settings(tmp_path, tiny_model_dir):
 
     experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 5")
     train_local(experiment, run, progress=False)
-    changed = load_experiment(experiment._source, ["train.micro_batch_size=4", "train.max_steps=10"])
+    changed = load_experiment(experiment._source, ["train.micro_batch_size=4"])
     with pytest.raises(TuneforgeError, match="micro_batch_size: was 2, now 4"):
         train_local(changed, RunDir(changed, run.path), resume=True, progress=False)
+    # what the optimizer, its schedule and the adapter's shape depend on counts too
+    for override, named in (("train.lr=0.01", "lr: was"), ("lora.r=4", "lora: was"), ("train.max_steps=10", "steps: was 5, now 10"),
+                            ("model.quantization=4bit", "quantization: was 'none', now '4bit'")):
+        changed = load_experiment(experiment._source, [override])
+        with pytest.raises(TuneforgeError, match=named):
+            train_local(changed, RunDir(changed, run.path), resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):

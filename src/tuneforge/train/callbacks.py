@@ -22,6 +22,30 @@ class NonFiniteError(TuneforgeError):
     pass
 
 
+def _distributed():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def sum_over_ranks(value: int) -> int:
+    """The total of a per-process count over every process of a distributed run (the count itself when alone).
+    Every process must call it at the same point."""
+    dist = _distributed()
+    if dist is None:
+        return value
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def wait_for_every_rank() -> None:
+    dist = _distributed()
+    if dist is not None:
+        dist.barrier()
+
+
 class MetricsLog(TrainerCallback):
     """One JSON line per logged step: loss, eval loss, lr, grad norm, supervised tokens and tokens/s.
 
@@ -41,7 +65,7 @@ class MetricsLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
-        self._last_tokens = self.trainer_ref["trainer"].supervised_tokens
+        self._last_tokens = sum_over_ranks(self.trainer_ref["trainer"].supervised_tokens)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -53,7 +77,7 @@ class MetricsLog(TrainerCallback):
                     f"the loss became {loss} at step {state.global_step}; training stopped before saving anything from that step. "
                     "Lower train.lr, keep train.max_grad_norm on, or look for broken examples"
                 )
-            tokens = self.trainer_ref["trainer"].supervised_tokens
+            tokens = sum_over_ranks(self.trainer_ref["trainer"].supervised_tokens)  # every process's share of the batch
             now = time.perf_counter()
             record.update(
                 loss=loss,
@@ -70,7 +94,8 @@ class MetricsLog(TrainerCallback):
                 record[key] = float(logs[key])
         if len(record) > 2:
             self.records.append(record)
-            atomic_write_jsonl(self.path, self.records)
+            if state.is_world_process_zero:  # one writer: the main process
+                atomic_write_jsonl(self.path, self.records)
 
 
 class FiniteWeights(TrainerCallback):
@@ -100,8 +125,11 @@ class CheckpointMarker(TrainerCallback):
             )
 
     def on_save(self, args, state, control, **kwargs):
+        # every process writes its part of a checkpoint (the main one the weights and optimizer, each its RNG
+        # state): the marker that makes it count comes after all of them, from the main process alone
+        wait_for_every_rank()
         checkpoint = self.folder / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
+        if state.is_world_process_zero and checkpoint.is_dir():
             atomic_write_json(checkpoint / MARKER, {**self.fingerprint, "step": state.global_step})
 
 

@@ -125,12 +125,19 @@ def training_plan(experiment, tokens, labelled: bool):
                          labelled, experiment.data.max_length, experiment.seed, world_size())
 
 
-def data_fingerprint(experiment, run, training) -> dict[str, Any]:
-    """What a checkpoint depends on: resuming with any of it changed would not continue the same run."""
+def data_fingerprint(experiment, run, training, quantization: str = "none") -> dict[str, Any]:
+    """What a checkpoint depends on: resuming with any of it changed would not continue the same run
+    (the data and its batching, the optimizer's schedule, the adapter's shape, the base's weights)."""
     from tuneforge.atomic import file_sha256
 
     t = experiment.train
     return {
+        "lr": training.lr,
+        "epochs": training.epochs,
+        "steps": training.steps,
+        "lora": experiment.lora.model_dump(mode="json"),
+        "full_finetune": t.full_finetune,
+        "quantization": quantization,
         "train_sha256": file_sha256(run.sub("data", "train.jsonl")),
         "valid_sha256": file_sha256(run.sub("data", "valid.jsonl")),
         "micro_batch_size": training.micro_batch_size,
@@ -224,7 +231,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     valid_rows = build_rows(valid_tokens, max_length, training.packing, experiment.seed)
     args = sft_config(experiment, run, plan, training, labelled, bool(valid_rows))
 
-    fingerprint = data_fingerprint(experiment, run, training)
+    fingerprint = data_fingerprint(experiment, run, training, plan.quantization)
     checkpoints = run.sub("checkpoints")
     resume_from = None
     if resume or t.resume == "auto":
@@ -299,6 +306,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
 
     # ------------------------------------------------------------------ finish
     records = metrics_cb.records
+    supervised = cb.sum_over_ranks(trainer.supervised_tokens)  # each process counted its own share
     summary = {
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
@@ -307,8 +315,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         "base_eval_loss": base_metrics["eval_loss"] if base_metrics else _from_log(records, 0, "eval_loss"),
         "final_eval_loss": None,  # the kept adapter's, below, when there is a valid split
         "seconds": round(seconds, 1),
-        "supervised_tokens": trainer.supervised_tokens,
-        "supervised_tokens_per_s": round(trainer.supervised_tokens / max(seconds, 1e-9), 1),
+        "supervised_tokens": supervised,
+        "supervised_tokens_per_s": round(supervised / max(seconds, 1e-9), 1),
         "trainable_params": trainable,
         "total_params": total,
         "device": plan.describe(),
