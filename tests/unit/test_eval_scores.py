@@ -149,3 +149,33 @@ def test_only_the_last_answer_of_a_multi_turn_example_is_scored(tiny_llama, tiny
     longer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The capital of France is Paris."}] + last
     _, counts = answer_logprobs(tiny_llama, encoder, [last, longer])
     assert counts[0] == counts[1]
+
+
+def test_answer_scores_equal_the_full_log_softmax_and_project_only_the_answer_positions(talking_llama, tiny_tokenizer):
+    import torch
+
+    encoder = ChatEncoder(tiny_tokenizer)
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in (("What is two plus two?", "Four."), ("Capital?", "The capital of France is Paris."), ("hi", "hello world"))]
+    projected = []
+    forward = talking_llama.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        projected.append(out.logits.shape[:-1].numel())
+        return out
+
+    talking_llama.forward = recording
+    try:
+        sums, counts = answer_logprobs(talking_llama, encoder, conversations, batch_size=3)
+    finally:
+        talking_llama.forward = forward
+    for (total, count), messages in zip(zip(sums, counts), conversations):  # the reference: one by one, every logit
+        encoded = encoder.encode(messages)
+        ids = torch.tensor([encoded.input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(talking_llama(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+        keep = torch.tensor(encoded.supervised[1:])
+        assert count == int(keep.sum()) and total == pytest.approx(float(picked[keep].sum()), abs=1e-4)
+    assert projected == [int(counts.sum())]  # the vocabulary projection ran for the answer tokens only
