@@ -286,3 +286,26 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses(tmp_path, tiny_model
     # every example has three supervised tokens, so the batch mean weighs each example's mean loss by its weight
     expected = (2.0 * plain[0] + 0.5 * plain[1] + 1.0 * plain[2]) / 3
     assert weighted.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_quantized_models_adapters_train_in_fp32_unless_the_device_computes_in_bf16(tmp_path, tiny_model_dir):
+    from transformers import TrainerCallback
+
+    from tuneforge.train.local import keep_trainable_fp32, train_local
+
+    seen: dict = {}
+
+    class Dtypes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
+            seen["optimizer"] = {p.dtype for group in kwargs["optimizer"].param_groups for p in group["params"]}
+
+    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 1", quantization="4bit")
+    train_local(experiment, run, progress=False, callbacks=[Dtypes()])
+    assert seen["trainable"] == {torch.float32} == seen["optimizer"]  # TRL had cast them to bf16
+
+    # a T4-style fp16 plan keeps fp32 adapters (fp16's grad scaler cannot unscale bf16 gradients); a bf16 one is left as TRL made it
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert keep_trainable_fp32(model, "float16") == 2 and model.weight.dtype == torch.float32
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert keep_trainable_fp32(model, "bfloat16") == 0 and model.weight.dtype == torch.bfloat16

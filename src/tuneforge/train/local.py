@@ -179,6 +179,25 @@ def add_adapters(model, experiment, plan):
     return get_peft_model(model, config)
 
 
+def keep_trainable_fp32(model, compute_dtype: str) -> int:
+    """Trainable parameters back in fp32 unless the device computes in bf16; returns how many were cast.
+
+    TRL casts a quantized model's trainable parameters to bf16, QLoRA's recipe for bf16 GPUs. On an fp16 device
+    (T4) the grad scaler then fails on bf16 gradients ("_amp_foreach_non_finite_check_and_unscale_cuda" not
+    implemented for 'BFloat16', TRL issue #4901), and with fp32 compute (CPU) bf16 adapters only lose precision.
+    The optimizer is built later, so it sees the fp32 parameters."""
+    import torch
+
+    if compute_dtype == "bfloat16":
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def finished_run(run, checkpoint: Path) -> dict[str, Any] | None:
     """The recorded summary, marked `already_trained`, when the run already trained every step its checkpoints
     planned and saved its adapter: a resume then has nothing to do, and says so instead of training again."""
@@ -285,6 +304,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         label_eval=label_eval,
     )
     trainer_ref["trainer"] = trainer
+    keep_trainable_fp32(trainer.model, plan.dtype)
     if is_main_process():
         print(f"training on {plan.describe()}: {len(train_tokens)} examples, {trainable:,} of {total:,} parameters trainable")
         print("training plan (auto values chosen from the data; prepare's report.md says the same):")
