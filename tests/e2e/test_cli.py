@@ -183,5 +183,6 @@ def test_ctrl_c_ends_a_long_running_verb_in_one_line(tmp_path, verb):
         seen += proc.stdout.read(1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    # 130, or death by SIGINT itself (-2), which a shell reports as the same 130; the point is one line, no traceback
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, (proc.returncode, err[-2000:])
     assert err.strip().splitlines()[-1] == f"tuneforge {verb}: interrupted"
