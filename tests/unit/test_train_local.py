@@ -171,7 +171,22 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
     assert summary["steps"] == 3
     if variant == "full_finetune":
         assert summary["trainable_params"] == summary["total_params"]
-        assert (run.sub("adapter") / "model.safetensors").exists()
+        # a whole model where every verb looks for one: `finetuned` loads it, eval and merge know it
+        from tuneforge.infer.engine import Engine, Settings, system_source
+
+        assert not run.sub("adapter").exists() and (run.sub("merged") / "config.json").exists()
+        assert system_source("finetuned", run) == (None, str(run.sub("merged")))
+        engine = Engine.load(experiment, "finetuned", run)
+        assert engine.generate([[{"role": "user", "content": "What is the capital of France?"}]], Settings(max_new_tokens=4))[0].completion_tokens > 0
+        trained = dict(engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+        from transformers import AutoModelForCausalLM
+
+        base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+        assert not torch.allclose(trained, base)  # the trained weights, not the base's
+        from tuneforge.infer.merge import merge
+
+        with pytest.raises(TuneforgeError, match="already holds the full model"):
+            merge(experiment, run)
     else:
         config = json.loads((run.sub("adapter") / "adapter_config.json").read_text())
         assert config["use_dora" if variant == "dora" else "use_rslora"] is True

@@ -45,6 +45,9 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
 
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():
+        if (run.sub("merged") / "config.json").exists() and experiment.train.full_finetune:
+            raise TuneforgeError(f"this run fine-tuned every weight: {run.sub('merged')} already holds the full model, "
+                                 "and every verb uses it as `finetuned`; there is no adapter to merge")
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
     converter = gguf_converter() if gguf else None  # before minutes of merging, not after
     # the base de-quantized, in the device's full precision, with the adapter on top

@@ -9,10 +9,24 @@ from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_
 
 
 def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict], quantization: str) -> None:
-    save_adapter(trainer.model, tokenizer, encoder, experiment, run.sub("adapter"), summary, quantization)
+    if experiment.train.full_finetune:
+        # every weight trained: a whole model, in merged/ where every verb looks for one (`finetuned` falls back to
+        # merged/ when there is no adapter); an adapter from an earlier LoRA run of this folder would shadow it
+        target = run.sub("merged")
+        save_adapter(trainer.model, tokenizer, encoder, experiment, target, summary, quantization)
+        stale = run.sub("adapter")
+        if stale.exists():
+            import shutil
+
+            shutil.rmtree(stale)
+        what = "full model"
+    else:
+        target = run.sub("adapter")
+        save_adapter(trainer.model, tokenizer, encoder, experiment, target, summary, quantization)
+        what = "adapter"
     plot_training(records, run.sub("plots", "training.png"), summary.get("majority_accuracy"))
     run.record("train", summary)
-    print(f"adapter written to {run.sub('adapter')}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}")
+    print(f"{what} written to {target}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}")
     if "kept_step" in summary:
         line = f"kept the adapter of step {summary['kept_step']} of {summary['steps']}: {summary['kept_because']}"
         if summary.get("valid_accuracy") is not None:
@@ -28,7 +42,8 @@ def _fmt(value) -> str:
 
 
 def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any], quantization: str) -> None:
-    """adapter (safetensors), tokenizer, the exact chat template, and a generation config that stops at end-of-turn."""
+    """The adapter (or, fully fine-tuned, the whole model) as safetensors, the tokenizer, the exact chat template,
+    and a generation config that stops at end-of-turn."""
     import copy
 
     generation = copy.deepcopy(model.generation_config) if getattr(model, "generation_config", None) else None
