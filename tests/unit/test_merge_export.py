@@ -77,3 +77,19 @@ def test_a_failed_conversion_keeps_the_merge_and_its_report(trained_run, tmp_pat
     report = json.loads(run.sub("merge_report.json").read_text())
     assert report["probes"] > 0 and report["mismatches"] == [] and "unsupported architecture" in report["gguf_error"]
     assert list(run.sub("merged").glob("*.safetensors"))
+
+
+def test_a_gpu_too_small_for_the_16bit_base_merges_on_the_cpu(tiny_model_dir, tiny_llama, monkeypatch):
+    import torch
+
+    from tuneforge.infer.merge import merge_device, parameter_count
+
+    params = sum(p.numel() for p in tiny_llama.parameters())  # a tied head counts once, as it is stored
+    assert parameter_count(str(tiny_model_dir)) == params  # read from the headers, tied weights stored once
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2 * params, 16 << 30))  # 16-bit weights alone fill it
+    assert merge_device(str(tiny_model_dir)) == "cpu"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * params, 16 << 30))
+    assert merge_device(str(tiny_model_dir)) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert merge_device(str(tiny_model_dir)) is None

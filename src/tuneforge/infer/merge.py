@@ -50,6 +50,11 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
                                  "and every verb uses it as `finetuned`; there is no adapter to merge")
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
     converter = gguf_converter() if gguf else None  # before minutes of merging, not after
+    from tuneforge.models import materialize, resolve
+
+    if merge_device(materialize(resolve(experiment.model.ref))) == "cpu":
+        print("the GPU cannot hold the 16-bit base beside the merge: merging on the CPU in bfloat16 (slower, same result)", flush=True)
+        experiment = experiment.model_copy(update={"model": experiment.model.model_copy(update={"device": "cpu", "dtype": "bfloat16"})})
     # the base de-quantized, in the device's full precision, with the adapter on top
     with_adapter = Engine.load(experiment, "adapter", adapter=str(adapter), quantization="none")
     tokenizer = with_adapter.tokenizer
@@ -87,6 +92,33 @@ def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False) -> dict
     if failure:
         raise TuneforgeError(f"{failure}; the merged safetensors model and merge_report.json are saved")
     return report
+
+
+def parameter_count(location: str) -> int:
+    """Parameters of a safetensors model folder, from the files' headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(location).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                count = 1
+                for dim in fh.get_slice(name).get_shape():
+                    count *= dim
+                total += count
+    return total
+
+
+def merge_device(location: str, headroom: float = 1.25) -> str | None:
+    """'cpu' where a CUDA GPU is present but its free memory cannot hold the base in 16 bits with room to merge
+    (an 8B model is 16 GB: all of a T4); None to merge where the model would load anyway."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    params = parameter_count(location)
+    free, _ = torch.cuda.mem_get_info()
+    return "cpu" if params and 2 * params * headroom > free else None
 
 
 def gguf_converter() -> str:
