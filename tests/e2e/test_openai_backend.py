@@ -194,7 +194,7 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        assert proc.returncode in (130, -signal.SIGINT), err  # both are 130 to a shell (see test_cli's Ctrl-C test)
         assert "keeps running" in err and "--cancel" in err
         job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
         assert held.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
