@@ -185,8 +185,11 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
                  for _ in range(2)]
         path = _experiment(workdir, held, "interrupted", seed=7)
         run_dir = workdir / "interrupted"
+        # SIGINT as a terminal's Ctrl-C gives it, even when the test runner was started in the background, where a
+        # non-interactive shell passes SIGINT on ignored and Python installs no KeyboardInterrupt handler
         proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not (run_dir / "openai_job.json").exists() or not json.loads((run_dir / "openai_job.json").read_text()).get("job_id"):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
