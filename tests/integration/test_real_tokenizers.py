@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.masks import supervised_runs
 from tuneforge.data.chat import ChatEncoder
 
 pytestmark = pytest.mark.integration
@@ -61,17 +62,6 @@ def encoder(request):
     return ChatEncoder(_tokenizer(request.param))
 
 
-def _supervised_runs(ids, mask):
-    runs, current = [], []
-    for token, keep in zip(ids, mask):
-        if keep:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
-
-
 def test_every_inference_prompt_is_a_token_prefix_of_the_training_sequence(encoder):
     encoded = encoder.encode(CHAT)
     tokenizer = encoder.tokenizer
@@ -85,7 +75,7 @@ def test_every_inference_prompt_is_a_token_prefix_of_the_training_sequence(encod
 def test_the_mask_covers_exactly_each_answer_and_its_end_of_turn(encoder):
     encoded = encoder.encode(CHAT)
     tokenizer = encoder.tokenizer
-    runs = _supervised_runs(encoded.input_ids, encoded.supervised)
+    runs = supervised_runs(encoded.input_ids, encoded.supervised)
     assert len(runs) == 2
     for run, answer in zip(runs, ("Paris.", "Rome, of course.")):
         assert run[-1] == encoder.end_of_turn_id  # the model learns to stop
@@ -102,5 +92,5 @@ def test_sentencepiece_answers_are_spelled_as_in_the_whole_text():
     tokenizer = encoder.tokenizer
     alone = tokenizer.convert_ids_to_tokens(tokenizer("Paris.", add_special_tokens=False)["input_ids"])
     encoded = encoder.encode(CHAT[:3])
-    learned = tokenizer.convert_ids_to_tokens(_supervised_runs(encoded.input_ids, encoded.supervised)[0])
+    learned = tokenizer.convert_ids_to_tokens(supervised_runs(encoded.input_ids, encoded.supervised)[0])
     assert alone[0].startswith("▁") and not any(t.startswith("▁Par") for t in learned), (alone, learned)

@@ -7,6 +7,7 @@ import pytest
 from tuneforge.data.chat import ChatEncoder
 
 from ..conftest import CHATML, make_tokenizer
+from tests.masks import supervised_runs
 
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}"
@@ -41,19 +42,6 @@ CONVERSATION = [
 ]
 
 
-def _runs(ids, mask):
-    runs, current = [], []
-    for token, keep in zip(ids, mask):
-        if keep:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
-
-
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_supervised_positions_are_assistant_content_and_end_of_turn(style):
     spec = STYLES[style]
@@ -61,7 +49,7 @@ def test_supervised_positions_are_assistant_content_and_end_of_turn(style):
     encoder = ChatEncoder(tokenizer)
     assert encoder.end_of_turn == spec["eot"]
     encoded = encoder.encode(CONVERSATION)
-    runs = [tokenizer.decode(run) for run in _runs(encoded.input_ids, encoded.supervised)]
+    runs = [tokenizer.decode(run) for run in supervised_runs(encoded.input_ids, encoded.supervised)]
     assert runs == [f"Paris.{spec['eot']}", f"Four, of course.{spec['eot']}"]
     assert not encoded.missing_eot
     if spec["single_bos"]:
