@@ -37,7 +37,6 @@ class TableCounts:
     duplicates: int = 0
 
 
-TEXT_SUFFIXES = {".csv", ".tsv", ".tab", ".txt"}
 BLOCK = 1 << 20
 # When a legacy file's bytes fit several code pages equally well, the one most files are written in wins.
 COMMON_ENCODINGS = ("cp1252", "cp1251", "cp1250", "cp932", "gb18030", "big5", "cp949", "cp1253", "cp1254", "cp1256", "cp1255")
@@ -227,7 +226,7 @@ def _csv_chunks(table: TableFile, columns: list[str], chunk_rows: int) -> Iterat
     wanted = set(columns)
     reader = pd.read_csv(
         table.path,
-        sep=table.sep if table.text and table.found else sep_for(table.path, table.encoding),
+        sep=table.sep if table.found else sep_for(table.path, table.encoding),  # found: open_table settled it
         dtype=str,
         keep_default_na=False,  # an empty cell is '', never NaN or the string 'nan'
         na_filter=False,
