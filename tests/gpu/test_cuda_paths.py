@@ -44,3 +44,33 @@ def test_batched_greedy_answers_equal_one_at_a_time_on_cuda_4bit(engine):
     for t in threads:
         t.join(120)
     assert answers == alone and all(alone)
+
+
+def test_flash_attention_packed_batch_logits_equal_each_example_alone(tiny_tokenizer):
+    """FlashAttention-2 with micro_batch_size > 1: the collator's flat row keeps examples apart on the real kernel."""
+    import torch
+
+    from tests.conftest import make_llama
+    from tuneforge.data.packing import build_rows
+    from tuneforge.models import flash_attn_problem
+    from tuneforge.train.batching import Collator
+
+    problem = flash_attn_problem()
+    if problem:
+        pytest.skip(f"flash-attn: {problem}")
+    model = make_llama(len(tiny_tokenizer)).to("cuda", torch.bfloat16)
+    model.set_attn_implementation("flash_attention_2")
+    torch.manual_seed(3)
+    seqs = [torch.randint(3, model.config.vocab_size, (n,)) for n in (40, 23, 57, 31, 12, 64)]
+    rows = build_rows([(x.tolist(), x.tolist()) for x in seqs], capacity=96, packing=True, seed=0)
+    assert len(rows) > 1
+    batch = Collator(pad_id=2, mode="flash_varlen")([r.__dict__ for r in rows])
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits[0]
+        start = 0
+        for row in rows:
+            for length in row.seq_lens:
+                ids = batch["input_ids"][0, start : start + length].cuda()
+                alone = model(input_ids=ids[None], use_cache=False).logits[0]
+                assert (flat[start : start + length].float() - alone.float()).abs().max() < 0.05
+                start += length

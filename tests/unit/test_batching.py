@@ -67,3 +67,42 @@ def test_packed_logits_equal_logits_alone(tiny_llama, attention):
                     assert not torch.allclose(naive[r, start : start + length], alone, atol=1e-3)
                 start += length
     tiny_llama.set_attn_implementation("sdpa")
+
+
+def test_flash_varlen_batch_is_one_row_that_flash_attention_reads_as_packed():
+    """transformers runs FlashAttention-2's varlen kernel only for a batch of one row whose positions reset;
+    a [B, L] batch of packed rows would silently let examples attend to each other."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    examples = [([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [6, 7, 8, 9]), ([10, 11, 12], [10, 11, 12])]
+    rows = build_rows(examples, capacity=7, packing=True, seed=0, weights=[1.0, 2.0, 3.0, 4.0])
+    assert len(rows) == 2
+    batch = Collator(pad_id=0, mode="flash_varlen")([r.__dict__ for r in rows])
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].shape == (1, 16)  # 12 tokens end to end, padded to a multiple of 8
+    assert _is_packed_sequence(batch["position_ids"], batch_size=batch["input_ids"].shape[0])
+    lengths = [n for row in rows for n in row.seq_lens]
+    expected_ids = [t for row in rows for t in row.input_ids]
+    assert batch["input_ids"][0, :12].tolist() == expected_ids
+    assert batch["position_ids"][0, :12].tolist() == [p for n in lengths for p in range(n)]
+    starts = [sum(lengths[:k]) for k in range(len(lengths))]
+    assert all(batch["labels"][0, s] == IGNORE for s in starts)  # never predicted from the example before
+    assert batch["labels"][0, 12:].eq(IGNORE).all()
+    example_weights = [w for row in rows for w in row.weights]
+    assert [batch["loss_weights"][0, s].item() for s in starts] == example_weights
+
+
+def test_flat_row_logits_equal_logits_alone(tiny_llama):
+    """The flat row's contract holds on CPU too: transformers' sdpa path reads the same position resets."""
+    torch.manual_seed(2)
+    seqs = [torch.randint(3, tiny_llama.config.vocab_size, (n,)) for n in (9, 6, 11, 5)]
+    rows = build_rows([(x.tolist(), x.tolist()) for x in seqs], capacity=16, packing=True, seed=0)
+    batch = Collator(pad_id=2, mode="flash_varlen")([r.__dict__ for r in rows])
+    with torch.no_grad():
+        flat = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for row in rows:
+            for length in row.seq_lens:
+                ids = batch["input_ids"][0, start : start + length]
+                assert torch.allclose(flat[start : start + length], tiny_llama(input_ids=ids[None]).logits[0], atol=1e-5)
+                start += length

@@ -4,9 +4,16 @@ Rows come from `data.packing`. Position ids restart at 0 for every example. That
 not enough on its own: with sdpa or eager attention, tokens still attend across
 the example boundary (measured: logits moved by up to 0.17 on a tiny Llama). So:
 
-* FlashAttention-2 gets position ids only; its varlen kernel cuts at every reset.
+* FlashAttention-2 gets one flat row and position ids only: its varlen kernel
+  cuts at every reset, but transformers looks for resets only in a batch of one
+  row (`_is_packed_sequence`). A `[B, L]` batch of packed rows would run the
+  plain kernel, and examples would attend to each other with no error. So the
+  micro-batch's rows are laid end to end in one `[1, sum of lengths]` row.
 * sdpa and eager get a 4-D additive mask, block-diagonal and causal, so each
   token sees only earlier tokens of its own example.
+
+In every mode the first token of each example is never a target: a packed
+example's first label would otherwise be predicted from the example before it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class Collator:
         self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.mode == "flash_varlen":
+            rows = [_end_to_end(rows)]
         longest = max(len(r["input_ids"]) for r in rows)
         width = -(-longest // self.multiple) * self.multiple
         batch = len(rows)
@@ -54,6 +63,7 @@ class Collator:
             for s, length in enumerate(row["seq_lens"]):
                 position_ids[b, start : start + length] = torch.arange(length)
                 segments[b, start : start + length] = s
+                labels[b, start] = IGNORE
                 if weights is not None and row.get("weights"):
                     weights[b, start : start + length] = row["weights"][s]
                 start += length
@@ -67,6 +77,21 @@ class Collator:
         elif self.mode == "block_mask":
             out["attention_mask"] = block_causal_mask(segments, self.mask_dtype)
         return out
+
+
+def _end_to_end(rows: list[dict]) -> dict:
+    """The rows of a micro-batch as one row, their examples in order."""
+    flat: dict = {"input_ids": [], "labels": [], "seq_lens": []}
+    weighted = any(row.get("weights") for row in rows)
+    if weighted:
+        flat["weights"] = []
+    for row in rows:
+        flat["input_ids"] += row["input_ids"]
+        flat["labels"] += row["labels"]
+        flat["seq_lens"] += row["seq_lens"]
+        if weighted:
+            flat["weights"] += row.get("weights") or [1.0] * len(row["seq_lens"])
+    return flat
 
 
 def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
