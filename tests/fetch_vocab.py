@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"
-FILES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf"]
+FILES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf",
+         "ggml-vocab-gemma-4.gguf"]
 FOLDER = Path(__file__).resolve().parent / ".vocab"
 
 

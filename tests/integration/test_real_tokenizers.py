@@ -1,4 +1,4 @@
-"""Masks and inference prefixes on real tokenizers: Llama-2 SentencePiece, Llama-3, Qwen2 and Phi-3.
+"""Masks and inference prefixes on real tokenizers: Llama-2 / Mistral SentencePiece, Llama-3, Qwen2, Phi-3 and Gemma.
 
 The vocabularies come from llama-cpp-python's source distribution (tests/fetch_vocab.py,
 run by the README's test command). Missing files fail these tests: they are the point.
@@ -6,6 +6,7 @@ run by the README's test command). Missing files fail these tests: they are the 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,32 @@ LLAMA31 = (
     "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# Mistral-7B-Instruct v0.3's: the system prompt joins the *last* user turn only, so a rendered training conversation
+# (which ends with an answer) has no system prompt at all, while every inference prompt has it
+MISTRAL = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %}"
+    "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}"
+)
+# Gemma 2 / 3's layout, which has no system role (the system prompt opens the first user turn), with the turn
+# markers of the Gemma vocabulary at hand (Gemma 4's)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{{ (prefix if loop.first else '') + m['content'] | trim + '<turn|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
+)
 CASES = {  # name: (vocabulary file, template written here or None for the file's own)
     "llama-2": ("ggml-vocab-llama-spm.gguf", LLAMA2),
+    "mistral": ("ggml-vocab-llama-spm.gguf", MISTRAL),
     "llama-3.1": ("ggml-vocab-llama-bpe.gguf", LLAMA31),
     "qwen2": ("ggml-vocab-qwen2.gguf", None),
     "phi-3": ("ggml-vocab-phi-3.gguf", None),
+    "gemma": ("ggml-vocab-gemma-4.gguf", GEMMA),
+    # its generation prompt opens an empty thought channel that a rendered answer does not have
+    "gemma-4": ("ggml-vocab-gemma-4.gguf", None),
 }
 CHAT = [
     {"role": "system", "content": "Answer in one word."},
@@ -44,12 +66,15 @@ CHAT = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def _tokenizer(name):
     from transformers import AutoTokenizer
 
     gguf, template = CASES[name]
     if not (VOCAB / gguf).exists():
         pytest.fail(f"{VOCAB / gguf} is missing: run `python tests/fetch_vocab.py` (the README's test command does)")
+    if "gemma" in gguf:  # AutoTokenizer stops at this GGUF's model config (per-layer head counts); the tokenizer loads
+        from transformers import GemmaTokenizer as AutoTokenizer  # noqa: N814
     tokenizer = AutoTokenizer.from_pretrained(str(VOCAB), gguf_file=gguf)
     if template is not None:
         tokenizer.chat_template = template
@@ -62,27 +87,46 @@ def encoder(request):
     return ChatEncoder(_tokenizer(request.param))
 
 
-def test_every_inference_prompt_is_a_token_prefix_of_the_training_sequence(encoder):
-    encoded = encoder.encode(CHAT)
+def _sequence_of_turn(sequences, turn):
+    """The training sequence that teaches assistant message `turn` (0-based index into CHAT)."""
+    return sequences[0] if len(sequences) == 1 else sequences[(2, 4).index(turn)]
+
+
+def test_every_inference_prompt_is_a_token_prefix_of_a_training_sequence(encoder):
+    (sequences,) = encoder.encode_examples([CHAT])
     tokenizer = encoder.tokenizer
     for turn in (2, 4):  # each assistant turn: what inference sends before it
+        encoded = _sequence_of_turn(sequences, turn)
         prompt = tokenizer(encoder.render(CHAT[:turn], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         assert encoded.input_ids[: len(prompt)] == prompt, tokenizer.convert_ids_to_tokens(encoded.input_ids[len(prompt) - 3 : len(prompt) + 3])
-        assert not encoded.supervised[len(prompt) - 1]  # the prompt's last token is given, not learned
-    assert encoded.input_ids == tokenizer(encoder.render(CHAT), add_special_tokens=False)["input_ids"]  # one tokenization, as inference
+        assert not encoded.supervised[len(prompt) - 1] and encoded.supervised[len(prompt)]  # the prompt is given, not learned
+    texts = [text for text, _ in encoder.units(CHAT)]
+    assert [s.input_ids for s in sequences] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # one tokenization, as inference
 
 
 def test_the_mask_covers_exactly_each_answer_and_its_end_of_turn(encoder):
-    encoded = encoder.encode(CHAT)
+    (sequences,) = encoder.encode_examples([CHAT])
     tokenizer = encoder.tokenizer
-    runs = supervised_runs(encoded.input_ids, encoded.supervised)
+    runs = [run for s in sequences for run in supervised_runs(s.input_ids, s.supervised)]
     assert len(runs) == 2
     for run, answer in zip(runs, ("Paris.", "Rome, of course.")):
         assert run[-1] == encoder.end_of_turn_id  # the model learns to stop
         assert tokenizer.decode(run[:-1]).strip() == answer
-    assert not encoded.missing_eot
+    assert not any(s.missing_eot for s in sequences)
     bos = tokenizer.bos_token_id
-    assert encoded.input_ids[:2].count(bos) <= 1 if bos is not None else True  # no BOS on top of the template's
+    for s in sequences:
+        assert s.input_ids[:2].count(bos) <= 1 if bos is not None else True  # no BOS on top of the template's
+
+
+def test_templates_that_render_history_differently_train_one_sequence_per_turn():
+    for name in ("mistral", "gemma-4"):
+        encoder = ChatEncoder(_tokenizer(name))
+        assert len(encoder.units(CHAT)) == 2, name
+    for name in ("llama-2", "gemma"):
+        assert len(ChatEncoder(_tokenizer(name)).units(CHAT)) == 1, name
+    mistral = ChatEncoder(_tokenizer("mistral"))
+    assert "Answer in one word." not in mistral.render(CHAT)  # the trap: the whole conversation loses the system prompt
+    assert all("Answer in one word." in text for text, _ in mistral.units(CHAT))
 
 
 def test_sentencepiece_answers_are_spelled_as_in_the_whole_text():

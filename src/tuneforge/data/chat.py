@@ -13,7 +13,14 @@ character spans of the rendered text through the tokenizer's offset mapping:
 * supervision needs no `{% generation %}` markers in the template;
 * no BOS is added on top of the one the template writes (no double BOS).
 
-A token that straddles the start of an answer is learned with the answer.
+A token that straddles the start of an answer is learned with the answer. An
+assistant message with `weight: 0` (OpenAI's format) is context, not a target.
+
+Some templates render an earlier turn differently once later turns follow:
+Mistral's moves the system prompt into the last user turn. A conversation there
+cannot be one training sequence, since no turn but the last would match its
+inference prompt; it becomes one sequence per trained assistant turn, each that
+turn's inference prompt followed by its answer (`units`).
 """
 
 from __future__ import annotations
@@ -64,7 +71,10 @@ class ChatEncoder:
         """The special token the template writes right after an assistant turn (<|im_end|>, <|eot_id|>, </s>...)."""
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_CONTENT}]
         text = self.render(probe)
-        tail = text[text.rindex(PROBE_CONTENT) + len(PROBE_CONTENT) :].lstrip(" ")
+        at = text.rfind(PROBE_CONTENT)
+        if at < 0:  # the template rewrites answers; `units` names the problem when it meets one
+            return None
+        tail = text[at + len(PROBE_CONTENT) :].lstrip(" ")
         specials = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True)
         for token in specials:
             if token and tail.startswith(token):
@@ -73,37 +83,83 @@ class ChatEncoder:
         return eos if eos and eos in tail else None
 
     def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, bool]]]:
-        """The rendered text and, per assistant turn, (start, end, has_end_of_turn) character spans."""
+        """The rendered training text and, per trained assistant turn, (start, end, has_end_of_turn) character spans.
+
+        For a template that renders turns differently once later ones follow, this is the last training sequence
+        (`units`), the one that ends at the last trained turn."""
+        return self.units(messages)[-1]
+
+    def units(self, messages: list[dict]) -> list[tuple[str, list[tuple[int, int, bool]]]]:
+        """The training sequences of one example as (text, spans).
+
+        One sequence, the rendered conversation, when each trained turn's inference prompt is a prefix of it.
+        Otherwise one per trained turn: that turn's inference prompt followed by the answer as the template
+        writes it (Mistral folds the system prompt into the last user turn, Gemma 4 opens an empty thought
+        channel in the generation prompt), so every sequence starts exactly as inference will."""
+        whole = self._whole(messages)
+        if whole is not None:
+            return [whole]
+        units = []
+        for i, message in enumerate(messages):
+            if message.get("role") == "assistant" and message.get("weight", 1) != 0:
+                units.append(self._turn_alone(messages, i))
+        return units
+
+    def _whole(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, bool]]] | None:
         full = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
-            if message.get("role") != "assistant":
+            if message.get("role") != "assistant" or message.get("weight", 1) == 0:
                 continue
             prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
             upto = self.render(messages[: i + 1])
             if not (full.startswith(upto) and upto.startswith(prompt)):
-                raise TuneforgeError(
-                    "the chat template renders earlier turns differently once later turns follow, "
-                    "so the prompt at inference would not match training; use a template without that behaviour"
-                )
-            turn = upto[len(prompt) :]
-            eot_at = turn.rfind(self.end_of_turn) if self.end_of_turn else -1
-            if eot_at >= 0:
-                spans.append((len(prompt), len(prompt) + eot_at + len(self.end_of_turn), True))
-            else:
-                spans.append((len(prompt), len(prompt) + len(turn.rstrip()), False))
+                return None
+            spans.append(self._answer_span(prompt, upto[len(prompt) :]))
         return full, spans
+
+    def _turn_alone(self, messages: list[dict], i: int) -> tuple[str, list[tuple[int, int, bool]]]:
+        prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
+        upto = self.render(messages[: i + 1])
+        if not upto.startswith(prompt):
+            content = messages[i].get("content")
+            at = upto.rfind(content.strip()) if isinstance(content, str) and content.strip() else -1
+            if at < 0:
+                raise TuneforgeError(f"the chat template does not write assistant message {i + 1}'s content where it can be found, "
+                                     "so its inference prompt cannot be matched; use a template that renders each turn as a prefix")
+            while at > 0 and upto[at - 1] in " \t" and not prompt.endswith((" ", "\t")):
+                at -= 1  # the space some templates write between the prompt and the answer ("[/INST] Paris.")
+            upto = prompt + upto[at:]
+        return upto, [self._answer_span(prompt, upto[len(prompt) :])]
+
+    def _answer_span(self, prompt: str, turn: str) -> tuple[int, int, bool]:
+        eot_at = turn.rfind(self.end_of_turn) if self.end_of_turn else -1
+        if eot_at >= 0:
+            return len(prompt), len(prompt) + eot_at + len(self.end_of_turn), True
+        return len(prompt), len(prompt) + len(turn.rstrip()), False
 
     def encode(self, messages: list[dict]) -> Encoded:
         return self.encode_many([messages])[0]
 
     def encode_many(self, conversations: list[list[dict]]) -> list[Encoded]:
-        """Encode many examples with one batched call into the fast tokenizer."""
-        if not getattr(self.tokenizer, "is_fast", False):
-            return self._encode_by_pieces(conversations)  # no offset mapping: cut the text where the spans are
-        rendered = [self.spans(messages) for messages in conversations]
+        """One encoded sequence per conversation (the last of its `units`), in one batched tokenizer call."""
+        return self._encode_units([self.spans(messages) for messages in conversations])
+
+    def encode_examples(self, conversations: list[list[dict]]) -> list[list[Encoded]]:
+        """Per example, every training sequence (`units`), all in one batched tokenizer call."""
+        units = [self.units(messages) for messages in conversations]
+        flat = self._encode_units([unit for each in units for unit in each])
+        out, at = [], 0
+        for each in units:
+            out.append(flat[at : at + len(each)])
+            at += len(each)
+        return out
+
+    def _encode_units(self, rendered: list[tuple[str, list[tuple[int, int, bool]]]]) -> list[Encoded]:
         if not rendered:
             return []
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._encode_by_pieces(rendered)  # no offset mapping: cut the text where the spans are
         batch = self.tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
@@ -111,13 +167,12 @@ class ChatEncoder:
             out.append(Encoded(list(ids), mask, missing_eot=any(not has_eot for _, _, has_eot in spans)))
         return out
 
-    def _encode_by_pieces(self, conversations: list[list[dict]]) -> list[Encoded]:
+    def _encode_by_pieces(self, rendered: list[tuple[str, list[tuple[int, int, bool]]]]) -> list[Encoded]:
         """For tokenizers without offsets: each prompt piece and answer piece tokenized on its own."""
         pieces: list[str] = []
         layout: list[list[tuple[int, bool]]] = []  # per example: (piece index, supervised)
         missing = []
-        for messages in conversations:
-            full, spans = self.spans(messages)
+        for full, spans in rendered:
             parts, cursor = [], 0
             for start, end, _ in spans:
                 parts += [(full[cursor:start], False), (full[start:end], True)]
@@ -140,19 +195,19 @@ class ChatEncoder:
             out.append(Encoded(ids, mask, missing_eot=no_eot))
         return out
 
-    def fit(self, messages: list[dict], max_length: int, policy: str) -> tuple[list[dict], Encoded]:
-        """Encode, shortening by `policy` when the example is longer than max_length.
+    def fit(self, messages: list[dict], max_length: int, policy: str) -> tuple[list[dict], list[Encoded]]:
+        """Encode one example's training sequences, shortening by `policy` when one is longer than max_length.
 
         truncate: shorten the longest non-assistant message first (a long review, a long
         document), then cut from the right if the answer itself is too long. The caller
         handles drop and error.
         """
-        encoded = self.encode(messages)
-        if len(encoded.input_ids) <= max_length or policy != "truncate":
+        (encoded,) = self.encode_examples([messages])
+        if max(len(e.input_ids) for e in encoded) <= max_length or policy != "truncate":
             return messages, encoded
         messages = [dict(m) for m in messages]
         for _ in range(3):
-            excess = len(encoded.input_ids) - max_length
+            excess = max(len(e.input_ids) for e in encoded) - max_length
             if excess <= 0:
                 break
             prompts = [m for m in messages if m.get("role") != "assistant" and isinstance(m.get("content"), str)]
@@ -164,15 +219,15 @@ class ChatEncoder:
             if keep < 8:
                 break
             longest["content"] = self.tokenizer.decode(content_ids[:keep]).rstrip() + " …"
-            encoded = self.encode(messages)
-        if len(encoded.input_ids) > max_length:
-            encoded = Encoded(
-                encoded.input_ids[:max_length],
-                encoded.supervised[:max_length],
-                missing_eot=encoded.missing_eot or self._cut_eot(encoded, max_length),
-            )
-        encoded.truncated = True
-        return messages, encoded
+            (encoded,) = self.encode_examples([messages])
+        out = []
+        for sequence in encoded:
+            if len(sequence.input_ids) > max_length:
+                sequence = Encoded(sequence.input_ids[:max_length], sequence.supervised[:max_length],
+                                   missing_eot=sequence.missing_eot or self._cut_eot(sequence, max_length))
+            sequence.truncated = True
+            out.append(sequence)
+        return messages, out
 
     def _cut_eot(self, encoded: Encoded, max_length: int) -> bool:
         return self.end_of_turn_id is not None and self.end_of_turn_id in encoded.input_ids[max_length:]

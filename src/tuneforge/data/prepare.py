@@ -281,20 +281,25 @@ class Preparer:
         with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
             for start in batches:
                 batch = out.examples[start : start + ENCODE_BATCH]
-                for example, encoded in zip(batch, self.encoder.encode_many([e.messages for e in batch])):
-                    if len(encoded.input_ids) > data.max_length:
+                for example, sequences in zip(batch, self.encoder.encode_examples([e.messages for e in batch])):
+                    longest = max((len(s.input_ids) for s in sequences), default=0)
+                    if longest > data.max_length:
                         if data.overflow == "drop":
                             too_long += 1
                             continue
                         if data.overflow == "error":
-                            out.reject(example.where, [Problem(example.where, "too_long", f"{len(encoded.input_ids)} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
+                            out.reject(example.where, [Problem(example.where, "too_long", f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
                             continue
-                        example.messages, encoded = self.encoder.fit(example.messages, data.max_length, "truncate")
-                    if encoded.n_trainable == 0:
+                        example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate")
+                    sequences = [s for s in sequences if s.n_trainable]
+                    if not sequences:
                         out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())
                         continue
-                    example.n_tokens, example.n_trainable = len(encoded.input_ids), encoded.n_trainable
-                    example.truncated, example.missing_eot = encoded.truncated, encoded.missing_eot
+                    example.sequences = [(len(s.input_ids), s.n_trainable) for s in sequences]
+                    example.n_tokens = max(n for n, _ in example.sequences)
+                    example.n_trainable = sum(n for _, n in example.sequences)
+                    example.truncated = any(s.truncated for s in sequences)
+                    example.missing_eot = any(s.missing_eot for s in sequences)
                     kept.append(example)
                 bar.update(len(batch))
         out.examples = kept

@@ -32,8 +32,10 @@ class Example:
     label: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     # filled in by tokenization
-    n_tokens: int = 0
-    n_trainable: int = 0
+    n_tokens: int = 0  # of its longest training sequence
+    n_trainable: int = 0  # over all its training sequences
+    # (tokens, trainable) per training sequence: one, or one per assistant turn where the template needs it
+    sequences: list[tuple[int, int]] = field(default_factory=list)
     truncated: bool = False
     missing_eot: bool = False
 

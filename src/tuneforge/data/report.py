@@ -58,7 +58,8 @@ def local_plan(train: list[Example], experiment) -> dict[str, Any]:
     """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
     from tuneforge.data.plan import plan_training
 
-    plan = plan_training(experiment.train, [e.n_tokens for e in train], [e.n_trainable for e in train],
+    sequences = [s for e in train for s in (e.sequences or [(e.n_tokens, e.n_trainable)])]
+    plan = plan_training(experiment.train, [n for n, _ in sequences], [t for _, t in sequences],
                          experiment.data.label is not None, experiment.data.max_length, experiment.seed)
     return plan.to_json()
 

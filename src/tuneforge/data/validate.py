@@ -81,6 +81,12 @@ def _message_problems(messages: list[Any], where: str) -> list[Problem]:
         role = message.get("role")
         if "role" in message and role not in ROLES:
             problems.append(Problem(where, "unrecognized_role", f"{at} has role {role!r}; allowed: {', '.join(sorted(ROLES))}"))
+        if "weight" in message:
+            weight = message["weight"]
+            if role != "assistant":
+                problems.append(Problem(where, "invalid_weight", f"{at} ({role}) has a weight; only assistant messages take one"))
+            elif isinstance(weight, bool) or weight not in (0, 1):
+                problems.append(Problem(where, "invalid_weight", f"{at} has weight {weight!r}; it must be 0 (context only) or 1 (trained)"))
         content = message.get("content")
         if "content" in message and (not isinstance(content, str) or not content.strip()) and not message.get("tool_calls"):
             problems.append(Problem(where, "missing_content", f"{at} ({role}) has empty or non-text content"))

@@ -95,15 +95,17 @@ def sft_config(experiment, run, plan, training, labelled: bool, has_valid: bool)
 
 
 def tokenize(encoder, examples, max_length: int) -> tuple[list[tuple[list[int], list[int]]], list]:
-    """(input_ids, labels) per example with something to learn, cut to max_length if the data was prepared with a
-    larger one, and the examples they came from."""
+    """(input_ids, labels) per training sequence with something to learn, cut to max_length if the data was prepared
+    with a larger one, and the example each came from (an example is several sequences on a template that renders
+    earlier turns differently once later ones follow: `ChatEncoder.units`)."""
     out, kept = [], []
-    for example, encoded in zip(examples, encoder.encode_many([e.messages for e in examples])):
-        if len(encoded.input_ids) > max_length:
-            _, encoded = encoder.fit(example.messages, max_length, "truncate")
-        if encoded.n_trainable:
-            out.append((encoded.input_ids, encoded.labels()))
-            kept.append(example)
+    for example, sequences in zip(examples, encoder.encode_examples([e.messages for e in examples])):
+        if any(len(s.input_ids) > max_length for s in sequences):
+            _, sequences = encoder.fit(example.messages, max_length, "truncate")
+        for encoded in sequences:
+            if encoded.n_trainable:
+                out.append((encoded.input_ids, encoded.labels()))
+                kept.append(example)
     return out, kept
 
 
