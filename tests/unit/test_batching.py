@@ -90,6 +90,8 @@ def test_flash_varlen_batch_is_one_row_that_flash_attention_reads_as_packed():
     assert batch["labels"][0, 12:].eq(IGNORE).all()
     example_weights = [w for row in rows for w in row.weights]
     assert [batch["loss_weights"][0, s].item() for s in starts] == example_weights
+    assert batch["cu_seq_lens_q"].tolist() == starts + [12, 16]  # padding is a sequence of its own
+    assert batch["max_length_q"] == max(lengths)
 
 
 def test_flat_row_logits_equal_logits_alone(tiny_llama):

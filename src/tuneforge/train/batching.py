@@ -76,6 +76,11 @@ class Collator:
             out["attention_mask"] = (segments >= 0).long()
         elif self.mode == "block_mask":
             out["attention_mask"] = block_causal_mask(segments, self.mask_dtype)
+        else:  # the sequence boundaries, so the kernel need not find them in position_ids with a sync per layer
+            starts = (position_ids[0] == 0).nonzero().flatten()
+            bounds = torch.cat([starts, torch.tensor([width])]).to(torch.int32)
+            out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = bounds
+            out["max_length_q"] = out["max_length_k"] = int(bounds.diff().max())
         return out
 
 
