@@ -1,22 +1,28 @@
-"""Training throughput: tuneforge's trainer against a plain HF Trainer + PEFT baseline.
+"""Training throughput: tuneforge's trainer against plain HF Trainer + PEFT and against TRL's own best setups.
 
-Both sides train the same model (builtin SmolLM2, 4-bit NF4, LoRA r16 on all linear
-layers) on the same mixed-length chat data for the same number of optimizer steps,
-from the same seed, with about the same examples per step:
+Every side trains the same model (builtin SmolLM2, 4-bit NF4, LoRA r16 on all linear
+layers) on the same mixed-length chat data, with the same supervised tokens, for the
+same number of optimizer steps, from the same seed, with about the same examples per
+step:
 
-  baseline   transformers Trainer + PEFT, one example per row, padded to the longest
-             in the batch, the model's own loss (full logits)
-  tuneforge  ForgeTrainer: examples packed into rows with a block-diagonal mask,
-             logits only at supervised positions
+  baseline     transformers Trainer + PEFT, one example per row, padded to the longest
+               in the batch, the model's own loss (full logits)
+  trl-packing  TRL's SFTTrainer, best-fit-decreasing packing (`packing=True`, "bfd"),
+               which runs padding-free: one flat row, position ids, the model's loss
+  trl-padfree  TRL's SFTTrainer, `padding_free=True` without packing: each batch's
+               examples end to end in one row
+  tuneforge    ForgeTrainer: examples packed into rows (block-diagonal mask, or one
+               flat row on FlashAttention-2), logits only at supervised positions
 
-Each side runs in its own process (peak memory is per process). Both are then
+Each side runs in its own process (peak memory is per process). All are then
 scored by the same function: token-weighted loss on the same held-out examples.
 
-    python benchmarks/train_throughput.py [--steps 8] [--batch 8]
+    python benchmarks/train_throughput.py [--steps 8] [--batch 8] [--sides baseline,trl-packing,tuneforge]
 
-Prints supervised tokens/s, padding share and peak memory for both, then
-`speedup: X.XX`. On CUDA it also prints tokens/s and MFU (4·N FLOPs per token
-for LoRA: forward plus input gradients, N = matmul parameters).
+Prints supervised tokens/s, padding share and peak memory per side, then the
+speedup of tuneforge against each other side (`speedup vs baseline: X.XX`,
+`speedup vs trl-packing: ...`). On CUDA it also prints tokens/s and MFU (4·N FLOPs
+per token for LoRA: forward plus input gradients, N = matmul parameters).
 """
 
 from __future__ import annotations
@@ -64,13 +70,14 @@ def tokenized(tokenizer, examples, max_length):
 
     encoder = ChatEncoder(tokenizer)
     out = []
-    for messages, encoded in zip(examples, encoder.encode_many(examples)):
-        if len(encoded.input_ids) > max_length:
-            _, encoded = encoder.fit(messages, max_length, "truncate")
-        out.append((encoded.input_ids, encoded.labels()))
+    for messages, sequences in zip(examples, encoder.encode_examples(examples)):
+        if any(len(e.input_ids) > max_length for e in sequences):
+            _, sequences = encoder.fit(messages, max_length, "truncate")
+        out += [(e.input_ids, e.labels()) for e in sequences]
     return out
 
 
+SIDES = ("baseline", "trl-packing", "trl-padfree", "tuneforge")
 LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=False)
 
@@ -168,6 +175,19 @@ def child(args) -> dict:
 
         trainer = Trainer(model=model, args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
                           train_dataset=Dataset.from_list(rows), data_collator=counting(pad_to_longest))
+    elif args.child.startswith("trl-"):
+        from trl import SFTTrainer
+
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
+        if args.child == "trl-packing":  # rows of about `batch` examples, one row per step, as tuneforge's
+            mean_len = sum(len(ids) for ids, _ in train) / len(train)
+            mode = dict(packing=True, packing_strategy="bfd", max_length=max(args.max_length, int(args.batch * mean_len)),
+                        per_device_train_batch_size=1)
+        else:
+            mode = dict(padding_free=True, max_length=None, per_device_train_batch_size=args.batch)  # already cut to --max-length
+        config = SFTConfig(**mode, **common)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer.data_collator = counting(trainer.data_collator)
     else:
         mean_len = sum(len(ids) for ids, _ in train) / len(train)
         capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
@@ -231,27 +251,35 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--eval-examples", type=int, default=24)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--child", choices=["baseline", "tuneforge"])
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--child", choices=SIDES)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or "tuneforge" not in sides:
+        raise SystemExit(f"--sides: {', '.join(unknown) or 'tuneforge is missing'}; choose from {', '.join(SIDES)}")
     results = {}
-    for side in ("baseline", "tuneforge"):
+    for side in sides:
         cmd = [sys.executable, __file__, "--child", side] + [a for a in sys.argv[1:]]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    base, ours = results["baseline"], results["tuneforge"]
+    ours = results["tuneforge"]
     print(f"model {args.model} ({args.quantization}) on {ours['device']}; {args.steps} steps, ~{args.batch} examples per step")
-    print(f"\n{'':<11}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}{'peak MB':>10}{'eval loss':>11}{'seconds':>9}")
+    print(f"\n{'':<13}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}{'peak MB':>10}{'eval loss':>11}{'seconds':>9}")
     for side, r in results.items():
-        print(f"{side:<11}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
+        print(f"{side:<13}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
               f"{r['peak_mb']:>10,.0f}{r['eval_loss']:>11.4f}{r['seconds']:>9.1f}")
         if r.get("mfu") is not None:
-            print(f"{'':<11}MFU {r['mfu']:.1%} ({r['matmul_params'] / 1e6:.0f}M matmul params, 4·N FLOPs/token)")
-    print(f"\npeak memory ratio (tuneforge / baseline): {ours['peak_mb'] / base['peak_mb']:.2f}")
-    print(f"eval loss difference: {(ours['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2%}")
-    print(f"speedup: {ours['supervised_tokens_per_s'] / base['supervised_tokens_per_s']:.2f}")
+            print(f"{'':<13}MFU {r['mfu']:.1%} ({r['matmul_params'] / 1e6:.0f}M matmul params, 4·N FLOPs/token)")
+    print()
+    for side, other in results.items():
+        if side != "tuneforge":
+            print(f"vs {side}: peak memory ratio {ours['peak_mb'] / other['peak_mb']:.2f}, "
+                  f"eval loss {(ours['eval_loss'] - other['eval_loss']) / other['eval_loss']:+.2%}")
+            print(f"speedup vs {side}: {ours['supervised_tokens_per_s'] / other['supervised_tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":
