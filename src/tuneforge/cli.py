@@ -56,10 +56,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tuneforge.data import report
     from tuneforge.data.prepare import prepare
+    from tuneforge.models import load_tokenizer
+    from tuneforge.rag.retriever import augment_examples
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "prepare")
-    result = prepare(experiment, run)
+    tokenizer = load_tokenizer(experiment.model) if experiment.data.train is not None else None  # None: prepare says why
+    result = prepare(experiment, run, tokenizer, retrieve=augment_examples)
     print(report.summary(result))
     print(f"prepared data written to {run.sub('data')} (report.md, token_lengths.png)")
     return 0
@@ -193,11 +196,13 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.infer.finetune_api import fine_tuning_routes
     from tuneforge.infer.server import serve
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt, max_batch=args.max_batch)
+    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt, max_batch=args.max_batch,
+          routes=lambda served: fine_tuning_routes(experiment, run, served))
     return 0
 
 

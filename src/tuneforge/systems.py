@@ -7,7 +7,7 @@
 
 `chat`, `serve`, `eval` and `demo` all go through `Systems`, so a name means the
 same thing everywhere, and a `+rag` system builds its prompt exactly as
-`prepare` does for `data.rag: true` (`rag.retriever.augment`).
+`prepare` does for `data.rag: true` (`rag.retriever.retrieve_into`).
 
 A conversation that comes without a system message gets the system prompt the run
 trained with (`adapter/tuneforge.json`, else the prepared training data): a model
@@ -23,10 +23,14 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Engine, Settings
+from tuneforge.infer.generation import Answer, Settings, available_systems
+from tuneforge.rag.retriever import retrieve_into
+
+if TYPE_CHECKING:  # the engine (and torch) load with the first local system, not with this module
+    from tuneforge.infer.engine import Engine
 
 RAG_SUFFIX = "+rag"
 LOCAL_NAMES = ("base", "finetuned")
@@ -71,28 +75,6 @@ def openai_base_url(experiment) -> str | None:
     if experiment.train.backend == "openai" and experiment.train.base_url:
         return experiment.train.base_url
     return os.environ.get("OPENAI_BASE_URL") or None
-
-
-def retrieve_into(conversations: list[list[dict]], retriever, special_tokens=()) -> tuple[list[list[dict]], list[list]]:
-    """The conversations with retrieved passages in each last user turn, and the hits used for each.
-
-    The one place prompts get their passages: +rag systems when answering, and
-    `prepare` for `data.rag` training examples, so both see the same format.
-    """
-    if retriever is None:
-        return conversations, [[] for _ in conversations]
-    from tuneforge.rag.retriever import augment
-
-    questions = [_last_user(m) for m in conversations]
-    # the query is the conversation's user turns (the retriever weighs the last one most), the passages go to the last
-    asked = [[m.get("content") or "" for m in messages if m.get("role") == "user"] for messages, q in zip(conversations, questions) if q is not None]
-    found = iter(retriever.search_conversations(asked) if asked else [])
-    results, hits_each = [], []
-    for messages, question in zip(conversations, questions):
-        hits = [] if question is None else next(found)
-        results.append(messages if question is None else _replace_last_user(messages, augment(question, hits, special_tokens)))
-        hits_each.append(hits)
-    return results, hits_each
 
 
 def with_system_prompt(conversations: list[list[dict]], system_prompt: str | None) -> list[list[dict]]:
@@ -246,22 +228,6 @@ def _api_message(exc) -> str:
     return str(exc)
 
 
-def _last_user(messages: list[dict]) -> str | None:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message.get("content") or ""
-    return None
-
-
-def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
-    out = [dict(m) for m in messages]
-    for message in reversed(out):
-        if message.get("role") == "user":
-            message["content"] = content
-            break
-    return out
-
-
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
@@ -279,8 +245,6 @@ class Systems:
 
     def available(self) -> list[str]:
         """What this run can answer with now: base, finetuned once trained, +rag variants, the OpenAI job's model."""
-        from tuneforge.infer.engine import available_systems
-
         names = list(available_systems(self.run))
         hosted = openai_job_model(self.run)
         if hosted:
@@ -322,6 +286,8 @@ class Systems:
                 return self._engine(spec.model)
             key = f"scoring:{spec.model}"
             if key not in self.engines:
+                from tuneforge.infer.engine import Engine
+
                 self.engines[key] = Engine.load(self.experiment, spec.model, self.run)
             return self.engines[key]
 
@@ -332,6 +298,8 @@ class Systems:
 
                 self.engines[model] = VLLMEngine.load(self.experiment, model, self.run)  # type: ignore[assignment]
             else:
+                from tuneforge.infer.engine import Engine
+
                 self.engines[model] = Engine.load(self.experiment, model, self.run)
                 self.engines[model].max_batch = self.max_batch
         return self.engines[model]

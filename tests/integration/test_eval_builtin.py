@@ -12,6 +12,7 @@ import pytest
 from tuneforge.config import load_experiment
 from tuneforge.data.prepare import prepare
 from tuneforge.eval.harness import run_eval
+from tuneforge.models import load_tokenizer
 from tuneforge.run import RunDir
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,7 @@ def test_generation_eval_with_a_local_judge(tmp_path, smollm_location, capsys):
     experiment = load_experiment(CONFIGS / "quickstart.yaml", ["data.rag=false", "eval.sample=3", "eval.systems=[base, ngram]", "eval.max_new_tokens=24",
                                                                "eval.judge.model=base"])
     run = RunDir(experiment, tmp_path / "qs")
-    prepare(experiment, run, progress=False)
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     assert run_eval(experiment, run, progress=False) == 0
 
     metrics = json.loads(run.sub("eval", "metrics.json").read_text())
@@ -41,7 +42,7 @@ def test_generation_eval_with_a_local_judge(tmp_path, smollm_location, capsys):
 def test_label_scoring_on_real_reviews_survives_truncation(tmp_path, smollm_location):
     experiment = load_experiment(CONFIGS / "reviews-sentiment.yaml", ["eval.sample=6", "eval.systems=[base, tfidf]", "eval.max_length=48"])
     run = RunDir(experiment, tmp_path / "reviews")
-    prepare(experiment, run, progress=False)
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     assert run_eval(experiment, run, progress=False) == 0  # reviews are cut to 48 tokens from the front, never an error
 
     metrics = json.loads(run.sub("eval", "metrics.json").read_text())

@@ -48,12 +48,13 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
     from peft import PeftModel
 
     from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.models import load_tokenizer
     from tuneforge.run import RunDir
     from tuneforge.train.local import train_local
 
     experiment = load_experiment(REPO / "configs" / "quickstart.yaml", ["train.max_steps=6", "train.lr=1e-3", "train.eval_every=6", "data.sample=48", "data.rag=false"])
     run = RunDir(experiment, tmp_path / "run").start("train")
-    prepare(experiment, run, progress=False)
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     summary = train_local(experiment, run, progress=False)
     assert summary["steps"] == 6
     assert summary["final_eval_loss"] < summary["base_eval_loss"]

@@ -117,7 +117,7 @@ def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built,
     experiment = load_experiment(QUICKSTART)  # the quickstart trains with passages (data.rag: true)
     assert experiment.data.rag
     tokenizer = load_tokenizer(experiment.model)
-    report = prepare(experiment, run, tokenizer=tokenizer, progress=False)
+    report = prepare(experiment, run, tokenizer=tokenizer, progress=False, retrieve=rag.augment_examples)
     assert report["rag"]["augmented"] == report["counts"]["train"] + report["counts"]["valid"]
     examples = load_prepared(run.sub("data"), "train")
     example = examples[0]

@@ -10,8 +10,8 @@ import pytest
 
 from tuneforge.config import Experiment, LocalTrain, load_experiment
 from tuneforge.errors import TuneforgeError
+from tuneforge.infer.api_errors import ApiError
 from tuneforge.infer.finetune_wire import JobFailed, local_train_section, page, parse_multipart, read_examples, short_model_name
-from tuneforge.infer.server import ApiError
 from tuneforge.train import openai_backend as backend
 
 DATA = {"train.jsonl": "a" * 64, "valid.jsonl": "b" * 64}

@@ -11,6 +11,7 @@ import torch
 from tuneforge.config import load_experiment
 from tuneforge.data.prepare import prepare
 from tuneforge.errors import TuneforgeError
+from tuneforge.models import load_tokenizer
 from tuneforge.run import RunDir
 
 FACTS = [("What is two plus two?", "Four."), ("Say hello.", "hello world"), ("Capital of France?", "Paris."),
@@ -32,7 +33,7 @@ def make_run(tmp_path, model_dir, extra_train="", n=40, quantization="none"):
     )
     experiment = load_experiment(exp)
     run = RunDir(experiment, tmp_path / "run").start("train")
-    prepare(experiment, run, progress=False)
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     return experiment, run
 
 
@@ -234,7 +235,7 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
         "lora: {r: 8, alpha: 32, dropout: 0.0}\ntrain: {max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1}\n")
     experiment = load_experiment(exp)
     run = RunDir(experiment, tmp_path / "run").start("train")
-    report = prepare(experiment, run, progress=False)
+    report = prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
     assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
     markdown = run.sub("data", "report.md").read_text()

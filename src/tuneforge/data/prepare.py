@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -27,6 +27,10 @@ from tuneforge.errors import ConfigError, TuneforgeError
 
 SHOWN_PROBLEMS = 30
 ENCODE_BATCH = 256
+
+# data.rag's step: (experiment, run, the Collected sources, the tokenizer's special tokens, progress) -> the report's
+# rag section; it puts passages into the examples in place (tuneforge.rag.retriever.augment_examples)
+Retrieve = Callable[[Any, Any, list["Collected"], tuple[str, ...], bool], dict[str, Any]]
 
 
 class DataError(TuneforgeError):
@@ -234,39 +238,6 @@ class Preparer:
             out.examples = splitting.sample(out.examples, sample, self.experiment.seed)
             out.stage(f"seeded sample of {sample}", len(out.examples))
 
-    # ------------------------------------------------------------------ retrieval
-
-    def retrieve(self, parts: list[Collected], run) -> dict[str, Any]:
-        """data.rag: put retrieved passages into each example's last user turn, as +rag systems do at inference.
-
-        Only the last user turn carries passages, because at inference the chat
-        history keeps the plain questions and only the turn being answered is augmented.
-        """
-        from tuneforge.rag.retriever import ensure_index
-        from tuneforge.systems import retrieve_into
-
-        retriever = ensure_index(self.experiment, run)
-        special_tokens = tuple(self.encoder.tokenizer.all_special_tokens)
-        augmented, without_question = 0, 0
-        sources: dict[str, int] = {}
-        for part in parts:
-            for start in tqdm(range(0, len(part.examples), ENCODE_BATCH), desc="retrieving", unit=" batches", disable=not self.progress):
-                batch = part.examples[start : start + ENCODE_BATCH]
-                prompts, hits = retrieve_into([_without_last_answer(e.messages) for e in batch], retriever, special_tokens)
-                for example, prompt, found in zip(batch, prompts, hits):
-                    if not found:
-                        without_question += 1
-                        continue
-                    example.messages = prompt + example.messages[len(prompt):]
-                    example.meta = {**example.meta, "rag_sources": [h.source for h in found]}
-                    augmented += 1
-                    for hit in found:
-                        sources[hit.source] = sources.get(hit.source, 0) + 1
-            part.stage("retrieval-augmented (data.rag)", len(part.examples))
-        top = sorted(sources.items(), key=lambda kv: -kv[1])[:10]
-        return {"augmented": augmented, "no_passages": without_question, "k": self.experiment.rag.k,
-                "corpus": self.experiment.rag.corpus, "most_retrieved": dict(top)}
-
     # ------------------------------------------------------------------ tokens
 
     def measure(self, out: Collected) -> None:
@@ -309,12 +280,6 @@ class Preparer:
             out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
 
 
-def _without_last_answer(messages: list[dict]) -> list[dict]:
-    """The conversation up to the last user turn: what the retriever is asked at inference."""
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-    return messages[: last_user + 1]
-
-
 def _last_answer(example: Example) -> str:
     answers = [m.get("content") or "" for m in example.messages if m.get("role") == "assistant"]
     return answers[-1] if answers else ""
@@ -333,22 +298,30 @@ def _fail_listing(problems: list[Problem]) -> str:
     return "\n".join(lines)
 
 
-def prepare(experiment, run, tokenizer=None, progress: bool = True) -> dict[str, Any]:
-    """Run every stage for the experiment and write runs/<name>/data/. Returns the report."""
+def prepare(experiment, run, tokenizer, progress: bool = True, retrieve: Retrieve | None = None) -> dict[str, Any]:
+    """Run every stage for the experiment and write runs/<name>/data/. Returns the report.
+
+    tokenizer: the model's (tuneforge.models.load_tokenizer(experiment.model)); None only when data.train is unset,
+    which is refused first. retrieve: the data.rag step, tuneforge.rag.retriever.augment_examples; the data layer
+    knows no retriever, so a caller preparing a data.rag experiment hands it in.
+    """
     data = experiment.data
     if data.train is None:
         raise ConfigError(str(experiment._source), ["data.train: no training data named"])
     if tokenizer is None:
-        from tuneforge.models import load_tokenizer
-
-        tokenizer = load_tokenizer(experiment.model)
+        raise TypeError("prepare needs the model's tokenizer: tuneforge.models.load_tokenizer(experiment.model)")
     preparer = Preparer(experiment, tokenizer, progress)
 
     started = time.perf_counter()
     train = preparer.collect("data.train", data.train, data.sample)
     valid = preparer.collect("data.valid", data.valid, None) if data.valid else None
     read_done = time.perf_counter()
-    retrieval = preparer.retrieve([p for p in (train, valid) if p is not None], run) if data.rag else None
+    retrieval = None
+    if data.rag:
+        if retrieve is None:
+            raise TuneforgeError("data.rag: prepare needs the retrieval step: prepare(..., retrieve=tuneforge.rag.retriever.augment_examples)")
+        retrieval = retrieve(experiment, run, [p for p in (train, valid) if p is not None],
+                             tuple(preparer.encoder.tokenizer.all_special_tokens), progress)
     for part in (train, valid):
         if part is not None:
             preparer.measure(part)

@@ -9,61 +9,13 @@ padding and every row's last prompt token sits at the same position.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from tuneforge.errors import TuneforgeError
-
-
-@dataclass
-class Settings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Answer:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" or "length"
-    sources: list = field(default_factory=list)  # retrieved passages (rag.retriever.Hit) for +rag systems
-
-
-def system_source(name: str, run) -> tuple[str | None, str | None]:
-    """(adapter folder, merged folder) for a system name; (None, None) is the base model."""
-    if name == "base":
-        return None, None
-    if name == "finetuned":
-        adapter = run.sub("adapter")
-        if not (adapter / "adapter_config.json").exists():
-            merged = run.sub("merged")
-            if (merged / "config.json").exists():
-                return None, str(merged)
-            raise TuneforgeError(f"system 'finetuned': no adapter in {adapter.resolve()} (nor a merged model); run `tuneforge train` "
-                                 "first, or name the run with --run-dir")
-        return str(adapter), None
-    kind, _, path = name.partition(":")
-    if kind == "adapter" and (Path(path) / "adapter_config.json").exists():
-        return path, None
-    if kind == "merged" and (Path(path) / "config.json").exists():
-        return None, path
-    raise TuneforgeError(f"unknown or missing system {name!r}; use base, finetuned, adapter:<dir> or merged:<dir>")
-
-
-def available_systems(run) -> list[str]:
-    """The systems a run can answer with right now: base, and finetuned once there is an adapter or merged model."""
-    try:
-        system_source("finetuned", run)
-    except TuneforgeError:
-        return ["base"]
-    return ["base", "finetuned"]
+# what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
+# systems, the batcher and the server; imported here too, so `from tuneforge.infer.engine import Settings` works
+from tuneforge.infer.generation import Answer, Settings, available_systems, system_source  # noqa: F401
 
 
 class Engine:

@@ -31,7 +31,7 @@ from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write
 from tuneforge.infer.finetune_wire import (HYPERPARAMETERS, MIN_EXAMPLES, TERMINAL, JobFailed, hyperparameter, json_body,
                                            local_train_section, new_id, page, parse_multipart, read_examples,
                                            short_model_name)
-from tuneforge.infer.server import ApiError
+from tuneforge.infer.api_errors import ApiError
 
 
 class JobCancelled(Exception):
@@ -50,6 +50,12 @@ class Job:
     @property
     def id(self) -> str:
         return self.obj["id"]
+
+
+def fine_tuning_routes(experiment, run, served) -> dict[str, Any]:
+    """The fine-tuning API's routes for a server's Served systems (server.serve's `routes`), by path prefix."""
+    fine_tuning = FineTuningApi(experiment, run, served)
+    return {"/v1/files": fine_tuning.handle, "/v1/fine_tuning/": fine_tuning.handle}
 
 
 class FineTuningApi:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tuneforge.infer.server import ApiError
+from tuneforge.infer.api_errors import ApiError
 
 MIN_EXAMPLES = 10  # OpenAI refuses training files with fewer examples; so do we, to behave alike
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -2,7 +2,8 @@
 
     GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section)
     POST /v1/chat/completions  stream or not (stream_options.include_usage); temperature, top_p, max_tokens, stop, seed
-    /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py)
+    /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py; the CLI
+                                        hands its routes to `serve`, which knows routes only by path prefix)
 
 Standard library HTTP (one thread per connection). Concurrent requests for one
 model are batched together (infer/batcher.py), so they share its forward passes. Bad requests get OpenAI-shaped errors with 4xx
@@ -16,23 +17,15 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 from tuneforge.errors import TuneforgeError, describe_os_error
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.infer.api_errors import ApiError
+from tuneforge.infer.generation import Answer, Settings
 
 MAX_BODY = 4 << 20  # bytes
 MAX_WAITING = 32  # requests queued beyond this get 429
 MAX_UPLOAD = 512 << 20  # bytes, for extra routes such as file uploads
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class Served:
@@ -268,13 +261,13 @@ def make_handler(systems: Served):
 
 
 def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
-          system_prompt: str | None = None, max_batch: int = 16) -> None:
-    from tuneforge.infer.finetune_api import FineTuningApi
-
+          system_prompt: str | None = None, max_batch: int = 16,
+          routes: Callable[[Served], dict[str, Any]] | None = None) -> None:
+    """Serve the run's systems until interrupted. routes: given the Served systems, the extra routes by path prefix
+    (see Served.routes); `tuneforge serve` passes the fine-tuning API's (finetune_api.fine_tuning_routes)."""
     systems = Served(experiment, run, system_prompt, max_batch)
-    fine_tuning = FineTuningApi(experiment, run, systems)
-    systems.routes["/v1/files"] = fine_tuning.handle
-    systems.routes["/v1/fine_tuning/"] = fine_tuning.handle
+    if routes is not None:
+        systems.routes.update(routes(systems))
     try:
         httpd = ThreadingHTTPServer((host, port), make_handler(systems))
     except OSError as exc:

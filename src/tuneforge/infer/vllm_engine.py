@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.infer.generation import Answer, Settings
 
 
 def check_available() -> None:
@@ -45,7 +45,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from tuneforge.infer.engine import system_source
+        from tuneforge.infer.generation import system_source
         from tuneforge.models import load_tokenizer, materialize, plan_device, resolve
 
         adapter, merged = system_source(name, run) if run is not None else (None, None)

@@ -1,4 +1,4 @@
-"""Build, load and query the retriever; put hits into prompts; measure recall.
+"""Build, load and query the retriever; put hits into prompts (and, for data.rag, training examples); measure recall.
 
 Retrieved text is data, never instructions: it goes into the user turn between
 delimiters, each chunk with its source, and anything inside a chunk that could
@@ -180,6 +180,83 @@ def augment(question: str, hits: list[Hit], special_tokens: list[str] = ()) -> s
     parts.append(CLOSE)
     parts.append(f"Question: {question}\nAnswer from the passages when they help, and cite them as [n].")
     return "\n\n".join(parts)
+
+
+def retrieve_into(conversations: list[list[dict]], retriever, special_tokens=()) -> tuple[list[list[dict]], list[list]]:
+    """The conversations with retrieved passages in each last user turn, and the hits used for each.
+
+    The one place prompts get their passages: +rag systems when answering, and
+    `prepare` for `data.rag` training examples (augment_examples), so both see the same format.
+    """
+    if retriever is None:
+        return conversations, [[] for _ in conversations]
+    questions = [_last_user(m) for m in conversations]
+    # the query is the conversation's user turns (the retriever weighs the last one most), the passages go to the last
+    asked = [[m.get("content") or "" for m in messages if m.get("role") == "user"] for messages, q in zip(conversations, questions) if q is not None]
+    found = iter(retriever.search_conversations(asked) if asked else [])
+    results, hits_each = [], []
+    for messages, question in zip(conversations, questions):
+        hits = [] if question is None else next(found)
+        results.append(messages if question is None else _replace_last_user(messages, augment(question, hits, special_tokens)))
+        hits_each.append(hits)
+    return results, hits_each
+
+
+def _last_user(messages: list[dict]) -> str | None:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message.get("content") or ""
+    return None
+
+
+def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") == "user":
+            message["content"] = content
+            break
+    return out
+
+
+def augment_examples(experiment, run, parts: list, special_tokens=(), progress: bool = True) -> dict[str, Any]:
+    """data.rag: put retrieved passages into each example's last user turn, as +rag systems do at inference.
+
+    `prepare` runs this step (its caller hands it in: `prepare(..., retrieve=augment_examples)`) after reading
+    and before tokenizing; `parts` are its data.prepare.Collected sources (train, and valid when named).
+    Only the last user turn carries passages, because at inference the chat
+    history keeps the plain questions and only the turn being answered is augmented.
+    Returns the report's `rag` section.
+    """
+    from tqdm.auto import tqdm
+
+    from tuneforge.data.prepare import ENCODE_BATCH
+
+    retriever = ensure_index(experiment, run)
+    augmented, without_question = 0, 0
+    sources: dict[str, int] = {}
+    for part in parts:
+        for start in tqdm(range(0, len(part.examples), ENCODE_BATCH), desc="retrieving", unit=" batches", disable=not progress):
+            batch = part.examples[start : start + ENCODE_BATCH]
+            prompts, hits = retrieve_into([_without_last_answer(e.messages) for e in batch], retriever, tuple(special_tokens))
+            for example, prompt, found in zip(batch, prompts, hits):
+                if not found:
+                    without_question += 1
+                    continue
+                example.messages = prompt + example.messages[len(prompt):]
+                example.meta = {**example.meta, "rag_sources": [h.source for h in found]}
+                augmented += 1
+                for hit in found:
+                    sources[hit.source] = sources.get(hit.source, 0) + 1
+        part.stage("retrieval-augmented (data.rag)", len(part.examples))
+    top = sorted(sources.items(), key=lambda kv: -kv[1])[:10]
+    return {"augmented": augmented, "no_passages": without_question, "k": experiment.rag.k,
+            "corpus": experiment.rag.corpus, "most_retrieved": dict(top)}
+
+
+def _without_last_answer(messages: list[dict]) -> list[dict]:
+    """The conversation up to the last user turn: what the retriever is asked at inference."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return messages[: last_user + 1]
 
 
 def evaluate(retriever: Retriever, pairs: list[tuple[list[str], str]], k: int) -> dict[str, Any]:

@@ -129,9 +129,12 @@ def train_openai(experiment, run, yes: bool = False, cancel: bool = False) -> in
     if cancel:
         return cancel_job(client, run)
     from tuneforge.data.prepare import prepare
+    from tuneforge.models import load_tokenizer
+    from tuneforge.rag.retriever import augment_examples
 
     print("preparing the data (so the upload matches this config)", flush=True)
-    report = prepare(experiment, run)  # cheap next to a hosted job, and never stale
+    tokenizer = load_tokenizer(experiment.model) if experiment.data.train is not None else None  # None: prepare says why
+    report = prepare(experiment, run, tokenizer, retrieve=augment_examples)  # cheap next to a hosted job, and never stale
     check_prepared(run)
     key = job_key(experiment, report["sha256"])
     state = read_state(run)
