@@ -85,8 +85,8 @@ class DataSection(Section):
     """Training data: a file (.jsonl .json .csv .tsv .parquet), a folder, a glob, or a hub dataset name."""
     valid: str | None = None
     """Validation data in the same forms; when unset, valid_split carves it out of train."""
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "table"] = "auto"
-    """Shape of the records. auto: detected from the extension and the first records."""
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "table", "preference"] = "auto"
+    """Shape of the records. auto: detected from the extension and the first records. preference: pairs for DPO, in OpenAI's format (input, preferred_output, non_preferred_output) or TRL's (prompt, chosen, rejected)."""
     template: Template | None = None
     """How a table row becomes a chat example (needed for tables)."""
     label: str | None = None
@@ -145,12 +145,25 @@ class LoraSection(Section):
 Auto = Literal["auto"]
 
 
+class DPOSettings(Section):
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference: higher keeps it closer (OpenAI's dpo.hyperparameters.beta)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard"] = "sigmoid"
+    """TRL's DPO loss: sigmoid is the original DPO loss."""
+
+
 class LocalTrain(Section):
     """Every knob that says `auto` is chosen from the prepared data by `tuneforge.data.plan` (prepare's report and
     the start of training print the value and why); a value you set always wins."""
 
     backend: Literal["local"] = "local"
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
+    method: Literal["sft", "dpo"] = "sft"
+    """sft: supervised fine-tuning on chat examples; dpo: preference tuning on pairs (data.format: preference), with TRL's DPO trainer."""
+    dpo: DPOSettings = DPOSettings()
+    """method: dpo settings."""
+    init_adapter: str | None = None
+    """Start from this trained adapter (an adapter folder, or a run directory holding adapter/), e.g. the SFT run before DPO; with dpo it is also the reference policy."""
     epochs: Union[float, Auto] = Field("auto", union_mode="left_to_right")
     """Passes over the training data (ignored when max_steps is set). auto: 2, more for tiny files (enough optimizer steps), fewer past 25,000 example passes."""
     max_steps: int | None = Field(None, gt=0)
@@ -214,6 +227,10 @@ class LocalTrain(Section):
 class OpenAITrain(Section):
     backend: Literal["openai"]
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
+    method: Literal["sft", "dpo"] = "sft"
+    """sft: the job's method is supervised; dpo: preference tuning (method.type dpo) on pairs."""
+    dpo: DPOSettings = DPOSettings()
+    """method: dpo: beta is sent as method.dpo.hyperparameters.beta (loss_type is local only)."""
     model: str = "gpt-4o-mini-2024-07-18"
     """Hosted base model to fine-tune."""
     base_url: str | None = None
@@ -386,6 +403,12 @@ class Experiment(Section):
                 self.model.quantization = "none"  # every weight trains: nothing to quantize
             elif self.model.quantization != "none":
                 problems.append("train.full_finetune needs model.quantization: none (quantized weights cannot be trained directly)")
+        if self.train.method == "dpo" and self.data.format not in ("auto", "preference"):
+            problems.append(f"train.method: dpo trains on preference pairs, but data.format is {self.data.format}; use preference (or auto)")
+        if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.full_finetune:
+            problems.append("train.method: dpo trains LoRA adapters (the reference is the policy with its adapter off); set train.full_finetune: false")
+        if self.train.method == "dpo" and self.data.label is not None:
+            problems.append("train.method: dpo has no use for data.label (pairs are not classes); remove data.label")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -302,3 +302,9 @@ def test_watching_gives_up_after_too_many_failures_and_says_how_to_reattach(tmp_
     with pytest.raises(TuneforgeError, match="run the same `tuneforge train` again to re-attach"):
         backend.watch(client, experiment, RunDir(experiment, tmp_path / "run"), {"job_id": "ftjob-1"})
     assert calls["job"] == 5
+
+
+def test_a_dpo_experiment_sends_openai_s_dpo_method_with_its_beta():
+    request = backend.job_request(_experiment(method="dpo", dpo={"beta": 0.25}, epochs=2), "key", "file-train", None)
+    assert request["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "beta": 0.25}}}

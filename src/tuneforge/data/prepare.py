@@ -22,10 +22,12 @@ from tuneforge.config_errors import did_you_mean
 from tuneforge.data import convert, report as reporting, sources, split as splitting, tables
 from tuneforge.data.chat import ChatEncoder
 from tuneforge.data.records import Example, Problem, Raw
+from tuneforge.data.preference import fit_pair, pair_sides, read_pair
 from tuneforge.data.validate import check_record
 from tuneforge.errors import ConfigError, TuneforgeError
 
 SHOWN_PROBLEMS = 30
+RECORD_EXTRAS = ("tools", "parallel_tool_calls")  # record-level keys carried into the prepared file as given
 ENCODE_BATCH = 256
 
 # data.rag's step: (experiment, run, the Collected sources, the tokenizer's special tokens, progress) -> the report's
@@ -212,8 +214,11 @@ class Preparer:
                 if problem is not None:
                     out.reject(raw.where, [problem], raw.data)
                     continue
-            problems = check_record(record, raw.where)
-            if any(p.severity == "error" for p in problems):
+            if fmt == "preference":
+                record, problems = read_pair(record, raw.where)
+            else:
+                problems = check_record(record, raw.where)
+            if record is None or any(p.severity == "error" for p in problems):
                 out.reject(raw.where, problems, raw.data)
                 continue
             out.problems.extend(problems)  # warnings only
@@ -221,14 +226,16 @@ class Preparer:
             meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
             messages = [{k: v for k, v in m.items()} for m in record["messages"]]
             rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
-            out.examples.append(Example(messages, rid, raw.where, None if label is None else str(label), meta))
+            extra = {k: record[k] for k in RECORD_EXTRAS if k in record}
+            out.examples.append(Example(messages, rid, raw.where, None if label is None else str(label), meta,
+                                        rejected=record.get("rejected"), extra=extra))
         out.stage("read", read)
         out.stage("valid chat examples", len(out.examples))
         if self.data.clean.dedupe:
             seen: set[str] = set()
             unique = []
             for example in out.examples:
-                fingerprint = json.dumps(example.messages, sort_keys=True, ensure_ascii=False)
+                fingerprint = json.dumps(example.openai_record(), sort_keys=True, ensure_ascii=False)
                 if fingerprint not in seen:
                     seen.add(fingerprint)
                     unique.append(example)
@@ -239,6 +246,13 @@ class Preparer:
             out.stage(f"seeded sample of {sample}", len(out.examples))
 
     # ------------------------------------------------------------------ tokens
+
+    def _encode(self, batch: list[Example]) -> list[list]:
+        """Per example its training sequences; a preference pair's are its two answers after the shared prompt."""
+        if not any(e.rejected is not None for e in batch):
+            return self.encoder.encode_examples([e.messages for e in batch])
+        return [self.encoder.encode_many(pair_sides(e.messages, e.rejected)) if e.rejected is not None
+                else self.encoder.encode_examples([e.messages])[0] for e in batch]
 
     def measure(self, out: Collected) -> None:
         """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""
@@ -252,7 +266,7 @@ class Preparer:
         with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
             for start in batches:
                 batch = out.examples[start : start + ENCODE_BATCH]
-                for example, sequences in zip(batch, self.encoder.encode_examples([e.messages for e in batch])):
+                for example, sequences in zip(batch, self._encode(batch)):
                     longest = max((len(s.input_ids) for s in sequences), default=0)
                     if longest > data.max_length:
                         if data.overflow == "drop":
@@ -261,7 +275,11 @@ class Preparer:
                         if data.overflow == "error":
                             out.reject(example.where, [Problem(example.where, "too_long", f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
                             continue
-                        example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate")
+                        if example.rejected is not None:
+                            prompt, sequences = fit_pair(self.encoder, example.messages, example.rejected, data.max_length, "truncate")
+                            example.messages = [*prompt, example.messages[-1]]
+                        else:
+                            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate")
                     sequences = [s for s in sequences if s.n_trainable]
                     if not sequences:
                         out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())
@@ -402,6 +420,6 @@ def load_prepared(folder: Path, split: str) -> list[Example]:
     with open(messages_path, encoding="utf-8") as fm, open(meta_path, encoding="utf-8") as fmeta:
         for line, meta_line in zip(fm, fmeta):
             record, meta = json.loads(line), json.loads(meta_line)
-            examples.append(Example(record["messages"], meta["id"], meta["source"], meta.get("label"), meta.get("meta", {})))
+            examples.append(Example.from_openai(record, meta["id"], meta["source"], meta.get("label"), meta.get("meta", {})))
     return examples
 

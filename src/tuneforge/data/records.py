@@ -38,9 +38,26 @@ class Example:
     sequences: list[tuple[int, int]] = field(default_factory=list)
     truncated: bool = False
     missing_eot: bool = False
+    rejected: dict[str, Any] | None = None  # a preference pair's non-preferred answer (messages[-1] is the preferred)
+    extra: dict[str, Any] = field(default_factory=dict)  # record-level keys kept as given: tools, parallel_tool_calls
 
     def openai_record(self) -> dict[str, Any]:
-        return {"messages": self.messages}
+        """The example in OpenAI's fine-tuning format: supervised, or a preference pair."""
+        if self.rejected is not None:
+            source: dict[str, Any] = {"messages": self.messages[:-1], **self.extra}
+            return {"input": source, "preferred_output": [self.messages[-1]], "non_preferred_output": [self.rejected]}
+        return {"messages": self.messages, **self.extra}
+
+    @classmethod
+    def from_openai(cls, record: dict[str, Any], id: str, where: str, label: str | None = None,
+                    meta: dict[str, Any] | None = None) -> Example:
+        """An example back from `openai_record`'s format (a prepared split)."""
+        if "input" in record:
+            source = dict(record["input"])
+            messages = source.pop("messages") + record["preferred_output"]
+            return cls(messages, id, where, label, meta or {}, rejected=record["non_preferred_output"][0], extra=source)
+        extra = {k: v for k, v in record.items() if k != "messages"}
+        return cls(record["messages"], id, where, label, meta or {}, extra=extra)
 
     def meta_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"id": self.id, "source": self.where}

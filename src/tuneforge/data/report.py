@@ -24,9 +24,10 @@ def token_stats(examples: list[Example]) -> dict[str, Any]:
         return {"examples": 0}
     lengths = np.array([e.n_tokens for e in examples])
     trainable = int(sum(e.n_trainable for e in examples))
-    total = int(lengths.sum())
+    total = int(sum(sum(n for n, _ in e.sequences) if e.sequences else e.n_tokens for e in examples))
     return {
         "examples": len(examples),
+        "pairs": sum(e.rejected is not None for e in examples),  # preference pairs: both answers are counted
         "min": int(lengths.min()),
         "median": float(np.median(lengths)),
         "p95": float(np.percentile(lengths, 95)),
@@ -58,7 +59,9 @@ def local_plan(train: list[Example], experiment) -> dict[str, Any]:
     """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
     from tuneforge.data.plan import plan_training
 
-    sequences = [s for e in train for s in (e.sequences or [(e.n_tokens, e.n_trainable)])]
+    # what one row of training holds: a sequence, or a preference pair (both answers side by side)
+    sequences = [(sum(n for n, _ in e.sequences), e.n_trainable) if e.rejected is not None else s
+                 for e in train for s in ([None] if e.rejected is not None else (e.sequences or [(e.n_tokens, e.n_trainable)]))]
     plan = plan_training(experiment.train, [n for n, _ in sequences], [t for _, t in sequences],
                          experiment.data.label is not None, experiment.data.max_length, experiment.seed)
     return plan.to_json()
@@ -125,7 +128,10 @@ def markdown(report: dict[str, Any]) -> str:
     if cleaning:
         lines += ["", "## Cleaning", ""]
         lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in cleaning.items()]
-    lines += ["", "## Tokens per example", "", "| split | examples | min | median | p95 | max | trainable share | truncated | no end-of-turn |",
+    pairs = any(s.get("pairs") for s in report["tokens"].values())
+    if pairs:
+        lines += ["", "Preference pairs: the lengths are of the longer side (prompt + answer); the trainable share counts both answers."]
+    lines += ["", "## Tokens per " + ("pair" if pairs else "example"), "", "| split | examples | min | median | p95 | max | trainable share | truncated | no end-of-turn |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for split_name, s in report["tokens"].items():
         if s.get("examples"):
@@ -174,13 +180,14 @@ def _all_labels(labels: dict[str, Any]) -> list[str]:
 def summary(report: dict[str, Any]) -> str:
     """The few lines printed at the end of `tuneforge prepare`."""
     tok = report["tokens"]["train"]
-    out = [f"train {report['counts']['train']} examples, valid {report['counts']['valid']}"]
+    unit = "preference pairs" if tok.get("pairs") else "examples"
+    out = [f"train {report['counts']['train']} {unit}, valid {report['counts']['valid']}"]
     for name, note in (report.get("cleaning") or {}).get("encoding", {}).items():
         if not note.startswith(("utf-8 ", "utf-8-sig ")):  # say so whenever a file was not read as UTF-8
             out.append(f"{name} read as {note}; set data.encoding to override")
     if tok.get("examples"):
         out.append(
-            f"tokens/example: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
+            f"tokens/{'pair (longer answer)' if tok.get('pairs') else 'example'}: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
             f"trainable share {tok['trainable_share']:.1%}; truncated {tok['truncated']}; no end-of-turn {tok['missing_end_of_turn']}"
         )
     problems = report["problems"]

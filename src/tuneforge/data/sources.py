@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from tuneforge.data.preference import looks_like_pair
 from tuneforge.data.records import Problem, Raw
 from tuneforge.errors import TuneforgeError
 
@@ -51,7 +52,7 @@ def load_hub(name: str, key: str) -> list[dict]:
 
 
 def detect_format(path: Path | None, first: dict | None, has_template: bool, key: str) -> str:
-    """messages, alpaca, sharegpt or table, from the suffix and the first record."""
+    """messages, alpaca, sharegpt, preference or table, from the suffix and the first record."""
     if path is not None and path.suffix.lower() in TABLE_SUFFIXES:
         return "table"
     if isinstance(first, dict):
@@ -61,6 +62,8 @@ def detect_format(path: Path | None, first: dict | None, has_template: bool, key
             return "sharegpt"
         if "instruction" in first and "output" in first:
             return "alpaca"
+        if looks_like_pair(first):
+            return "preference"
         if has_template:
             return "table"
         raise TuneforgeError(

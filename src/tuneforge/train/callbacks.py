@@ -16,6 +16,8 @@ from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
 from tuneforge.errors import TuneforgeError
 
 MARKER = "tuneforge_complete.json"
+PREFERENCE_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "preference_accuracy",
+                      "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
 
 
 class NonFiniteError(TuneforgeError):
@@ -47,7 +49,8 @@ def wait_for_every_rank() -> None:
 
 
 class MetricsLog(TrainerCallback):
-    """One JSON line per logged step: loss, eval loss, lr, grad norm, supervised tokens and tokens/s.
+    """One JSON line per logged step: loss, eval loss, lr, grad norm, supervised tokens and tokens/s (with DPO also
+    the reward margin and preference accuracy).
 
     Also stops the run on a NaN or inf loss, naming the step. Logging happens every
     step, before that step's checkpoint is written, so a non-finite loss is caught
@@ -92,6 +95,10 @@ class MetricsLog(TrainerCallback):
         for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
             if key in logs:
                 record[key] = float(logs[key])
+        for prefix in ("", "eval_"):  # DPO (TRL's names): the reward margin and how often the preferred answer wins
+            for theirs, ours in PREFERENCE_METRICS.items():
+                if f"{prefix}{theirs}" in logs and (prefix or "loss" in logs):
+                    record[f"{prefix}{ours}"] = float(logs[f"{prefix}{theirs}"])
         if len(record) > 2:
             self.records.append(record)
             if state.is_world_process_zero:  # one writer: the main process

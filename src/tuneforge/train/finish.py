@@ -80,9 +80,10 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
     lrs = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None]
     accuracy = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
     f1 = [(r["step"], r["eval_macro_f1"]) for r in records if "eval_macro_f1" in r]
+    margins = [(r["step"], r["reward_margin"]) for r in records if "reward_margin" in r]
     if not train:
         return
-    panels = 2 if accuracy else 1
+    panels = 2 if accuracy or margins else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 3.8), dpi=110, squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1)
@@ -96,7 +97,7 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
         twin.set_ylabel("learning rate")
         twin.legend(loc="upper center")
     ax.legend(loc="upper right")
-    ax.set_title("Training")
+    ax.set_title("Training (DPO loss)" if margins else "Training")
     if accuracy:
         ax = axes[0][1]
         ax.plot(*zip(*accuracy), "o", label="valid accuracy", markersize=6)
@@ -107,8 +108,32 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
         ax.set_xlabel("optimizer step")
         ax.set_title("Valid split, labels scored by likelihood")
         ax.legend(loc="lower right")
+    if margins:
+        _preference_panel(axes[0][1], records, margins)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _preference_panel(ax, records: list[dict], margins: list[tuple]) -> None:
+    """DPO: the reward margin (preferred over non-preferred, against the reference) and the share of pairs won."""
+    ax.plot(*zip(*margins), label="reward margin (train)", linewidth=1)
+    evals = [(r["step"], r["eval_reward_margin"]) for r in records if "eval_reward_margin" in r]
+    if evals:
+        ax.plot(*zip(*evals), "o", label="reward margin (valid)", markersize=6)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("beta x log-ratio margin")
+    wins = [(r["step"], r["preference_accuracy"]) for r in records if "preference_accuracy" in r]
+    twin = ax.twinx()
+    twin.plot(*zip(*wins), color="seagreen", alpha=0.6, linestyle=":", label="preference accuracy (train)")
+    valid_wins = [(r["step"], r["eval_preference_accuracy"]) for r in records if "eval_preference_accuracy" in r]
+    if valid_wins:
+        twin.plot(*zip(*valid_wins), "s", color="seagreen", label="preference accuracy (valid)", markersize=5)
+    twin.set_ylim(0, 1.02)
+    twin.set_ylabel("pairs whose preferred answer wins")
+    twin.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    ax.set_title("Preference tuning")

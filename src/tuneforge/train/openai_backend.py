@@ -52,7 +52,8 @@ def job_request(experiment, key: str, training_file: str, validation_file: str |
     request: dict[str, Any] = {
         "model": t.model,
         "training_file": training_file,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": ({"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": t.dpo.beta}}} if t.method == "dpo"
+                   else {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}),
         "seed": experiment.seed,
         "metadata": {**t.metadata, "tuneforge_experiment": experiment.name, "tuneforge_key": key},
     }

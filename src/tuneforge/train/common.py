@@ -1,0 +1,201 @@
+"""What the SFT and DPO trainers share: processes, trainer arguments, adapters, resume fingerprints, the kept adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import TuneforgeError
+
+
+def _checkpointing_args(config_class, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing under the name this transformers uses (5.x calls it activation checkpointing)."""
+    fields = config_class.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def trainer_arguments(experiment, run, plan, training, labelled: bool, has_valid: bool, config_class,
+                      specific: dict[str, Any]) -> dict[str, Any]:
+    """What SFT and DPO configurations share (schedule, batching, evaluation, checkpoints, precision), then the
+    method's `specific` settings, then `train.extra_args`, checked against `config_class`'s fields."""
+    t = experiment.train
+    if t.keep_best and has_valid and training.save_every % training.eval_every:
+        raise TuneforgeError(f"train.keep_best needs a checkpoint at an evaluation: train.save_every ({training.save_every}) "
+                             f"must be a multiple of train.eval_every ({training.eval_every}); set both to auto, or keep_best: false")
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
+    keep_best = t.keep_best and has_valid
+    base: dict[str, Any] = dict(
+        output_dir=str(run.sub("checkpoints")),
+        per_device_train_batch_size=training.micro_batch_size,
+        per_device_eval_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        learning_rate=training.lr,
+        lr_scheduler_type=schedule,
+        warmup_steps=math.ceil(t.warmup_ratio * training.steps),
+        max_grad_norm=t.max_grad_norm,  # 0 turns clipping off
+        weight_decay=t.weight_decay,
+        optim="paged_adamw_8bit" if t.optimizer == "paged_adamw_8bit" else ("adamw_torch_fused" if plan.device == "cuda" else "adamw_torch"),
+        num_train_epochs=training.epochs,
+        max_steps=t.max_steps or -1,
+        logging_steps=1,  # every step: metrics.jsonl, and the non-finite guard runs before each save
+        eval_strategy="steps" if has_valid else "no",
+        eval_steps=training.eval_every,
+        save_strategy="steps",
+        save_steps=training.save_every,
+        save_total_limit=t.keep_checkpoints,  # the best checkpoint is kept besides these
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=("eval_selection" if labelled else "eval_loss") if keep_best else None,
+        greater_is_better=labelled if keep_best else None,
+        seed=experiment.seed,
+        data_seed=experiment.seed,
+        bf16=(plan.device == "cuda" and plan.dtype == "bfloat16") or plan.autocast == "bfloat16",
+        fp16=plan.device == "cuda" and plan.dtype == "float16",  # fp16 gets a loss scaler from the Trainer
+        use_cpu=plan.device == "cpu",
+        **_checkpointing_args(config_class, t.gradient_checkpointing),
+        report_to="none",  # tensorboard and W&B are added as callbacks with our paths
+        prediction_loss_only=True,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        save_only_model=False,  # optimizer, scheduler and RNG states are needed to resume exactly
+    )
+    fields = list(config_class.__dataclass_fields__)
+    unknown = [k for k in t.extra_args if k not in fields]
+    if unknown:
+        from tuneforge.config_errors import did_you_mean
+
+        raise TuneforgeError("; ".join(f"train.extra_args.{key}: not a {config_class.__name__} option" + did_you_mean(key, fields)
+                                       for key in unknown))
+    return {**base, **specific, **t.extra_args}
+
+
+def data_fingerprint(experiment, run, training, quantization: str = "none") -> dict[str, Any]:
+    """What a checkpoint depends on: resuming with any of it changed would not continue the same run
+    (the data and its batching, the optimizer's schedule, the adapter's shape, the base's weights)."""
+    from tuneforge.atomic import file_sha256
+
+    t = experiment.train
+    return {
+        "lr": training.lr,
+        "epochs": training.epochs,
+        "steps": training.steps,
+        "lora": experiment.lora.model_dump(mode="json"),
+        "full_finetune": t.full_finetune,
+        "quantization": quantization,
+        "train_sha256": file_sha256(run.sub("data", "train.jsonl")),
+        "valid_sha256": file_sha256(run.sub("data", "valid.jsonl")),
+        "micro_batch_size": training.micro_batch_size,
+        "grad_accum": training.grad_accum,
+        "max_length": experiment.data.max_length,
+        "packing": training.packing,
+        "label_weights": t.label_weights,
+        "seed": experiment.seed,
+        "world_size": world_size(),
+        "model": experiment.model.ref,
+    }
+
+
+def add_adapters(model, experiment, plan):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from tuneforge.models import keep_4bit_layers_differentiable
+
+    t, lora = experiment.train, experiment.lora
+    if t.full_finetune:
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    if plan.quantization != "none":
+        keep_4bit_layers_differentiable(model)  # see models.py: gradients must flow through frozen 4-bit layers
+        # fp32 norms and input grads for checkpointing through frozen quantized layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def keep_trainable_fp32(model, compute_dtype: str) -> int:
+    """Trainable parameters back in fp32 unless the device computes in bf16; returns how many were cast.
+
+    TRL casts a quantized model's trainable parameters to bf16, QLoRA's recipe for bf16 GPUs. On an fp16 device
+    (T4) the grad scaler then fails on bf16 gradients ("_amp_foreach_non_finite_check_and_unscale_cuda" not
+    implemented for 'BFloat16', TRL issue #4901), and with fp32 compute (CPU) bf16 adapters only lose precision.
+    The optimizer is built later, so it sees the fp32 parameters."""
+    import torch
+
+    if compute_dtype == "bfloat16":
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def finished_run(run, checkpoint: Path) -> dict[str, Any] | None:
+    """The recorded summary, marked `already_trained`, when the run already trained every step its checkpoints
+    planned and saved its adapter: a resume then has nothing to do, and says so instead of training again."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    summary = run.read_manifest().get("train")
+    planned = state.get("max_steps") or 0
+    if not summary or not planned or summary.get("steps", 0) < planned or not (run.sub("adapter") / "adapter_config.json").exists():
+        return None
+    return {**summary, "already_trained": True}
+
+
+def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
+    """Which step's adapter is kept and why, with its valid metrics (the trainer has loaded the best one when keep_best)."""
+    last_step = trainer.state.global_step
+    best = trainer.state.best_global_step if trainer.args.load_best_model_at_end else None
+    if best is None or trainer.state.best_model_checkpoint is None:
+        kept, why = last_step, "the last step (train.keep_best is off)" if not trainer.args.load_best_model_at_end else "the last step"
+    else:
+        kept = best
+        why = (f"best valid accuracy of {len([r for r in records if 'eval_accuracy' in r and r['step'] > 0])} evaluations (ties: lower valid loss)"
+               if label_eval is not None else "lowest valid loss of the evaluations")
+    kept_record = next((r for r in records if r.get("step") == kept and "eval_loss" in r), None)
+    if kept_record is None:  # no evaluation at the kept step: measure it now
+        kept_record = trainer.evaluate()
+    out: dict[str, Any] = {"kept_step": kept, "kept_because": why, "final_eval_loss": kept_record["eval_loss"]}
+    if label_eval is not None:
+        base = _from_log(records, 0, "eval_accuracy")
+        out.update(valid_accuracy=kept_record.get("eval_accuracy"), valid_macro_f1=kept_record.get("eval_macro_f1"),
+                   base_valid_accuracy=base, majority_accuracy=label_eval.majority_accuracy, majority_label=label_eval.majority_label)
+        if out["valid_accuracy"] is not None and out["valid_accuracy"] <= label_eval.majority_accuracy:
+            out["warning"] = (f"valid accuracy {out['valid_accuracy']:.3f} is at or below always answering {label_eval.majority_label!r} "
+                              f"({label_eval.majority_accuracy:.3f}): the model learned little more than how common each label is. "
+                              "Give it more optimizer steps (train.batch_size / epochs: auto) or more examples of the rare labels")
+    return out
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def _from_log(records: list[dict], step: int, key: str) -> float | None:
+    found = next((r for r in records if r.get("step") == step and key in r), None)
+    return found[key] if found else None
