@@ -90,7 +90,7 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
     if evals:
         ax.plot(*zip(*evals), "o", label="eval loss", markersize=6)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (supervised tokens)")
+    ax.set_ylabel("DPO loss" if margins else "loss (supervised tokens)")
     if lrs:
         twin = ax.twinx()
         twin.plot(*zip(*lrs), color="grey", alpha=0.5, linestyle=":", label="learning rate")
