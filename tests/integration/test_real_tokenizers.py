@@ -138,3 +138,51 @@ def test_sentencepiece_answers_are_spelled_as_in_the_whole_text():
     encoded = encoder.encode(CHAT[:3])
     learned = tokenizer.convert_ids_to_tokens(supervised_runs(encoded.input_ids, encoded.supervised)[0])
     assert alone[0].startswith("▁") and not any(t.startswith("▁Par") for t in learned), (alone, learned)
+
+
+# Qwen2.5's tools layout (its published template, written out here for the Qwen2 vocabulary, which is the same):
+# tools listed in the system turn, calls as <tool_call> JSON with `tojson` arguments, tool answers in a user turn
+QWEN25_TOOLS = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = 'You are a helpful assistant.' %}{% set turns = messages %}{% endif %}"
+    "{{ '<|im_start|>system\\n' + system }}{% if tools %}{{ '\\n\\n# Tools\\n\\nYou may call functions.\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools>' }}{% endif %}{{ '<|im_end|>\\n' }}"
+    "{% for m in turns %}{% if m['role'] == 'tool' %}"
+    "{% if loop.first or turns[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or turns[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + (m['content'] or '') }}"
+    "{% for c in m.get('tool_calls') or [] %}{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": ' + (c['function']['arguments'] | tojson) + '}\\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"},
+    {"role": "assistant", "content": "It is 21 degrees."},
+]
+
+
+def test_a_tools_template_gets_decoded_arguments_masks_and_prefixes():
+    from tuneforge.data.tools import parse_tool_calls, same_call
+
+    tokenizer = _tokenizer("qwen2")
+    tokenizer = type(tokenizer).from_pretrained(str(VOCAB), gguf_file=CASES["qwen2"][0])  # a copy: its own template
+    tokenizer.chat_template = QWEN25_TOOLS
+    encoder = ChatEncoder(tokenizer)
+    assert encoder.native_tools
+    text = encoder.render(TOOL_CHAT, tools=TOOLS)
+    assert '"arguments": {"city": "Paris"}' in text and '\\"city\\"' not in text  # decoded once, not encoded twice
+    encoded = encoder.encode(TOOL_CHAT, TOOLS)
+    runs = [tokenizer.decode(r) for r in supervised_runs(encoded.input_ids, encoded.supervised)]
+    assert len(runs) == 2 and runs[0].strip().startswith("<tool_call>") and "<tool_response>" not in "".join(runs)
+    assert runs[1] == "It is 21 degrees.<|im_end|>"
+    for turn in (1, 3):
+        prompt = tokenizer(encoder.render(TOOL_CHAT[:turn], add_generation_prompt=True, tools=TOOLS), add_special_tokens=False)["input_ids"]
+        assert encoded.input_ids[: len(prompt)] == prompt
+    content, calls = parse_tool_calls(runs[0].removesuffix("<|im_end|>"))
+    assert content is None and same_call(calls[0], CALL) == (True, True)

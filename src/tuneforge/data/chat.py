@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneforge.data.tools import convention_view, native_view, uses_tools
 from tuneforge.errors import TuneforgeError
 
 PROBE_CONTENT = "tuneforge-probe-answer"
@@ -55,6 +56,9 @@ class ChatEncoder:
         if not getattr(tokenizer, "chat_template", None):
             raise TuneforgeError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
+        source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
+        self.native_tools = "tools" in source  # the template renders `tools=` itself (Llama-3.1, Qwen2.5, Mistral)
+        self._tool_role_found: str | None = None
         self.end_of_turn = self._find_end_of_turn()
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
 
@@ -64,8 +68,27 @@ class ChatEncoder:
         ids = [self.end_of_turn_id, self.tokenizer.eos_token_id]
         return [i for i in dict.fromkeys(ids) if i is not None]
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The template's text; tool calls, tool answers and `tools` through the template when it knows tools,
+        else written in the `<tool_call>` convention (`data.tools`)."""
+        if not uses_tools(messages, tools):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if self.native_tools:
+            return self.tokenizer.apply_chat_template(native_view(messages), tools=tools or None, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(convention_view(messages, tools, self._tool_role()), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _tool_role(self) -> str:
+        """`tool` where the template writes that role's turns, else `user`."""
+        if self._tool_role_found is None:
+            probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "tool", "content": PROBE_CONTENT}]
+            try:
+                found = PROBE_CONTENT in self.tokenizer.apply_chat_template(probe, tokenize=False)
+            except Exception:  # the template refuses the role (raise_exception)
+                found = False
+            self._tool_role_found = "tool" if found else "user"
+        return self._tool_role_found
 
     def _find_end_of_turn(self) -> str | None:
         """The special token the template writes right after an assistant turn (<|im_end|>, <|eot_id|>, </s>...)."""
@@ -82,45 +105,45 @@ class ChatEncoder:
         eos = self.tokenizer.eos_token
         return eos if eos and eos in tail else None
 
-    def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, bool]]]:
+    def spans(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int, bool]]]:
         """The rendered training text and, per trained assistant turn, (start, end, has_end_of_turn) character spans.
 
         For a template that renders turns differently once later ones follow, this is the last training sequence
         (`units`), the one that ends at the last trained turn."""
-        return self.units(messages)[-1]
+        return self.units(messages, tools)[-1]
 
-    def units(self, messages: list[dict]) -> list[tuple[str, list[tuple[int, int, bool]]]]:
+    def units(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, list[tuple[int, int, bool]]]]:
         """The training sequences of one example as (text, spans).
 
         One sequence, the rendered conversation, when each trained turn's inference prompt is a prefix of it.
         Otherwise one per trained turn: that turn's inference prompt followed by the answer as the template
         writes it (Mistral folds the system prompt into the last user turn, Gemma 4 opens an empty thought
         channel in the generation prompt), so every sequence starts exactly as inference will."""
-        whole = self._whole(messages)
+        whole = self._whole(messages, tools)
         if whole is not None:
             return [whole]
         units = []
         for i, message in enumerate(messages):
             if message.get("role") == "assistant" and message.get("weight", 1) != 0:
-                units.append(self._turn_alone(messages, i))
+                units.append(self._turn_alone(messages, i, tools))
         return units
 
-    def _whole(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, bool]]] | None:
-        full = self.render(messages)
+    def _whole(self, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int, bool]]] | None:
+        full = self.render(messages, tools=tools)
         spans = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant" or message.get("weight", 1) == 0:
                 continue
-            prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            upto = self.render(messages[: i + 1])
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+            upto = self.render(messages[: i + 1], tools=tools)
             if not (full.startswith(upto) and upto.startswith(prompt)):
                 return None
             spans.append(self._answer_span(prompt, upto[len(prompt) :]))
         return full, spans
 
-    def _turn_alone(self, messages: list[dict], i: int) -> tuple[str, list[tuple[int, int, bool]]]:
-        prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
-        upto = self.render(messages[: i + 1])
+    def _turn_alone(self, messages: list[dict], i: int, tools: list | None) -> tuple[str, list[tuple[int, int, bool]]]:
+        prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = self.render(messages[: i + 1], tools=tools)
         if not upto.startswith(prompt):
             content = messages[i].get("content")
             at = upto.rfind(content.strip()) if isinstance(content, str) and content.strip() else -1
@@ -138,16 +161,19 @@ class ChatEncoder:
             return len(prompt), len(prompt) + eot_at + len(self.end_of_turn), True
         return len(prompt), len(prompt) + len(turn.rstrip()), False
 
-    def encode(self, messages: list[dict]) -> Encoded:
-        return self.encode_many([messages])[0]
+    def encode(self, messages: list[dict], tools: list | None = None) -> Encoded:
+        return self.encode_many([messages], [tools])[0]
 
-    def encode_many(self, conversations: list[list[dict]]) -> list[Encoded]:
-        """One encoded sequence per conversation (the last of its `units`), in one batched tokenizer call."""
-        return self._encode_units([self.spans(messages) for messages in conversations])
+    def encode_many(self, conversations: list[list[dict]], tools: list | None = None) -> list[Encoded]:
+        """One encoded sequence per conversation (the last of its `units`), in one batched tokenizer call;
+        `tools`: each conversation's tools list (or None)."""
+        tools = tools or [None] * len(conversations)
+        return self._encode_units([self.spans(messages, t) for messages, t in zip(conversations, tools)])
 
-    def encode_examples(self, conversations: list[list[dict]]) -> list[list[Encoded]]:
+    def encode_examples(self, conversations: list[list[dict]], tools: list | None = None) -> list[list[Encoded]]:
         """Per example, every training sequence (`units`), all in one batched tokenizer call."""
-        units = [self.units(messages) for messages in conversations]
+        tools = tools or [None] * len(conversations)
+        units = [self.units(messages, t) for messages, t in zip(conversations, tools)]
         flat = self._encode_units([unit for each in units for unit in each])
         out, at = [], 0
         for each in units:
@@ -195,14 +221,14 @@ class ChatEncoder:
             out.append(Encoded(ids, mask, missing_eot=no_eot))
         return out
 
-    def fit(self, messages: list[dict], max_length: int, policy: str) -> tuple[list[dict], list[Encoded]]:
+    def fit(self, messages: list[dict], max_length: int, policy: str, tools: list | None = None) -> tuple[list[dict], list[Encoded]]:
         """Encode one example's training sequences, shortening by `policy` when one is longer than max_length.
 
         truncate: shorten the longest non-assistant message first (a long review, a long
         document), then cut from the right if the answer itself is too long. The caller
         handles drop and error.
         """
-        (encoded,) = self.encode_examples([messages])
+        (encoded,) = self.encode_examples([messages], [tools])
         if max(len(e.input_ids) for e in encoded) <= max_length or policy != "truncate":
             return messages, encoded
         messages = [dict(m) for m in messages]
@@ -219,7 +245,7 @@ class ChatEncoder:
             if keep < 8:
                 break
             longest["content"] = self.tokenizer.decode(content_ids[:keep]).rstrip() + " …"
-            (encoded,) = self.encode_examples([messages])
+            (encoded,) = self.encode_examples([messages], [tools])
         out = []
         for sequence in encoded:
             if len(sequence.input_ids) > max_length:

@@ -145,18 +145,18 @@ def pair_sides(messages: list[dict], rejected: dict, prompt: list[dict] | None =
     return [context + [messages[-1]], context + [rejected]]
 
 
-def fit_pair(encoder, messages: list[dict], rejected: dict, max_length: int, policy: str):
+def fit_pair(encoder, messages: list[dict], rejected: dict, max_length: int, policy: str, tools: list | None = None):
     """(prompt messages, [preferred, non-preferred] encoded); with `truncate`, the shared prompt is shortened once
     for the longer side, so both answers follow the same prompt."""
     sides = pair_sides(messages, rejected)
-    encoded = encoder.encode_many(sides)
+    encoded = encoder.encode_many(sides, [tools, tools])
     longest = max(range(2), key=lambda i: len(encoded[i].input_ids))
     if len(encoded[longest].input_ids) <= max_length or policy != "truncate":
         return messages[:-1], encoded
-    shortened, _ = encoder.fit(sides[longest], max_length, "truncate")
+    shortened, _ = encoder.fit(sides[longest], max_length, "truncate", tools)
     prompt = [{**given, "content": cut["content"]} if "content" in cut else given  # the cut text, the message as given
               for given, cut in zip(messages[:-1], shortened[:-1])]
-    encoded = encoder.encode_many(pair_sides(messages, rejected, prompt))
+    encoded = encoder.encode_many(pair_sides(messages, rejected, prompt), [tools, tools])
     for side in encoded:
         if len(side.input_ids) > max_length:
             side.input_ids, side.supervised = side.input_ids[:max_length], side.supervised[:max_length]

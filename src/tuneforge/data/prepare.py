@@ -23,6 +23,7 @@ from tuneforge.data import convert, report as reporting, sources, split as split
 from tuneforge.data.chat import ChatEncoder
 from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
+from tuneforge.data.tools import from_legacy
 from tuneforge.data.validate import check_record
 from tuneforge.errors import ConfigError, TuneforgeError
 
@@ -216,6 +217,9 @@ class Preparer:
                     continue
             if fmt == "preference":
                 record, problems = read_pair(record, raw.where)
+            elif isinstance(record, dict):
+                record = from_legacy(record)  # functions / function_call: today's tools / tool_calls
+                problems = check_record(record, raw.where)
             else:
                 problems = check_record(record, raw.where)
             if record is None or any(p.severity == "error" for p in problems):
@@ -250,9 +254,9 @@ class Preparer:
     def _encode(self, batch: list[Example]) -> list[list]:
         """Per example its training sequences; a preference pair's are its two answers after the shared prompt."""
         if not any(e.rejected is not None for e in batch):
-            return self.encoder.encode_examples([e.messages for e in batch])
-        return [self.encoder.encode_many(pair_sides(e.messages, e.rejected)) if e.rejected is not None
-                else self.encoder.encode_examples([e.messages])[0] for e in batch]
+            return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
+        return [self.encoder.encode_many(pair_sides(e.messages, e.rejected), [e.extra.get("tools")] * 2) if e.rejected is not None
+                else self.encoder.encode_examples([e.messages], [e.extra.get("tools")])[0] for e in batch]
 
     def measure(self, out: Collected) -> None:
         """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""
@@ -276,10 +280,12 @@ class Preparer:
                             out.reject(example.where, [Problem(example.where, "too_long", f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
                             continue
                         if example.rejected is not None:
-                            prompt, sequences = fit_pair(self.encoder, example.messages, example.rejected, data.max_length, "truncate")
+                            prompt, sequences = fit_pair(self.encoder, example.messages, example.rejected, data.max_length, "truncate",
+                                                         example.extra.get("tools"))
                             example.messages = [*prompt, example.messages[-1]]
                         else:
-                            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate")
+                            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate",
+                                                                           example.extra.get("tools"))
                     sequences = [s for s in sequences if s.n_trainable]
                     if not sequences:
                         out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.data.records import Problem
+from tuneforge.data.tools import check_tools
 
 ROLES = {"system", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call", "refusal"}
-RECORD_KEYS = {"messages", "tools", "parallel_tool_calls", "id", "label", "meta"}
+RECORD_KEYS = {"messages", "tools", "parallel_tool_calls", "functions", "id", "label", "meta"}
 
 
 def check_record(record: Any, where: str) -> list[Problem]:
@@ -28,12 +29,13 @@ def check_record(record: Any, where: str) -> list[Problem]:
     if not isinstance(messages, list) or not messages:
         return problems + [Problem(where, "missing_messages_list", "no non-empty 'messages' list")]
     problems += _message_problems(messages, where)
+    problems += check_tools(record, where)
 
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
     if "assistant" not in roles:
         problems.append(Problem(where, "example_missing_assistant_message", "no assistant message to learn from"))
     else:
-        order = _role_order_problem(roles)
+        order = _role_order_problem(roles, _calls(messages))
         if order:
             problems.append(Problem(where, "role_order", order))
         if roles[-1] != "assistant":
@@ -47,7 +49,7 @@ def check_prompt(messages: Any, where: str) -> list[Problem]:
         return [Problem(where, "missing_messages_list", "no non-empty 'messages' list")]
     problems = _message_problems(messages, where)
     if not problems:
-        order = _role_order_problem([m.get("role") for m in messages])
+        order = _role_order_problem([m.get("role") for m in messages], _calls(messages))
         if order:
             problems.append(Problem(where, "role_order", order))
     return problems
@@ -93,19 +95,28 @@ def _message_problems(messages: list[Any], where: str) -> list[Problem]:
     return problems
 
 
-def _role_order_problem(roles: list[Any]) -> str | None:
-    """System first (optional), then user and assistant taking turns; tool replies follow an assistant."""
+def _calls(messages: list[Any]) -> list[bool]:
+    return [isinstance(m, dict) and bool(m.get("tool_calls")) for m in messages]
+
+
+def _role_order_problem(roles: list[Any], calls: list[bool]) -> str | None:
+    """System first (optional), then user and assistant taking turns; an assistant that calls tools is followed
+    by the tools' answers, and then by the assistant again."""
     if "system" in roles[1:]:
         return f"a system message at position {roles.index('system', 1) + 1}; it may only come first"
-    expected = "user"
+    expected = ("user",)
     for position, role in enumerate(roles, 1):
         if role == "system" and position == 1:
             continue
-        if role == "tool":
-            if position == 1 or roles[position - 2] not in ("assistant", "tool"):
-                return f"tool message at position {position} does not follow an assistant message"
-            continue
-        if role != expected:
-            return f"message {position} is from {role!r} where {expected!r} was expected (turns must alternate, starting with user)"
-        expected = "assistant" if role == "user" else "user"
+        if role not in expected:
+            if role == "tool":
+                return f"tool message at position {position} does not follow an assistant message that calls a tool"
+            wanted = " or ".join(repr(r) for r in expected)
+            return f"message {position} is from {role!r} where {wanted} was expected (turns must alternate, starting with user)"
+        if role == "user":
+            expected = ("assistant",)
+        elif role == "assistant":
+            expected = ("tool",) if calls[position - 1] else ("user",)
+        else:  # tool: more answers, or the assistant going on from them
+            expected = ("tool", "assistant")
     return None

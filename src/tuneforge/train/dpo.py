@@ -33,7 +33,7 @@ def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
     for example in examples:
         if example.rejected is None:
             raise TuneforgeError(f"{example.where}: not a preference pair; train.method: dpo needs data.format: preference")
-        _, encoded = fit_pair(encoder, example.messages, example.rejected, max_length, "truncate")
+        _, encoded = fit_pair(encoder, example.messages, example.rejected, max_length, "truncate", example.extra.get("tools"))
         (chosen_start, chosen_end), (rejected_start, rejected_end) = (_answer(e) for e in encoded)
         start = min(chosen_start, rejected_start, _common_prefix(encoded[0].input_ids, encoded[1].input_ids))
         chosen = encoded[0].input_ids[start:chosen_end]

@@ -41,9 +41,9 @@ def tokenize(encoder, examples, max_length: int) -> tuple[list[tuple[list[int], 
     with a larger one, and the example each came from (an example is several sequences on a template that renders
     earlier turns differently once later ones follow: `ChatEncoder.units`)."""
     out, kept = [], []
-    for example, sequences in zip(examples, encoder.encode_examples([e.messages for e in examples])):
+    for example, sequences in zip(examples, encoder.encode_examples([e.messages for e in examples], [e.extra.get("tools") for e in examples])):
         if any(len(s.input_ids) > max_length for s in sequences):
-            _, sequences = encoder.fit(example.messages, max_length, "truncate")
+            _, sequences = encoder.fit(example.messages, max_length, "truncate", example.extra.get("tools"))
         for encoded in sequences:
             if encoded.n_trainable:
                 out.append((encoded.input_ids, encoded.labels()))
