@@ -160,6 +160,8 @@ class HostedSystem(System):
             kwargs["seed"] = settings.seed
         if settings.stop:
             kwargs["stop"] = list(settings.stop)
+        if settings.tools:
+            kwargs.update(tools=settings.tools, tool_choice=settings.tool_choice)
         try:
             return self.client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
@@ -175,8 +177,9 @@ class HostedSystem(System):
             reply = self._request(messages, settings, stream=False)
             choice = reply.choices[0]
             usage = reply.usage
+            calls = [c.model_dump(exclude_none=True) for c in choice.message.tool_calls or []] or None
             answers.append(Answer((choice.message.content or "").strip(), getattr(usage, "prompt_tokens", 0) or 0,
-                                  getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop"))
+                                  getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop", tool_calls=calls))
         return answers
 
     def _stream(self, messages, settings):

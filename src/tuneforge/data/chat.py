@@ -79,6 +79,27 @@ class ChatEncoder:
         return self.tokenizer.apply_chat_template(convention_view(messages, tools, self._tool_role()), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
+    def call_prefix(self, tools: list | None, tool_choice) -> str:
+        """The start of a tool call as this template writes it, to put after the generation prompt when a call is
+        required (tool_choice "required": up to the function's name; a named function: up to its arguments)."""
+        if not tools or tool_choice in ("auto", "none", None):
+            return ""
+        probe_name = "tuneforge_probe_function"
+        call = {"id": "call_probe", "type": "function", "function": {"name": probe_name, "arguments": '{"tuneforge_probe": 1}'}}
+        prompt = [{"role": "user", "content": "hi"}]
+        head = self.render(prompt, add_generation_prompt=True, tools=tools)
+        turn = self.render(prompt + [{"role": "assistant", "content": None, "tool_calls": [call]}], tools=tools)
+        if not turn.startswith(head) or probe_name not in turn:
+            return ""
+        turn = turn[len(head):]
+        at = turn.index(probe_name)
+        if tool_choice == "required":
+            return turn[:at]
+        name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else str(tool_choice)
+        arguments = turn.find("{", at)  # the arguments object follows the name
+        # no trailing space: training saw it merged into the next token (" {"), so the model writes it itself
+        return (turn[:at] + name + (turn[at + len(probe_name) : arguments] if arguments > 0 else "")).rstrip()
+
     def _tool_role(self) -> str:
         """`tool` where the template writes that role's turns, else `user`."""
         if self._tool_role_found is None:

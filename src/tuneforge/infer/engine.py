@@ -15,6 +15,7 @@ import torch
 
 # what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
 # systems, the batcher and the server; imported here too, so `from tuneforge.infer.engine import Settings` works
+from tuneforge.data.tools import parse_tool_calls
 from tuneforge.infer.generation import Answer, Settings, available_systems, system_source  # noqa: F401
 
 
@@ -66,8 +67,13 @@ class Engine:
             model = PeftModel.from_pretrained(model, adapter)
         return cls(model, tokenizer, name)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.encoder.render(messages, add_generation_prompt=True)
+    def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
+        """The inference prompt; with tools, listed the template's way, and when a call is required (tool_choice
+        "required" or a named function) the start of the call already written."""
+        tools = settings.tools if settings is not None and settings.calls_tools else None
+        text = self.encoder.render(messages, add_generation_prompt=True, tools=tools)
+        if tools:
+            text += self.encoder.call_prefix(tools, settings.tool_choice)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _generate_kwargs(self, settings: Settings) -> dict:
@@ -84,7 +90,7 @@ class Engine:
         """Answers in input order; batched by similar prompt length."""
         from tqdm.auto import tqdm
 
-        prompts = [self.prompt_ids(m) for m in conversations]
+        prompts = [self.prompt_ids(m, settings) for m in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[Answer | None] = [None] * len(prompts)
         with self.lock, tqdm(total=len(prompts), desc=f"generating ({self.name})", unit=" prompts", disable=not progress) as bar:
@@ -115,6 +121,10 @@ class Engine:
         for stop in settings.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
+        if settings.calls_tools:
+            content, calls = parse_tool_calls(self.encoder.call_prefix(settings.tools, settings.tool_choice) + text)
+            if calls:
+                return Answer((content or "").strip(), prompt_tokens, len(new_ids), "tool_calls", tool_calls=calls)
         return Answer(text.strip(), prompt_tokens, len(new_ids), finish)
 
     def batcher(self):
@@ -128,7 +138,7 @@ class Engine:
 
     def answer(self, messages: list[dict], settings: Settings) -> Answer:
         """One conversation's answer, batched with whatever other callers are asking at the same time."""
-        return self.batcher().answer(self.prompt_ids(messages), settings)
+        return self.batcher().answer(self.prompt_ids(messages, settings), settings)
 
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
         """Text pieces as they are generated; the final item is an Answer with the totals.
@@ -136,4 +146,4 @@ class Engine:
         Batched with concurrent callers. Closing the iterator early (a client that hung up) ends this
         conversation's row; an error in generation ends the stream with that error and frees the model.
         """
-        return self.batcher().stream(self.prompt_ids(messages), settings)
+        return self.batcher().stream(self.prompt_ids(messages, settings), settings)

@@ -19,6 +19,12 @@ class Settings:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    tools: list | None = None  # OpenAI-format functions the model may call
+    tool_choice: str | dict = "auto"  # auto, none, required, or {"type": "function", "function": {"name": ...}}
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass
@@ -26,8 +32,9 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "tool_calls"
     sources: list = field(default_factory=list)  # retrieved passages (rag.retriever.Hit) for +rag systems
+    tool_calls: list | None = None  # OpenAI-shaped calls parsed from the answer (text is then what was said besides)
 
 
 def system_source(name: str, run) -> tuple[str | None, str | None]:

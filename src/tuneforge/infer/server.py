@@ -93,12 +93,15 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ApiError(400, "'seed' must be an integer", "seed")
+    tools, tool_choice = parse_tools(body, messages)
     settings = Settings(
         max_new_tokens=max_tokens or 256,
         temperature=number("temperature", 0.0, 2.0, 0.0),
         top_p=number("top_p", 0.0, 1.0, 1.0),
         seed=seed,
         stop=tuple(stop),
+        tools=tools,
+        tool_choice=tool_choice,
     )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -110,6 +113,43 @@ def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
             raise ApiError(400, "'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
     return model, messages, settings, (bool((options or {}).get("include_usage")) if stream else None)
+
+
+def parse_tools(body: dict[str, Any], messages: list[dict]) -> tuple[list | None, str | dict]:
+    """`tools` and `tool_choice` checked as OpenAI checks them; tool calls and answers in the messages too."""
+    from tuneforge.data.tools import check_tools
+
+    tools = body.get("tools")
+    record: dict[str, Any] = {"messages": messages}
+    if tools is not None:
+        record["tools"] = tools
+    if "parallel_tool_calls" in body:
+        record["parallel_tool_calls"] = body["parallel_tool_calls"]
+    problems = [p for p in check_tools(record, "request") if p.code != "tool_call_unknown_function"]
+    if problems:
+        param = "tools" if problems[0].code in ("tools_invalid", "parallel_tool_calls_invalid") else "messages"
+        raise ApiError(400, "; ".join(f"[{p.code}] {p.message}" for p in problems), param)
+    if tools == []:
+        raise ApiError(400, "'tools' must not be empty; leave it out instead", "tools")
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    names = {t["function"]["name"] for t in tools or []}
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise ApiError(400, f"'tool_choice' names function {name!r}, which 'tools' does not list", "tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise ApiError(400, "'tool_choice' must be none, auto, required, or {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    elif choice != "none" and not tools:
+        raise ApiError(400, f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
+    return tools or None, choice
+
+
+def message_of(answer: Answer) -> dict:
+    """The assistant message of an answer: its text, or its tool calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+    if answer.tool_calls:
+        message.update(content=answer.text or None, tool_calls=answer.tool_calls)
+    return message
 
 
 def usage(answer: Answer) -> dict:
@@ -128,7 +168,7 @@ def completion(model: str, answer: Answer) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message_of(answer), "finish_reason": answer.finish_reason, "logprobs": None}],
         "usage": usage(answer),
     }
 
@@ -246,10 +286,15 @@ def make_handler(systems: Served):
             try:
                 for piece in pieces:
                     if isinstance(piece, Answer):
+                        if settings.calls_tools:  # the text was held back: it may be a call, known only at the end
+                            if piece.text:
+                                self.wfile.write(event({"content": piece.text}))
+                            for index, call in enumerate(piece.tool_calls or []):
+                                self.wfile.write(event({"tool_calls": [{"index": index, **call}]}))
                         self.wfile.write(event({}, piece.finish_reason, **sources(piece)))
                         if include_usage:
                             self.wfile.write(event(None, usage=usage(piece)))
-                    else:
+                    elif not settings.calls_tools:
                         self.wfile.write(event({"content": piece}))
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")
