@@ -114,6 +114,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tuneforge.atomic import atomic_write_jsonl
     from tuneforge.data.sources import read_json_records
+    import json
+    from dataclasses import replace
+
+    from tuneforge.data.tools import check_tools
     from tuneforge.data.validate import check_prompt, text_content
     from tuneforge.infer.engine import Settings
     from tuneforge.systems import Systems
@@ -134,6 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             raise TuneforgeError(f"{raw.where}: needs a 'prompt' string or a 'messages' list")
         problems.extend(p for p in check_prompt(messages, raw.where) if p.severity == "error")
+        if isinstance(record.get("tools"), list):  # the functions this prompt may call, as in training data
+            problems.extend(p for p in check_tools({"messages": messages, "tools": record["tools"]}, raw.where)
+                            if p.code != "tool_call_unknown_function")
         records.append((record, messages))
     if problems:  # the same checks prepare and serve apply
         raise TuneforgeError(f"{len(problems)} invalid prompts in {args.input}; nothing was generated\n" + "\n".join(f"  {p}" for p in problems[:30]))
@@ -141,10 +148,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
     systems = Systems(experiment, run, system_prompt=args.system_prompt)
     _say_system_prompt(systems, system)
-    answers = systems.get(system).generate([m for _, m in records], settings, batch_size=args.batch_size, progress=True)
+    answers: list = [None] * len(records)
+    groups: dict[str, list[int]] = {}  # prompts that share a tools list share generate calls
+    for i, (record, _) in enumerate(records):
+        groups.setdefault(json.dumps(record.get("tools"), sort_keys=True), []).append(i)
+    for indices in groups.values():
+        tools = records[indices[0]][0].get("tools") or None
+        group = systems.get(system).generate([records[i][1] for i in indices], replace(settings, tools=tools),
+                                             batch_size=args.batch_size, progress=True)
+        for i, answer in zip(indices, group):
+            answers[i] = answer
     output = []
     for (record, _), a in zip(records, answers):
         row = {**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason}
+        if a.tool_calls:
+            row["tool_calls"] = a.tool_calls
         if a.sources:
             row["sources"] = [h.to_json() for h in a.sources]
         output.append(row)

@@ -46,6 +46,7 @@ def server(tmp_path_factory, smollm_location):
     port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
     with running(["serve", str(workdir / "tools.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")], workdir, answers_models(client)):
+        client.workdir = workdir  # for the generate test, which uses the same trained run
         yield client
 
 
@@ -89,3 +90,19 @@ def test_tool_choice_none_answers_in_text_and_bad_tools_are_named(server):
                               {"role": "tool", "tool_call_id": "call_9", "content": "{\"temp_c\": 21}"}]
     reply = server.chat.completions.create(model="finetuned", messages=follow, tools=TOOLS, tool_choice="none", max_tokens=16)
     assert reply.choices[0].message.role == "assistant"
+
+
+def test_generate_answers_a_prompts_file_with_tools(server):
+    import subprocess
+    import sys
+
+    workdir = server.workdir
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": _ask("Lima"), "tools": TOOLS}) + "\n" + json.dumps({"messages": _ask("Lima")}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "tuneforge", "generate", str(workdir / "tools.yaml"), "--run-dir", str(workdir / "run"),
+                           "--system", "finetuned", "--input", str(prompts), "--output", str(workdir / "answers.jsonl")],
+                          cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with_tools, without = [json.loads(x) for x in (workdir / "answers.jsonl").read_text().splitlines()]
+    assert with_tools["finish_reason"] == "tool_calls" and json.loads(with_tools["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
+    assert "tool_calls" not in without  # no tools offered: a text answer

@@ -139,3 +139,47 @@ def test_tfidf_without_a_label_is_refused_before_anything_loads(tmp_path):
         _experiment(tmp_path, "name: x\ndata: {train: a.jsonl}\neval: {systems: [base, tfidf]}\n")
     with pytest.raises(ConfigError, match="judge must be a model"):
         _experiment(tmp_path, "name: x\neval: {judge: {model: ngram}}\n")
+
+
+def test_tool_calls_are_scored_by_function_and_arguments():
+    from tuneforge.eval.harness import Item, Outcome
+    from tuneforge.eval.report import tool_call_scores
+
+    def call(name, **arguments):
+        return {"id": "call_x", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+    want = call("get_weather", city="Paris")
+    items = [Item(str(i), [{"role": "user", "content": "q"}], "r", None, reference_calls=[want]) for i in range(4)]
+    items.append(Item("plain", [{"role": "user", "content": "q"}], "text answer", None))
+    made = [[call("get_weather", city="Paris")], [call("get_weather", city="Rome")], [call("get_time")], None, None]
+    scores = tool_call_scores(items, Outcome("s", ["a"] * 5, tool_calls=made))
+    assert scores["each"] == ["right", "wrong arguments", "wrong function", "no call", None]
+    assert scores["function"] == 0.5 and scores["call"] == 0.25
+    # arguments compare as JSON, not as text
+    reordered = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"b": 2, "a": 1}'}}
+    item = Item("x", [], "r", None, reference_calls=[{**reordered, "function": {"name": "f", "arguments": '{"a":1,"b":2}'}}])
+    assert tool_call_scores([item], Outcome("s", ["a"], tool_calls=[[reordered]]))["call"] == 1.0
+
+
+def test_eval_items_with_tools_generate_with_them_and_report_the_tool_scores(tmp_path, tiny_llama, tiny_tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    rows = [{"tools": tools, "messages": [{"role": "user", "content": f"Weather in city {i}?"}, {"role": "assistant", "content": None,
+             "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": str(i)})}}]}]}
+            for i in range(6)]
+    (tmp_path / "tools.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    experiment = _experiment(tmp_path, "name: tiny\ndata: {train: tools.jsonl, valid_split: 0.5}\neval: {max_new_tokens: 4, systems: [base]}\n")
+    run = _prepared(experiment, tmp_path, tiny_tokenizer)
+    seen = []
+
+    class Recording(CountingEngine):
+        def generate(self, conversations, settings, *args, **kwargs):
+            seen.append(settings.tools)
+            return super().generate(conversations, settings, *args, **kwargs)
+
+    engine = Recording(tiny_llama, tiny_tokenizer, "base")
+    assert run_eval(experiment, run, systems=TinySystems({"base": engine}), progress=False) == 0
+    assert seen and all(s == tools for s in seen)  # the eval prompt lists the tools, as training did
+    metrics = json.loads(run.sub("eval", "metrics.json").read_text())["base"]
+    assert metrics["tool_function"] == 0.0 and metrics["tool_call"] == 0.0  # a random tiny model calls nothing
+    rows = list(csv.DictReader(open(run.sub("eval", "predictions.csv"))))
+    assert {r["tool_call"] for r in rows} == {"no call"}

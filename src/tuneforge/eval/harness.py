@@ -13,11 +13,13 @@ the charts; answers are cached in eval/cache/ so adding a system computes only i
 from __future__ import annotations
 
 import itertools
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tuneforge.data.tools import call_block
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval import baselines, scores
 from tuneforge.eval.cache import Cache, key, system_identity
@@ -34,6 +36,8 @@ class Item:
     prompt: list[dict]
     reference: str | None
     label: str | None
+    tools: list | None = None  # the functions the model may call (the example's `tools`)
+    reference_calls: list | None = None  # the reference answer's tool calls, scored by function and arguments
 
     @property
     def question(self) -> str:
@@ -51,6 +55,7 @@ class Outcome:
     reference_logprob: list[float] | None = None  # generation: summed log-probability of the reference
     reference_tokens: list[int] | None = None
     seconds: float = 0.0
+    tool_calls: list[list | None] = field(default_factory=list)  # per item: the calls the system made
 
 
 def load_items(experiment, run) -> list[Item]:
@@ -71,7 +76,10 @@ def load_items(experiment, run) -> list[Item]:
         last = max((i for i, m in enumerate(e.messages) if m.get("role") == "assistant"), default=None)
         prompt = e.messages[:last] if last is not None else e.messages
         reference = e.messages[last].get("content") if last is not None else None
-        items.append(Item(e.id, prompt, reference, e.label))
+        calls = e.messages[last].get("tool_calls") if last is not None else None
+        if calls:  # the call as the model writes it is the text reference for similarity and overlap
+            reference = "\n".join(filter(None, [reference, *(call_block(c) for c in calls)]))
+        items.append(Item(e.id, prompt, reference, e.label, e.extra.get("tools"), calls or None))
     if not items:
         raise TuneforgeError("no eval examples: eval.data is empty, or the run's valid split is (set data.valid_split)")
     return items
@@ -141,7 +149,7 @@ class Evaluation:
     def _generate(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
         setting = (self.settings.max_new_tokens, self.settings.seed, self.max_length)
-        answer_keys = [key(identity, "answer", item.prompt, setting) for item in self.items]
+        answer_keys = [key(identity, "answer", item.prompt, setting, *([item.tools] if item.tools else [])) for item in self.items]
         reference_keys = [key(identity, "reference", item.prompt, item.reference, self.max_length) for item in self.items]
         need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
         need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
@@ -149,9 +157,10 @@ class Evaluation:
             started = time.perf_counter()
             system = self.systems.get(name)
             if hosted:
-                answers = system.generate([self.items[i].prompt for i in need_answer], self.settings, progress=self.progress)
-                for i, answer in zip(need_answer, answers):
-                    cache.put(answer_keys[i], _answer_record(answer, answer.sources))
+                for tools, group in self._by_tools(need_answer):
+                    answers = system.generate([self.items[i].prompt for i in group], replace(self.settings, tools=tools), progress=self.progress)
+                    for i, answer in zip(group, answers):
+                        cache.put(answer_keys[i], _answer_record(answer, answer.sources))
                 cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
             else:
                 from tuneforge.eval.classify import fit_prompt
@@ -167,19 +176,30 @@ class Evaluation:
                 started = time.perf_counter()
                 if need_answer:
                     room = max(self.max_length - self.settings.max_new_tokens, 16)
-                    fitted = [fit_prompt(system.engine.encoder, by_item[i][0], room) for i in need_answer]
-                    answers = system.engine.generate(fitted, self.settings, batch_size=GENERATE_BATCH, progress=self.progress)
-                    for i, answer in zip(need_answer, answers):
-                        cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
+                    for tools, group in self._by_tools(need_answer):
+                        fitted = [fit_prompt(system.engine.encoder, by_item[i][0], room) for i in group]
+                        answers = system.engine.generate(fitted, replace(self.settings, tools=tools), batch_size=GENERATE_BATCH,
+                                                         progress=self.progress)
+                        for i, answer in zip(group, answers):
+                            cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
                     cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
         values = [cache.entries[k] for k in answer_keys]
         spent = cache.seconds(answer_keys + ([] if hosted else reference_keys))
-        outcome = Outcome(name, [v["text"] for v in values], [v["sources"] for v in values], seconds=spent)
+        outcome = Outcome(name, [_answer_text(v) for v in values], [v["sources"] for v in values], seconds=spent,
+                          tool_calls=[v.get("tool_calls") for v in values])
         if not hosted:
             references = [cache.entries[k] for k in reference_keys]
             outcome.reference_logprob = [r["logprob"] for r in references]
             outcome.reference_tokens = [r["tokens"] for r in references]
         return outcome
+
+    def _by_tools(self, indices: list[int]) -> list[tuple[list | None, list[int]]]:
+        """The items in groups that share one tools list (one generate call each)."""
+        groups: dict[str, tuple[list | None, list[int]]] = {}
+        for i in indices:
+            tools = self.items[i].tools
+            groups.setdefault(json.dumps(tools, sort_keys=True), (tools, []))[1].append(i)
+        return list(groups.values())
 
     def _label_scores(self, name: str, prompts: list[list[dict]]) -> np.ndarray:
         from tqdm.auto import tqdm
@@ -248,8 +268,17 @@ class Evaluation:
 
 
 def _answer_record(answer, hits) -> dict:
-    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "finish_reason": answer.finish_reason, "sources": [h.to_json() if hasattr(h, "to_json") else h for h in hits]}
+    record = {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+              "finish_reason": answer.finish_reason, "sources": [h.to_json() if hasattr(h, "to_json") else h for h in hits]}
+    if answer.tool_calls:
+        record["tool_calls"] = answer.tool_calls
+    return record
+
+
+def _answer_text(record: dict) -> str:
+    """The answer as text: what it said, and any calls as the model writes them."""
+    calls = record.get("tool_calls") or []
+    return "\n".join(filter(None, [record["text"], *(call_block(c) for c in calls)]))
 
 
 def label_set(items: list[Item], run) -> list[str] | None:

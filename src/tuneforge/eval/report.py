@@ -15,7 +15,8 @@ from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write
 from tuneforge.eval import scores
 
 SIDE_BY_SIDE = 3  # examples shown answer by answer in the report
-HEADLINE = {True: ("accuracy", "macro_f1", "roc_auc"), False: ("similarity", "quality", "rouge_l", "bleu", "perplexity")}
+HEADLINE = {True: ("accuracy", "macro_f1", "roc_auc"),
+            False: ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call")}
 
 
 def classification_metrics(items, labels: list[str], outcomes, seed: int) -> tuple[dict, dict]:
@@ -53,13 +54,40 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
         if outcome.reference_logprob is not None:
             metrics["perplexity"] = scores.perplexity(sum(outcome.reference_logprob), sum(outcome.reference_tokens))
             each_ppl = [scores.perplexity(lp, n) for lp, n in zip(outcome.reference_logprob, outcome.reference_tokens)]
+        calls = tool_call_scores(items, outcome)
+        if calls is not None:
+            metrics["tool_function"], metrics["tool_call"] = calls["function"], calls["call"]
         metrics["seconds"] = outcome.seconds
         table[outcome.name] = metrics
         per_example[outcome.name] = [
             {"similarity": round(float(s), 4), "quality": round(float(q), 2), "rouge_l": round(r, 4), "bleu": round(b, 2),
-             "perplexity": None if p is None else round(p, 3)}
-            for s, q, r, b, p in zip(similarity, quality, overlap["rouge_l_each"], overlap["bleu_each"], each_ppl)]
+             "perplexity": None if p is None else round(p, 3), **({"tool_call": c} if c is not None else {})}
+            for s, q, r, b, p, c in zip(similarity, quality, overlap["rouge_l_each"], overlap["bleu_each"], each_ppl,
+                                         calls["each"] if calls else [None] * len(items))]
     return table, per_example
+
+
+def tool_call_scores(items, outcome) -> dict | None:
+    """On the items whose reference calls tools: the share where the system called the same functions
+    (`function`), and the share where it also gave arguments equal as JSON (`call`). Per item: "right",
+    "wrong arguments", "wrong function" or "no call"."""
+    from tuneforge.data.tools import same_call
+
+    scored = [i for i, item in enumerate(items) if getattr(item, "reference_calls", None)]
+    if not scored:
+        return None
+    each: list[str | None] = [None] * len(items)
+    for i in scored:
+        made = (outcome.tool_calls[i] if i < len(outcome.tool_calls) else None) or []
+        wanted = items[i].reference_calls
+        if not made:
+            each[i] = "no call"
+            continue
+        matches = [same_call(a, b) for a, b in zip(made, wanted)] if len(made) == len(wanted) else [(False, False)]
+        each[i] = "right" if all(m[1] for m in matches) else "wrong arguments" if all(m[0] for m in matches) else "wrong function"
+    n = len(scored)
+    return {"function": sum(each[i] in ("right", "wrong arguments") for i in scored) / n,
+            "call": sum(each[i] == "right" for i in scored) / n, "each": each}
 
 
 def summary_table(table: dict, classification: bool) -> str:
