@@ -184,7 +184,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    return chat_loop(experiment, run, args.system or _default_system(run), system_prompt=args.system_prompt)
+    tools = None
+    if args.tools:
+        tools = _read_tools(args.tools)
+    return chat_loop(experiment, run, args.system or _default_system(run), system_prompt=args.system_prompt, tools=tools)
+
+
+def _read_tools(path: str) -> list:
+    """--tools: a JSON file holding OpenAI's tools list (or an object with a `tools` key), checked."""
+    import json
+    from pathlib import Path
+
+    from tuneforge.data.tools import check_tools
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TuneforgeError(f"--tools {path}: {exc}") from None
+    tools = value.get("tools") if isinstance(value, dict) else value
+    problems = check_tools({"messages": [], "tools": tools}, f"--tools {path}")
+    if problems or not tools:
+        raise TuneforgeError("; ".join(str(p) for p in problems) or f"--tools {path}: no tools in it")
+    return tools
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -374,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-new-tokens", type=int, default=256)
             sub.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
             sub.add_argument("--batch-size", type=int, default=16)
+        if verb == "chat":
+            sub.add_argument("--tools", help="JSON file with the OpenAI tools list the model may call "
+                                              "(default: the tools of the run's training data, if any)")
         if verb == "rag":
             sub.add_argument("--json", action="store_true", help="query: print hits as JSON")
         if verb == "merge":

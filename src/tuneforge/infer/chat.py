@@ -20,7 +20,21 @@ from tuneforge.infer.engine import Answer, Settings
 HELP = "commands: /reset, /system [<text> | off], /model <system>, /exit"
 
 
-def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None) -> int:
+def training_tools(run) -> list | None:
+    """The tools list the run's training examples carry most often (None when they have none)."""
+    import json
+    from collections import Counter
+
+    train = run.sub("data", "train.jsonl") if run is not None else None
+    if train is None or not train.exists():
+        return None
+    with open(train, encoding="utf-8") as fh:
+        found = Counter(json.dumps(r["tools"], sort_keys=True) for r in map(json.loads, fh) if r.get("tools"))
+    return json.loads(found.most_common(1)[0][0]) if found else None
+
+
+def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None,
+              tools: list | None = None) -> int:
     from tuneforge.systems import Systems, parse, training_system_prompt
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -34,9 +48,12 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system
         origin = "from --system-prompt"
     system_prompt = system_prompt or None
     history: list[dict] = []
-    settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, seed=experiment.seed)
+    tools = tools if tools is not None else training_tools(run)
+    settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, seed=experiment.seed, tools=tools)
     stdout.write(f"chatting with {current} (available: {', '.join(systems.available())}); {HELP}\n")
     stdout.write(f"(system prompt, {origin}: {system_prompt!r})\n" if system_prompt else "(no system prompt)\n")
+    if tools:
+        stdout.write(f"(tools the model may call: {', '.join(t['function']['name'] for t in tools)}; you type each call's result)\n")
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -74,6 +91,13 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system
             stdout.write(f"(unknown command; {HELP})\n")
             continue
         history.append({"role": "user", "content": text})
+        _answer_turn(systems, current, system_prompt, history, settings, stdin, stdout)
+    return 0
+
+
+def _answer_turn(systems, current: str, system_prompt: str | None, history: list[dict], settings, stdin, stdout) -> None:
+    """The model's answer to the last turn; after a tool call, the results you type, and its answer to them."""
+    for _ in range(4):  # a few rounds of calls, then the word is yours again
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
         stdout.write(f"{current}> ")
         reply: Answer | None = None
@@ -83,7 +107,7 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system
             for piece in stream:
                 if isinstance(piece, Answer):
                     reply = piece
-                else:
+                elif not settings.calls_tools:  # with tools the answer may be a call: shown whole, once known
                     shown += piece
                     stdout.write(piece)
                     stdout.flush()
@@ -92,12 +116,21 @@ def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system
             stdout.write("\n(answer stopped; /exit or Ctrl-D ends the chat)\n")
             if shown.strip():
                 history.append({"role": "assistant", "content": shown.strip()})  # what was shown stays in the conversation
-            else:
+            elif history and history[-1]["role"] == "user":
                 history.pop()
-            continue
+            return
+        if settings.calls_tools and reply is not None and reply.text:
+            stdout.write(reply.text)
         stdout.write("\n")
         if reply is not None and reply.sources:
             for n, hit in enumerate(reply.sources, 1):
                 stdout.write(f"  [{n}] {hit.source} ({hit.score:.2f})\n")
-        history.append({"role": "assistant", "content": reply.text if reply else ""})
-    return 0
+        if reply is None or not reply.tool_calls:
+            history.append({"role": "assistant", "content": reply.text if reply else ""})
+            return
+        history.append({"role": "assistant", "content": reply.text or None, "tool_calls": reply.tool_calls})
+        for call in reply.tool_calls:
+            stdout.write(f"  (tool call) {call['function']['name']}({call['function']['arguments']})\n  result> ")
+            stdout.flush()
+            result = stdin.readline().strip()
+            history.append({"role": "tool", "tool_call_id": call["id"], "content": result or "(no result)"})
