@@ -199,3 +199,64 @@ def _step_of(checkpoint: Path | None) -> int:
 def _from_log(records: list[dict], step: int, key: str) -> float | None:
     found = next((r for r in records if r.get("step") == step and key in r), None)
     return found[key] if found else None
+
+
+def check_can_train(experiment, plan, run) -> Path:
+    """Refusals before anything loads: an optimizer the device cannot run, no prepared data. The data folder."""
+    if experiment.train.optimizer == "paged_adamw_8bit" and plan.device != "cuda":
+        raise TuneforgeError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
+    data_dir = run.sub("data")
+    if not (data_dir / "train.jsonl").exists():
+        raise TuneforgeError(f"no prepared data in {data_dir}; run `tuneforge prepare` first (or `tuneforge run`)")
+    return data_dir
+
+
+def resume_point(run, train, resume: bool, fingerprint: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+    """(the checkpoint to resume from, or None; the finished run's summary when there is nothing left to train)."""
+    from tuneforge.train import callbacks as cb
+
+    if not (resume or train.resume == "auto"):
+        return None, None
+    checkpoints = run.sub("checkpoints")
+    resume_from = cb.latest_complete_checkpoint(checkpoints)
+    if resume_from is None and resume:
+        raise TuneforgeError(f"--resume: no complete checkpoint under {checkpoints}")
+    if resume_from is None:
+        return None, None
+    cb.check_resumable(resume_from, fingerprint)
+    return resume_from, finished_run(run, resume_from)
+
+
+def training_callbacks(run, train, fingerprint: dict[str, Any], trainable: int, resume_from: Path | None, extra: list | None):
+    """(trainer_ref, MetricsLog, every callback): metrics.jsonl, the finite guard, checkpoint markers with a disk
+    check, TensorBoard on the main process, and W&B with train.wandb_project."""
+    from transformers.integrations import TensorBoardCallback
+
+    from tuneforge.train import callbacks as cb
+
+    trainer_ref: dict[str, Any] = {}
+    metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), trainer_ref, resume_step=_step_of(resume_from))
+    bytes_needed = trainable * 4 * 4 * (train.keep_checkpoints + 1) + (64 << 20)  # weights + Adam moments, per checkpoint kept (and the best)
+    found = [metrics_cb, cb.FiniteWeights(), cb.CheckpointMarker(run.sub("checkpoints"), fingerprint, bytes_needed), *(extra or [])]
+    if is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+
+        found.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.sub("tensorboard")))))
+    if getattr(train, "wandb_project", None):
+        try:
+            from transformers.integrations import WandbCallback
+        except ImportError:
+            raise TuneforgeError("train.wandb_project needs the wandb package (pip install wandb)") from None
+        os.environ.setdefault("WANDB_PROJECT", train.wandb_project)
+        found.append(WandbCallback())
+    return trainer_ref, metrics_cb, found
+
+
+def print_plan(headline: str, training) -> None:
+    if is_main_process():
+        print(headline)
+        print("training plan (auto values chosen from the data; prepare's report.md says the same):")
+        for line in training.describe():
+            print(f"  {line}")
+        for warning in training.warnings:
+            print(f"warning: {warning}")

@@ -96,7 +96,6 @@ def dpo_trainer_class():
 def train_dpo(experiment, run, resume: bool = False, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers.integrations import TensorBoardCallback
     from trl import DPOConfig
 
     from tuneforge.data.chat import ChatEncoder
@@ -106,16 +105,12 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
     from tuneforge.train import callbacks as cb
     from tuneforge.train.finish import finish
-    from tuneforge.train.common import (add_adapters, data_fingerprint, finished_run, is_main_process, keep_trainable_fp32,
-                                        kept_adapter, trainer_arguments, world_size, _step_of, _from_log)
+    from tuneforge.train.common import (add_adapters, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter,
+                                        print_plan, resume_point, trainer_arguments, training_callbacks, world_size, _from_log)
 
     t = experiment.train
     plan = plan_device(experiment.model)
-    if t.optimizer == "paged_adamw_8bit" and plan.device != "cuda":
-        raise TuneforgeError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
-    data_dir = run.sub("data")
-    if not (data_dir / "train.jsonl").exists():
-        raise TuneforgeError(f"no prepared data in {data_dir}; run `tuneforge prepare` first (or `tuneforge run`)")
+    data_dir = check_can_train(experiment, plan, run)
     start_adapter = init_adapter_folder(experiment)
 
     location = materialize(resolve(experiment.model.ref))
@@ -139,17 +134,9 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
 
     fingerprint = {**data_fingerprint(experiment, run, training, plan.quantization), "method": "dpo",
                    "dpo": t.dpo.model_dump(mode="json"), "init_adapter": str(start_adapter) if start_adapter else None}
-    checkpoints = run.sub("checkpoints")
-    resume_from = None
-    if resume or t.resume == "auto":
-        resume_from = cb.latest_complete_checkpoint(checkpoints)
-        if resume_from is None and resume:
-            raise TuneforgeError(f"--resume: no complete checkpoint under {checkpoints}")
-        if resume_from is not None:
-            cb.check_resumable(resume_from, fingerprint)
-            done = finished_run(run, resume_from)
-            if done is not None:
-                return done
+    resume_from, done = resume_point(run, t, resume, fingerprint)
+    if done is not None:
+        return done
 
     torch.manual_seed(experiment.seed)
     model = load_model(experiment.model, plan, location)
@@ -167,15 +154,8 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     else:
         model = add_adapters(model, experiment, plan)
 
-    trainer_ref: dict[str, Any] = {}
-    metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), trainer_ref, resume_step=_step_of(resume_from))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    bytes_needed = trainable * 4 * 4 * (t.keep_checkpoints + 1) + (64 << 20)
-    callbacks = [metrics_cb, cb.FiniteWeights(), cb.CheckpointMarker(checkpoints, fingerprint, bytes_needed), *(callbacks or [])]
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.sub("tensorboard")))))
+    trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
     trainer = dpo_trainer_class()(
         model=model, args=args, train_dataset=Dataset.from_list(train_rows),
@@ -185,15 +165,9 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     keep_trainable_fp32(trainer.model, plan.dtype)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    if is_main_process():
-        reference = f"the starting adapter {start_adapter}" if start_adapter else "the base model (adapter off)"
-        print(f"DPO on {plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, reference {reference}; "
-              f"{trainable:,} of {total:,} parameters trainable")
-        print("training plan (auto values chosen from the data; prepare's report.md says the same):")
-        for line in training.describe():
-            print(f"  {line}")
-        for warning in training.warnings:
-            print(f"warning: {warning}")
+    reference = f"the starting adapter {start_adapter}" if start_adapter else "the base model (adapter off)"
+    print_plan(f"DPO on {plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, reference {reference}; "
+               f"{trainable:,} of {total:,} parameters trainable", training)
 
     base_metrics = trainer.evaluate() if resume_from is None and valid_rows else None  # the reference: margin 0
     started = time.perf_counter()

@@ -7,14 +7,13 @@ finish  save adapter + tokenizer + chat template + generation config, plot, reco
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.common import (  # noqa: F401  (re-exported: the CLI and tests import them from here)
-    add_adapters, data_fingerprint, finished_run, is_main_process, keep_trainable_fp32, kept_adapter, trainer_arguments,
-    world_size, _from_log, _step_of,
+    add_adapters, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter, print_plan, resume_point,
+    trainer_arguments, training_callbacks, world_size, _from_log,
 )
 
 
@@ -75,7 +74,6 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
 
         return train_dpo(experiment, run, resume, progress, callbacks)
     import torch
-    from transformers.integrations import TensorBoardCallback
 
     from tuneforge.data.chat import ChatEncoder
     from tuneforge.data.prepare import load_prepared
@@ -89,11 +87,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
 
     t = experiment.train
     plan = plan_device(experiment.model)
-    if t.optimizer == "paged_adamw_8bit" and plan.device != "cuda":
-        raise TuneforgeError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
-    data_dir = run.sub("data")
-    if not (data_dir / "train.jsonl").exists():
-        raise TuneforgeError(f"no prepared data in {data_dir}; run `tuneforge prepare` first (or `tuneforge run`)")
+    data_dir = check_can_train(experiment, plan, run)
 
     # ------------------------------------------------------------------ setup
     location = materialize(resolve(experiment.model.ref))
@@ -112,17 +106,9 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     args = sft_config(experiment, run, plan, training, labelled, bool(valid_rows))
 
     fingerprint = data_fingerprint(experiment, run, training, plan.quantization)
-    checkpoints = run.sub("checkpoints")
-    resume_from = None
-    if resume or t.resume == "auto":
-        resume_from = cb.latest_complete_checkpoint(checkpoints)
-        if resume_from is None and resume:
-            raise TuneforgeError(f"--resume: no complete checkpoint under {checkpoints}")
-        if resume_from is not None:
-            cb.check_resumable(resume_from, fingerprint)
-            done = finished_run(run, resume_from)
-            if done is not None:
-                return done
+    resume_from, done = resume_point(run, t, resume, fingerprint)
+    if done is not None:
+        return done
 
     torch.manual_seed(experiment.seed)  # adapter initialisation
     model = load_model(experiment.model, plan, location)
@@ -133,21 +119,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
 
     mode = attention_mode(plan.attention, training.packing)
     collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=getattr(torch, plan.dtype))
-    trainer_ref: dict[str, Any] = {}
-    metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), trainer_ref, resume_step=_step_of(resume_from))
-    bytes_needed = trainable * 4 * 4 * (t.keep_checkpoints + 1) + (64 << 20)  # weights + Adam moments, per checkpoint kept (and the best)
-    callbacks = [metrics_cb, cb.FiniteWeights(), cb.CheckpointMarker(checkpoints, fingerprint, bytes_needed), *(callbacks or [])]
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.sub("tensorboard")))))
-    if t.wandb_project:
-        try:
-            from transformers.integrations import WandbCallback
-        except ImportError:
-            raise TuneforgeError("train.wandb_project needs the wandb package (pip install wandb)") from None
-        os.environ.setdefault("WANDB_PROJECT", t.wandb_project)
-        callbacks.append(WandbCallback())
+    trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
     label_eval = None
     if labelled and valid_examples:
@@ -166,13 +138,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     )
     trainer_ref["trainer"] = trainer
     keep_trainable_fp32(trainer.model, plan.dtype)
+    print_plan(f"training on {plan.describe()}: {len(train_tokens)} examples, {trainable:,} of {total:,} parameters trainable", training)
     if is_main_process():
-        print(f"training on {plan.describe()}: {len(train_tokens)} examples, {trainable:,} of {total:,} parameters trainable")
-        print("training plan (auto values chosen from the data; prepare's report.md says the same):")
-        for line in training.describe():
-            print(f"  {line}")
-        for warning in training.warnings:
-            print(f"warning: {warning}")
         if label_eval is not None:
             print(f"  each evaluation also scores the {len(valid_examples)} valid examples by label likelihood "
                   f"(majority-class floor {label_eval.majority_accuracy:.3f})")
