@@ -15,8 +15,8 @@ import torch
 
 # what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
 # systems, the batcher and the server; imported here too, so `from tuneforge.infer.engine import Settings` works
-from tuneforge.data.tools import parse_tool_calls
-from tuneforge.infer.generation import Answer, Settings, available_systems, system_source  # noqa: F401
+from tuneforge.infer.generation import (Answer, Settings, available_systems, finished_answer, prompt_text,  # noqa: F401
+                                        system_source)
 
 
 class Engine:
@@ -68,13 +68,7 @@ class Engine:
         return cls(model, tokenizer, name)
 
     def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
-        """The inference prompt; with tools, listed the template's way, and when a call is required (tool_choice
-        "required" or a named function) the start of the call already written."""
-        tools = settings.tools if settings is not None and settings.calls_tools else None
-        text = self.encoder.render(messages, add_generation_prompt=True, tools=tools)
-        if tools:
-            text += self.encoder.call_prefix(tools, settings.tool_choice)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
 
     def _generate_kwargs(self, settings: Settings) -> dict:
         kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
@@ -121,11 +115,7 @@ class Engine:
         for stop in settings.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
-        if settings.calls_tools:
-            content, calls = parse_tool_calls(self.encoder.call_prefix(settings.tools, settings.tool_choice) + text)
-            if calls:
-                return Answer((content or "").strip(), prompt_tokens, len(new_ids), "tool_calls", tool_calls=calls)
-        return Answer(text.strip(), prompt_tokens, len(new_ids), finish)
+        return finished_answer(self.encoder, text, prompt_tokens, len(new_ids), finish, settings)
 
     def batcher(self):
         """The dynamic batcher that lets concurrent callers (server threads, demo users) share generate calls."""

@@ -37,6 +37,25 @@ class Answer:
     tool_calls: list | None = None  # OpenAI-shaped calls parsed from the answer (text is then what was said besides)
 
 
+def prompt_text(encoder, messages: list[dict], settings: Settings | None) -> str:
+    """The inference prompt; with tools, listed the template's way, and when a call is required (tool_choice
+    "required" or a named function) the start of the call already written."""
+    tools = settings.tools if settings is not None and settings.calls_tools else None
+    text = encoder.render(messages, add_generation_prompt=True, tools=tools)
+    return text + encoder.call_prefix(tools, settings.tool_choice) if tools else text
+
+
+def finished_answer(encoder, text: str, prompt_tokens: int, completion_tokens: int, finish: str, settings: Settings) -> Answer:
+    """The Answer for generated text; with tools, any calls in it parsed out (finish reason tool_calls)."""
+    if settings.calls_tools:
+        from tuneforge.data.tools import parse_tool_calls
+
+        content, calls = parse_tool_calls(encoder.call_prefix(settings.tools, settings.tool_choice) + text)
+        if calls:
+            return Answer((content or "").strip(), prompt_tokens, completion_tokens, "tool_calls", tool_calls=calls)
+    return Answer(text.strip(), prompt_tokens, completion_tokens, finish)
+
+
 def system_source(name: str, run) -> tuple[str | None, str | None]:
     """(adapter folder, merged folder) for a system name; (None, None) is the base model."""
     if name == "base":

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.generation import Answer, Settings
+from tuneforge.infer.generation import Answer, Settings, finished_answer, prompt_text
 
 
 def check_available() -> None:
@@ -63,9 +63,8 @@ class VLLMEngine:
         lora = LoRARequest(name, 1, str(adapter)) if adapter is not None else None
         return cls(llm, tokenizer, name, lora)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.encoder.render(messages, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
+        return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
 
     def _params(self, settings: Settings):
         from vllm import SamplingParams
@@ -76,13 +75,13 @@ class VLLMEngine:
 
     def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
         """vLLM schedules the whole list itself (continuous batching), so batch_size is not used."""
-        prompts = [{"prompt_token_ids": self.prompt_ids(m)} for m in conversations]
+        prompts = [{"prompt_token_ids": self.prompt_ids(m, settings)} for m in conversations]
         outputs = self.llm.generate(prompts, self._params(settings), lora_request=self.lora, use_tqdm=progress)
         answers = []
         for prompt, output in zip(prompts, outputs):
             best = output.outputs[0]
             finish = "length" if best.finish_reason == "length" else "stop"
-            answers.append(Answer(best.text.strip(), len(prompt["prompt_token_ids"]), len(best.token_ids), finish))
+            answers.append(finished_answer(self.encoder, best.text, len(prompt["prompt_token_ids"]), len(best.token_ids), finish, settings))
         return answers
 
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
