@@ -308,3 +308,18 @@ def test_a_dpo_experiment_sends_openai_s_dpo_method_with_its_beta():
     request = backend.job_request(_experiment(method="dpo", dpo={"beta": 0.25}, epochs=2), "key", "file-train", None)
     assert request["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
         "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "beta": 0.25}}}
+
+
+def test_prepared_preference_pairs_pass_the_upload_check_and_broken_ones_are_named(tmp_path):
+    from tuneforge.run import RunDir
+
+    run = RunDir(_experiment(method="dpo"), tmp_path / "run")
+    pair = {"input": {"messages": [{"role": "user", "content": "hi"}]}, "preferred_output": [{"role": "assistant", "content": "hello"}],
+            "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
+    run.sub("data").mkdir(parents=True)
+    run.sub("data", "train.jsonl").write_text(json.dumps(pair) + "\n")
+    run.sub("data", "valid.jsonl").write_text("")
+    backend.check_prepared(run)
+    run.sub("data", "train.jsonl").write_text(json.dumps({**pair, "non_preferred_output": []}) + "\n")
+    with pytest.raises(TuneforgeError, match=r"train.jsonl line 1: \[preference_output_count\]"):
+        backend.check_prepared(run)

@@ -85,13 +85,19 @@ def make_client(experiment):
 
 def check_prepared(run) -> None:
     """Every line of the prepared files in OpenAI's chat format, or an error naming each bad file and line."""
+    from tuneforge.data.preference import looks_like_pair, read_pair
     from tuneforge.data.sources import read_json_records
     from tuneforge.data.validate import check_record
 
     problems = []
     for name in ("train.jsonl", "valid.jsonl"):
         for raw in read_json_records(run.sub("data", name)):
-            found = [raw.problem] if raw.problem is not None else check_record(raw.data, raw.where)
+            if raw.problem is not None:
+                found = [raw.problem]
+            elif looks_like_pair(raw.data):  # a preference pair, for method dpo
+                found = read_pair(raw.data, raw.where)[1]
+            else:
+                found = check_record(raw.data, raw.where)
             problems += [str(p) for p in found if p.severity == "error"]
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
