@@ -59,6 +59,7 @@ class ChatEncoder:
         source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
         self.native_tools = "tools" in source  # the template renders `tools=` itself (Llama-3.1, Qwen2.5, Mistral)
         self._tool_role_found: str | None = None
+        self._call_prefixes: dict[str, str] = {}
         self.end_of_turn = self._find_end_of_turn()
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
 
@@ -84,6 +85,14 @@ class ChatEncoder:
         required (tool_choice "required": up to the function's name; a named function: up to its arguments)."""
         if not tools or tool_choice in ("auto", "none", None):
             return ""
+        import json
+
+        key = json.dumps([tools, tool_choice], sort_keys=True)  # asked for each prompt and again for each answer
+        if key not in self._call_prefixes:
+            self._call_prefixes[key] = self._probe_call_prefix(tools, tool_choice)
+        return self._call_prefixes[key]
+
+    def _probe_call_prefix(self, tools: list, tool_choice) -> str:
         probe_name = "tuneforge_probe_function"
         call = {"id": "call_probe", "type": "function", "function": {"name": probe_name, "arguments": '{"tuneforge_probe": 1}'}}
         prompt = [{"role": "user", "content": "hi"}]

@@ -255,7 +255,11 @@ class Preparer:
         """Per example its training sequences; a preference pair's are its two answers after the shared prompt."""
         if not any(e.rejected is not None for e in batch):
             return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
-        return [self.encoder.encode_many(pair_sides(e.messages, e.rejected), [e.extra.get("tools")] * 2) if e.rejected is not None
+        pairs = [e for e in batch if e.rejected is not None]
+        flat = iter(self.encoder.encode_many([s for e in pairs for s in pair_sides(e.messages, e.rejected)],
+                                             [e.extra.get("tools") for e in pairs for _ in range(2)]))
+        # one batched tokenizer call for both sides of every pair; any other example as its own sequences
+        return [[next(flat), next(flat)] if e.rejected is not None
                 else self.encoder.encode_examples([e.messages], [e.extra.get("tools")])[0] for e in batch]
 
     def measure(self, out: Collected) -> None:
