@@ -235,13 +235,16 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tuneforge.infer.finetune_api import fine_tuning_routes
+    from tuneforge.infer.finetune_api import fine_tuning_router
+    from tuneforge.infer.keys import check_binding, load_keys
     from tuneforge.infer.server import serve
 
+    keys = load_keys(args.api_keys)
+    check_binding(args.host, keys)  # before loading anything
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
     serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt, max_batch=args.max_batch,
-          routes=lambda served: fine_tuning_routes(experiment, run, served))
+          routers=lambda served: fine_tuning_router(experiment, run, served, keys), keys=keys, max_upload=args.max_upload_mb << 20)
     return 0
 
 
@@ -407,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--port", type=int, default=8000)
             sub.add_argument("--max-batch", type=_positive_int, default=16,
                              help="most concurrent requests batched into one generate call (1: one at a time)")
+            sub.add_argument("--api-keys", metavar="FILE", help="file of API keys, one KEY or PROJECT:KEY a line (also: "
+                                                                 "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback")
+            sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
         if verb == "demo":
             sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
             sub.add_argument("--port", type=int, help="default: demo.port")

@@ -10,8 +10,7 @@ import pytest
 
 from tuneforge.config import Experiment, LocalTrain, load_experiment
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.api_errors import ApiError
-from tuneforge.infer.finetune_wire import JobFailed, local_train_section, page, parse_multipart, read_examples, short_model_name
+from tuneforge.infer.finetune_wire import JobFailed, local_train_section, page, read_examples, short_model_name
 from tuneforge.train import openai_backend as backend
 
 DATA = {"train.jsonl": "a" * 64, "valid.jsonl": "b" * 64}
@@ -167,15 +166,6 @@ def test_an_invalid_line_fails_with_its_number(tmp_path):
         read_examples(upload(json.dumps({"messages": [{"role": "wizard", "content": "x"}]})), "t.jsonl", "training_file")
 
 
-def test_multipart_uploads_round_trip():
-    data = b'{"messages": []}\r\n{"b": 2}\n'
-    request = httpx.Request("POST", "http://x/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", data)})
-    fields = parse_multipart(request.headers["content-type"], request.read())
-    assert fields["file"] == ("t.jsonl", data) and fields["purpose"] == (None, b"fine-tune")
-    with pytest.raises(ApiError):
-        parse_multipart("application/json", b"{}")
-
-
 def test_pages_follow_the_after_cursor():
     items = [{"id": f"x{i}"} for i in range(5)]
     first = page(items, {"limit": "2"}, 20)
@@ -187,48 +177,6 @@ def test_pages_follow_the_after_cursor():
 def test_short_model_names():
     assert short_model_name("builtin:smollm2-135m-instruct") == "smollm2-135m-instruct"
     assert short_model_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen2.5-0.5B-Instruct"
-
-
-def test_files_and_jobs_survive_a_server_restart(tmp_path):
-    import time
-    from types import SimpleNamespace
-
-    from tuneforge.infer.finetune_api import FineTuningApi
-    from tuneforge.run import RunDir
-
-    experiment = Experiment.model_validate({"name": "server"})
-    run = RunDir(experiment, tmp_path / "server")
-    api = FineTuningApi(experiment, run, SimpleNamespace(systems=SimpleNamespace(aliases={})))
-    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
-    request = httpx.Request("POST", "http://x/v1/files", data={"purpose": "fine-tune"}, files={"file": ("few.jsonl", f"{line}\n" * 3)})
-    status, uploaded = api.handle("POST", "/v1/files", {"Content-Type": request.headers["content-type"]}, request.read())
-    assert status == 200 and uploaded["bytes"] == len(line) * 3 + 3
-    body = json.dumps({"model": "base", "training_file": uploaded["id"], "suffix": "x"}).encode()
-    _, job = api.handle("POST", "/v1/fine_tuning/jobs", {}, body)
-    deadline = time.time() + 10
-    while api.handle("GET", f"/v1/fine_tuning/jobs/{job['id']}", {}, b"")[1]["status"] != "failed":  # 3 examples < 10
-        assert time.time() < deadline
-        time.sleep(0.05)
-    with pytest.raises(ApiError) as info:
-        api.handle("POST", "/v1/fine_tuning/jobs", {}, json.dumps({"model": "base", "training_file": "file-nope"}).encode())
-    assert info.value.param == "training_file"
-
-    again = FineTuningApi(experiment, run, SimpleNamespace(systems=SimpleNamespace(aliases={})))
-    assert again.handle("GET", f"/v1/files/{uploaded['id']}", {}, b"")[1]["filename"] == "few.jsonl"
-    listed = again.handle("GET", "/v1/fine_tuning/jobs?limit=5", {}, b"")[1]
-    assert [j["id"] for j in listed["data"]] == [job["id"]] and listed["data"][0]["error"]["code"] == "invalid_n_examples"
-    events = again.handle("GET", f"/v1/fine_tuning/jobs/{job['id']}/events", {}, b"")[1]["data"]
-    assert events[0]["level"] == "error" and events[-1]["message"].startswith("Created fine-tuning job")  # newest first
-    with pytest.raises(ApiError) as info:
-        again.handle("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, b"")
-    assert info.value.status == 400  # a failed job cannot be cancelled
-
-    assert again.handle("GET", f"/v1/files/{uploaded['id']}/content", {}, b"")[1] == f"{line}\n".encode() * 3
-    assert again.handle("DELETE", f"/v1/files/{uploaded['id']}", {}, b"")[1] == {"id": uploaded["id"], "object": "file", "deleted": True}
-    with pytest.raises(ApiError) as info:
-        again.handle("GET", f"/v1/files/{uploaded['id']}/content", {}, b"")
-    assert info.value.status == 404
-    assert list((tmp_path / "server" / "api" / "files").iterdir()) == []
 
 
 def test_prepared_files_are_checked_line_by_line_before_upload(tmp_path):

@@ -1,77 +1,92 @@
-"""OpenAI's fine-tuning endpoints on `tuneforge serve`, backed by the local trainer.
+"""OpenAI's fine-tuning API on `tuneforge serve`, run by the local trainer.
 
-    POST /v1/files                          upload a JSONL file (multipart, purpose fine-tune)
-    GET  /v1/files, /v1/files/{id}, /v1/files/{id}/content
+    POST   /v1/files                        upload a JSONL file (multipart, purpose fine-tune), streamed to disk
+    GET    /v1/files, /v1/files/{id}, /v1/files/{id}/content
     DELETE /v1/files/{id}                   refused while an unfinished job uses it
-    POST /v1/fine_tuning/jobs               validating_files -> queued -> running -> succeeded | failed | cancelled
-    GET  /v1/fine_tuning/jobs               newest first, `after` / `limit`
-    GET  /v1/fine_tuning/jobs/{id}, .../events, .../checkpoints
-    POST /v1/fine_tuning/jobs/{id}/cancel
+    POST   /v1/fine_tuning/jobs             method supervised or dpo; validating_files -> queued -> running ->
+                                            succeeded | failed | cancelled, and paused
+    GET    /v1/fine_tuning/jobs             newest first, `after` / `limit`, `metadata[k]=v` filters
+    GET    /v1/fine_tuning/jobs/{id}, .../events, .../checkpoints
+    POST   /v1/fine_tuning/jobs/{id}/cancel, .../pause, .../resume
 
-One job trains at a time, on a worker thread fed by a queue. A job runs
-`train_local` in its own run folder (runs/<name>/api/jobs/<id>/) with the
-uploaded file as its prepared data, the server experiment's model and LoRA
-settings, and the job's hyperparameters mapped onto the local trainer
-(`local_train_section`). The model it produces answers on /v1/chat/completions
-under its `ft:` id. Files and jobs are kept in runs/<name>/api/, so a restarted
-server still lists them and serves their models.
+State lives in SQLite (infer/store.py); uploaded bytes in runs/<name>/api/files/.
+Every file and job belongs to the project of the API key that made it, and no
+other key can see, read, use, delete or cancel it; `ft:` models are served to
+their project alone.
+
+A worker thread takes queued jobs one at a time (`Store.claim_job`, so several
+server processes over one run folder never train the same job). A job runs
+`train_local` in its own run folder (api/jobs/<id>/) with the uploaded file as its
+prepared data, the server experiment's model and LoRA settings, and the job's
+hyperparameters mapped onto the local trainer (`local_train_section`). Each
+checkpoint the trainer writes becomes `ft:...:ckpt-step-N`, a model chat can use.
+Pause saves a checkpoint at the next step and stops; resume continues from it
+with `train --resume`'s guarantee (the same result as never stopping). A server
+killed mid-job continues that job from its newest checkpoint when it starts again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-import queue
+import os
+import shutil
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from tuneforge.infer.finetune_wire import (HYPERPARAMETERS, MIN_EXAMPLES, TERMINAL, JobFailed, hyperparameter, json_body,
-                                           local_train_section, new_id, page, parse_multipart, read_examples,
-                                           short_model_name)
+from starlette.requests import Request
+
+from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_jsonl
 from tuneforge.infer.api_errors import ApiError
+from tuneforge.infer.finetune_wire import (MIN_EXAMPLES, TERMINAL, JobFailed, JobRequest, local_train_section, new_id, page,
+                                           read_examples, short_model_name, step_metrics_csv, upload_name)
+from tuneforge.infer.keys import ApiKeys
+from tuneforge.infer.server import project_of
+from tuneforge.infer.store import Store
+
+ACTIVE = ("validating_files", "queued", "running", "paused")
+MAX_UNFINISHED = 16  # jobs a project may have waiting or training at once; more get 429
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 
 
 class JobCancelled(Exception):
     pass
 
 
-class Job:
-    """One fine-tuning job: the object the API returns, its events and checkpoints, and a cancel flag."""
-
-    def __init__(self, obj: dict[str, Any], events: list[dict] | None = None, checkpoints: list[dict] | None = None):
-        self.obj = obj
-        self.events = events or []  # oldest first
-        self.checkpoints = checkpoints or []
-        self.cancel = threading.Event()
-
-    @property
-    def id(self) -> str:
-        return self.obj["id"]
+class JobPaused(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
 
-def fine_tuning_routes(experiment, run, served) -> dict[str, Any]:
-    """The fine-tuning API's routes for a server's Served systems (server.serve's `routes`), by path prefix."""
-    fine_tuning = FineTuningApi(experiment, run, served)
-    return {"/v1/files": fine_tuning.handle, "/v1/fine_tuning/": fine_tuning.handle}
+def fine_tuning_router(experiment, run, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED) -> list:
+    """The fine-tuning API's FastAPI routers for a server's Served systems (server.serve's `routers`)."""
+    return [Platform(experiment, run, served, keys, max_unfinished).router()]
 
 
-class FineTuningApi:
-    """The files and jobs of one server, the worker that trains them, and the HTTP routes over both."""
+class Platform:
+    """The files and jobs of one run folder, the worker that trains them, and the HTTP routes over both."""
 
-    def __init__(self, experiment, run, served):
+    def __init__(self, experiment, run, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED,
+                 worker: bool = True):
         self.experiment, self.run, self.served = experiment, run, served
         self.root = run.sub("api")
-        self.lock = threading.RLock()
-        self.files: dict[str, dict[str, Any]] = {}
-        self.jobs: dict[str, Job] = {}
-        self.queue: queue.Queue[str] = queue.Queue()
-        self._load()
-        threading.Thread(target=self._work, name="fine-tuning worker", daemon=True).start()
+        self.store = Store(self.root / "platform.sqlite3")
+        self.max_unfinished = max_unfinished
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.wake = threading.Event()
+        if keys is not None:
+            self.store.record_projects(keys.entries)
+        self._recover()
+        if worker:
+            threading.Thread(target=self._work, name="fine-tuning worker", daemon=True).start()
 
-    # ------------------------------------------------------------------ storage
+    # ------------------------------------------------------------------ places
 
     def _file_path(self, file_id: str) -> Path:
         return self.root / "files" / f"{file_id}.jsonl"
@@ -79,285 +94,466 @@ class FineTuningApi:
     def _job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id
 
-    def _save(self, job: Job) -> None:
-        with self.lock:
-            atomic_write_json(self._job_dir(job.id) / "job.json", {"job": job.obj, "events": job.events, "checkpoints": job.checkpoints})
-
-    def _load(self) -> None:
-        """Read back files and jobs; a job the last server was training failed with it, waiting ones wait again."""
-        for meta in sorted((self.root / "files").glob("*.json")):
-            obj = json.loads(meta.read_text(encoding="utf-8"))
-            self.files[obj["id"]] = obj
-        saved = [json.loads(p.read_text(encoding="utf-8")) for p in (self.root / "jobs").glob("*/job.json")]
-        for state in sorted(saved, key=lambda s: s["job"]["created_at"]):
-            job = Job(state["job"], state["events"], state["checkpoints"])
-            self.jobs[job.id] = job
-            status = job.obj["status"]
-            if status == "running":
-                self._fail(job, JobFailed("server_restarted", "the server stopped while this job was training; create the job again"))
-            elif status in ("validating_files", "queued"):
-                self._set_status(job, "validating_files", "the server restarted; validating the files again")
-                threading.Thread(target=self._validate, args=(job,), daemon=True).start()
-            elif status == "succeeded":
-                self._register(job)
-
     # ------------------------------------------------------------------ job state
 
-    def _event(self, job: Job, message: str, level: str = "info", data: dict | None = None, kind: str = "message") -> None:
-        with self.lock:
-            job.events.append({"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
-                               "level": level, "message": message, "data": data or {}, "type": kind})
-            self._save(job)
+    def _event(self, job_id: str, message: str, level: str = "info", data: dict | None = None, kind: str = "message") -> None:
+        self.store.add_event(job_id, {"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
+                                      "level": level, "message": message, "data": data or {}, "type": kind})
 
-    def _set_status(self, job: Job, status: str, message: str, level: str = "info") -> None:
-        with self.lock:
-            if job.obj["status"] == "cancelled":  # a cancel wins over whatever the worker was about to say
-                return
-            job.obj["status"] = status
-            job.obj["estimated_finish"] = None  # only a running job has one (set as its steps go by)
-            if status in TERMINAL:
-                job.obj["finished_at"] = int(time.time())
-            self._event(job, message, level)
+    def _status(self, job_id: str, status: str, message: str, level: str = "info", **changes) -> dict | None:
+        """Move a job to `status` with an event; a cancelled job stays cancelled whatever the worker was about to say."""
+        changes = {"status": status, "estimated_finish": None, **changes}  # only a running job has an estimate
+        if status in TERMINAL:
+            changes["finished_at"] = int(time.time())
+        obj = self.store.update_job(job_id, changes, unless=("cancelled",))
+        if obj is not None:
+            self._event(job_id, message, level)
+        return obj
 
-    def _fail(self, job: Job, failure: JobFailed) -> None:
-        with self.lock:
-            if job.obj["status"] == "cancelled":
-                return
-            job.obj["error"] = {"code": failure.code, "message": failure.message, "param": failure.param}
-            self._set_status(job, "failed", f"Fine-tuning job failed: {failure.message}", "error")
+    def _fail(self, job_id: str, failure: JobFailed) -> None:
+        self._status(job_id, "failed", f"Fine-tuning job failed: {failure.message}", "error",
+                     error={"code": failure.code, "message": failure.message, "param": failure.param})
 
-    def _register(self, job: Job) -> None:
-        """Serve the job's model (and its checkpoint names) on /v1/chat/completions."""
-        adapter = self._job_dir(job.id) / "adapter"
+    def _register(self, name: str, adapter: Path, project: str) -> None:
         if (adapter / "adapter_config.json").exists():
-            system = f"adapter:{adapter.resolve()}"
-            self.served.systems.aliases[job.obj["fine_tuned_model"]] = system
-            for checkpoint in job.checkpoints:
-                self.served.systems.aliases[checkpoint["fine_tuned_model_checkpoint"]] = system
+            self.served.register(name, f"adapter:{adapter.resolve()}", project)
+
+    def _recover(self) -> None:
+        """After a restart: serve every finished model and checkpoint again, validate what was being validated, and
+        put back in the queue a job whose server died while training it (it continues from its newest checkpoint)."""
+        from tuneforge.train.callbacks import latest_complete_checkpoint
+
+        for row in self.store.jobs_with_status(*ACTIVE, "succeeded", "failed", "cancelled"):
+            for checkpoint, path in self.store.checkpoints(row["id"]):
+                self._register(checkpoint["fine_tuned_model_checkpoint"], path, row["project"])
+            obj = row["obj"]
+            if obj["status"] == "succeeded":
+                self._register(obj["fine_tuned_model"], self._job_dir(row["id"]) / "adapter", row["project"])
+            elif obj["status"] == "validating_files":
+                threading.Thread(target=self._validate, args=(row["id"],), daemon=True).start()
+            elif obj["status"] == "running" and not _alive(row["worker"]):
+                latest = latest_complete_checkpoint(self._job_dir(row["id"]) / "checkpoints")
+                where = f"continues from its checkpoint at step {latest.name.split('-')[-1]}" if latest else "starts again from the beginning"
+                if self.store.update_job(row["id"], {"status": "queued", "estimated_finish": None}, unless=TERMINAL, worker=None):
+                    self._event(row["id"], f"The server stopped while this job was training; it is queued again and {where}", "warn")
 
     # ------------------------------------------------------------------ the work
 
-    def _validate(self, job: Job) -> None:
+    def _validate(self, job_id: str) -> None:
+        row = self.store.job_row(job_id)
+        obj = row["obj"]
         try:
             for key in ("training_file", "validation_file"):
-                file_id = job.obj[key]
+                file_id = obj[key]
                 if file_id:
-                    examples = read_examples(self._file_path(file_id), self.files[file_id]["filename"], key)
+                    meta = self.store.file(file_id)
+                    if meta is None:
+                        raise JobFailed("invalid_file", f"{key} {file_id} was deleted", key)
+                    examples = read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"])
                     if key == "training_file" and len(examples) < MIN_EXAMPLES:
                         raise JobFailed("invalid_n_examples", f"Training file has {len(examples)} example(s), but must have at least {MIN_EXAMPLES} examples", key)
         except JobFailed as failure:
-            self._fail(job, failure)
+            self._fail(job_id, failure)
             return
-        self._set_status(job, "queued", "Files validated, job queued")
-        self.queue.put(job.id)
+        queued = self.store.update_job(job_id, {"status": "queued"}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "validating_files"))
+        if queued is not None:
+            self._event(job_id, "Files validated, job queued")
+            self.wake.set()
 
     def _work(self) -> None:
         while True:
-            job = self.jobs[self.queue.get()]
-            if job.obj["status"] != "queued":
-                continue  # cancelled while it waited
+            job_id = self.store.claim_job(self.worker_id)
+            if job_id is None:
+                self.wake.wait(2.0)  # also looks again now and then: another process may have queued one
+                self.wake.clear()
+                continue
             try:
-                self._train(job)
+                self._train(job_id)
             except JobCancelled:
-                self._event(job, "Training stopped: the job was cancelled")
+                self._event(job_id, "Training stopped: the job was cancelled")
+            except JobPaused as paused:
+                self._status(job_id, "paused", f"Fine-tuning job paused after step {paused.step}; resume continues from its checkpoint",
+                             request=None)
             except JobFailed as failure:
-                self._fail(job, failure)
+                self._fail(job_id, failure)
             except Exception as exc:  # one broken job must not stop the worker
-                self._fail(job, JobFailed("training_failed", f"{type(exc).__name__}: {exc}"))
+                self._fail(job_id, JobFailed("training_failed", f"{type(exc).__name__}: {exc}"))
+            finally:
+                gc.collect()  # the trainer and its model go now, before the next job loads its own
 
-    def _train(self, job: Job) -> None:
+    def _job_experiment(self, row: dict):
         from tuneforge.config import Experiment, LocalTrain
-        from tuneforge.run import RunDir
-        from tuneforge.train.local import train_local
 
-        self._set_status(job, "running", "Fine-tuning job started")
-        if job.cancel.is_set():
-            raise JobCancelled
-        folder = self._job_dir(job.id)
-        has_validation = bool(job.obj["validation_file"])
+        obj, extra = row["obj"], row["extra"]
+        method = obj["method"]["type"]
         base_train = self.experiment.train if isinstance(self.experiment.train, LocalTrain) else LocalTrain()
+        section = local_train_section(base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method)
+        if extra.get("init_adapter"):
+            section["init_adapter"] = extra["init_adapter"]
         raw = self.experiment.model_dump(mode="json")
-        raw.update(train=local_train_section(base_train, job.obj["hyperparameters"], has_validation), seed=job.obj["seed"])
+        raw.update(train=section, seed=obj["seed"])
         experiment = Experiment.model_validate(raw)
         experiment._source = self.experiment._source
-        run = RunDir(experiment, folder).start("fine-tuning job")
-        for split, key in (("train", "training_file"), ("valid", "validation_file")):
-            file_id = job.obj[key]
-            examples = read_examples(self._file_path(file_id), self.files[file_id]["filename"], key) if file_id else []
-            atomic_write_jsonl(run.sub("data", f"{split}.jsonl"), examples)
-            atomic_write_jsonl(run.sub("data", f"{split}.meta.jsonl"),
-                               ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)))
-        t = experiment.train
-        self._event(job, f"Training {experiment.model.ref} with epochs={t.epochs}, batch_size={t.batch_size}, "
-                         f"lr={t.lr}" + (f", max_steps={t.max_steps} (server cap)" if t.max_steps else ""))
-        summary = train_local(experiment, run, progress=False, callbacks=[_progress_callback(self, job)])
+        return experiment
 
-        with self.lock:
-            if job.cancel.is_set():
-                raise JobCancelled
-            parts = ["ft", short_model_name(self.experiment.model.ref), "tuneforge", job.obj.get("user_provided_suffix") or "", job.id.split("-", 1)[1][:8]]
-            model_id = ":".join(parts)
-            metrics = {"step": summary["steps"], "train_loss": summary["train_loss"]}
-            if summary["final_eval_loss"] is not None:
-                metrics.update(valid_loss=summary["final_eval_loss"], full_valid_loss=summary["final_eval_loss"])
-            job.checkpoints.append({"id": new_id("ftckpt"), "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
-                                    "fine_tuned_model_checkpoint": f"{model_id}:ckpt-step-{summary['steps']}",
-                                    "fine_tuning_job_id": job.id, "metrics": metrics, "step_number": summary["steps"]})
-            job.obj.update(fine_tuned_model=model_id, trained_tokens=summary["supervised_tokens"])
-            self._register(job)
-            self._event(job, f"New fine-tuned model created: {model_id}")
-            self._set_status(job, "succeeded", "The job has successfully completed")
+    def _train(self, job_id: str) -> None:
+        from tuneforge.run import RunDir
+        from tuneforge.train.callbacks import latest_complete_checkpoint
+        from tuneforge.train.local import train_local
+
+        row = self.store.job_row(job_id)
+        obj, project, model_id = row["obj"], row["project"], row["extra"]["model_id"]
+        experiment = self._job_experiment(row)
+        folder = self._job_dir(job_id)
+        run = RunDir(experiment, folder).start("fine-tuning job")
+        resume_from = latest_complete_checkpoint(run.sub("checkpoints"))
+        if resume_from is None:
+            for split, key in (("train", "training_file"), ("valid", "validation_file")):
+                file_id = obj[key]
+                meta = self.store.file(file_id) if file_id else None
+                examples = read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"]) if meta else []
+                atomic_write_jsonl(run.sub("data", f"{split}.jsonl"), examples)
+                atomic_write_jsonl(run.sub("data", f"{split}.meta.jsonl"),
+                                   ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)))
+            self._event(job_id, "Fine-tuning job started")
+        else:
+            self._event(job_id, f"Fine-tuning job resumed from its checkpoint at step {resume_from.name.split('-')[-1]}")
+        if self.store.request_of(job_id) == "cancel":
+            raise JobCancelled
+        t = experiment.train
+        self._event(job_id, f"Training {experiment.model.ref} ({obj['method']['type']}) with epochs={t.epochs}, batch_size={t.batch_size}, "
+                            f"lr={t.lr}" + (f", max_steps={t.max_steps} (server cap)" if t.max_steps else ""))
+        progress = JobProgress(self, job_id, model_id, project, run.sub("checkpoints"))
+        with _wandb(self, job_id, obj):
+            summary = train_local(experiment, run, resume=resume_from is not None, progress=False, callbacks=[progress])
+
+        if self.store.request_of(job_id) == "cancel":
+            raise JobCancelled
+        records = [json.loads(line) for line in run.sub("metrics.jsonl").read_text().splitlines()] if run.sub("metrics.jsonl").exists() else []
+        result = self._add_file(step_metrics_csv(records), "step_metrics.csv", "fine-tune-results", project)
+        self._register(model_id, run.sub("adapter"), project)
+        kept = summary.get("kept_step")
+        if kept is not None and kept != summary["steps"]:
+            self._event(job_id, f"The model is the checkpoint of step {kept}: {summary.get('kept_because', 'the best evaluation')}")
+        self._event(job_id, f"New fine-tuned model created: {model_id}")
+        self._status(job_id, "succeeded", "The job has successfully completed", fine_tuned_model=model_id,
+                     trained_tokens=summary["supervised_tokens"], result_files=[result["id"]])
+
+    def _add_checkpoint(self, job_id: str, model_id: str, project: str, step: int, source: Path, metrics: dict) -> None:
+        """A trainer checkpoint as an OpenAI checkpoint: its adapter copied beside the job (the trainer rotates its own
+        folders away), listed, and served as `<model>:ckpt-step-N`."""
+        target = self._job_dir(job_id) / "ckpt" / f"step-{step}"
+        if not target.exists():
+            with atomic_dir(target) as tmp:
+                for name in CHECKPOINT_FILES:
+                    if (source / name).exists():
+                        shutil.copy2(source / name, tmp / name)
+        name = f"{model_id}:ckpt-step-{step}"
+        self.store.add_checkpoint(job_id, {"id": f"ftckpt-{job_id.split('-', 1)[1][:12]}{step:08d}", "object": "fine_tuning.job.checkpoint",
+                                           "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
+                                           "fine_tuning_job_id": job_id, "metrics": {"step": step, **metrics}, "step_number": step}, target)
+        self._register(name, target, project)
+        self._event(job_id, f"Checkpoint created at step {step}")
+
+    def _add_file(self, data: bytes, filename: str, purpose: str, project: str) -> dict:
+        obj = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
+               "filename": filename, "purpose": purpose, "status": "processed"}
+        atomic_write_bytes(self._file_path(obj["id"]), data)
+        self.store.add_file(obj, project)
+        return obj
+
+    # ------------------------------------------------------------------ requests
+
+    def create(self, request: JobRequest, project: str) -> dict:
+        accepted = ("base", self.experiment.model.ref, short_model_name(self.experiment.model.ref))
+        init_adapter = None
+        if request.model not in accepted:
+            system = self.served.systems.aliases.get(request.model)
+            if not request.model.startswith("ft:") or system is None or self.served.owners.get(request.model) != project:
+                raise ApiError(400, f"Model {request.model} is not available for fine-tuning on this server; use one of "
+                                    f"{', '.join(accepted)} or one of your ft: models", "model", "model_not_available")
+            init_adapter = system.split(":", 1)[1]  # continue from that model's adapter
+        for key in ("training_file", "validation_file"):
+            value = getattr(request, key)
+            if value is not None and self.store.file(value, project) is None:
+                raise ApiError(400, f"invalid {key}: {value}", key, "invalid_file_id")
+        method = request.resolved_method()
+        hyperparameters = {k: method[method["type"]]["hyperparameters"][k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        job_id = new_id("ftjob")
+        model_id = ":".join(["ft", short_model_name(self.experiment.model.ref), "tuneforge", request.suffix or "", job_id.split("-", 1)[1][:8]])
+        obj = {
+            "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "error": None,
+            "fine_tuned_model": None, "finished_at": None, "hyperparameters": hyperparameters, "model": request.model,
+            "organization_id": "org-tuneforge", "result_files": [], "seed": self.experiment.seed if request.seed is None else request.seed,
+            "status": "validating_files", "trained_tokens": None, "training_file": request.training_file,
+            "validation_file": request.validation_file, "estimated_finish": None,
+            "integrations": [i.model_dump(exclude_none=True) for i in request.integrations or []], "metadata": request.metadata,
+            "method": method, "user_provided_suffix": request.suffix,
+        }
+        if not self.store.add_job(obj, project, {"model_id": model_id, "init_adapter": init_adapter}, self.max_unfinished):
+            raise ApiError(429, f"This project already has {self.max_unfinished} unfinished fine-tuning jobs; wait for one to "
+                                "finish or cancel one", code="rate_limit_exceeded", kind="rate_limit_error")
+        self._event(job_id, f"Created fine-tuning job: {job_id}")
+        if obj["integrations"] and not _has_wandb():
+            self._event(job_id, "wandb is not installed on this server: the integration is recorded on the job but nothing is logged", "warn")
+        threading.Thread(target=self._validate, args=(job_id,), daemon=True).start()
+        return obj
+
+    def cancel(self, job_id: str, project: str) -> dict:
+        obj = self._job(job_id, project)
+        if obj["status"] in ("succeeded", "failed"):
+            raise ApiError(400, f"Job {job_id} has already {obj['status']}", code="invalid_request")
+        if obj["status"] == "cancelled":
+            return obj
+        changed = self.store.update_job(job_id, {"status": "cancelled", "estimated_finish": None, "finished_at": int(time.time())},
+                                        unless=TERMINAL, request="cancel")
+        if changed is None:  # it finished meanwhile
+            return self._job(job_id, project)
+        self._event(job_id, "The job was cancelled")
+        return changed
+
+    def pause(self, job_id: str, project: str) -> dict:
+        obj = self._job(job_id, project)
+        if obj["status"] != "running":
+            raise ApiError(400, f"Only a running job can be paused; job {job_id} is {obj['status']}", code="invalid_request")
+        changed = self.store.update_job(job_id, {}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "running"), request="pause")
+        if changed is not None:
+            self._event(job_id, "Pause requested: the job stops after a checkpoint at its next step")
+        return self._job(job_id, project)
+
+    def resume(self, job_id: str, project: str) -> dict:
+        obj = self._job(job_id, project)
+        if obj["status"] != "paused":
+            raise ApiError(400, f"Only a paused job can be resumed; job {job_id} is {obj['status']}", code="invalid_request")
+        changed = self.store.update_job(job_id, {"status": "queued"}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "paused"),
+                                        request=None)
+        if changed is not None:
+            self._event(job_id, "Fine-tuning job resumed: queued to continue from its checkpoint")
+            self.wake.set()
+        return self._job(job_id, project)
+
+    def delete_file(self, file_id: str, project: str) -> dict:
+        """Forget an upload; refused while a job that has not finished still needs it."""
+        self._file(file_id, project)
+
+        def in_use(db) -> str | None:
+            row = db.execute("SELECT id FROM jobs WHERE status IN (?, ?, ?, ?) AND (json_extract(obj, '$.training_file') = ? "
+                             "OR json_extract(obj, '$.validation_file') = ?) LIMIT 1", (*ACTIVE, file_id, file_id)).fetchone()
+            return row[0] if row else None
+
+        user = self.store.delete_file(file_id, in_use)
+        if user is not None:
+            raise ApiError(400, f"File {file_id} is in use by fine-tuning job {user}; cancel it or wait for it to finish", "id", "file_in_use")
+        self._file_path(file_id).unlink(missing_ok=True)  # the row first: a half-deleted file is never listed
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def _job(self, job_id: str, project: str) -> dict:
+        obj = self.store.job(job_id, project)
+        if obj is None:
+            raise ApiError(404, f"Could not find fine-tuning job: {job_id}", "fine_tuning_job_id", "not_found")
+        return obj
+
+    def _file(self, file_id: str, project: str) -> dict:
+        obj = self.store.file(file_id, project)
+        if obj is None:
+            raise ApiError(404, f"No such File object: {file_id}", "id", "not_found")
+        return obj
 
     # ------------------------------------------------------------------ HTTP
 
-    def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
-        url = urlsplit(path)
-        parts = [p for p in url.path.split("/") if p][1:]  # without "v1"
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        route = (method, parts[0] if parts else "", len(parts))
-        if parts[:1] == ["files"]:
-            if route == ("POST", "files", 1):
-                return 200, self.upload(headers.get("Content-Type") or "", body)
-            if route == ("GET", "files", 1):
-                return 200, page(sorted(self.files.values(), key=lambda f: f["created_at"], reverse=query.get("order", "desc") == "desc"),
-                                  query, 10_000, lambda f: query.get("purpose") in (None, f["purpose"]))
-            if route == ("GET", "files", 2):
-                return 200, self._file(parts[1])
-            if route == ("DELETE", "files", 2):
-                return 200, self.delete_file(parts[1])
-            if route == ("GET", "files", 3) and parts[2] == "content":
-                self._file(parts[1])
-                return 200, self._file_path(parts[1]).read_bytes()
-        elif parts[:2] == ["fine_tuning", "jobs"]:
-            rest = parts[2:]
-            if method == "POST" and not rest:
-                return 200, self.create(json_body(body))
-            if method == "GET" and not rest:
-                return 200, page(sorted((j.obj for j in self.jobs.values()), key=lambda o: o["created_at"], reverse=True), query, 20)
-            job = self._job(rest[0]) if rest else None
-            if job is not None and method == "GET" and len(rest) == 1:
-                return 200, job.obj
-            if job is not None and method == "GET" and rest[1:] == ["events"]:
-                return 200, page(list(reversed(job.events)), query, 20)
-            if job is not None and method == "GET" and rest[1:] == ["checkpoints"]:
-                return 200, page(list(reversed(job.checkpoints)), query, 10)
-            if job is not None and method == "POST" and rest[1:] == ["cancel"]:
-                return 200, self.cancel(job)
-        raise ApiError(404, f"Unknown path {method} {url.path}", code="not_found")
+    def router(self):
+        from fastapi import APIRouter, Depends
+        from fastapi.responses import FileResponse
+        from starlette.concurrency import run_in_threadpool
 
-    def upload(self, content_type: str, body: bytes) -> dict:
-        fields = parse_multipart(content_type, body)
-        purpose = fields.get("purpose", (None, b""))[1].decode("utf-8", "replace")
-        if purpose != "fine-tune":
-            raise ApiError(400, f"purpose must be 'fine-tune' on this server, got {purpose!r}", "purpose")
-        if "file" not in fields:
-            raise ApiError(400, "the upload has no 'file' field", "file", "missing_required_parameter")
-        filename, data = fields["file"]
-        obj = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename or "upload.jsonl",
-               "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}
-        atomic_write_bytes(self._file_path(obj["id"]), data)
-        atomic_write_json(self._file_path(obj["id"]).with_suffix(".json"), obj)
-        with self.lock:
-            self.files[obj["id"]] = obj
+        api = APIRouter()
+        Project = Depends(project_of)
+
+        @api.post("/v1/files")
+        async def upload(request: Request, project: str = Project):
+            return await self._upload(request, project)
+
+        @api.get("/v1/files")
+        def list_files(request: Request, project: str = Project):
+            query = dict(request.query_params)
+            return page(self.store.files(project, query.get("purpose"), query.get("order", "desc") == "desc"), query, 10_000)
+
+        @api.get("/v1/files/{file_id}")
+        def get_file(file_id: str, project: str = Project):
+            return self._file(file_id, project)
+
+        @api.delete("/v1/files/{file_id}")
+        def delete_file(file_id: str, project: str = Project):
+            return self.delete_file(file_id, project)
+
+        @api.get("/v1/files/{file_id}/content")
+        def file_content(file_id: str, project: str = Project):
+            self._file(file_id, project)
+            return FileResponse(self._file_path(file_id), media_type="application/octet-stream")
+
+        @api.post("/v1/fine_tuning/jobs")
+        async def create_job(body: JobRequest, project: str = Project):
+            return await run_in_threadpool(self.create, body, project)
+
+        @api.get("/v1/fine_tuning/jobs")
+        def list_jobs(request: Request, project: str = Project):
+            query = dict(request.query_params)
+            metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+            jobs = self.store.jobs(project, metadata)
+            if query.get("metadata") == "null":
+                jobs = [j for j in jobs if not j.get("metadata")]
+            return page(jobs, query, 20)
+
+        @api.get("/v1/fine_tuning/jobs/{job_id}")
+        def get_job(job_id: str, project: str = Project):
+            return self._job(job_id, project)
+
+        @api.get("/v1/fine_tuning/jobs/{job_id}/events")
+        def list_events(job_id: str, request: Request, project: str = Project):
+            self._job(job_id, project)
+            return page(self.store.events(job_id), dict(request.query_params), 20)
+
+        @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+        def list_checkpoints(job_id: str, request: Request, project: str = Project):
+            self._job(job_id, project)
+            return page([c for c, _ in self.store.checkpoints(job_id)], dict(request.query_params), 10)
+
+        @api.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+        def cancel_job(job_id: str, project: str = Project):
+            return self.cancel(job_id, project)
+
+        @api.post("/v1/fine_tuning/jobs/{job_id}/pause")
+        def pause_job(job_id: str, project: str = Project):
+            return self.pause(job_id, project)
+
+        @api.post("/v1/fine_tuning/jobs/{job_id}/resume")
+        def resume_job(job_id: str, project: str = Project):
+            return self.resume(job_id, project)
+
+        return api
+
+    async def _upload(self, request, project: str) -> dict:
+        """A multipart upload, streamed: the parser spools the file part to disk as it arrives (the body limit stops it
+        past --max-upload-mb), then its bytes are moved into the store atomically and only then get a row."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "uploads must be multipart/form-data with 'file' and 'purpose' fields")
+        try:
+            form = await MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8).parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"could not read the multipart body: {exc.message}") from None
+        try:
+            purpose = form.get("purpose")
+            if purpose != "fine-tune":
+                raise ApiError(400, f"purpose must be 'fine-tune' on this server, got {purpose!r}", "purpose")
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "the upload has no 'file' field", "file", "missing_required_parameter")
+            file_id = new_id("file")
+            size = await run_in_threadpool(_store_bytes, upload.file, self._file_path(file_id))
+        finally:
+            await form.close()
+        obj = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": upload_name(upload.filename),
+               "purpose": purpose, "status": "processed"}
+        self.store.add_file(obj, project)
         return obj
 
-    def delete_file(self, file_id: str) -> dict:
-        """Forget an upload; refused while a job that has not finished still needs it."""
-        with self.lock:
-            self._file(file_id)
-            users = [job.id for job in self.jobs.values() if job.obj["status"] not in TERMINAL
-                     and file_id in (job.obj["training_file"], job.obj["validation_file"])]
-            if users:
-                raise ApiError(400, f"File {file_id} is in use by fine-tuning job {users[0]}; cancel it or wait for it to finish", "id", "file_in_use")
-            del self.files[file_id]
-        for path in (self._file_path(file_id).with_suffix(".json"), self._file_path(file_id)):
-            path.unlink(missing_ok=True)  # the metadata first: a half-deleted file is never read back as present
-        return {"id": file_id, "object": "file", "deleted": True}
 
-    def create(self, body: dict[str, Any]) -> dict:
-        model = body.get("model")
-        accepted = ("base", self.experiment.model.ref, short_model_name(self.experiment.model.ref))
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "you must provide a model parameter", "model", "missing_required_parameter")
-        if model not in accepted:
-            raise ApiError(400, f"Model {model} is not available for fine-tuning on this server; use one of {', '.join(accepted)}", "model", "model_not_available")
-        for key in ("training_file", "validation_file"):
-            value = body.get(key)
-            if (key == "training_file" or value is not None) and value not in self.files:
-                raise ApiError(400, f"invalid {key}: {value}", key, "invalid_file_id" if value else "missing_required_parameter")
-        method = body.get("method") or {"type": "supervised", "supervised": {"hyperparameters": body.get("hyperparameters") or {}}}
-        if not isinstance(method, dict) or method.get("type") != "supervised":
-            raise ApiError(400, "only method.type 'supervised' is supported by this server", "method.type")
-        given = ((method.get("supervised") or {}).get("hyperparameters")) or {}
-        hyperparameters = {key: hyperparameter(key, given.get(key, "auto")) for key in HYPERPARAMETERS}
-        suffix = body.get("suffix")
-        if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64 or ":" in suffix):
-            raise ApiError(400, "suffix must be a string of at most 64 characters without ':'", "suffix")
-        seed = body.get("seed", self.experiment.seed)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ApiError(400, "seed must be an integer", "seed")
-        metadata = body.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())):
-            raise ApiError(400, "metadata must map strings to strings", "metadata")
-        obj = {
-            "id": new_id("ftjob"), "object": "fine_tuning.job", "created_at": int(time.time()), "error": None,
-            "fine_tuned_model": None, "finished_at": None, "hyperparameters": hyperparameters, "model": model,
-            "organization_id": "org-tuneforge", "result_files": [], "seed": seed, "status": "validating_files",
-            "trained_tokens": None, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
-            "estimated_finish": None, "integrations": body.get("integrations") or [], "metadata": metadata,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}, "user_provided_suffix": suffix,
-        }
-        job = Job(obj)
-        with self.lock:
-            self.jobs[job.id] = job
-            self._event(job, f"Created fine-tuning job: {job.id}")
-            if obj["integrations"]:
-                self._event(job, "integrations (e.g. W&B) are recorded but not run by tuneforge serve", "warn")
-        threading.Thread(target=self._validate, args=(job,), daemon=True).start()
-        return obj
-
-    def cancel(self, job: Job) -> dict:
-        with self.lock:
-            if job.obj["status"] in ("succeeded", "failed"):
-                raise ApiError(400, f"Job {job.id} has already {job.obj['status']}", code="invalid_request")
-            if job.obj["status"] != "cancelled":
-                job.cancel.set()
-                self._set_status(job, "cancelled", "The job was cancelled")
-            return job.obj
-
-    def _job(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise ApiError(404, f"Could not find fine-tuning job: {job_id}", "fine_tuning_job_id", "not_found")
-        return job
-
-    def _file(self, file_id: str) -> dict:
-        if file_id not in self.files:
-            raise ApiError(404, f"No such File object: {file_id}", "id", "not_found")
-        return self.files[file_id]
+def _store_bytes(source, target: Path) -> int:
+    """Copy a spooled upload into the store through a temporary file and a rename: present whole or not at all."""
+    source.seek(0)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+    return size
 
 
-def _progress_callback(api: FineTuningApi, job: Job):
-    """Training logs become `metrics` events; a cancel stops training at the next step."""
+def _alive(worker: str | None) -> bool:
+    """Whether the process that claimed a job still runs (another machine's: assumed so)."""
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False  # this process is starting: whatever it claimed before, it claimed in an earlier life
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_wandb() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+@contextlib.contextmanager
+def _wandb(platform: Platform, job_id: str, obj: dict):
+    """A job's wandb integration: the trainer logs to that project (WANDB_MODE and the login come from the server's
+    environment); without wandb installed the integration stays recorded and nothing is logged."""
+    found = [i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"]
+    if not found or not _has_wandb():
+        yield
+        return
+    settings = found[0]
+    values = {"WANDB_PROJECT": settings["project"], "WANDB_NAME": settings.get("name") or job_id, "WANDB_RUN_ID": job_id,
+              "WANDB_RESUME": "allow", "WANDB_ENTITY": settings.get("entity"), "WANDB_TAGS": ",".join(settings.get("tags") or []) or None,
+              "WANDB_LOG_MODEL": "false"}
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value:
+            os.environ[key] = value
+        else:
+            os.environ.pop(key, None)
+    platform._event(job_id, f"Logging to Weights & Biases project {settings['project']} (run {values['WANDB_NAME']})")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _progress_callback_class():
     from transformers import TrainerCallback
 
     class JobProgress(TrainerCallback):
-        started = 0.0
+        """Training logs become `metrics` events and each checkpoint an API checkpoint; cancel stops at the next step,
+        pause at the checkpoint it asks for there; the estimated finish follows the mean step time."""
+
+        def __init__(self, platform: Platform, job_id: str, model_id: str, project: str, checkpoints: Path):
+            self.platform, self.job_id, self.model_id, self.project, self.checkpoints = platform, job_id, model_id, project, checkpoints
+            self.pausing = False
+            self.latest: dict[str, float] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started, self.first_step = time.monotonic(), state.global_step
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if job.cancel.is_set():
+            if self.platform.store.request_of(self.job_id) == "cancel":
                 raise JobCancelled
 
         def on_step_end(self, args, state, control, **kwargs):
+            store = self.platform.store
             done = state.global_step - self.first_step
             if done > 0 and state.max_steps:  # the mean step time so far, times the steps left
                 left = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step)
-                with api.lock:
-                    if job.obj["status"] == "running":
-                        job.obj["estimated_finish"] = int(time.time() + left)
+                store.update_job(self.job_id, {"estimated_finish": int(time.time() + left)}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "running"))
+            if store.request_of(self.job_id) == "pause" and state.global_step < state.max_steps:
+                control.should_save = True  # the checkpoint that resume continues from
+                self.pausing = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -368,9 +564,28 @@ def _progress_callback(api: FineTuningApi, job: Job):
                     data["train_mean_token_accuracy"] = float(logs["mean_token_accuracy"])
             if "eval_loss" in logs:
                 data["valid_loss"] = float(logs["eval_loss"])
+                if "eval_mean_token_accuracy" in logs:
+                    data["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
             if len(data) > 2:
+                self.latest.update({k: v for k, v in data.items() if k not in ("step", "total_steps")})
                 losses = ", ".join(f"{k.replace('_', ' ')}={v:.4f}" for k, v in data.items() if k.endswith("loss"))
                 where = f"Step {state.global_step}/{state.max_steps}" if state.max_steps else "Before training"  # the base model's eval
-                api._event(job, f"{where}: {losses}", data=data, kind="metrics")
+                self.platform._event(self.job_id, f"{where}: {losses}", data=data, kind="metrics")
 
-    return JobProgress()
+        def on_save(self, args, state, control, **kwargs):
+            # after the marker callback: the trainer's checkpoint is complete by now
+            source = self.checkpoints / f"checkpoint-{state.global_step}"
+            if source.is_dir():
+                metrics = {k: self.latest[k] for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy") if k in self.latest}
+                if "valid_loss" in metrics:
+                    metrics["full_valid_loss"] = metrics["valid_loss"]
+                self.platform._add_checkpoint(self.job_id, self.model_id, self.project, state.global_step, source, metrics)
+            if self.pausing:
+                raise JobPaused(state.global_step)
+
+    return JobProgress
+
+
+def JobProgress(*args, **kwargs):
+    """The job's trainer callback (its class is built on first use, so this module loads without transformers)."""
+    return _progress_callback_class()(*args, **kwargs)

@@ -1,23 +1,103 @@
 """What the fine-tuning endpoints accept and return, apart from the jobs themselves.
 
-Request parsing and validation (JSON bodies, multipart uploads, hyperparameters,
-uploaded JSONL), cursor pages for list endpoints, ids, and the mapping of a job's
-hyperparameters onto the server experiment's local trainer. No threads, no state:
-`finetune_api` holds the files and jobs and calls these.
+The request models of job creation (OpenAI's `fine_tuning.jobs.create` body,
+methods supervised and dpo), the check of uploaded JSONL, cursor pages for list
+endpoints, ids, upload names, the step-metrics result file, and the mapping of a
+job's hyperparameters onto the server experiment's local trainer. No threads, no
+state: `finetune_api` holds the files and jobs and calls these.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from tuneforge.infer.api_errors import ApiError
 
 MIN_EXAMPLES = 10  # OpenAI refuses training files with fewer examples; so do we, to behave alike
 TERMINAL = ("succeeded", "failed", "cancelled")
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+Auto = Literal["auto"]
+Epochs = Union[Auto, Annotated[StrictInt, Field(ge=1, le=50)]]
+BatchSize = Union[Auto, Annotated[StrictInt, Field(ge=1, le=256)]]
+Multiplier = Union[Auto, Annotated[float, Field(gt=0, le=10, strict=True)]]
+Beta = Union[Auto, Annotated[float, Field(gt=0, le=2, strict=True)]]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedHyperparameters(Strict):
+    n_epochs: Epochs = "auto"
+    batch_size: BatchSize = "auto"
+    learning_rate_multiplier: Multiplier = "auto"
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: Beta = "auto"
+
+
+class SupervisedMethod(Strict):
+    hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
+
+
+class DpoMethod(Strict):
+    hyperparameters: DpoHyperparameters = DpoHyperparameters()
+
+
+class Method(Strict):
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+class Wandb(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    project: Annotated[StrictStr, Field(min_length=1)]
+    name: StrictStr | None = None
+    entity: StrictStr | None = None
+    tags: list[StrictStr] | None = None
+
+
+class Integration(Strict):
+    type: Literal["wandb"]
+    wandb: Wandb
+
+
+class JobRequest(Strict):
+    """The body of POST /v1/fine_tuning/jobs, as OpenAI documents it (reinforcement is not run here)."""
+
+    model: Annotated[StrictStr, Field(min_length=1)]
+    training_file: Annotated[StrictStr, Field(min_length=1)]
+    validation_file: StrictStr | None = None
+    hyperparameters: SupervisedHyperparameters | None = None  # the older place of method.supervised.hyperparameters
+    method: Method | None = None
+    suffix: Annotated[StrictStr, Field(max_length=64, pattern=r"^[^:]*$")] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2147483647)] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[StrictStr, Field(max_length=512)]] | None = None
+    integrations: list[Integration] | None = None
+
+    @model_validator(mode="after")
+    def _limits(self):
+        if self.metadata is not None and len(self.metadata) > 16:
+            raise ValueError("metadata holds at most 16 pairs")
+        return self
+
+    def resolved_method(self) -> dict[str, Any]:
+        """method as the job echoes it: its type and every hyperparameter (auto where not given)."""
+        method = self.method or Method(type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters or SupervisedHyperparameters()))
+        if method.type == "dpo":
+            given = (method.dpo or DpoMethod()).hyperparameters
+        else:
+            given = (method.supervised or SupervisedMethod()).hyperparameters
+        return {"type": method.type, method.type: {"hyperparameters": given.model_dump()}}
 
 
 class JobFailed(Exception):
@@ -37,15 +117,17 @@ def short_model_name(ref: str) -> str:
     return ref.split(":", 1)[-1].rstrip("/").split("/")[-1]
 
 
-def local_train_section(train, hyperparameters: dict[str, Any], has_validation: bool) -> dict[str, Any]:
+def local_train_section(train, hyperparameters: dict[str, Any], has_validation: bool, method: str = "supervised") -> dict[str, Any]:
     """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
 
     n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
-    learning_rate_multiplier -> a multiple of train.lr (of the auto rate when train.lr is auto).
+    learning_rate_multiplier -> a multiple of train.lr (of the auto rate when train.lr is auto), beta -> train.dpo.beta.
     A server started with train.max_steps keeps that cap: it bounds every job.
     """
     section = train.model_dump()
-    section.update(backend="local", resume="never", wandb_project=None)
+    section.update(backend="local", resume="never", wandb_project=None, method="dpo" if method == "dpo" else "sft", init_adapter=None)
+    if method == "dpo" and hyperparameters.get("beta", "auto") != "auto":
+        section["dpo"] = {**section["dpo"], "beta": hyperparameters["beta"]}
     if hyperparameters.get("n_epochs", "auto") != "auto":
         section["epochs"] = hyperparameters["n_epochs"]
     if hyperparameters.get("batch_size", "auto") != "auto":
@@ -53,65 +135,62 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
     if hyperparameters.get("learning_rate_multiplier", "auto") != "auto":
         from tuneforge.data.plan import auto_lr
 
-        section["lr"] = (auto_lr(train) if train.lr == "auto" else train.lr) * hyperparameters["learning_rate_multiplier"]
+        from types import SimpleNamespace
+
+        planned = SimpleNamespace(method=section["method"], full_finetune=section["full_finetune"])  # the job's method's rate
+        section["lr"] = (auto_lr(planned) if train.lr == "auto" else train.lr) * hyperparameters["learning_rate_multiplier"]
     if not has_validation:  # the trainer refuses to evaluate on nothing
         section["extra_args"] = {**section["extra_args"], "eval_strategy": "no"}
     return section
 
 
-def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """name -> (filename, bytes) of a multipart/form-data body."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(400, "uploads must be multipart/form-data with 'file' and 'purpose' fields")
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
-        raise ApiError(400, "could not read the multipart body")
-    fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
-    return fields
-
-
-def read_examples(path: Path, filename: str, param: str) -> list[dict[str, Any]]:
-    """The chat records of an uploaded JSONL file stored at `path`; JobFailed naming the first bad line of `filename`."""
+def read_examples(path: Path, filename: str, param: str, method: str = "supervised") -> list[dict[str, Any]]:
+    """The records of an uploaded JSONL file stored at `path`, as prepared data: chat examples (supervised) or
+    preference pairs (dpo), tools kept; JobFailed naming the first bad line of `filename`."""
+    from tuneforge.data.preference import read_pair
     from tuneforge.data.sources import read_json_records
+    from tuneforge.data.tools import from_legacy
     from tuneforge.data.validate import check_record
 
     records = []
     for raw in read_json_records(path, filename):
-        errors = [raw.problem] if raw.problem is not None else [p for p in check_record(raw.data, raw.where) if p.severity == "error"]
+        if raw.problem is not None:
+            raise JobFailed("invalid_file_format", f"{raw.problem}", param)
+        if method == "dpo":
+            pair, problems = read_pair(raw.data, raw.where)
+            errors = [p for p in problems if p.severity == "error"]
+            if errors or pair is None:
+                raise JobFailed("invalid_file_format", f"{errors[0] if errors else raw.where}", param)
+            source = {"messages": pair["messages"][:-1], **{k: pair[k] for k in ("tools", "parallel_tool_calls") if k in pair}}
+            records.append({"input": source, "preferred_output": [pair["messages"][-1]], "non_preferred_output": [pair["rejected"]]})
+            continue
+        record = from_legacy(raw.data) if isinstance(raw.data, dict) else raw.data
+        errors = [p for p in check_record(record, raw.where) if p.severity == "error"]
         if errors:
             raise JobFailed("invalid_file_format", f"{errors[0]}", param)
-        records.append({"messages": raw.data["messages"]})
+        records.append({k: record[k] for k in ("messages", "tools", "parallel_tool_calls") if k in record})
     return records
 
 
-def hyperparameter(key: str, value: Any) -> Any:
-    if value == "auto":
-        return value
-    if key == "learning_rate_multiplier":
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 10:
-            return float(value)
-        raise ApiError(400, f"{key} must be 'auto' or a number in (0, 10]", f"method.supervised.hyperparameters.{key}")
-    high = 50 if key == "n_epochs" else 256
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high:
-        return value
-    raise ApiError(400, f"{key} must be 'auto' or an integer from 1 to {high}", f"method.supervised.hyperparameters.{key}")
+def upload_name(name: str | None) -> str:
+    """An upload's file name as shown back: its last path part, printable, never a path into the store."""
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    base = "".join(c for c in base if c.isprintable() and c not in '<>:"|?*')[:255].strip(". ")
+    return base or "upload.jsonl"
 
 
-def json_body(body: bytes) -> dict:
-    try:
-        parsed = json.loads(body or b"null")
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
-    if not isinstance(parsed, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    return parsed
+def step_metrics_csv(records: list[dict[str, Any]]) -> bytes:
+    """The job's result file: one row per logged training step, with OpenAI's columns."""
+    lines = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
+    valid = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.6g}"
+
+    for r in records:
+        if "loss" in r:
+            lines.append(f"{r['step']},{cell(r['loss'])},{cell(r.get('token_accuracy'))},{cell(valid.get(r['step']))},")
+    return ("\n".join(lines) + "\n").encode()
 
 
 def page(items: list[dict], query: dict[str, str], default_limit: int, keep=lambda item: True) -> dict:

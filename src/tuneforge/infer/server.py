@@ -1,35 +1,47 @@
-"""`tuneforge serve`: an OpenAI-compatible chat API over the run's systems.
+"""`tuneforge serve`: an OpenAI-compatible HTTP API over the run's systems, on FastAPI and uvicorn.
 
-    GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section)
-    POST /v1/chat/completions  stream or not (stream_options.include_usage); temperature, top_p, max_tokens, stop, seed
+    GET  /v1/models            base, finetuned (when the run has an adapter), +rag variants (with a rag section),
+                               and the caller's own fine-tuned `ft:` models
+    POST /v1/chat/completions  stream or not (stream_options.include_usage); temperature, top_p, max_tokens, stop,
+                               seed, tools and tool_choice
     /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py; the CLI
-                                        hands its routes to `serve`, which knows routes only by path prefix)
+                                        hands its router to `serve`)
 
-Standard library HTTP (one thread per connection). Concurrent requests for one
-model are batched together (infer/batcher.py), so they share its forward passes. Bad requests get OpenAI-shaped errors with 4xx
-codes and the server keeps serving. Binds 127.0.0.1 unless told otherwise.
+Bodies are validated by request models into OpenAI-shaped 400s naming the
+parameter; unknown paths, wrong methods, oversized bodies (413), a full queue
+(429) and server faults (500) are OpenAI-shaped too. Concurrent requests for one
+model are batched together (infer/batcher.py), so they share its forward passes;
+a streamed answer whose client goes away stops generating. Binds 127.0.0.1
+unless told otherwise, and beyond loopback only with API keys (infer/keys.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.requests import Request
 
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.infer.api_errors import ApiError
 from tuneforge.infer.generation import Answer, Settings
+from tuneforge.infer.keys import DEFAULT_PROJECT, ApiKeys, bearer, check_binding
 
-MAX_BODY = 4 << 20  # bytes
-MAX_WAITING = 32  # requests queued beyond this get 429
-MAX_UPLOAD = 512 << 20  # bytes, for extra routes such as file uploads
+MAX_BODY = 4 << 20  # bytes of a JSON request
+MAX_WAITING = 32  # chat requests queued beyond this get 429
+MAX_UPLOAD = 512 << 20  # bytes of a file upload (serve --max-upload-mb)
+UPLOAD_PATHS = ("/v1/files",)
 
 
 class Served:
-    """The run's systems as the API sees them: listed names, 404 for others, and a bounded queue."""
+    """The run's systems as the API sees them: listed names, 404 for others, each `ft:` model only to its project,
+    and a bounded queue."""
 
     def __init__(self, experiment, run, system_prompt: str | None = None, max_batch: int = 16):
         from tuneforge.systems import Systems
@@ -38,81 +50,92 @@ class Served:
         self.counter = threading.Lock()
         self.waiting = 0
         self.created = int(time.time())
-        # extra routes (the fine-tuning API) registered by path prefix: handler(method, path, headers, body) -> (status, payload);
-        # a dict payload is sent as JSON, bytes as they are
-        self.routes: dict[str, Any] = {}
+        self.owners: dict[str, str] = {}  # alias -> the project that may use it
 
-    @property
-    def names(self) -> list[str]:
-        return self.systems.available()
+    def register(self, name: str, system: str, project: str) -> None:
+        """Serve `system` (e.g. adapter:<dir>) under `name` to `project` alone."""
+        with self.counter:
+            self.systems.aliases[name] = system
+            self.owners[name] = project
 
-    def get(self, name: str):
-        names = self.names
+    def names(self, project: str = DEFAULT_PROJECT) -> list[str]:
+        return [n for n in self.systems.available() if self.owners.get(n, project) == project]
+
+    def get(self, name: str, project: str = DEFAULT_PROJECT):
+        names = self.names(project)
         if name not in names:
-            raise ApiError(404, f"The model '{name}' does not exist; available: {', '.join(names)}", "model", "model_not_found")
+            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found")
         return self.systems.get(name)
 
+    def enter(self) -> None:
+        with self.counter:
+            if self.waiting >= MAX_WAITING:
+                raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
+            self.waiting += 1
 
-def parse_request(body: dict[str, Any]) -> tuple[str, list[dict], Settings, bool | None]:
-    """Validate a chat-completions body; raise ApiError naming the bad parameter.
+    def leave(self) -> None:
+        with self.counter:
+            self.waiting -= 1
+
+
+# --------------------------------------------------------------------------- request models
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool = False
+
+
+class ChatRequest(BaseModel):
+    """The chat-completions body: the types here, the meaning (roles, tool calls) in `parse_request`."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI parameters this server does not use (user, logit_bias...) pass
+    model: Annotated[StrictStr, Field(min_length=1)]
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None
+    stop: StrictStr | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=4)] | None = None
+    seed: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+
+def parse_request(request: ChatRequest) -> tuple[str, list[dict], Settings, bool | None]:
+    """What the request models cannot say: the messages and tools as prepare checks training data; the settings.
 
     The last item is None for a plain answer, else (streaming) whether to end with a usage chunk."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "you must provide a model parameter", "model", "missing_required_parameter")
     from tuneforge.data.validate import check_prompt, text_content
 
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty array", "messages")
-    messages = text_content(messages)
+    messages = text_content(request.messages)
     problems = [p for p in check_prompt(messages, "messages") if p.severity == "error"]
     if problems:  # the checks prepare applies to training data, so what trains is what is served
         raise ApiError(400, "; ".join(f"[{p.code}] {p.message}" for p in problems), "messages")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
-
-    def number(key: str, low: float, high: float, default: float) -> float:
-        value = body.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-            raise ApiError(400, f"'{key}' must be a number between {low} and {high}", key)
-        return float(value)
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise ApiError(400, "'max_tokens' must be a positive integer", "max_tokens")
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a string or up to 4 strings", "stop")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "'seed' must be an integer", "seed")
+    body = request.model_dump(exclude_unset=True)
     tools, tool_choice = parse_tools(body, messages)
+    stop = request.stop or ()
     settings = Settings(
-        max_new_tokens=max_tokens or 256,
-        temperature=number("temperature", 0.0, 2.0, 0.0),
-        top_p=number("top_p", 0.0, 1.0, 1.0),
-        seed=seed,
-        stop=tuple(stop),
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or 256,
+        temperature=0.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
         tools=tools,
         tool_choice=tool_choice,
     )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise ApiError(400, "'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
-    return model, messages, settings, (bool((options or {}).get("include_usage")) if stream else None)
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return request.model, messages, settings, (include_usage if request.stream else None)
 
 
 def parse_tools(body: dict[str, Any], messages: list[dict]) -> tuple[list | None, str | dict]:
@@ -173,158 +196,269 @@ def completion(model: str, answer: Answer) -> dict:
     }
 
 
-def make_handler(systems: Served):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "tuneforge"
 
-        def _send(self, status: int, data: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+# --------------------------------------------------------------------------- the app
 
-        def _json(self, status: int, payload: dict) -> None:
-            self._send(status, json.dumps(payload).encode(), "application/json")
 
-        def _error(self, error: ApiError) -> None:
-            self._json(error.status, error.body())
+def project_of(request: Request) -> str:
+    """The project of the request's API key (a FastAPI dependency); 401 in OpenAI's shape without a valid one.
+    A server without keys (loopback only) has one project, `default`."""
+    keys: ApiKeys = request.app.state.keys
+    if not keys.required:
+        return DEFAULT_PROJECT
+    token = bearer(request.headers.get("authorization"))
+    if token is None:
+        raise ApiError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    project = keys.project_of(token)
+    if project is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return project
 
-        def _route(self, method: str) -> bool:
-            """Hand the request to a registered extra route; True when one took it."""
-            for prefix, handler in systems.routes.items():
-                if self.path.startswith(prefix):
-                    try:
-                        length = int(self.headers.get("Content-Length") or 0)
-                        if length > MAX_UPLOAD:
-                            raise ApiError(413, "request body too large")
-                        status, payload = handler(method, self.path, self.headers, self.rfile.read(length) if length else b"")
-                        if isinstance(payload, bytes):  # a file's content, sent as stored
-                            self._send(status, payload, "application/octet-stream")
-                        else:
-                            self._json(status, payload)
-                    except ApiError as error:
-                        self._error(error)
-                    except Exception as exc:  # keep serving whatever one request did
-                        self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
-                    return True
-            return False
 
-        def do_GET(self):
-            if self._route("GET"):
-                return
-            if self.path.rstrip("/") == "/v1/models":
-                data = [{"id": n, "object": "model", "created": systems.created, "owned_by": "tuneforge"} for n in systems.names]
-                self._json(200, {"object": "list", "data": data})
-            elif self.path.startswith("/v1/models/"):
-                name = self.path.split("/v1/models/", 1)[1]
-                if name in systems.names:
-                    self._json(200, {"id": name, "object": "model", "created": systems.created, "owned_by": "tuneforge"})
-                else:
-                    self._error(ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found"))
-            else:
-                self._error(ApiError(404, f"Unknown path {self.path}", code="not_found"))
+class _TooLarge(Exception):
+    pass
 
-        def do_DELETE(self):
-            if not self._route("DELETE"):
-                self._error(ApiError(404, f"Unknown path {self.path}", code="not_found"))
 
-        def do_POST(self):
-            if self._route("POST"):
-                return
-            try:
-                if self.path.rstrip("/") != "/v1/chat/completions":
-                    raise ApiError(404, f"Unknown path {self.path}", code="not_found")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    raise ApiError(413, "request body too large")
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except json.JSONDecodeError as exc:
-                    raise ApiError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
-                model, messages, settings, include_usage = parse_request(body)
-                system = systems.get(model)
-                with systems.counter:
-                    if systems.waiting >= MAX_WAITING:
-                        raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
-                    systems.waiting += 1
-                try:
-                    if include_usage is not None:
-                        self._stream(system, model, messages, settings, include_usage)
-                    else:
-                        answer = system.generate([messages], settings)[0]
-                        self._json(200, completion(model, answer))
-                finally:
-                    with systems.counter:
-                        systems.waiting -= 1
-            except ApiError as error:
-                self._error(error)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as exc:  # keep serving whatever one request did
-                self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
+class BodyLimit:
+    """ASGI middleware: a request body past its limit (uploads: max_upload, else MAX_BODY) gets a 413, whether the
+    client announced its length or streams it; nothing past the limit is read."""
 
-        def _stream(self, system, model: str, messages: list[dict], settings: Settings, include_usage: bool) -> None:
-            chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    def __init__(self, app, max_upload: int):
+        self.app, self.max_upload = app, max_upload
 
-            def event(delta: dict | None, finish: str | None = None, **extra) -> bytes:
-                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                payload = {**extra, "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
-                if include_usage and "usage" not in payload:
-                    payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
-                return f"data: {json.dumps(payload)}\n\n".encode()
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_upload if scope["path"].rstrip("/") in UPLOAD_PATHS else MAX_BODY
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        started, received = False, 0
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_json(send, 413, ApiError(413, _too_large(limit), code="request_too_large").body())
 
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            self.wfile.write(event({"role": "assistant", "content": ""}))
-            pieces = system.stream(messages, settings)
-            try:
-                for piece in pieces:
-                    if isinstance(piece, Answer):
-                        if settings.calls_tools:  # the text was held back: it may be a call, known only at the end
-                            if piece.text:
-                                self.wfile.write(event({"content": piece.text}))
-                            for index, call in enumerate(piece.tool_calls or []):
-                                self.wfile.write(event({"tool_calls": [{"index": index, **call}]}))
-                        self.wfile.write(event({}, piece.finish_reason, **sources(piece)))
-                        if include_usage:
-                            self.wfile.write(event(None, usage=usage(piece)))
-                    elif not settings.calls_tools:
-                        self.wfile.write(event({"content": piece}))
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            finally:
-                pieces.close()
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
 
-    return Handler
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _TooLarge:
+            if not started:
+                await _send_json(send, 413, ApiError(413, _too_large(limit), code="request_too_large").body())
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than this server accepts ({limit / 2**20:.0f} MiB)."
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _validation_error(exc) -> ApiError:
+    """A request model's complaint as OpenAI words it: the first parameter at fault, by its dotted path, with what
+    each accepted form wanted (a union reports one complaint per form)."""
+    found: dict[str | None, list[str]] = {}
+    kinds: dict[str | None, str] = {}
+    for error in exc.errors():
+        # a union's branch names (e.g. 'literal['auto']', 'constrained-int') are not parameters
+        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[]()-")]
+        param = ".".join(loc) or None
+        found.setdefault(param, [])
+        if error.get("msg") not in found[param]:
+            found[param].append(error.get("msg"))
+        kinds.setdefault(param, error.get("type", ""))
+    if not found:
+        return ApiError(400, "invalid request")
+    param = next(iter(found))
+    if kinds[param] == "json_invalid":
+        return ApiError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+                             "your HTTP library correctly.)")
+    if kinds[param] == "missing" and param:
+        return ApiError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if kinds[param] == "extra_forbidden" and param:
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    said = "; or ".join(found[param])
+    if param is None:
+        return ApiError(400, f"The request body must be a JSON object ({said}).")
+    return ApiError(400, f"Invalid value for '{param}': {said}.", param, "invalid_value")
+
+
+def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None = None, max_upload: int = MAX_UPLOAD):
+    """The FastAPI app: models and chat completions, plus `routers` (the fine-tuning API's)."""
+    from fastapi import Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.keys = keys or ApiKeys()
+    app.state.served = served
+    app.add_middleware(BodyLimit, max_upload=max_upload)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        error = _validation_error(exc)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            error = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        elif exc.status_code == 405:
+            error = ApiError(405, f"Method {request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
+        else:
+            error = ApiError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def fault(request, exc: Exception):  # keep serving whatever one request did
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(), status_code=500)
+
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": served.created, "owned_by": "tuneforge"}
+
+    @app.get("/v1/models")
+    def list_models(project: str = Depends(project_of)):
+        return {"object": "list", "data": [model_object(n) for n in served.names(project)]}
+
+    @app.get("/v1/models/{name:path}")
+    def get_model(name: str, project: str = Depends(project_of)):
+        if name not in served.names(project):
+            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found")
+        return model_object(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request, project: str = Depends(project_of)):
+        model, messages, settings, include_usage = parse_request(body)
+        system = await run_in_threadpool(served.get, model, project)  # loading a model the first time takes a while
+        if include_usage is not None:
+            served.enter()  # refuse now, with a status, when the queue is full
+            served.leave()
+            return StreamingResponse(_events(served, system, model, messages, settings, include_usage, request),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        served.enter()
+        try:
+            answer = (await run_in_threadpool(system.generate, [messages], settings))[0]
+        finally:
+            served.leave()
+        return completion(model, answer)
+
+    for router in routers or []:
+        app.include_router(router)
+    return app
+
+
+_END = object()
+
+
+async def _events(served: Served, system, model: str, messages: list[dict], settings: Settings, include_usage: bool, request):
+    """Server-sent chunks of a streamed answer; a client that goes away ends its row in the batch."""
+    from starlette.concurrency import run_in_threadpool
+
+    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def event(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        payload = {**extra, "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if include_usage and "usage" not in payload:
+            payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        served.enter()
+    except ApiError as error:  # the queue filled between the check and the first chunk
+        yield f"data: {json.dumps(error.body())}\n\n"
+        return
+    pieces = system.stream(messages, settings)
+    try:
+        yield event({"role": "assistant", "content": ""})
+        while True:
+            piece = await run_in_threadpool(next, pieces, _END)
+            if piece is _END:
+                yield "data: [DONE]\n\n"
+                break
+            if await request.is_disconnected():
+                break
+            if isinstance(piece, Answer):
+                if settings.calls_tools:  # the text was held back: it may be a call, known only at the end
+                    if piece.text:
+                        yield event({"content": piece.text})
+                    for index, call in enumerate(piece.tool_calls or []):
+                        yield event({"tool_calls": [{"index": index, **call}]})
+                yield event({}, piece.finish_reason, **sources(piece))
+                if include_usage:
+                    yield event(None, usage=usage(piece))
+            elif not settings.calls_tools:
+                yield event({"content": piece})
+    finally:
+        try:
+            pieces.close()  # ends this request's row in the batch when the client left early
+        except ValueError:  # still running in its thread: it ends when its row does
+            pass
+        served.leave()
 
 
 def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
-          system_prompt: str | None = None, max_batch: int = 16,
-          routes: Callable[[Served], dict[str, Any]] | None = None) -> None:
-    """Serve the run's systems until interrupted. routes: given the Served systems, the extra routes by path prefix
-    (see Served.routes); `tuneforge serve` passes the fine-tuning API's (finetune_api.fine_tuning_routes)."""
-    systems = Served(experiment, run, system_prompt, max_batch)
-    if routes is not None:
-        systems.routes.update(routes(systems))
+          system_prompt: str | None = None, max_batch: int = 16, routers: Callable[[Served], list] | None = None,
+          keys: ApiKeys | None = None, max_upload: int = MAX_UPLOAD) -> None:
+    """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
+    (`tuneforge serve` passes the fine-tuning API's, finetune_api.fine_tuning_router)."""
+    import anyio.to_thread
+    import uvicorn
+
+    keys = keys or ApiKeys()
+    check_binding(host, keys)
+    served = Served(experiment, run, system_prompt, max_batch)
+    app = create_app(served, keys, routers(served) if routers is not None else None, max_upload)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        httpd = ThreadingHTTPServer((host, port), make_handler(systems))
+        sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         raise TuneforgeError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
-    httpd.daemon_threads = True
-    print(f"serving {', '.join(systems.names)} at http://{host}:{httpd.server_address[1]}/v1 (OpenAI-compatible)", flush=True)
-    default = systems.systems.system_prompt("base")
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    print(f"serving {', '.join(served.names())} at http://{host}:{bound}/v1 (OpenAI-compatible)", flush=True)
+    if keys.required:
+        print(f"API keys required (projects: {', '.join(keys.projects)})", flush=True)
+    default = served.systems.system_prompt("base")
     if default:
         print(f"requests without a system message get the system prompt {default!r} (--system-prompt '' for none)", flush=True)
-    if ready is not None:
-        ready.set()
-    try:
-        httpd.serve_forever()
-    finally:
-        httpd.server_close()
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    async def main():
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2 * MAX_WAITING + 40  # blocked streams + the rest
+        if ready is not None:
+            async def announce():
+                while not server.started:
+                    await asyncio.sleep(0.05)
+                ready.set()
+
+            asyncio.get_running_loop().create_task(announce())
+        await server.serve(sockets=[sock])
+
+    asyncio.run(main())

@@ -106,8 +106,9 @@ def data_fingerprint(experiment, run, training, quantization: str = "none") -> d
     }
 
 
-def add_adapters(model, experiment, plan):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def add_adapters(model, experiment, plan, start: Path | None = None):
+    """LoRA adapters on the base (or the full model, with full_finetune); `start`: continue training that adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from tuneforge.models import keep_4bit_layers_differentiable
 
@@ -121,6 +122,8 @@ def add_adapters(model, experiment, plan):
         # fp32 norms and input grads for checkpointing through frozen quantized layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    if start is not None:
+        return PeftModel.from_pretrained(model, str(start), is_trainable=True)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -141,18 +141,7 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     torch.manual_seed(experiment.seed)
     model = load_model(experiment.model, plan, location)
     model.config.use_cache = False
-    if start_adapter is not None:
-        from peft import PeftModel, prepare_model_for_kbit_training
-
-        from tuneforge.models import keep_4bit_layers_differentiable
-
-        if plan.quantization != "none":
-            keep_4bit_layers_differentiable(model)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
-    else:
-        model = add_adapters(model, experiment, plan)
+    model = add_adapters(model, experiment, plan, start_adapter)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)

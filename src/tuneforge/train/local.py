@@ -88,10 +88,13 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     t = experiment.train
     plan = plan_device(experiment.model)
     data_dir = check_can_train(experiment, plan, run)
+    from tuneforge.train.dpo import init_adapter_folder
+
+    start_adapter = init_adapter_folder(experiment)  # continue an earlier run's adapter
 
     # ------------------------------------------------------------------ setup
     location = materialize(resolve(experiment.model.ref))
-    tokenizer = load_tokenizer(experiment.model, location)
+    tokenizer = load_tokenizer(experiment.model, start_adapter or location)
     encoder = ChatEncoder(tokenizer)
     max_length = experiment.data.max_length
     train_tokens, train_examples = tokenize(encoder, load_prepared(data_dir, "train"), max_length)
@@ -105,7 +108,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     valid_rows = build_rows(valid_tokens, max_length, training.packing, experiment.seed)
     args = sft_config(experiment, run, plan, training, labelled, bool(valid_rows))
 
-    fingerprint = data_fingerprint(experiment, run, training, plan.quantization)
+    fingerprint = {**data_fingerprint(experiment, run, training, plan.quantization),
+                   "init_adapter": str(start_adapter) if start_adapter else None}
     resume_from, done = resume_point(run, t, resume, fingerprint)
     if done is not None:
         return done
@@ -113,7 +117,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     torch.manual_seed(experiment.seed)  # adapter initialisation
     model = load_model(experiment.model, plan, location)
     model.config.use_cache = False
-    model = add_adapters(model, experiment, plan)
+    model = add_adapters(model, experiment, plan, start_adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
