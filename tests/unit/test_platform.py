@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from openai.types import FileDeleted, FileObject, Model
@@ -125,6 +126,19 @@ def test_upload_names_cannot_escape_the_store_and_bodies_have_limits(tmp_path):
     assert len(client.get("/v1/files").json()["data"]) == 1 and len(list((tmp_path / "server" / "api" / "files").iterdir())) == 1
     huge = client.post("/v1/chat/completions", content=b"{" + b" " * (5 << 20) + b"}", headers={"Content-Type": "application/json"})
     assert huge.status_code == 413
+
+    def chunks(data: bytes):  # no Content-Length: the limit must hold on what arrives
+        yield from (data[i:i + 8192] for i in range(0, len(data), 8192))
+
+    streamed = client.post("/v1/chat/completions", content=chunks(b"{" + b" " * (5 << 20) + b"}"), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "content-length" not in {k.lower() for k in streamed.request.headers}
+    small = client.post("/v1/chat/completions", content=chunks(json.dumps({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}).encode()),
+                        headers={"Content-Type": "application/json"})
+    assert small.status_code == 404  # read whole and answered as usual
+    request = httpx.Request("POST", "http://x/v1/files", data={"purpose": "fine-tune"}, files={"file": ("big.jsonl", f"{LINE}\n".encode() * 200)})
+    streamed_upload = client.post("/v1/files", content=chunks(request.read()), headers={"Content-Type": request.headers["content-type"]})
+    assert streamed_upload.status_code == 413
+    assert len(list((tmp_path / "server" / "api" / "files").iterdir())) == 1  # nothing of it was stored
     not_multipart = client.post("/v1/files", json={"purpose": "fine-tune"})
     assert not_multipart.status_code == 400
     wrong_purpose = client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("t.jsonl", b"{}")})

@@ -190,6 +190,9 @@ class Platform:
         section = local_train_section(base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method)
         if extra.get("init_adapter"):
             section["init_adapter"] = extra["init_adapter"]
+        wandb = [i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"]
+        if wandb and _has_wandb():
+            section["wandb_project"] = wandb[0]["project"]
         raw = self.experiment.model_dump(mode="json")
         raw.update(train=section, seed=obj["seed"])
         experiment = Experiment.model_validate(raw)

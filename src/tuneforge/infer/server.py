@@ -237,6 +237,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_json(send, 413, ApiError(413, _too_large(limit), code="request_too_large").body())
 
+        if declared is None and limit == MAX_BODY:  # a small body of unannounced length: read it here, then hand it on
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                received += len(message.get("body", b""))
+                if received > limit:
+                    return await _send_json(send, 413, ApiError(413, _too_large(limit), code="request_too_large").body())
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            body, replayed = b"".join(chunks), False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await self.app(scope, replay, send)
+
         async def limited_receive():
             nonlocal received
             message = await receive()

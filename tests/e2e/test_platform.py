@@ -1,0 +1,233 @@
+"""`tuneforge serve` as an OpenAI fine-tuning platform, driven by the official `openai` client on loopback, with keys.
+
+One server (the builtin SmolLM2, unquantized, 128-token rows, every job capped at 4 steps with a checkpoint at each)
+trains real jobs: supervised with pause and resume, the same job uninterrupted for comparison, DPO continuing from
+the first job's model, and a job whose server is killed with SIGKILL and started again. Every body is checked against
+the openai package's own types (tests/wire.py). The wandb integration logs for real, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types import FileObject
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.fine_tuning import FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+from tests.live import answers_models, free_port, running
+from tests.wire import checked, checked_job, checked_page
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+CONVERSATIONS = REPO / "examples" / "data" / "support" / "conversations.jsonl"
+PREFERENCES = REPO / "examples" / "data" / "support" / "preferences.jsonl"
+ALICE, BOB = f"sk-alice-{os.urandom(12).hex()}", f"sk-bob-{os.urandom(12).hex()}"
+STEPS = 4
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TUNEFORGE_API_KEYS", "WANDB_"))}
+    env.update(TUNEFORGE_API_KEYS=f"alice:{ALICE},bob:{BOB}", WANDB_MODE="offline", WANDB_DIR=str(workdir), WANDB_SILENT="true")
+    return env
+
+
+class Server:
+    def __init__(self, workdir: Path):
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.alice = openai.OpenAI(base_url=self.url, api_key=ALICE, max_retries=0, timeout=120)
+        self.bob = openai.OpenAI(base_url=self.url, api_key=BOB, max_retries=0, timeout=120)
+
+    def start(self):
+        args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(self.port), "--run-dir", str(self.workdir / "server"),
+                "model.quantization=none", "data.max_length=128", f"train.max_steps={STEPS}", "train.save_every=1", "train.keep_checkpoints=8"]
+        return running(args, self.workdir, answers_models(self.alice), env=_env(self.workdir))
+
+    def raw(self, method: str, path: str, key: str = ALICE, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm_location):
+    server = Server(tmp_path_factory.mktemp("platform"))
+    with server.start() as proc:
+        server.proc = proc
+        yield server
+
+
+def _upload(server: Server, path: Path, lines: int, skip: int = 0) -> str:
+    data = "".join(path.read_text().splitlines(keepends=True)[skip:skip + lines]).encode()
+    response = server.raw("POST", "/files", data={"purpose": "fine-tune"}, files={"file": (path.name, data)})
+    assert response.status_code == 200, response.text
+    return checked(FileObject, response.json()).id
+
+
+def _wait(server: Server, job_id: str, statuses: tuple[str, ...], seconds: float = 300) -> dict:
+    deadline = time.time() + seconds
+    while (job := server.raw("GET", f"/fine_tuning/jobs/{job_id}").json())["status"] not in statuses:
+        assert job["status"] not in ("failed", "cancelled") or job["status"] in statuses, job
+        assert time.time() < deadline, f"{job_id} still {job['status']}"
+        time.sleep(0.1)
+    checked_job(job)
+    return job
+
+
+def _events(server: Server, job_id: str) -> list[str]:
+    body = server.raw("GET", f"/fine_tuning/jobs/{job_id}/events", params={"limit": 200}).json()
+    return [e.message for e in reversed(checked_page(FineTuningJobEvent, body))]  # oldest first
+
+
+def _adapter(server: Server, job_id: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(server.workdir / "server" / "api" / "jobs" / job_id / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def files(server):
+    return _upload(server, CONVERSATIONS, 24), _upload(server, CONVERSATIONS, 12, skip=24)
+
+
+@pytest.fixture(scope="module")
+def paused_job(server, files):
+    """A supervised job paused at its first step, then resumed to the end; with the wandb integration."""
+    training, validation = files
+    body = {"model": "base", "training_file": training, "validation_file": validation, "seed": 7, "suffix": "support",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+            "integrations": [{"type": "wandb", "wandb": {"project": "tuneforge-test", "tags": ["e2e"]}}], "metadata": {"case": "pause"}}
+    job = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
+    _wait(server, job.id, ("running",))
+    assert server.raw("POST", f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
+    paused = _wait(server, job.id, ("paused",))
+    assert paused["status"] == "paused" and paused["estimated_finish"] is None
+    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job.id}/checkpoints").json()["data"]] == [1]
+    resumed = server.raw("POST", f"/fine_tuning/jobs/{job.id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] in ("queued", "running")
+    return _wait(server, job.id, ("succeeded",))
+
+
+def test_pause_stops_at_a_checkpoint_and_resume_finishes_the_job(server, paused_job):
+    events = _events(server, paused_job["id"])
+    assert "Fine-tuning job paused after step 1; resume continues from its checkpoint" in events
+    assert "Fine-tuning job resumed from its checkpoint at step 1" in events
+    assert events[-1] == "The job has successfully completed"
+    assert paused_job["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:tuneforge:support:")
+    assert paused_job["trained_tokens"] > 0 and paused_job["finished_at"] >= paused_job["created_at"]
+    assert paused_job["method"]["supervised"]["hyperparameters"] == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"}
+
+
+def test_a_resumed_job_ends_where_an_uninterrupted_one_does(server, files, paused_job):
+    training, validation = files
+    body = {"model": "base", "training_file": training, "validation_file": validation, "seed": 7, "suffix": "support",
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4}}
+    straight = _wait(server, server.raw("POST", "/fine_tuning/jobs", json=body).json()["id"], ("succeeded",))
+    a, b = _adapter(server, paused_job["id"]), _adapter(server, straight["id"])
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_each_checkpoint_is_a_model_and_the_result_file_has_the_step_metrics(server, paused_job):
+    body = server.raw("GET", f"/fine_tuning/jobs/{paused_job['id']}/checkpoints").json()
+    checkpoints = checked_page(FineTuningJobCheckpoint, body)
+    assert [c.step_number for c in checkpoints] == list(range(STEPS, 0, -1))  # newest first
+    assert all(c.fine_tuned_model_checkpoint == f"{paused_job['fine_tuned_model']}:ckpt-step-{c.step_number}" for c in checkpoints)
+    assert checkpoints[0].metrics.train_loss > 0 and checkpoints[0].metrics.valid_loss > 0
+    models = [m.id for m in server.alice.models.list()]
+    assert paused_job["fine_tuned_model"] in models and checkpoints[-1].fine_tuned_model_checkpoint in models
+    reply = server.raw("POST", "/chat/completions", json={"model": checkpoints[-1].fine_tuned_model_checkpoint, "max_tokens": 8,
+                                                          "messages": [{"role": "user", "content": "Does the K2 work with Alexa?"}]})
+    completion = checked(ChatCompletion, reply.json())
+    assert completion.model == checkpoints[-1].fine_tuned_model_checkpoint and completion.choices[0].message.content
+
+    (result,) = paused_job["result_files"]
+    meta = checked(FileObject, server.raw("GET", f"/files/{result}").json())
+    assert meta.purpose == "fine-tune-results" and meta.filename == "step_metrics.csv"
+    rows = server.alice.files.content(result).read().decode().splitlines()
+    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))  # the steps before the pause too
+
+
+def test_the_wandb_integration_logged_offline(server, paused_job):
+    assert paused_job["integrations"] == [{"type": "wandb", "wandb": {"project": "tuneforge-test", "tags": ["e2e"]}}]
+    assert any(m.startswith("Logging to Weights & Biases project tuneforge-test") for m in _events(server, paused_job["id"]))
+    runs = list((server.workdir / "wandb").glob(f"offline-run-*-{paused_job['id']}"))
+    assert runs and any(p.suffix == ".wandb" and p.stat().st_size > 0 for r in runs for p in r.iterdir())
+
+
+def test_dpo_continues_from_a_fine_tuned_model(server, paused_job):
+    pairs = _upload(server, PREFERENCES, 12)
+    body = {"model": paused_job["fine_tuned_model"], "training_file": pairs, "suffix": "dpo",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}}}
+    created = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
+    assert created.method.type == "dpo" and created.method.dpo.hyperparameters.beta == 0.2
+    job = _wait(server, created.id, ("succeeded", "failed"))
+    assert job["status"] == "succeeded", job["error"]
+    start, tuned = _adapter(server, paused_job["id"]), _adapter(server, job["id"])
+    assert start.keys() == tuned.keys() and any((start[k] - tuned[k]).abs().max() > 0 for k in start)  # moved from that adapter
+    assert any("(dpo)" in m for m in _events(server, job["id"]))
+    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]] == list(range(STEPS, 0, -1))
+    reply = server.alice.chat.completions.create(model=job["fine_tuned_model"], max_tokens=8,
+                                                 messages=[{"role": "user", "content": "my thermostat restarted at 3am"}])
+    assert reply.choices[0].message.content
+
+
+def test_streamed_chunks_are_openai_shaped(server):
+    with httpx.stream("POST", f"{server.url}/chat/completions", headers={"Authorization": f"Bearer {ALICE}"}, timeout=120,
+                      json={"model": "base", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 6,
+                            "messages": [{"role": "user", "content": "Say hello"}]}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [checked(ChatCompletionChunk, json.loads(line[6:])) for line in lines[:-1]]
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_another_key_sees_nothing_of_alices_and_no_key_gets_401(server, paused_job):
+    model = paused_job["fine_tuned_model"]
+    assert model not in [m.id for m in server.bob.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        server.bob.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        server.bob.fine_tuning.jobs.retrieve(paused_job["id"])
+    with pytest.raises(openai.NotFoundError):
+        server.bob.files.content(paused_job["training_file"])
+    assert server.bob.fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.AuthenticationError) as info:
+        openai.OpenAI(base_url=server.url, api_key="sk-wrong-0000000000000000", max_retries=0).models.list()
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    assert httpx.get(f"{server.url}/models").status_code == 401
+    log = (server.workdir / "process.log").read_text()
+    assert ALICE not in log and BOB not in log
+
+
+def test_sigkill_mid_job_then_restart_continues_the_job_and_keeps_the_files(server, files):
+    training, _ = files
+    content = server.raw("GET", f"/files/{training}/content").content
+    job = server.raw("POST", "/fine_tuning/jobs", json={"model": "base", "training_file": training, "seed": 3,
+                                                        "hyperparameters": {"n_epochs": 1, "batch_size": 4}}).json()
+    deadline = time.time() + 300
+    while not server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]:
+        assert time.time() < deadline and server.raw("GET", f"/fine_tuning/jobs/{job['id']}").json()["status"] in ("validating_files", "queued", "running")
+        time.sleep(0.1)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    with server.start() as proc:  # the same run folder, the same port
+        server.proc = proc
+        finished = _wait(server, job["id"], ("succeeded",))
+        events = _events(server, job["id"])
+        assert any(m.startswith("The server stopped while this job was training; it is queued again and continues from its checkpoint")
+                   for m in events)
+        assert any(m.startswith("Fine-tuning job resumed from its checkpoint at step") for m in events)
+        assert finished["fine_tuned_model"] in [m.id for m in server.alice.models.list()]
+        assert server.raw("GET", f"/files/{training}/content").content == content
+        listed = [f.id for f in server.alice.files.list()]
+        assert training in listed and all(checked(FileObject, f.model_dump()) for f in server.alice.files.list())
+        assert not list((server.workdir / "server" / "api" / "files").glob(".*.tmp"))  # no half-written upload left
