@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from tuneforge import __version__
@@ -248,6 +249,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_openai(args: argparse.Namespace) -> int:
+    from tuneforge.train.openai_import import import_jobs
+
+    written = import_jobs(args.job, args.all, Path(args.out), args.model, args.base_url, args.force)
+    if written:
+        print(f"next: tuneforge run {written[0]}  (the eval asks the hosted model too: keep OPENAI_API_KEY set)")
+    return 0
+
+
 def cmd_rag(args: argparse.Namespace) -> int:
     import json
 
@@ -358,6 +368,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
     "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
     "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
+    "import-openai": (cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and settings"),
 }
 
 
@@ -379,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (func, help_text) in VERBS.items():
         sub = subs.add_parser(verb, help=help_text, description=help_text)
+        if verb == "import-openai":  # no experiment file: it writes them
+            sub.add_argument("job", nargs="?", help="the fine-tuning job id (ftjob-...)")
+            sub.add_argument("--all", action="store_true", help="every fine-tuning job of the account")
+            sub.add_argument("--model", default="builtin:smollm2-135m-instruct", help="the open model to train locally")
+            sub.add_argument("--out", default="imported", help="folder for one subfolder per job (default: imported)")
+            sub.add_argument("--base-url", help="the API's address (default: OPENAI_BASE_URL, else OpenAI's)")
+            sub.add_argument("--force", action="store_true", help="write over an experiment imported before")
+            sub.set_defaults(func=func, overrides=[])
+            continue
         if verb == "rag":
             sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
         _add_common(sub, file_required=verb != "config")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -206,6 +208,81 @@ def test_another_key_sees_nothing_of_alices_and_no_key_gets_401(server, paused_j
     assert httpx.get(f"{server.url}/models").status_code == 401
     log = (server.workdir / "process.log").read_text()
     assert ALICE not in log and BOB not in log
+
+
+def test_the_readmes_migration_client_code_runs_unchanged(server):
+    import re
+
+    block = re.search(r"<!-- migration-client -->\s*```python\n(.+?)\n```", (REPO / "README.md").read_text(), re.S).group(1)
+    env = {**_env(server.workdir), "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": ALICE}
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    status, model, tokens = out.stdout.splitlines()[0].split()
+    assert status == "succeeded" and model.startswith("ft:smollm2-135m-instruct:tuneforge:reviews:") and int(tokens) > 0
+    assert "The job has successfully completed" in out.stdout
+    job = next(j for j in server.alice.fine_tuning.jobs.list() if j.fine_tuned_model == model)
+    assert job.model == "gpt-4o-mini-2024-07-18" and job.seed == 42 and job.hyperparameters.n_epochs == 5
+    assert any("this server fine-tunes builtin:smollm2-135m-instruct in its place" in e.message
+               for e in server.alice.fine_tuning.jobs.list_events(job.id, limit=50))
+
+
+def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    line = CONVERSATIONS.read_text().splitlines()[0] + "\n"
+
+    def chat(n: int):
+        try:
+            reply = server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": f"Count to {n}"}])
+            return 200, reply.choices[0].message.content is not None
+        except openai.APIStatusError as exc:
+            return exc.status_code, set(exc.body) >= {"message", "type", "code"} if isinstance(exc.body, dict) else exc.body
+
+    def upload(n: int):
+        try:
+            return 200, server.alice.files.create(file=(f"part-{n}.jsonl", (line * 20).encode()), purpose="fine-tune").bytes == len(line) * 20
+        except openai.APIStatusError as exc:
+            return exc.status_code, exc.body
+
+    with ThreadPoolExecutor(84) as pool:
+        chats = [pool.submit(chat, n) for n in range(64)]
+        uploads = [pool.submit(upload, n) for n in range(20)]
+        results = [f.result(timeout=600) for f in chats + uploads]
+    assert all(ok is True for status, ok in results if status == 200), results
+    assert all(status in (200, 429, 503) for status, _ in results), results
+    assert [s for s, _ in results[64:]] == [200] * 20  # uploads are not queued behind the model
+    assert sum(s == 200 for s, _ in results[:64]) >= 16  # at least a full batch was answered
+    assert server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_import_openai_writes_an_experiment_whose_eval_compares_with_the_hosted_model(server, paused_job, tmp_path):
+    from tuneforge.config import load_experiment
+
+    env = {**_env(server.workdir), "OPENAI_API_KEY": ALICE, "OPENAI_BASE_URL": server.url}
+    out = tmp_path / "imported"
+
+    def tuneforge(*args):
+        return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+
+    imported = tuneforge("import-openai", paused_job["id"], "--out", str(out))
+    assert imported.returncode == 0, imported.stderr
+    folder = out / "support"  # named after the job's suffix
+    assert (folder / "train.jsonl").read_bytes() == server.alice.files.content(paused_job["training_file"]).read()
+    assert (folder / "valid.jsonl").read_bytes() == server.alice.files.content(paused_job["validation_file"]).read()
+    experiment = load_experiment(folder / "experiment.yaml")
+    assert experiment.seed == 7 and experiment.train.method == "sft" and experiment.train.epochs == 1 and experiment.train.batch_size == 4
+    assert experiment.eval.systems == ["base", "finetuned", f"openai:{paused_job['fine_tuned_model']}"]
+    assert all(ALICE not in p.read_text() for p in folder.iterdir())
+    assert tuneforge("import-openai", paused_job["id"], "--out", str(out)).returncode == 1  # not over an earlier import without --force
+    missing = tuneforge("import-openai", "ftjob-nope", "--out", str(out))
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+    parity = tuneforge("run", str(folder / "experiment.yaml"), "--run-dir", str(tmp_path / "parity"), "model.quantization=none",
+                       "data.max_length=128", "train.max_steps=2", "eval.max_new_tokens=8", "eval.sample=3")
+    assert parity.returncode == 0, parity.stderr[-3000:]
+    metrics = json.loads((tmp_path / "parity" / "eval" / "metrics.json").read_text())
+    hosted = f"openai:{paused_job['fine_tuned_model']}"
+    assert set(metrics) == {"base", "finetuned", hosted} and metrics[hosted]["examples"] == 3
 
 
 def test_sigkill_mid_job_then_restart_continues_the_job_and_keeps_the_files(server, files):

@@ -31,6 +31,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -48,6 +49,8 @@ from tuneforge.infer.keys import ApiKeys
 from tuneforge.infer.server import project_of
 from tuneforge.infer.store import Store
 
+# OpenAI's fine-tunable base models, dated or not (gpt-4o-mini-2024-07-18, gpt-4.1-2025-04-14, gpt-3.5-turbo-0125...)
+OPENAI_BASES = re.compile(r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$")
 ACTIVE = ("validating_files", "queued", "running", "paused")
 MAX_UNFINISHED = 16  # jobs a project may have waiting or training at once; more get 429
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -270,7 +273,8 @@ class Platform:
     def create(self, request: JobRequest, project: str) -> dict:
         accepted = ("base", self.experiment.model.ref, short_model_name(self.experiment.model.ref))
         init_adapter = None
-        if request.model not in accepted:
+        hosted = bool(OPENAI_BASES.match(request.model))  # client code written for OpenAI, unchanged: trained here on the served model
+        if request.model not in accepted and not hosted:
             system = self.served.systems.aliases.get(request.model)
             if not request.model.startswith("ft:") or system is None or self.served.owners.get(request.model) != project:
                 raise ApiError(400, f"Model {request.model} is not available for fine-tuning on this server; use one of "
@@ -297,6 +301,8 @@ class Platform:
             raise ApiError(429, f"This project already has {self.max_unfinished} unfinished fine-tuning jobs; wait for one to "
                                 "finish or cancel one", code="rate_limit_exceeded", kind="rate_limit_error")
         self._event(job_id, f"Created fine-tuning job: {job_id}")
+        if hosted:
+            self._event(job_id, f"{request.model} is OpenAI's model: this server fine-tunes {self.experiment.model.ref} in its place")
         if obj["integrations"] and not _has_wandb():
             self._event(job_id, "wandb is not installed on this server: the integration is recorded on the job but nothing is logged", "warn")
         threading.Thread(target=self._validate, args=(job_id,), daemon=True).start()
