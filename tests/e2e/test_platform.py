@@ -192,6 +192,26 @@ def test_streamed_chunks_are_openai_shaped(server):
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-2].choices[0].finish_reason in ("stop", "length")
 
 
+def test_one_connection_carries_several_requests(server):
+    import socket
+
+    request = (f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        replies = []
+        for _ in range(3):  # keep-alive: the same socket, one request after another
+            sock.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += sock.recv(65536)
+            replies.append((head.split(b"\r\n")[0], json.loads(body)))
+    assert [status for status, _ in replies] == [b"HTTP/1.1 200 OK"] * 3
+    assert all(body["object"] == "list" for _, body in replies)
+
+
 def test_another_key_sees_nothing_of_alices_and_no_key_gets_401(server, paused_job):
     model = paused_job["fine_tuned_model"]
     assert model not in [m.id for m in server.bob.models.list()]

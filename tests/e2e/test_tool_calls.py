@@ -10,6 +10,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from tests.live import answers_models, free_port, running
+from tests.wire import checked
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -52,7 +53,7 @@ def server(tmp_path_factory, smollm_location):
 
 def test_a_trained_call_comes_back_parsed_and_schema_valid(server):
     raw = server.chat.completions.with_raw_response.create(model="finetuned", messages=_ask("Paris"), tools=TOOLS, max_tokens=48)
-    reply = ChatCompletion.model_validate(json.loads(raw.text))  # strictly the official type, not the lenient parse
+    reply = checked(ChatCompletion, json.loads(raw.text))  # strictly the official type, not the lenient parse
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls

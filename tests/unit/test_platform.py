@@ -296,3 +296,39 @@ def test_the_result_file_has_openai_s_columns():
     records = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5, "token_accuracy": 0.4}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.2}]
     assert step_metrics_csv(records).decode().splitlines() == [
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy", "1,2.5,0.4,,", "2,2,,2.2,"]
+
+
+def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from tuneforge.infer.generation import Settings
+    from tuneforge.infer.server import _events
+
+    experiment = Experiment.model_validate({"name": "server"})
+    served = Served(experiment, RunDir(experiment, tmp_path / "server"))
+    produced, closed = [], []
+
+    def pieces():
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield f"w{i} "
+        finally:
+            closed.append(True)  # the batcher's stream ends its row in the batch here
+
+    class Client:
+        checks = 0
+
+        async def is_disconnected(self):
+            self.checks += 1
+            return self.checks > 3  # gone after three pieces
+
+    async def read():
+        return [chunk async for chunk in _events(served, SimpleNamespace(stream=lambda m, s: pieces()), "base",
+                                                   [{"role": "user", "content": "hi"}], Settings(), False, Client())]
+
+    chunks = asyncio.run(read())
+    assert closed == [True] and len(produced) <= 5
+    assert len(chunks) == 4 and "[DONE]" not in chunks[-1]  # the role chunk and three pieces, then nothing
+    assert served.waiting == 0  # its place in the queue was given back
