@@ -62,6 +62,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "prepare")
+    if experiment.data.feedback:
+        from tuneforge.feedback.rounds import feedback_data
+
+        experiment = feedback_data(experiment, run)
     tokenizer = load_tokenizer(experiment.model) if experiment.data.train is not None else None  # None: prepare says why
     result = prepare(experiment, run, tokenizer, retrieve=augment_examples)
     print(report.summary(result))
@@ -80,6 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tuneforge.train.local import is_main_process, train_local
 
     run = _run_dir(args, experiment, "train") if is_main_process() else _run_dir_quiet(args, experiment)
+    if experiment.data.feedback and is_main_process():
+        from tuneforge.feedback.rounds import continue_from_current
+
+        experiment = continue_from_current(experiment, run)
     summary = train_local(experiment, run, resume=getattr(args, "resume", False))
     if is_main_process() and summary.get("already_trained"):
         print(f"nothing to resume: this run already finished its {summary['steps']} steps, and its adapter is in {run.sub('adapter')}. "
@@ -258,6 +266,47 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """tuneforge feedback FILE (the summary) | tuneforge feedback export FILE (the training files)."""
+    from tuneforge.atomic import atomic_write_json, atomic_write_text
+    from tuneforge.feedback.store import FeedbackStore
+    from tuneforge.feedback.summary import markdown, summarise
+
+    if args.action_or_file in ("summary", "export"):
+        action = args.action_or_file
+        if args.file is None:
+            raise TuneforgeError(f"tuneforge feedback {action} needs the experiment file")
+    else:
+        action = "summary"
+        if args.file is not None:  # the first override, taken for a file
+            args.overrides = [args.file, *args.overrides]
+        args.file = args.action_or_file
+    experiment = _experiment(args)
+    run = _existing_run(args, experiment)
+    records, problems = FeedbackStore(run.sub("feedback")).read()
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not records:
+        raise TuneforgeError(f"no feedback yet in {run.sub('feedback')}: the demo's thumbs, corrections, votes and "
+                             "contributed examples are recorded there")
+    if action == "export":
+        from tuneforge.feedback.export import export
+
+        result = export(records, run.sub("feedback", "export"))
+        for kind, found in result.items():
+            print(f"{kind}: {found['lines']} lines -> {found['path']} ({found['duplicates']} duplicates, {found['invalid']} invalid left out)")
+        print("train on them: data.train: <that file> (with train.method: dpo and data.format: preference for the pairs), "
+              "or data.feedback: true")
+        return 0
+    summary = summarise(records)
+    atomic_write_json(run.sub("feedback", "summary.json"), summary)
+    text = markdown(summary)
+    atomic_write_text(run.sub("feedback", "summary.md"), text)
+    print(text, end="")
+    print(f"(also in {run.sub('feedback', 'summary.md')} and summary.json)")
+    return 0
+
+
 def cmd_rag(args: argparse.Namespace) -> int:
     import json
 
@@ -324,6 +373,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "eval")
+    if experiment.data.feedback:
+        from tuneforge.feedback.rounds import with_previous
+
+        experiment = with_previous(experiment, run)
     return run_eval(experiment, run)
 
 
@@ -368,6 +421,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
     "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
     "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
+    "feedback": (cmd_feedback, "what the demo's users said: leaderboard and win rates; `feedback export FILE`: training files"),
     "import-openai": (cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and settings"),
 }
 
@@ -401,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if verb == "rag":
             sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
-        _add_common(sub, file_required=verb != "config")
+        if verb == "feedback":
+            sub.add_argument("action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files")
+        _add_common(sub, file_required=verb not in ("config", "feedback"))
         if verb in ("train", "run"):
             sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
             sub.add_argument("--yes", action="store_true", help="openai backend: accept the cost estimate without asking")

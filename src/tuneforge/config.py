@@ -107,6 +107,8 @@ class DataSection(Section):
     """error: stop and write nothing; drop: skip invalid records and list them in rejected.jsonl."""
     rag: bool = False
     """Build retrieval-augmented training examples with the rag section's retriever."""
+    feedback: bool = False
+    """Train on what the demo's users said (runs/<name>/feedback/, exported as `tuneforge feedback export` does) instead of data.train: the corrections, contributed examples and liked answers with train.method sft, the preference pairs with dpo; training continues from the run's current adapter, kept as the `previous` system for eval."""
 
     @field_validator("encoding")
     @classmethod

@@ -18,6 +18,7 @@ are then compared on the prompt users really send.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import os
 import threading
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # the engine (and torch) load with the first local system, no
     from tuneforge.infer.engine import Engine
 
 RAG_SUFFIX = "+rag"
-LOCAL_NAMES = ("base", "finetuned")
+LOCAL_NAMES = ("base", "finetuned", "previous")
 HINT = "use base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>, each optionally with +rag"
 
 
@@ -245,6 +246,7 @@ class Systems:
         self.lock = threading.RLock()
         # extra names that stand for a system, e.g. the model id of a fine-tuning job run by `serve`
         self.aliases: dict[str, str] = {}
+        self._identities: dict[tuple, str] = {}
 
     def available(self) -> list[str]:
         """What this run can answer with now: base, finetuned once trained, +rag variants, the OpenAI job's model."""
@@ -275,6 +277,33 @@ class Systems:
         if self.system_prompt_override is not None:
             return self.system_prompt_override or None
         return training_system_prompt(self.run, parse(self.aliases.get(name, name)))
+
+    def identity(self, name: str) -> str:
+        """Exactly which model answers as `name` now: the sha256 of an adapter's (or merged model's) weights, the
+        base model's reference, or a hosted model's id. Feedback keeps it, so two versions of one name never mix."""
+        from tuneforge.infer.generation import system_source
+
+        spec = parse(self.aliases.get(name, name))
+        if spec.hosted:
+            return spec.model
+        if spec.model == "base":
+            return self.experiment.model.ref
+        adapter, merged = system_source(spec.model, self.run)
+        folder = Path(adapter or merged)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        if not weights:
+            return f"folder:{folder.resolve()}"
+        key = tuple((str(w), w.stat().st_mtime_ns, w.stat().st_size) for w in weights)
+        with self.lock:
+            cached = self._identities.get(key)
+        if cached is None:
+            from tuneforge.atomic import file_sha256
+
+            cached = "sha256:" + (file_sha256(weights[0]) if len(weights) == 1 else
+                                  hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest())
+            with self.lock:
+                self._identities[key] = cached
+        return cached
 
     def scorer(self, name: str) -> Engine:
         """A transformers Engine for teacher-forced scoring (label log-likelihoods, perplexity) of a local system.

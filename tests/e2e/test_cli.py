@@ -132,7 +132,7 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
 # every verb with the arguments it needs, run against a file that is not there and a run folder that cannot be made
 VERB_ARGS = {
     "prepare": [], "train": [], "generate": ["--input", "p.jsonl", "--output", "o.jsonl"], "chat": [], "merge": [],
-    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [],
+    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [], "feedback": [],
 }
 
 

@@ -6,6 +6,7 @@ command installs it with apt). Screenshots go to test-artifacts/ at the repo roo
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def _page_served(url: str):
 
 
 @pytest.fixture(scope="module")
-def demo_url(tmp_path_factory, smollm_location):
-    workdir = tmp_path_factory.mktemp("demo")
+def demo_run(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo") / "run"
+
+
+@pytest.fixture(scope="module")
+def demo_url(demo_run, smollm_location):
+    workdir = demo_run.parent
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with running(["demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")],
@@ -59,6 +65,7 @@ def page(demo_url):
         page.on("request", lambda request: page.requested.append(request.url))
         page.goto(demo_url)
         page.wait_for_selector("#message textarea")
+        page.wait_for_selector("#chatbot")
         yield page
         browser.close()
 
@@ -138,3 +145,125 @@ def test_a_system_that_cannot_answer_says_why_and_keeps_the_message(page):
     page.get_by_text("run `tuneforge train` first").first.wait_for(timeout=30_000)
     assert page.locator("#message textarea").input_value() == "Hello?"
     assert "finetuned: error" in page.locator("#chat-status").inner_text()
+
+
+def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page, demo_url, demo_run):
+    from tuneforge.feedback.store import FeedbackStore
+
+    store = FeedbackStore(demo_run / "feedback")
+    before = len(store.read()[0])
+    # Chat: a thumb, then a better answer written over the model's own
+    page.get_by_role("tab", name="Chat").click()
+    box = page.locator("#system input")
+    box.click()
+    box.fill("base")
+    box.press("Enter")
+    _set_max_tokens(page, 12)
+    page.locator("#message textarea").fill("What does error E3 mean on a thermostat?")
+    page.locator("#send").click()
+    _wait_until_done(page, "#chat-status")
+    answer = page.locator('#chatbot [data-testid="bot"]').last.inner_text().strip()
+    page.locator("#thumb-up").click()
+    page.get_by_text("Saved: thumbs up for base").wait_for(timeout=30_000)
+    page.get_by_text("Write a better answer").click()
+    correction = page.locator("#correction textarea")
+    assert correction.input_value().strip() == answer  # prefilled with the answer, to edit
+    correction.fill("E3 means the batteries are low: replace both AA cells.")
+
+    # saving fails (the feedback folder cannot be written): the page says why and keeps the typed text
+    folder = demo_run / "feedback"
+    folder.rename(demo_run / "feedback-away")
+    folder.write_text("not a folder")
+    try:
+        page.locator("#save-correction").click()
+        page.get_by_text("Not saved:").wait_for(timeout=30_000)
+        assert correction.input_value() == "E3 means the batteries are low: replace both AA cells."
+    finally:
+        folder.unlink()
+        (demo_run / "feedback-away").rename(folder)
+    page.locator("#save-correction").click()
+    page.get_by_text("Saved: your better answer").wait_for(timeout=30_000)
+
+    # Compare: a vote on the pair on screen
+    page.get_by_role("tab", name="Compare").click()
+    earlier = [page.locator(c).inner_text() for c in ("#compare-0", "#compare-1")]  # an earlier test's answers may still show
+    page.locator("#compare-prompt textarea").fill("How do I pair the K2 with my phone?")
+    page.locator("#compare-run").click()
+    for column, old in zip(("#compare-0", "#compare-1"), earlier):
+        page.wait_for_function(f"(t => t.includes('done in') && t !== {json.dumps(old)})(document.querySelector('{column}')?.innerText || '')",
+                               timeout=ANSWER_TIMEOUT_MS)
+    # the votes open, on the pair on screen, once every answer is complete
+    page.wait_for_function("document.querySelector('#vote-right') && !document.querySelector('#vote-right').disabled", timeout=ANSWER_TIMEOUT_MS)
+    assert page.locator("#vote-pair input").input_value() == "1. base  vs  2. base+rag"
+    page.locator("#vote-right").click()
+    page.get_by_text("Saved: base+rag is better").wait_for(timeout=30_000)
+
+    # Contribute: a prompt and its ideal answer
+    page.get_by_role("tab", name="Contribute").click()
+    page.locator("#contribute-prompt textarea").fill("Can the K2 run on a schedule?")
+    page.locator("#contribute-answer textarea").fill("Yes: set up to four periods a day in the app, under Schedule.")
+    page.locator("#contribute-save").click()
+    page.get_by_text("Saved: thank you").wait_for(timeout=30_000)
+
+    page.get_by_role("tab", name="Arena").click()
+    page.get_by_text("Leaderboard").first.wait_for(timeout=30_000)
+    assert "base+rag" in page.locator("#arena").inner_text()
+    _screenshot(page, "demo-arena.png")
+
+    records, problems = store.read()
+    assert problems == [] and [r["kind"] for r in records[before:]] == ["thumb", "correction", "vote", "contribution"]
+    thumb, fixed, vote, contributed = records[before:]
+    assert thumb["answer"]["text"].strip() == answer and thumb["answer"]["identity"] == "builtin:smollm2-135m-instruct"
+    assert thumb["settings"] == {"temperature": 0.0, "max_tokens": 12} and thumb["messages"][-1]["content"].startswith("What does error E3")
+    assert fixed["corrected"].startswith("E3 means the batteries are low") and fixed["answer"]["text"].strip() == answer
+    assert vote["verdict"] == "right" and vote["left"]["system"] == "base" and vote["right"]["system"] == "base+rag"
+    assert vote["right"]["sources"] and not vote["left"]["sources"]  # the +rag answer keeps what it retrieved
+    assert contributed["answer"].startswith("Yes: set up to four periods")
+
+
+def test_the_feedback_becomes_a_dpo_round_that_eval_compares_with_the_adapter_before(demo_run, tmp_path):
+    """After the browser test: summary and export from the CLI, then one feedback round on a run with an adapter."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tuneforge.data.prepare import prepare
+    from tuneforge.models import load_tokenizer
+    from tuneforge.run import RunDir
+    from tuneforge.train.local import train_local
+
+    config = REPO / "configs" / "quickstart.yaml"
+
+    def tuneforge(*args):
+        return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+
+    summary = tuneforge("feedback", str(config), "--run-dir", str(demo_run))
+    assert summary.returncode == 0, summary.stderr
+    assert "Leaderboard" in summary.stdout and "base+rag" in summary.stdout and (demo_run / "feedback" / "summary.json").exists()
+    exported = tuneforge("feedback", "export", str(config), "--run-dir", str(demo_run))
+    assert exported.returncode == 0, exported.stderr
+    pairs = [json.loads(line) for line in (demo_run / "feedback" / "export" / "preference.jsonl").read_text().splitlines()]
+    assert {p["preferred_output"][0]["content"] for p in pairs} >= {"E3 means the batteries are low: replace both AA cells."}
+
+    # a run that already has an adapter (2 SFT steps), given the demo's feedback
+    small = ["model.quantization=none", "data.max_length=256", "data.rag=false"]
+    experiment = load_experiment(config, [*small, "data.sample=12", "train.max_steps=2"])
+    run = RunDir(experiment, tmp_path / "round").start("train")
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+    train_local(experiment, run, progress=False)
+    before = (run.sub("adapter") / "adapter_model.safetensors").read_bytes()
+    shutil.copytree(demo_run / "feedback", run.sub("feedback"), ignore=shutil.ignore_patterns("export", "summary.*"))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                                                 for q, a in [("What does E3 mean?", "Low batteries."), ("Can it run a schedule?", "Yes, in the app.")]))
+    round_ = tuneforge("run", str(config), "--run-dir", str(run.path), *small, "data.feedback=true", "train.method=dpo", "train.max_steps=2",
+                       "data.valid_split=0", f"eval.data={tmp_path / 'eval.jsonl'}", "eval.systems=[finetuned]", "eval.max_new_tokens=8")
+    assert round_.returncode == 0, round_.stdout[-2000:] + round_.stderr[-3000:]
+    assert "training continues from it" in round_.stdout
+    kept = json.loads(run.sub("adapters", "previous.json").read_text())
+    assert (Path(kept["path"]) / "adapter_model.safetensors").read_bytes() == before  # the adapter before the round, kept
+    assert (run.sub("adapter") / "adapter_model.safetensors").read_bytes() != before  # the round changed it
+    metrics = json.loads(run.sub("eval", "metrics.json").read_text())
+    assert set(metrics) >= {"previous", "finetuned"}
+    report = run.sub("eval", "report.md").read_text()
+    assert "previous" in report and "finetuned" in report

@@ -95,6 +95,8 @@ def test_the_leaderboard_orders_systems_and_its_intervals_hold_the_ratings():
     low, high = wilson(8, 10)
     assert round(low, 3) == 0.490 and round(high, 3) == 0.943
     assert leaderboard([]) == []
+    few = leaderboard([("x", "y", 1.0, "left", "p")] * 3)
+    assert all(r["interval"] is None for r in few)  # three votes resample to themselves: no interval is claimed
 
 
 def test_versions_of_one_system_are_told_apart_and_disagreement_is_found():

@@ -123,3 +123,8 @@ def sources_markdown(hits: list) -> str:
         quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in lines)
         parts.append(f"**{number}. {hit.source}** · score {hit.score:.2f} · chunk `{hit.chunk_id}`\n\n{quoted}")
     return "\n\n".join(parts)
+
+
+def answer_record(systems, name: str, answer: Answer) -> dict:
+    """An answer as feedback keeps it: the system, exactly which model it was, the text, the retrieved passages."""
+    return {"system": name, "identity": systems.identity(name), "text": answer.text, "sources": [h.to_json() for h in answer.sources]}

@@ -10,7 +10,8 @@ A system is named by its name and, when one name was answered by several models
   (ties as half a win each way, and one virtual tie with every other system so a
   system that never lost still has a finite strength), shown on the Elo scale
   (1000 + 400·log10 of the strength over their geometric mean), with 95% intervals
-  from 200 bootstrap resamples of the votes.
+  from 200 bootstrap resamples of the votes (none below 5 votes: a handful of votes
+  resamples to itself and would look certain).
 - **Disagreement**: prompts with at least two votes for the same pair, ranked by the
   entropy of their verdicts.
 """
@@ -21,6 +22,8 @@ import math
 import random
 from collections import Counter, defaultdict
 from typing import Any
+
+MIN_VOTES_FOR_INTERVAL = 5  # below this a system's bootstrap interval is shown as too few votes
 
 
 def system_label(answer: dict[str, Any], identities: dict[str, set[str]]) -> str:
@@ -136,7 +139,9 @@ def leaderboard(pairs: list[tuple[str, str, float, str, str]], resamples: int = 
     rows = []
     for system, rating in sorted(ratings.items(), key=lambda kv: -kv[1]):
         values = sorted(samples[system])
-        interval = [values[int(0.025 * len(values))], values[min(len(values) - 1, int(0.975 * len(values)))]] if values else [rating, rating]
+        interval = None  # a handful of votes resamples to itself: no honest interval yet
+        if values and counts[system] >= MIN_VOTES_FOR_INTERVAL:
+            interval = [values[int(0.025 * len(values))], values[min(len(values) - 1, int(0.975 * len(values)))]]
         rows.append({"system": system, "rating": rating, "interval": interval, "votes": counts[system]})
     return rows
 
@@ -186,7 +191,9 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["leaderboard"]:
         lines += ["## Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap interval)", "", "| system | rating | interval | votes |",
                   "| --- | --- | --- | --- |"]
-        lines += [f"| {r['system']} | {r['rating']:.0f} | {r['interval'][0]:.0f}–{r['interval'][1]:.0f} | {r['votes']} |" for r in summary["leaderboard"]]
+        lines += [f"| {r['system']} | {r['rating']:.0f} | "
+                  + (f"{r['interval'][0]:.0f}–{r['interval'][1]:.0f}" if r["interval"] else f"too few votes (<{MIN_VOTES_FOR_INTERVAL})")
+                  + f" | {r['votes']} |" for r in summary["leaderboard"]]
         lines += ["", "## Win rates", "", "| A | B | votes | A wins | B wins | ties | both bad | A's win rate (95% CI) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} | {r['b_wins']} | {r['ties']} | {r['both_bad']} | "

@@ -69,6 +69,15 @@ def system_source(name: str, run) -> tuple[str | None, str | None]:
             raise TuneforgeError(f"system 'finetuned': no adapter in {adapter.resolve()} (nor a merged model); run `tuneforge train` "
                                  "first, or name the run with --run-dir")
         return str(adapter), None
+    if name == "previous":  # the adapter a feedback round started from (feedback/rounds.py keeps it)
+        import json
+
+        try:
+            folder = json.loads(run.sub("adapters", "previous.json").read_text(encoding="utf-8"))["path"]
+        except (OSError, ValueError, KeyError):
+            raise TuneforgeError("system 'previous': this run has not had a feedback round yet (data.feedback: true keeps the "
+                                 "adapter it started from)") from None
+        return folder, None
     kind, _, path = name.partition(":")
     if kind == "adapter" and (Path(path) / "adapter_config.json").exists():
         return path, None
@@ -79,8 +88,11 @@ def system_source(name: str, run) -> tuple[str | None, str | None]:
 
 def available_systems(run) -> list[str]:
     """The systems a run can answer with right now: base, and finetuned once there is an adapter or merged model."""
-    try:
-        system_source("finetuned", run)
-    except TuneforgeError:
-        return ["base"]
-    return ["base", "finetuned"]
+    found = ["base"]
+    for name in ("previous", "finetuned"):
+        try:
+            system_source(name, run)
+        except TuneforgeError:
+            continue
+        found.append(name)
+    return found

@@ -450,8 +450,6 @@ def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: thr
 
     keys = keys or ApiKeys()
     check_binding(host, keys)
-    served = Served(experiment, run, system_prompt, max_batch)
-    app = create_app(served, keys, routers(served) if routers is not None else None, max_upload)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -462,6 +460,9 @@ def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: thr
         raise TuneforgeError(f"cannot listen on {host}:{port}: {describe_os_error(exc)}") from None
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
+    # the port first: a busy port is refused before anything is loaded or written (the platform's state folder)
+    served = Served(experiment, run, system_prompt, max_batch)
+    app = create_app(served, keys, routers(served) if routers is not None else None, max_upload)
     print(f"serving {', '.join(served.names())} at http://{host}:{bound}/v1 (OpenAI-compatible)", flush=True)
     if keys.required:
         print(f"API keys required (projects: {', '.join(keys.projects)})", flush=True)
