@@ -186,3 +186,23 @@ def test_the_page_builds_with_presets_and_a_bounded_queue(tmp_path):
     preset = next(c for c in config["components"] if c["props"].get("elem_id") == "preset")
     assert [choice[0] for choice in preset["props"]["choices"]] == ["(none)", "short poem"]
     assert app._queue.max_size == 5
+
+
+def test_feedback_from_a_logged_in_page_records_who_gave_it(tmp_path):
+    from types import SimpleNamespace
+
+    from tuneforge.demo.app import build_app
+    from tuneforge.feedback.store import FeedbackStore
+
+    run = _run(tmp_path)
+    app = build_app(_experiment(), run, FakeSystems(["base", "base+rag"]))
+    handlers = {block.fn.__name__: block.fn for block in app.fns.values() if block.fn is not None}
+    newest = {"messages": [{"role": "user", "content": "hi"}], "settings": {"temperature": 0.0, "max_tokens": 8},
+              "answer": {"system": "base", "identity": "builtin:x", "text": "hello", "sources": []}}
+    said = handlers["thumb_down_given"](newest, SimpleNamespace(username="ana"))
+    assert said.startswith("Saved: thumbs down")
+    assert handlers["corrected"]("hello", newest, SimpleNamespace(username="ana")).startswith("Edit the answer first")  # unchanged text
+    handlers["corrected"]("Hello! How can I help?", newest, SimpleNamespace(username="ana"))
+    records, _ = FeedbackStore(run.sub("feedback")).read()
+    assert [(r["kind"], r["login"]) for r in records] == [("thumb", "ana"), ("correction", "ana")]
+    assert records[1]["corrected"] == "Hello! How can I help?" and records[1]["answer"]["text"] == "hello"
