@@ -1,6 +1,6 @@
 """`tuneforge serve` as an OpenAI fine-tuning platform, driven by the official `openai` client on loopback, with keys.
 
-One server (the builtin SmolLM2, unquantized, 128-token rows, every job capped at 4 steps with a checkpoint at each)
+One server (the builtin SmolLM2, unquantized, 128-token rows, every job 3 steps long with a checkpoint at each)
 trains real jobs: supervised with pause and resume, the same job uninterrupted for comparison, DPO continuing from
 the first job's model, and a job whose server is killed with SIGKILL and started again. Every body is checked against
 the openai package's own types (tests/wire.py). The wandb integration logs for real, offline.
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONVERSATIONS = REPO / "examples" / "data" / "support" / "conversations.jsonl"
 PREFERENCES = REPO / "examples" / "data" / "support" / "preferences.jsonl"
 ALICE, BOB = f"sk-alice-{os.urandom(12).hex()}", f"sk-bob-{os.urandom(12).hex()}"
-STEPS = 4
+STEPS = 3
 
 
 def _env(workdir: Path) -> dict[str, str]:
@@ -168,7 +168,7 @@ def test_the_wandb_integration_logged_offline(server, paused_job):
 def test_dpo_continues_from_a_fine_tuned_model(server, paused_job):
     pairs = _upload(server, PREFERENCES, 12)
     body = {"model": paused_job["fine_tuned_model"], "training_file": pairs, "suffix": "dpo",
-            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 6}}}}
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}}}
     created = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
     assert created.method.type == "dpo" and created.method.dpo.hyperparameters.beta == 0.2
     job = _wait(server, created.id, ("succeeded", "failed"))
@@ -176,7 +176,8 @@ def test_dpo_continues_from_a_fine_tuned_model(server, paused_job):
     start, tuned = _adapter(server, paused_job["id"]), _adapter(server, job["id"])
     assert start.keys() == tuned.keys() and any((start[k] - tuned[k]).abs().max() > 0 for k in start)  # moved from that adapter
     assert any("(dpo)" in m for m in _events(server, job["id"]))
-    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]] == [2, 1]  # 12 pairs, 6 a step
+    # the server's train.max_steps sets every job's step count
+    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]] == list(range(STEPS, 0, -1))
     reply = server.alice.chat.completions.create(model=job["fine_tuned_model"], max_tokens=8,
                                                  messages=[{"role": "user", "content": "my thermostat restarted at 3am"}])
     assert reply.choices[0].message.content

@@ -122,7 +122,7 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
 
     n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
     learning_rate_multiplier -> a multiple of train.lr (of the auto rate when train.lr is auto), beta -> train.dpo.beta.
-    A server started with train.max_steps keeps that cap: it bounds every job.
+    A server started with train.max_steps keeps it: every job then runs that many steps (it overrides epochs).
     """
     section = train.model_dump()
     section.update(backend="local", resume="never", wandb_project=None, method="dpo" if method == "dpo" else "sft", init_adapter=None)
