@@ -22,14 +22,13 @@ import argparse
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from serve_throughput import free_port
+from serve_throughput import server
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = (REPO / "examples" / "data" / "support" / "conversations.jsonl").read_text().splitlines()[0] + "\n"
@@ -90,34 +89,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
 
-    import openai
-
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-serve-load-"))
     key = f"sk-{secrets.token_urlsafe(24)}"
-    port = free_port()
-    env = {**os.environ, "TUNEFORGE_API_KEYS": f"load:{key}"}
-    log = open(workdir / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
-                             "--run-dir", str(workdir / "run")], cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=600)
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"serve exited with {proc.returncode}; see {log.name}")
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.time() > deadline:
-                    sys.exit("serve did not come up in 10 minutes")
-                time.sleep(0.5)
+    with server(16, workdir, env={**os.environ, "TUNEFORGE_API_KEYS": f"load:{key}"}, api_key=key) as client:
+        pid = client.server_pid
         chat(client, 0, args.max_tokens)  # load the model untimed
-        before = memory(proc.pid)
+        before = memory(pid)
 
         started = time.perf_counter()
         baseline = summary("baseline: one at a time", [chat(client, n, args.max_tokens) for n in range(args.chats)], time.perf_counter() - started)
-        after_baseline = memory(proc.pid)
+        after_baseline = memory(pid)
 
         with ThreadPoolExecutor(args.chats + args.uploads) as pool:
             started = time.perf_counter()
@@ -128,12 +109,8 @@ def main() -> None:
             wall = time.perf_counter() - started
         burst = summary(f"burst: {args.chats} chats at once", chat_results, wall)
         summary(f"burst: {args.uploads} uploads at once", upload_results, wall)
-        after_burst = memory(proc.pid)
+        after_burst = memory(pid)
         alive = chat(client, 0, args.max_tokens)[0] == 200
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
     print(f"\nserver memory (MiB): loaded {before['VmRSS']:.0f}, after baseline {after_baseline['VmRSS']:.0f}, "
           f"after burst {after_burst['VmRSS']:.0f} (peak {after_burst['VmHWM']:.0f})")

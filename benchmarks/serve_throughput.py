@@ -57,15 +57,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(max_batch: int, workdir: Path):
+def server(max_batch: int, workdir: Path, env: dict | None = None, api_key: str = "unused"):
+    """The real server on the quickstart experiment, until the official client gets its model list; yields that
+    client (with the server's pid as `client.server_pid`)."""
     import openai
 
     port = free_port()
     log = open(workdir / f"serve-batch{max_batch}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port),
                              "--run-dir", str(workdir / "run"), "--max-batch", str(max_batch)],
-                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=600)
+    client.server_pid = proc.pid
     try:
         deadline = time.time() + 600
         while True:
