@@ -62,3 +62,33 @@ def test_accelerate_launch_runs_the_train_verb(tmp_path, tiny_model_dir):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "runs" / "ddp" / "manifest.json").read_text())["train"]["steps"] == 4
+
+
+def test_ddp_label_eval_splits_the_valid_prompts_and_gathers_the_same_scores(tmp_path, tiny_model_dir):
+    """Each process scores its share of the valid prompts; the gathered metrics equal one process scoring them all."""
+    import csv
+
+    with open(tmp_path / "reviews.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["review", "sentiment"])
+        for i in range(44):
+            label = ["positive", "negative", "neutral", "positive"][i % 4]
+            writer.writerow([f"{label[:3]} words {i}", label])
+    exp = tmp_path / "labels.yaml"
+    exp.write_text(f"name: ddp-labels\nseed: 5\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
+                   "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
+                   "train: {max_steps: 2, micro_batch_size: 2, grad_accum: 1, eval_every: 2, save_every: 2}\n")
+    base = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]), ("one", [sys.executable])):
+        run = tmp_path / name
+        subprocess.run([sys.executable, "-m", "tuneforge", "prepare", str(exp), "--run-dir", str(run)], cwd=tmp_path, env=ENV, check=True,
+                       capture_output=True)
+        out = subprocess.run([*launcher, "-m", "tuneforge", "train", str(exp), "--run-dir", str(run)], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        base[name] = next(r for r in records if r["step"] == 0 and "eval_accuracy" in r)  # the model before training
+    valid = (tmp_path / "one" / "data" / "valid.jsonl").read_text().splitlines()
+    assert len(valid) >= 4  # both processes score some
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_loss"):
+        assert base["two"][key] == pytest.approx(base["one"][key], rel=1e-4), key

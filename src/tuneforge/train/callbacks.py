@@ -24,7 +24,8 @@ class NonFiniteError(TuneforgeError):
     pass
 
 
-def _distributed():
+def distributed():
+    """torch.distributed when this is one of several processes of a run, else None."""
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
@@ -33,7 +34,7 @@ def _distributed():
 def sum_over_ranks(value: int) -> int:
     """The total of a per-process count over every process of a distributed run (the count itself when alone).
     Every process must call it at the same point."""
-    dist = _distributed()
+    dist = distributed()
     if dist is None:
         return value
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
@@ -43,7 +44,7 @@ def sum_over_ranks(value: int) -> int:
 
 
 def wait_for_every_rank() -> None:
-    dist = _distributed()
+    dist = distributed()
     if dist is not None:
         dist.barrier()
 

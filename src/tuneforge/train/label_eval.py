@@ -31,15 +31,37 @@ class LabelEval:
         self.majority_label, self.majority_accuracy = floor["majority_label"], floor["majority_accuracy"]
 
     def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
-        from tuneforge.eval.classify import label_logprobs
-
-        scores, counts = label_logprobs(model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True)
+        scores, counts = self.score(model, batch_size)
         predicted = scores.argmax(axis=1)
         rows = np.arange(len(self.truth))
         loss = float(-scores[rows, self.truth].sum() / max(counts[rows, self.truth].sum(), 1))
         accuracy = float((predicted == self.truth).mean())
         return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(self.truth, predicted, len(self.labels)),
                 "selection": accuracy - SELECTION_LOSS_WEIGHT * min(loss, 100.0)}
+
+
+    def score(self, model, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every valid prompt's label log-likelihoods and token counts. In a distributed run each process scores
+        every world_size-th prompt and the parts are gathered, so all processes get the whole table for the
+        price of their share."""
+        from tuneforge.eval.classify import label_logprobs
+        from tuneforge.train.callbacks import distributed
+
+        dist = distributed()
+        if dist is None:
+            return label_logprobs(model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = list(range(rank, len(self.prompts), world))
+        empty = np.zeros((0, len(self.labels)))
+        part = (label_logprobs(model, self.encoder, [self.prompts[i] for i in mine], self.labels, batch_size, self.max_length,
+                               return_counts=True) if mine else (empty, empty))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (mine, np.asarray(part[0]), np.asarray(part[1])))
+        scores, counts = np.zeros((len(self.prompts), len(self.labels))), np.zeros((len(self.prompts), len(self.labels)))
+        for rows, part_scores, part_counts in gathered:
+            if rows:
+                scores[rows], counts[rows] = part_scores, part_counts
+        return scores, counts
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> float:
