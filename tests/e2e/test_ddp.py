@@ -66,14 +66,9 @@ def test_accelerate_launch_runs_the_train_verb(tmp_path, tiny_model_dir):
 
 def test_ddp_label_eval_splits_the_valid_prompts_and_gathers_the_same_scores(tmp_path, tiny_model_dir):
     """Each process scores its share of the valid prompts; the gathered metrics equal one process scoring them all."""
-    import csv
+    from tests.reviews import write_reviews
 
-    with open(tmp_path / "reviews.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["review", "sentiment"])
-        for i in range(44):
-            label = ["positive", "negative", "neutral", "positive"][i % 4]
-            writer.writerow([f"{label[:3]} words {i}", label])
+    write_reviews(tmp_path / "reviews.csv", 44, ["positive", "negative", "neutral", "positive"], lambda label, i: f"{label[:3]} words {i}")
     exp = tmp_path / "labels.yaml"
     exp.write_text(f"name: ddp-labels\nseed: 5\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
                    "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"

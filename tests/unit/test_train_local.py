@@ -217,17 +217,11 @@ def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_mode
 
 
 def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path, tiny_model_dir):
-    import csv
-
+    from tests.reviews import write_reviews
     from tuneforge.train.local import train_local
 
     words = {"positive": "great lovely", "negative": "awful broken", "neutral": "fine okay"}
-    with open(tmp_path / "reviews.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["review", "sentiment"])
-        for i in range(60):
-            label = ["positive", "positive", "negative", "neutral"][i % 4]
-            writer.writerow([f"{words[label]} thing {i}", label])
+    write_reviews(tmp_path / "reviews.csv", 60, ["positive", "positive", "negative", "neutral"], lambda label, i: f"{words[label]} thing {i}")
     exp = tmp_path / "exp.yaml"
     exp.write_text(
         f"name: tiny-labels\nseed: 3\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
