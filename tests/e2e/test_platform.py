@@ -111,6 +111,7 @@ def paused_job(server, files):
     assert server.raw("POST", f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
     paused = _wait(server, job.id, ("paused",))
     assert paused["status"] == "paused" and paused["estimated_finish"] is None
+    assert "request" not in paused  # the pending pause lives in the store, not on the job object
     assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job.id}/checkpoints").json()["data"]] == [1]
     resumed = server.raw("POST", f"/fine_tuning/jobs/{job.id}/resume")
     assert resumed.status_code == 200 and resumed.json()["status"] in ("queued", "running")

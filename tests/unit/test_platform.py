@@ -245,6 +245,8 @@ def test_only_one_of_many_claimants_gets_a_queued_job(tmp_path):
     assert len(won) == 1
     assert store.job_row("ftjob-1")["worker"] == f"worker-{won[0]}"
     assert store.update_job("ftjob-1", {"status": "succeeded"}, unless=("running",)) is None  # the guard holds it back
+    assert store.update_job("ftjob-1", {"status": "queued"}, only=("paused",)) is None  # so does `only`
+    assert store.update_job("ftjob-1", {"estimated_finish": 9}, only=("running",))["estimated_finish"] == 9
 
 
 def test_the_json_file_state_of_the_previous_version_is_imported(tmp_path):

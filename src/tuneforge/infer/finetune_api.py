@@ -103,12 +103,14 @@ class Platform:
         self.store.add_event(job_id, {"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
                                       "level": level, "message": message, "data": data or {}, "type": kind})
 
-    def _status(self, job_id: str, status: str, message: str, level: str = "info", **changes) -> dict | None:
-        """Move a job to `status` with an event; a cancelled job stays cancelled whatever the worker was about to say."""
+    def _status(self, job_id: str, status: str, message: str, level: str = "info", request: str | None | bool = False,
+                **changes) -> dict | None:
+        """Move a job to `status` with an event; a cancelled job stays cancelled whatever the worker was about to say.
+        `request` (a pending pause or cancel) is the store's column, not a key of the job object."""
         changes = {"status": status, "estimated_finish": None, **changes}  # only a running job has an estimate
         if status in TERMINAL:
             changes["finished_at"] = int(time.time())
-        obj = self.store.update_job(job_id, changes, unless=("cancelled",))
+        obj = self.store.update_job(job_id, changes, unless=("cancelled",), request=request)
         if obj is not None:
             self._event(job_id, message, level)
         return obj
@@ -158,7 +160,7 @@ class Platform:
         except JobFailed as failure:
             self._fail(job_id, failure)
             return
-        queued = self.store.update_job(job_id, {"status": "queued"}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "validating_files"))
+        queued = self.store.update_job(job_id, {"status": "queued"}, only=("validating_files",))
         if queued is not None:
             self._event(job_id, "Files validated, job queued")
             self.wake.set()
@@ -193,9 +195,9 @@ class Platform:
         section = local_train_section(base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method)
         if extra.get("init_adapter"):
             section["init_adapter"] = extra["init_adapter"]
-        wandb = [i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"]
-        if wandb and _has_wandb():
-            section["wandb_project"] = wandb[0]["project"]
+        wandb = _wandb_settings(obj)
+        if wandb is not None and _has_wandb():
+            section["wandb_project"] = wandb["project"]
         raw = self.experiment.model_dump(mode="json")
         raw.update(train=section, seed=obj["seed"])
         experiment = Experiment.model_validate(raw)
@@ -228,7 +230,7 @@ class Platform:
             raise JobCancelled
         t = experiment.train
         self._event(job_id, f"Training {experiment.model.ref} ({obj['method']['type']}) with epochs={t.epochs}, batch_size={t.batch_size}, "
-                            f"lr={t.lr}" + (f", max_steps={t.max_steps} (server cap)" if t.max_steps else ""))
+                            f"lr={t.lr}" + (f", max_steps={t.max_steps} (the server's step count)" if t.max_steps else ""))
         progress = JobProgress(self, job_id, model_id, project, run.sub("checkpoints"))
         with _wandb(self, job_id, obj):
             summary = train_local(experiment, run, resume=resume_from is not None, progress=False, callbacks=[progress])
@@ -262,8 +264,7 @@ class Platform:
         self._event(job_id, f"Checkpoint created at step {step}")
 
     def _add_file(self, data: bytes, filename: str, purpose: str, project: str) -> dict:
-        obj = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
-               "filename": filename, "purpose": purpose, "status": "processed"}
+        obj = _file_object(new_id("file"), len(data), filename, purpose)
         atomic_write_bytes(self._file_path(obj["id"]), data)
         self.store.add_file(obj, project)
         return obj
@@ -325,7 +326,7 @@ class Platform:
         obj = self._job(job_id, project)
         if obj["status"] != "running":
             raise ApiError(400, f"Only a running job can be paused; job {job_id} is {obj['status']}", code="invalid_request")
-        changed = self.store.update_job(job_id, {}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "running"), request="pause")
+        changed = self.store.update_job(job_id, {}, only=("running",), request="pause")
         if changed is not None:
             self._event(job_id, "Pause requested: the job stops after a checkpoint at its next step")
         return self._job(job_id, project)
@@ -334,7 +335,7 @@ class Platform:
         obj = self._job(job_id, project)
         if obj["status"] != "paused":
             raise ApiError(400, f"Only a paused job can be resumed; job {job_id} is {obj['status']}", code="invalid_request")
-        changed = self.store.update_job(job_id, {"status": "queued"}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "paused"),
+        changed = self.store.update_job(job_id, {"status": "queued"}, only=("paused",),
                                         request=None)
         if changed is not None:
             self._event(job_id, "Fine-tuning job resumed: queued to continue from its checkpoint")
@@ -464,10 +465,15 @@ class Platform:
             size = await run_in_threadpool(_store_bytes, upload.file, self._file_path(file_id))
         finally:
             await form.close()
-        obj = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": upload_name(upload.filename),
-               "purpose": purpose, "status": "processed"}
+        obj = _file_object(file_id, size, upload_name(upload.filename), purpose)
         self.store.add_file(obj, project)
         return obj
+
+
+def _file_object(file_id: str, size: int, filename: str, purpose: str) -> dict:
+    """A stored file as the API shows it (no expires_at or status_details: the schema allows them absent, not null)."""
+    return {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": filename,
+            "purpose": purpose, "status": "processed"}
 
 
 def _store_bytes(source, target: Path) -> int:
@@ -506,15 +512,19 @@ def _has_wandb() -> bool:
     return importlib.util.find_spec("wandb") is not None
 
 
+def _wandb_settings(obj: dict) -> dict | None:
+    """The job's wandb integration settings (project, name, entity, tags), or None without one."""
+    return next((i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"), None)
+
+
 @contextlib.contextmanager
 def _wandb(platform: Platform, job_id: str, obj: dict):
     """A job's wandb integration: the trainer logs to that project (WANDB_MODE and the login come from the server's
     environment); without wandb installed the integration stays recorded and nothing is logged."""
-    found = [i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"]
-    if not found or not _has_wandb():
+    settings = _wandb_settings(obj)
+    if settings is None or not _has_wandb():
         yield
         return
-    settings = found[0]
     values = {"WANDB_PROJECT": settings["project"], "WANDB_NAME": settings.get("name") or job_id, "WANDB_RUN_ID": job_id,
               "WANDB_RESUME": "allow", "WANDB_ENTITY": settings.get("entity"), "WANDB_TAGS": ",".join(settings.get("tags") or []) or None,
               "WANDB_LOG_MODEL": "false"}
@@ -559,7 +569,7 @@ def _progress_callback_class():
             done = state.global_step - self.first_step
             if done > 0 and state.max_steps:  # the mean step time so far, times the steps left
                 left = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step)
-                store.update_job(self.job_id, {"estimated_finish": int(time.time() + left)}, unless=tuple(s for s in (*ACTIVE, *TERMINAL) if s != "running"))
+                store.update_job(self.job_id, {"estimated_finish": int(time.time() + left)}, only=("running",))
             if store.request_of(self.job_id) == "pause" and state.global_step < state.max_steps:
                 control.should_save = True  # the checkpoint that resume continues from
                 self.pausing = True

@@ -145,12 +145,13 @@ class Store:
         return [self.job_row(r[0]) | {"id": r[0]} for r in rows]
 
     def update_job(self, job_id: str, changes: dict[str, Any], unless: tuple[str, ...] = (), request: str | None | bool = False,
-                   worker: str | None | bool = False, extra: dict | None = None) -> dict | None:
+                   worker: str | None | bool = False, extra: dict | None = None, only: tuple[str, ...] = ()) -> dict | None:
         """Apply `changes` to the job object (and the request/worker columns when given) in one transaction, unless
-        its status is one of `unless`; the job object after, or None when the guard held it back."""
+        its status is one of `unless` (or, with `only`, is not one of those); the job object after, or None when the
+        guard held it back."""
         with self.transaction() as db:
             row = db.execute("SELECT obj, status, extra FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row[1] in unless:
+            if row is None or row[1] in unless or (only and row[1] not in only):
                 return None
             obj = {**json.loads(row[0]), **changes}
             sets, args = ["obj = ?", "status = ?"], [json.dumps(obj), obj["status"]]
