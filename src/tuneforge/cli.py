@@ -368,6 +368,42 @@ def _question_source_pairs(experiment) -> list[tuple[str, str]]:
     return pairs
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tuneforge.run import RunDir
+    from tuneforge.sweep import run_sweep
+
+    experiment = _experiment(args)
+    root = RunDir(experiment, args.run_dir).path / "sweep"
+    result = run_sweep(experiment, root, args.overrides, executor=args.executor, ray_address=args.ray_address)
+    counts: dict[str, int] = {}
+    for point in result["points"]:
+        counts[point.get("status", "not run")] = counts.get(point.get("status", "not run"), 0) + 1
+    print("\nsweep: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    if result["best"]:
+        print(f"best point: {result['best']['run']} ({result['best']['value']:.4g}); "
+              f"report: {result['compare'] / 'compare.html'} (compare.json, best.yaml beside it)")
+    failed = counts.get("failed", 0)
+    if failed:
+        print(f"{failed} point{'s' if failed > 1 else ''} failed (see point.json in their folders); "
+              "run the sweep again to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tuneforge.compare import compare_runs
+
+    paths = [Path(p) for p in args.runs]
+    sweeps = [p for p in paths if (p / "sweep.json").is_file()]
+    out = Path(args.out) if args.out else (sweeps[0] / "compare" if len(paths) == 1 and sweeps else Path("runs") / "compare")
+    folder = compare_runs(paths, out, metric=args.metric, goal=args.goal)
+    import json
+
+    summary = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+    print((folder / "compare.md").read_text(encoding="utf-8"), end="")
+    print(f"report: {folder / 'compare.html'} (compare.json, compare.md, charts{', best.yaml' if summary['best'] else ''})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tuneforge.eval.harness import run_eval
 
@@ -420,6 +456,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "demo": (cmd_demo, "open the Gradio chat page"),
     "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
     "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
+    "sweep": (cmd_sweep, "run the experiment once per point of its sweep section, then compare the points"),
+    "compare": (cmd_compare, "one report across runs or a sweep: settings, curves, metrics, judge, cost, the best"),
     "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
     "feedback": (cmd_feedback, "what the demo's users said: leaderboard and win rates; `feedback export FILE`: training files"),
     "import-openai": (cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and settings"),
@@ -453,11 +491,23 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="write over an experiment imported before")
             sub.set_defaults(func=func, overrides=[])
             continue
+        if verb == "compare":  # run folders, not an experiment file
+            sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or a sweep folder (runs/<name>/sweep)")
+            sub.add_argument("--metric", help="what ranks the runs: <system>.<metric> or <metric> of finetuned "
+                                              "(default: the sweep's, else finetuned accuracy or similarity)")
+            sub.add_argument("--goal", choices=["max", "min"], help="whether higher or lower is better (default: max, min for perplexity)")
+            sub.add_argument("--out", help="report folder (default: <sweep>/compare for one sweep, else runs/compare)")
+            sub.set_defaults(func=func, overrides=[])
+            continue
         if verb == "rag":
             sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
         if verb == "feedback":
             sub.add_argument("action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files")
         _add_common(sub, file_required=verb not in ("config", "feedback"))
+        if verb == "sweep":
+            sub.add_argument("--executor", choices=["local", "ray"], default="local",
+                             help="local: points one after another; ray: as tasks on a Ray cluster, one GPU each where it has GPUs")
+            sub.add_argument("--ray-address", help="the Ray cluster (default: RAY_ADDRESS; without either, a local Ray instance)")
         if verb in ("train", "run"):
             sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
             sub.add_argument("--yes", action="store_true", help="openai backend: accept the cost estimate without asking")

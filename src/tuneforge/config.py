@@ -357,6 +357,71 @@ class DemoSection(Section):
     """Chat or compare requests answered at once; each local model still generates one answer at a time."""
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+class Range(Section):
+    low: float
+    """Smallest value drawn."""
+    high: float
+    """Largest value drawn."""
+    log: bool = False
+    """Draw uniformly on a log scale (learning rates); needs low > 0."""
+    integer: bool = False
+    """Round each draw to a whole number (ranks, batch sizes)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) is below low ({self.low})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        return self
+
+
+class SweepSection(Section):
+    """`tuneforge sweep FILE` runs the experiment once per point under runs/<name>/sweep/<point>/."""
+
+    grid: bool = False
+    """Every combination of the params' values (the default when random is unset)."""
+    random: int | None = Field(None, gt=0)
+    """Draw this many points instead of the whole grid (seeded by the experiment seed, without repeats); params may then also be ranges {low, high, log, integer}."""
+    params: dict[str, Union[list[Any], Range]]
+    """Dotted experiment keys and the values each point takes, e.g. {"train.lr": [1e-4, 2e-4], "lora.r": [8, 16], "data.train": [a.jsonl, b.jsonl]}."""
+    metric: str = "auto"
+    """The eval metric that ranks the points: a metric of metrics.json, for the finetuned system unless named as <system>.<metric> (e.g. finetuned+rag.rouge_l). auto: accuracy with data.label, else similarity."""
+    goal: Literal["auto", "max", "min"] = "auto"
+    """Whether a higher or a lower metric is better. auto: min for perplexity, else max."""
+    early_stop: bool = False
+    """Median stopping rule: from its second evaluation on, a point stops when its best valid value so far (accuracy with data.label, else loss) is behind the median of the finished points' best values at the same epoch by more than early_stop_margin. A stopped point keeps its adapter and is not evaluated."""
+    early_stop_margin: float = Field(0.02, ge=0.0)
+    """How far behind counts as clearly behind: absolute for accuracy, relative for loss (0.02: 2%)."""
+
+    @field_validator("params")
+    @classmethod
+    def _params_usable(cls, params: dict) -> dict:
+        if not params:
+            raise ValueError("needs at least one key, e.g. {\"train.lr\": [1e-4, 2e-4]}")
+        problems = []
+        for key, values in params.items():
+            if key.split(".")[0] in ("sweep", "name"):
+                problems.append(f"{key}: cannot be swept (each point is the experiment itself, in its own folder)")
+            elif isinstance(values, list) and not values:
+                problems.append(f"{key}: empty list; give at least one value")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return params
+
+    @model_validator(mode="after")
+    def _one_way_to_draw(self) -> SweepSection:
+        if self.grid and self.random is not None:
+            raise ValueError("set grid: true or random: N, not both")
+        ranges = [k for k, v in self.params.items() if isinstance(v, Range)]
+        if ranges and self.random is None:
+            raise ValueError(f"params {', '.join(ranges)} are ranges: a grid needs lists of values (or set random: N)")
+        return self
+
+
 # --------------------------------------------------------------------------- experiment
 
 
@@ -379,6 +444,8 @@ class Experiment(Section):
     """Which systems to compare, on which data."""
     demo: DemoSection = DemoSection()
     """The Gradio page."""
+    sweep: SweepSection | None = None
+    """Variants of this experiment for `tuneforge sweep`; ignored by every other verb."""
 
     _source: Path | None = PrivateAttr(None)
 
@@ -513,8 +580,11 @@ def _duplicate_keys(text: str) -> list[str]:
     return found
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read, override and validate an experiment file; raise ConfigError listing every problem."""
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (), point: dict[str, Any] | None = None) -> Experiment:
+    """Read, override and validate an experiment file; raise ConfigError listing every problem.
+
+    `point`: one sweep point's dotted keys and values, set after the overrides; the sweep section is dropped,
+    so the result is a plain run. Problems with them are named `sweep.params <key>`."""
     import yaml
 
     path = Path(path)
@@ -541,11 +611,18 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"the file must be a mapping of sections, got {type(raw).__name__}"])
 
-    overridden: set[tuple[str, ...]] = set()
+    overridden: dict[tuple[str, ...], str] = {}
     for text_override in overrides:
         keys, value = parse_override(text_override)
         _set_dotted(raw, keys, value, text_override)
-        overridden.add(tuple(keys))
+        overridden[tuple(keys)] = "override "
+    if point is not None:
+        raw.pop("sweep", None)
+        lines = _key_lines(text)
+        for dotted, value in point.items():
+            _set_dotted(raw, dotted.split("."), value, f"sweep.params {dotted}")
+            line = lines.get(("sweep", "params", dotted))
+            overridden[tuple(dotted.split("."))] = f"{f'line {line}: ' if line else ''}sweep.params {value!r} for "
 
     try:
         experiment = Experiment.model_validate(raw)

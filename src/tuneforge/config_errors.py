@@ -77,8 +77,10 @@ def _looks_like_key(item: str) -> bool:
     return not any(ch in item for ch in "[]'(")
 
 
-def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]) -> list[str]:
-    """One line per problem: where, the dotted key, the value, what is allowed, a did-you-mean."""
+def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tuple[str, ...], int],
+                    overridden: dict[tuple[str, ...], str]) -> list[str]:
+    """One line per problem: where, the dotted key, the value, what is allowed, a did-you-mean.
+    `overridden`: keys set from outside the file's text, each with the words that say where (an override, a sweep point)."""
     details: dict[str, list[str]] = {}
     values: dict[str, str] = {}
     where: dict[str, str] = {}
@@ -119,7 +121,7 @@ def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tup
             details[key].append(detail)
         tup = tuple(parts)
         if tup in overridden:
-            where[key] = "override "
+            where[key] = overridden[tup]
         elif tup in lines:
             where[key] = f"line {lines[tup]}: "
         elif tup[:-1] in lines:

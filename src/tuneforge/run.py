@@ -31,6 +31,7 @@ class RunDir:
     def __init__(self, experiment: Experiment, run_dir: str | Path | None = None):
         self.experiment = experiment
         self.path = Path(run_dir) if run_dir else Path("runs") / experiment.name
+        self.eval_cache: Path | None = None  # a sweep's points share one answer cache; else eval/cache/
 
     def sub(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)

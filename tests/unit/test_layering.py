@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tuneforge.infer.engine", "tuneforge.infer.generation", "tuneforge.infer.batcher", "tuneforge.infer.vllm_engine"),
     ("tuneforge.systems",),
     ("tuneforge.train", "tuneforge.eval", "tuneforge.infer", "tuneforge.demo", "tuneforge.feedback"),
+    ("tuneforge.sweep", "tuneforge.compare"),
     ("tuneforge.cli", "tuneforge.__main__"),
 ]
 RANK = {prefix: rank for rank, names in enumerate(LAYERS) for prefix in names}

@@ -68,16 +68,20 @@ class Cache:
 
     def __init__(self, folder: Path, system: str):
         self.path = folder / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', system)}.jsonl"
-        self.entries: dict[str, Any] = {}
         self.hits = self.misses = 0
+        self.entries = self._read()
+        self.dirty = False
+
+    def _read(self) -> dict[str, Any]:
+        entries: dict[str, Any] = {}
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
-                    self.entries[record["key"]] = record["value"]
+                    entries[record["key"]] = record["value"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a damaged line is just recomputed
-        self.dirty = False
+        return entries
 
     def get(self, k: str) -> Any:
         if k in self.entries:
@@ -101,6 +105,13 @@ class Cache:
         return round(sum(self.entries[k].get("seconds", 0.0) for k in dict.fromkeys(keys)), 2)
 
     def save(self) -> None:
-        if self.dirty:
-            atomic_write_jsonl(self.path, ({"key": k, "value": v} for k, v in self.entries.items()))
-            self.dirty = False
+        """Write the entries, merged with what others (a sweep's points running at once) wrote since this was read."""
+        if not self.dirty:
+            return
+        import fcntl
+
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = {**self._read(), **self.entries}
+            atomic_write_jsonl(self.path, ({"key": k, "value": v} for k, v in merged.items()))
+        self.dirty = False

@@ -97,7 +97,7 @@ class Evaluation:
         self.progress = progress
         self.settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, temperature=0.0, seed=experiment.seed)
         self.max_length = experiment.eval.max_length or experiment.data.max_length
-        self.cache_dir = run.sub("eval", "cache")
+        self.cache_dir = getattr(run, "eval_cache", None) or run.sub("eval", "cache")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def outcome(self, name: str) -> Outcome:
@@ -317,6 +317,9 @@ def run_eval(experiment, run, systems=None, progress: bool = True) -> int:
     if experiment.eval.judge is not None:
         judged = judge_pairs(experiment, run, evaluation, items, outcomes)
     folder = report.write(run.sub("eval"), items, labels, outcomes, table, per_example, judged, experiment)
+    # what was evaluated, so `tuneforge compare` can tell runs scored on the same examples from the rest
+    run.record("eval", {"mode": mode, "items": len(items), "systems": names, "sample": experiment.eval.sample,
+                        "eval_set": key([(i.id, i.prompt, i.reference, i.label) for i in items])[:16]})
     print(report.summary_table(table, labels is not None))
     if judged:
         for pair in judged["pairs"]:
