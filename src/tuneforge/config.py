@@ -622,7 +622,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         for dotted, value in point.items():
             _set_dotted(raw, dotted.split("."), value, f"sweep.params {dotted}")
             line = lines.get(("sweep", "params", dotted))
-            overridden[tuple(dotted.split("."))] = f"{f'line {line}: ' if line else ''}sweep.params {value!r} for "
+            overridden[tuple(dotted.split("."))] = f"{f'line {line}: ' if line else ''}sweep.params "
 
     try:
         experiment = Experiment.model_validate(raw)

@@ -282,7 +282,7 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
     run = RunDir(experiment, folder)
     run.eval_cache = Path(eval_cache)
     run.start("sweep")
-    record = {"values": values, "status": "running", "started": time.time(), "host": os.uname().nodename}
+    record = {"values": values, "status": "running", "started": time.time(), "host": os.uname().nodename, "pid": os.getpid()}
     atomic_write_json(run.sub(POINT), record)
     try:
         shared_manifest = json.loads((Path(shared) / "manifest.json").read_text(encoding="utf-8"))
@@ -295,6 +295,9 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
         if early_stop is not None:
             stopper = MedianStop(run.path.parent, run.path.name, experiment.data.label is not None, early_stop)
         resume = cb.latest_complete_checkpoint(run.sub("checkpoints")) is not None
+        if resume:
+            print(f"point {run.path.name}: resuming its interrupted training from {cb.latest_complete_checkpoint(run.sub('checkpoints')).name}",
+                  flush=True)
         summary = train_local(experiment, run, resume=resume, callbacks=[stopper] if stopper else None)
         if stopper is not None and stopper.reason:
             record.update(status="stopped", reason=stopper.reason, steps=summary.get("steps"))

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-VERBS = ["prepare", "train", "generate", "chat", "merge", "rag", "eval", "demo", "serve", "run", "config"]
+VERBS = ["prepare", "train", "generate", "chat", "merge", "rag", "eval", "demo", "serve", "run", "sweep", "compare", "config"]
 
 
 def tuneforge(*args, cwd=None):
@@ -132,7 +132,7 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
 # every verb with the arguments it needs, run against a file that is not there and a run folder that cannot be made
 VERB_ARGS = {
     "prepare": [], "train": [], "generate": ["--input", "p.jsonl", "--output", "o.jsonl"], "chat": [], "merge": [],
-    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [], "feedback": [],
+    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [], "feedback": [], "sweep": [], "compare": [],
 }
 
 
