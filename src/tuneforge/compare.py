@@ -236,7 +236,7 @@ def curves_chart(runs: list[Run]) -> bytes | None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for n, run in enumerate(runs):
-        look = {"color": colours[n % len(colours)], "linestyle": styles[(n // len(colours)) % len(styles)], "label": run.label}
+        look = {"color": colours[n % len(colours)], "linestyle": styles[n % len(styles)], "label": run.label}  # overlaps stay visible
         for ax, (key, _) in zip(axes, panels):
             points = [(r["epoch"], r[key]) for r in run.curve if key in r and (key != "loss" or r.get("step", 0) > 0)]
             if not points:

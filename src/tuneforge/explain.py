@@ -30,6 +30,11 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sections = models_in(field.annotation)
+        if sections and typing.get_origin(field.annotation) is dict:  # sweep.params: any key, each a list or a range
+            rows.append((key, "mapping of dotted key -> list | range", "(required)" if field.default is PydanticUndefined
+                         else repr(field.default), field.description or ""))
+            rows.extend(_rows(sections[0], f"{key}.<key>."))
+            continue
         if sections:
             optional = field.default is None
             if len(sections) == 1:

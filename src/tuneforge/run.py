@@ -32,6 +32,7 @@ class RunDir:
         self.experiment = experiment
         self.path = Path(run_dir) if run_dir else Path("runs") / experiment.name
         self.eval_cache: Path | None = None  # a sweep's points share one answer cache; else eval/cache/
+        self.base_eval_cache: Path | None = None  # ... and the base model's valid metrics at step 0 of training
 
     def sub(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)

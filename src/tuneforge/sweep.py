@@ -280,7 +280,7 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
 
     experiment = load_experiment(source, overrides, point=values)
     run = RunDir(experiment, folder)
-    run.eval_cache = Path(eval_cache)
+    run.eval_cache = run.base_eval_cache = Path(eval_cache)
     run.start("sweep")
     record = {"values": values, "status": "running", "started": time.time(), "host": os.uname().nodename, "pid": os.getpid()}
     atomic_write_json(run.sub(POINT), record)
@@ -307,6 +307,11 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
             record.update(status="done", value=(metrics.get(metric[0]) or {}).get(metric[1]), steps=summary.get("steps"))
     except TuneforgeError as exc:
         record.update(status="failed", error=str(exc))
+    except Exception as exc:  # out of memory at a large rank, a library fault: this point fails, the others still run
+        import traceback
+
+        traceback.print_exc()
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     record["finished"] = time.time()
     atomic_write_json(run.sub(POINT), record)
     return record
@@ -366,28 +371,21 @@ def _refuse_changed(root: Path, points: list[Point]) -> None:
     """A finished point whose resolved experiment differs from what the file now says would mix two experiments."""
     import yaml
 
+    from tuneforge.compare import flat
+
     changed = []
     for point in points:
         folder = root / point.slug
         if _read_json(folder / POINT).get("status") not in FINAL or not (folder / "config.yaml").exists():
             continue
-        before = _flat(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
-        now = _flat(point.experiment.model_dump(mode="json"))
+        before = flat(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+        now = flat(point.experiment.model_dump(mode="json"))
         keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if keys:
             changed.append(f"{point.slug} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
     if changed:
         raise TuneforgeError(f"the experiment changed since these finished points ran: {'; '.join(changed)}. "
                              f"Their results would not compare with new ones: sweep into a new --run-dir, or delete those folders under {root}")
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def _prepare_shared(root: Path, todo: list[Point]) -> dict[str, Path]:

@@ -97,6 +97,11 @@ def test_grid_shares_preparation_resumes_after_a_kill_and_compares_the_four_poin
     assert len(inodes) == 1
     assert len(re.findall(r"scoring labels \(base\):\s+0%", said + again.stdout + again.stderr)) == 1  # one bar starts
     assert len((root / "eval-cache" / "base.jsonl").read_text().splitlines()) == 6  # the 6 valid reviews
+    # ... and the base model's valid metrics before training (step 0) were computed by the first point alone
+    step0 = [json.loads((root / p / "metrics.jsonl").read_text().splitlines()[0]) for p in POINTS]
+    assert all(r["step"] == 0 and "eval_accuracy" in r for r in step0)
+    assert all({k: v for k, v in r.items() if k != "epoch"} == {k: v for k, v in step0[0].items() if k != "epoch"} for r in step0)
+    assert (said + again.stdout).count("valid metrics at step 0: the same as an earlier point's") == 3
 
     # the report the sweep wrote, and `tuneforge compare` run by hand
     summary = json.loads((root / "compare" / "compare.json").read_text())

@@ -106,6 +106,32 @@ def data_fingerprint(experiment, run, training, quantization: str = "none") -> d
     }
 
 
+def base_evaluation(trainer, run, identity: dict[str, Any] | None) -> dict[str, float]:
+    """The base model's valid metrics before the first step, logged as step 0.
+
+    A sweep's points share them (run.base_eval_cache): a fresh LoRA adapter changes nothing at step 0, so points
+    that differ only in how they train would each compute the same numbers. `identity` is what they depend on;
+    None (training from an earlier adapter) always evaluates."""
+    import hashlib
+
+    folder = getattr(run, "base_eval_cache", None)
+    if folder is None or identity is None:
+        return trainer.evaluate()
+    path = Path(folder) / f"step0-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        trainer.log(metrics)
+        if is_main_process():
+            print(f"the base model's valid metrics at step 0: the same as an earlier point's ({path.name})", flush=True)
+        return metrics
+    metrics = trainer.evaluate()
+    if is_main_process():
+        from tuneforge.atomic import atomic_write_json
+
+        atomic_write_json(path, metrics)
+    return metrics
+
+
 def add_adapters(model, experiment, plan, start: Path | None = None):
     """LoRA adapters on the base (or the full model, with full_finetune); `start`: continue training that adapter."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training

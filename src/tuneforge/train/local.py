@@ -12,7 +12,7 @@ from typing import Any
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.common import (  # noqa: F401  (re-exported: the CLI and tests import them from here)
-    add_adapters, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter, print_plan, resume_point,
+    add_adapters, base_evaluation, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter, print_plan, resume_point,
     trainer_arguments, training_callbacks, world_size, _from_log,
 )
 
@@ -150,8 +150,13 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
 
     # ------------------------------------------------------------------ train
     base_metrics = None
-    if resume_from is None and valid_rows:
-        base_metrics = trainer.evaluate()  # the base model's loss (and valid accuracy), logged as step 0
+    if resume_from is None and valid_rows:  # the base model's loss (and valid accuracy), logged as step 0
+        identity = None if start_adapter else {
+            "model": experiment.model.model_dump(mode="json"), "quantization": plan.quantization, "dtype": plan.dtype,
+            "valid_sha256": fingerprint["valid_sha256"], "max_length": max_length, "packing": training.packing,
+            "eval_batch": args.per_device_eval_batch_size, "labels": labels if labelled else None, "dora": experiment.lora.dora,
+            "full_finetune": t.full_finetune, "world_size": world_size()}
+        base_metrics = base_evaluation(trainer, run, identity)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
