@@ -329,19 +329,20 @@ def run_sweep(experiment: Experiment, root: Path, overrides: list[str] | tuple[s
     system, metric, goal = metric_of(experiment)
     root = root.resolve()
     _refuse_changed(root, points)
+    keys = {p.slug: prepare_key(p.experiment) for p in points}  # hashes the data files once
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / STATE, {
         "source": str(experiment._source), "overrides": list(overrides), "metric": f"{system}.{metric}", "goal": goal,
         "executor": executor, "early_stop": experiment.sweep.early_stop,
-        "points": [{"slug": p.slug, "values": p.values, "prepared": prepare_key(p.experiment)} for p in points],
+        "points": [{"slug": p.slug, "values": p.values, "prepared": keys[p.slug]} for p in points],
     })
     todo = [p for p in points if _read_json(root / p.slug / POINT).get("status") not in FINAL]
     done = len(points) - len(todo)
     print(f"sweep: {len(points)} points ({'random' if experiment.sweep.random else 'grid'} over {', '.join(experiment.sweep.params)}), "
           f"ranked by {system}.{metric} ({goal}); {done} finished before, {len(todo)} to run, in {root}", flush=True)
-    shared = _prepare_shared(root, todo)
+    shared = _prepare_shared(root, todo, keys)
     jobs = [dict(source=str(experiment._source), overrides=list(overrides), values=p.values, folder=str(root / p.slug),
-                 shared=str(shared[prepare_key(p.experiment)]), eval_cache=str(root / "eval-cache"), metric=(system, metric),
+                 shared=str(shared[keys[p.slug]]), eval_cache=str(root / "eval-cache"), metric=(system, metric),
                  early_stop=experiment.sweep.early_stop_margin if experiment.sweep.early_stop else None) for p in todo]
     if executor == "ray":
         _run_on_ray(jobs, ray_address, any(p.experiment.model.device != "cpu" for p in todo))
@@ -388,7 +389,7 @@ def _refuse_changed(root: Path, points: list[Point]) -> None:
                              f"Their results would not compare with new ones: sweep into a new --run-dir, or delete those folders under {root}")
 
 
-def _prepare_shared(root: Path, todo: list[Point]) -> dict[str, Path]:
+def _prepare_shared(root: Path, todo: list[Point], keys: dict[str, str]) -> dict[str, Path]:
     """Prepare once per group of points whose data settings agree (and build their retriever index once)."""
     from tuneforge.data.prepare import prepare
     from tuneforge.models import load_tokenizer
@@ -397,7 +398,7 @@ def _prepare_shared(root: Path, todo: list[Point]) -> dict[str, Path]:
 
     folders: dict[str, Path] = {}
     for point in todo:
-        key = prepare_key(point.experiment)
+        key = keys[point.slug]
         if key in folders:
             continue
         folder = folders[key] = root / "prepared" / key
@@ -405,7 +406,7 @@ def _prepare_shared(root: Path, todo: list[Point]) -> dict[str, Path]:
         if (folder / "data" / "report.json").exists() and run.read_manifest().get("data"):
             print(f"prepared data {key}: reused from {folder}", flush=True)
         else:
-            sharing = sum(prepare_key(p.experiment) == key for p in todo)
+            sharing = sum(keys[p.slug] == key for p in todo)
             print(f"preparing the data once for {sharing} point{'s' if sharing > 1 else ''} into {folder}", flush=True)
             run.start("sweep prepare")
             prepare(point.experiment, run, load_tokenizer(point.experiment.model), retrieve=augment_examples)
