@@ -52,7 +52,8 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
     from tuneforge.run import RunDir
     from tuneforge.train.local import train_local
 
-    experiment = load_experiment(REPO / "configs" / "quickstart.yaml", ["train.max_steps=6", "train.lr=1e-3", "train.eval_every=6", "data.sample=48", "data.rag=false"])
+    experiment = load_experiment(REPO / "configs" / "quickstart.yaml", ["train.max_steps=6", "train.lr=1e-3", "train.eval_every=6", "data.sample=48", "data.rag=false",
+                                                                           "model.quantization=4bit"])
     run = RunDir(experiment, tmp_path / "run").start("train")
     prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     summary = train_local(experiment, run, progress=False)
