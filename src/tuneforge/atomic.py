@@ -79,6 +79,14 @@ def atomic_write_jsonl(target: str | os.PathLike, records: Any) -> Path:
     return Path(target)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSONL file written by atomic_write_jsonl (blank lines skipped); [] when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `target` as a whole if the block succeeds.

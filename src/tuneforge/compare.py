@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from tuneforge.errors import TuneforgeError
 
 HEADLINE = {"classification": ("accuracy", "macro_f1", "roc_auc"),
@@ -68,10 +68,7 @@ def _read_run(path: Path, label: str) -> Run:
     import yaml
 
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    curve = []
-    if (path / "metrics.jsonl").exists():
-        curve = [json.loads(line) for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Run(label, path, config, _json(path / "manifest.json", {}), curve, _json(path / "eval" / "metrics.json", {}),
+    return Run(label, path, config, _json(path / "manifest.json", {}), read_jsonl(path / "metrics.jsonl"), _json(path / "eval" / "metrics.json", {}),
                _json(path / "point.json", {}))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneforge.atomic import atomic_dir, atomic_write_json, file_sha256
+from tuneforge.atomic import atomic_dir, atomic_write_json, file_sha256, read_jsonl
 from tuneforge.config import Experiment, Range, SweepSection, load_experiment
 from tuneforge.errors import ConfigError, TuneforgeError
 
@@ -232,7 +232,7 @@ def _finished_curves(root: Path, me: str) -> list[list[dict]]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != me):
         status = _read_json(folder / POINT).get("status")
         if status in FINAL and (folder / "metrics.jsonl").exists():
-            curves.append([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()])
+            curves.append(read_jsonl(folder / "metrics.jsonl"))
     return curves
 
 

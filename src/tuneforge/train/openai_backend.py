@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
+from tuneforge.atomic import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tuneforge.errors import TuneforgeError
 
 STATE = "openai_job.json"
@@ -206,7 +206,7 @@ def watch(client, experiment, run, state: dict[str, Any]) -> int:
     import openai
 
     job_id, poll = state["job_id"], experiment.train.poll_seconds
-    metrics = {r["step"]: r for r in _read_jsonl(run.sub("metrics.jsonl"))}
+    metrics = {r["step"]: r for r in read_jsonl(run.sub("metrics.jsonl"))}
     failures = 0
     try:
         while True:
@@ -296,7 +296,3 @@ def cancel_job(client, run) -> int:
     return 0
 
 
-def _read_jsonl(path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
