@@ -395,12 +395,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.runs]
     sweeps = [p for p in paths if (p / "sweep.json").is_file()]
     out = Path(args.out) if args.out else (sweeps[0] / "compare" if len(paths) == 1 and sweeps else Path("runs") / "compare")
-    folder = compare_runs(paths, out, metric=args.metric, goal=args.goal)
-    import json
-
-    summary = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
-    print((folder / "compare.md").read_text(encoding="utf-8"), end="")
-    print(f"report: {folder / 'compare.html'} (compare.json, compare.md, charts{', best.yaml' if summary['best'] else ''})")
+    summary = compare_runs(paths, out, metric=args.metric, goal=args.goal)
+    print((out / "compare.md").read_text(encoding="utf-8"), end="")
+    print(f"report: {out / 'compare.html'} (compare.json, compare.md, charts{', best.yaml' if summary['best'] else ''})")
     return 0
 
 

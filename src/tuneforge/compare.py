@@ -388,8 +388,8 @@ def page(summary: dict, charts: dict[str, bytes]) -> str:
             f"<body>{''.join(parts)}</body></html>\n")
 
 
-def compare_runs(paths: list[Path], out: Path, metric: str | None = None, goal: str | None = None) -> Path:
-    """Write the report into `out`; returns it."""
+def compare_runs(paths: list[Path], out: Path, metric: str | None = None, goal: str | None = None) -> dict:
+    """Write the report into `out`; returns its figures (what compare.json holds)."""
     runs, sweep = load_runs(paths)
     summary = summarise(runs, sweep, metric, goal)
     charts = {name: png for name, png in (("curves.png", curves_chart(runs)), ("metrics.png", metrics_chart(summary))) if png}
@@ -408,4 +408,4 @@ def compare_runs(paths: list[Path], out: Path, metric: str | None = None, goal: 
     atomic_write_json(out / "compare.json", summary)
     atomic_write_text(out / "compare.md", markdown(summary))
     atomic_write_text(out / "compare.html", page(summary, charts))
-    return out
+    return summary

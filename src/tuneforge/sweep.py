@@ -294,11 +294,10 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
         stopper = None
         if early_stop is not None:
             stopper = MedianStop(run.path.parent, run.path.name, experiment.data.label is not None, early_stop)
-        resume = cb.latest_complete_checkpoint(run.sub("checkpoints")) is not None
-        if resume:
-            print(f"point {run.path.name}: resuming its interrupted training from {cb.latest_complete_checkpoint(run.sub('checkpoints')).name}",
-                  flush=True)
-        summary = train_local(experiment, run, resume=resume, callbacks=[stopper] if stopper else None)
+        checkpoint = cb.latest_complete_checkpoint(run.sub("checkpoints"))
+        if checkpoint is not None:
+            print(f"point {run.path.name}: resuming its interrupted training from {checkpoint.name}", flush=True)
+        summary = train_local(experiment, run, resume=checkpoint is not None, callbacks=[stopper] if stopper else None)
         if stopper is not None and stopper.reason:
             record.update(status="stopped", reason=stopper.reason, steps=summary.get("steps"))
         else:
@@ -354,8 +353,8 @@ def run_sweep(experiment: Experiment, root: Path, overrides: list[str] | tuple[s
     results = [{"slug": p.slug, **_read_json(root / p.slug / POINT)} for p in points]
     best, report = None, None
     if any(r.get("status") == "done" for r in results):
-        report = compare_runs([root], root / "compare")
-        best = _read_json(report / "compare.json").get("best")  # ties go to the lower valid loss there
+        report = root / "compare"
+        best = compare_runs([root], report)["best"]  # ties go to the lower valid loss there
     return {"points": results, "best": best, "compare": report}
 
 

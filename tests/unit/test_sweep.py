@@ -166,7 +166,8 @@ def test_compare_lists_differences_ranks_with_ties_to_the_lower_loss_and_writes_
     source = str(tmp_path / "exp.yaml")
     runs = [_run(tmp_path, "a", 1e-4, 0.8, 1.2, source=source), _run(tmp_path, "b", 2e-4, 0.8, 1.1, source=source),
             _run(tmp_path, "c", 3e-4, 0.7, 0.9, source=source)]
-    out = compare_runs(runs, tmp_path / "report")
+    out = tmp_path / "report"
+    compare_runs(runs, out)
     summary = json.loads((out / "compare.json").read_text())
     assert summary["differing"] == ["train.lr"] and summary["metric"] == "finetuned.accuracy"
     assert summary["best"]["run"] == "b"  # ties with a on accuracy, lower final valid loss
@@ -177,7 +178,8 @@ def test_compare_lists_differences_ranks_with_ties_to_the_lower_loss_and_writes_
     assert "| b (best) |" in text and "all 3 runs | base" in text
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and (out / "metrics.png").exists()
     assert "<img" in (out / "compare.html").read_text()
-    low = json.loads((compare_runs(runs, tmp_path / "low", metric="finetuned.accuracy", goal="min") / "compare.json").read_text())
+    compare_runs(runs, tmp_path / "low", metric="finetuned.accuracy", goal="min")
+    low = json.loads((tmp_path / "low" / "compare.json").read_text())
     assert low["best"]["run"] == "c"
 
 
@@ -186,7 +188,8 @@ def test_compare_flags_other_eval_sets_shows_judge_verdicts_and_hosted_cost(tmp_
             "win_rate_low": 0.15, "win_rate_high": 0.6}
     runs = [_run(tmp_path, "local", 1e-4, 0.8, 1.2, judge=pair),
             _run(tmp_path, "hosted", 1e-4, 0.9, 1.0, eval_set="e2", backend="openai", tokens=200_000)]
-    summary = json.loads((compare_runs(runs, tmp_path / "out") / "compare.json").read_text())
+    compare_runs(runs, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert summary["eval_sets"] == 2 and summary["differing"] == ["train.backend"]
     hosted = next(r for r in summary["runs"] if r["run"] == "hosted")
     assert hosted["training"]["hosted_usd"] == pytest.approx(0.6)
@@ -203,6 +206,7 @@ def test_a_sweep_folder_stands_for_its_points_and_a_stray_folder_is_named(tmp_pa
         {"slug": "lr=0.0001"}, {"slug": "lr=0.0002"}, {"slug": "lr=0.0003"}]}))  # the third has not run yet
     runs, sweep = load_runs([root])
     assert [r.label for r in runs] == ["lr=0.0001", "lr=0.0002"] and differing(runs) == ["train.lr"]
-    assert json.loads((compare_runs([root], root / "compare") / "compare.json").read_text())["best"]["run"] == "lr=0.0002"  # its goal
+    compare_runs([root], root / "compare")
+    assert json.loads((root / "compare" / "compare.json").read_text())["best"]["run"] == "lr=0.0002"  # its goal
     with pytest.raises(Exception, match="not a run folder"):
         load_runs([tmp_path / "nothing"])
