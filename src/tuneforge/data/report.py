@@ -77,9 +77,18 @@ def label_summary(examples: list[Example]) -> dict[str, Any] | None:
 
 
 def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:
+    """Billed tokens and cost of the hosted job, counted with the hosted model's tiktoken encoding when it is at hand."""
+    from tuneforge.data.openai_tokens import encoding_for, example_tokens
+
     t = experiment.train
     epochs = openai_epochs(len(train)) if t.epochs == "auto" else int(t.epochs)
-    tokens_per_epoch = sum(e.n_tokens for e in train)
+    encoding, unavailable = encoding_for(t.model)
+    if encoding is not None:
+        tokens_per_epoch = sum(example_tokens(encoding, e.messages, e.extra.get("tools"), e.rejected) for e in train)
+        note = f"tokens counted with {encoding.name} (tiktoken), the encoding {t.model} uses"
+    else:
+        tokens_per_epoch = sum(e.n_tokens for e in train)
+        note = f"tokens counted with the experiment model's tokenizer, as {unavailable}; OpenAI's own count differs by a few percent"
     billed = tokens_per_epoch * epochs
     return {
         "model": t.model,
@@ -89,7 +98,8 @@ def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:
         "billed_tokens": billed,
         "price_per_1m_tokens": t.price_per_1m_tokens,
         "estimated_cost_usd": round(billed / 1e6 * t.price_per_1m_tokens, 4),
-        "note": "tokens counted with the experiment model's tokenizer; OpenAI's own count differs by a few percent",
+        "tokenizer": encoding.name if encoding is not None else "local",
+        "note": note,
     }
 
 
