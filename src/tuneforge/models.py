@@ -250,7 +250,7 @@ def load_model(section: ModelSection, plan: DevicePlan | None = None, location: 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast; once is enough.
         warnings.filterwarnings("once", message=".*MatMul8bitLt.*")
-    if plan.device == "cuda" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+    if plan.device == "cuda" and not under_fsdp():
         # one full copy per process (DDP); under FSDP the wrapper places and shards the weights
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     elif plan.quantization != "none":
@@ -263,6 +263,11 @@ def load_model(section: ModelSection, plan: DevicePlan | None = None, location: 
         raise TuneforgeError(f"could not load model {section.ref}{hint}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
+
+
+def under_fsdp() -> bool:
+    """Launched by accelerate with FSDP (the launcher sets this for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
 def keep_4bit_layers_differentiable(model) -> None:

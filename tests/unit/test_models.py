@@ -130,3 +130,25 @@ def test_tokenizer_needs_chat_template(tmp_path, tiny_model_dir):
         extra.unlink()
     with pytest.raises(TuneforgeError, match="no chat template"):
         load_tokenizer(ModelSection(ref=str(tiny_model_dir)))
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_under_fsdp_a_4bit_base_keeps_one_dtype_for_its_frozen_weights(tiny_model_dir, monkeypatch, fsdp):
+    """FSDP flattens a block's parameters into one tensor of one dtype: with a bf16 compute dtype the 4-bit weights are
+    stored in bf16, and the norms must stay bf16 beside them (prepare_model_for_kbit_training makes them fp32)."""
+    from tuneforge.config import Experiment
+    from tuneforge.train.common import add_adapters
+
+    if fsdp:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    section = ModelSection(ref=str(tiny_model_dir), quantization="4bit", dtype="bfloat16", device="cpu")
+    plan = plan_device(section)
+    experiment = Experiment(name="x", model=section.model_dump(), train={"gradient_checkpointing": True})
+    model = add_adapters(load_model(section, plan), experiment, plan)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == ({torch.bfloat16} if fsdp else {torch.bfloat16, torch.float32})
+    assert model.base_model.model.is_gradient_checkpointing  # checkpointing is still on, with input gradients
+    ids = torch.tensor([[1, 5, 9, 2]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)

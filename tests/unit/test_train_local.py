@@ -92,16 +92,22 @@ def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, tiny
     local.train_local(experiment, run, progress=False, callbacks=[Snapshot()])
 
 
-def test_our_loss_equals_the_models_own(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("architecture", ["llama", "gemma2-softcap"])
+def test_our_loss_equals_the_models_own(tmp_path, tiny_model_dir, architecture):
+    """Logits for the supervised positions only, with the model's own final soft-cap where it has one (Gemma 2)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
     from trl import SFTConfig
 
     from tuneforge.data.packing import build_rows
     from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir) if architecture == "llama" else Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, final_logit_softcapping=0.5, attn_implementation="eager"))  # a cap this low changes every logit
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n // 2) + ids[n // 2 :]) for n in (12, 7, 20, 5)]
     rows = build_rows(examples, 32, packing=True, seed=0)
@@ -109,8 +115,10 @@ def test_our_loss_equals_the_models_own(tmp_path, tiny_model_dir):
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
     from datasets import Dataset
 
+    from transformers import AutoTokenizer
+
     trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
-                           data_collator=lambda x: x)
+                           data_collator=lambda x: x, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
     model.eval()
     with torch.no_grad():
         ours = trainer.compute_loss(model, dict(batch))
@@ -241,9 +249,11 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
     evaluated = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evaluated] == [0, 3, 6, 9, 12]
     assert all(0 <= r["eval_macro_f1"] <= 1 and r["eval_loss"] > 0 for r in evaluated)
-    trained = evaluated[1:]
-    best = max(trained, key=lambda r: (r["eval_accuracy"], -r["eval_loss"], -r["step"]))
-    assert summary["kept_step"] == best["step"] and summary["valid_accuracy"] == best["eval_accuracy"]
+    # the kept evaluation's record of which valid examples it got right travels with the newest checkpoint
+    state = json.loads(run.sub("checkpoints", "checkpoint-12", "label_selection.json").read_text())
+    kept = next(r for r in evaluated if r["step"] == summary["kept_step"])
+    assert state["step"] == summary["kept_step"] and summary["valid_accuracy"] == kept["eval_accuracy"]
+    assert sum(state["correct"]) / len(state["correct"]) == pytest.approx(kept["eval_accuracy"])
     assert summary["base_valid_accuracy"] == evaluated[0]["eval_accuracy"]
     assert summary["majority_accuracy"] == 0.5 and summary["majority_label"] == "positive"
     assert ("warning" in summary) == (summary["valid_accuracy"] <= 0.5)
@@ -251,6 +261,67 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
 
     with Image.open(run.sub("plots", "training.png")) as image:
         assert image.width > 1.8 * image.height  # the loss panel and the valid accuracy panel side by side
+
+
+def test_a_later_evaluation_is_kept_unless_an_earlier_one_is_better_beyond_chance():
+    import numpy as np
+
+    from tuneforge.train.label_eval import LabelEval, kept_is_better
+
+    right = np.ones(45, dtype=bool)
+    one_less = right.copy()
+    one_less[0] = False
+    assert not kept_is_better(right, one_less)  # one example of 45: noise, the later evaluation wins
+    collapsed = np.zeros(45, dtype=bool)
+    collapsed[:29] = True  # 16 fewer right: a run that degraded
+    assert kept_is_better(right, collapsed) and not kept_is_better(collapsed, right)
+    five_of_six = right.copy()
+    five_of_six[:6] = [False, True, True, True, True, True]
+    mixed = right.copy()
+    mixed[:6] = [True, False, False, False, False, False]
+    assert not kept_is_better(mixed, five_of_six) and kept_is_better(five_of_six, mixed) is False  # 5 vs 1: p = 0.11
+
+    judge = LabelEval.__new__(LabelEval)
+    judge.kept = None
+    scores = [judge.select(10, one_less), judge.select(20, right), judge.select(30, collapsed), judge.select(40, one_less)]
+    assert scores[1] > scores[0] and scores[2] < scores[1] and scores[3] > scores[1]  # the trainer keeps the argmax: step 40
+    assert judge.kept["step"] == 40  # compared with step 20 (kept), not with the rejected step 30
+
+
+def test_a_run_that_degrades_keeps_its_earlier_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """Scripted valid scores: every label right at step 3, then most wrong. The adapter kept is step 3's."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tests.reviews import write_reviews
+    from tuneforge.train.label_eval import LabelEval
+    from tuneforge.train.local import train_local
+
+    write_reviews(tmp_path / "reviews.csv", 80, ["positive", "negative"], lambda label, i: f"{label} words {i}")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        f"name: tiny-degrades\nseed: 3\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
+        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
+        "lora: {r: 8, alpha: 32, dropout: 0.0}\ntrain: {max_steps: 9, eval_every: 3, lr: 5.0e-3}\n")
+    experiment = load_experiment(exp)
+    run = RunDir(experiment, tmp_path / "run").start("train")
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+    calls = []
+
+    def scripted(self, model, batch_size):
+        calls.append(len(calls))
+        right = np.where(np.arange(len(self.labels))[None, :] == self.truth[:, None], -0.1, -3.0)
+        if len(calls) > 2:  # after step 3, four of every five examples go wrong
+            wrong = np.arange(len(self.truth)) % 5 != 0
+            right[wrong] = -right[wrong] - 3.1
+        return right, np.ones_like(right)
+
+    monkeypatch.setattr(LabelEval, "score", scripted)
+    summary = train_local(experiment, run, progress=False)
+    assert summary["kept_step"] == 3 and "beyond chance" in summary["kept_because"]
+    kept = load_file(run.sub("adapter", "adapter_model.safetensors"))
+    best = load_file(run.sub("checkpoints", "checkpoint-3", "adapter_model.safetensors"))
+    assert all(torch.equal(kept[k], best[k]) for k in kept)
 
 
 def test_balanced_label_weights_weigh_each_class_equally(tiny_model_dir):
@@ -319,3 +390,28 @@ def test_a_quantized_models_adapters_train_in_fp32_unless_the_device_computes_in
     assert keep_trainable_fp32(model, "float16") == 2 and model.weight.dtype == torch.float32
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
     assert keep_trainable_fp32(model, "bfloat16") == 0 and model.weight.dtype == torch.bfloat16
+
+
+def test_a_sharded_models_gathered_weights_are_what_is_saved(tmp_path, tiny_model_dir):
+    """Under FSDP each process holds a shard, so finish saves the full state dict all processes gathered
+    (common.full_weights), not the main process's own parameters."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.chat import ChatEncoder
+    from tuneforge.train.common import full_weights
+    from tuneforge.train.finish import save_adapter
+
+    experiment, _ = make_run(tmp_path, tiny_model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tokenizer = load_tokenizer(experiment.model)
+    gathered = {k: v + 1.0 for k, v in model.state_dict().items()}  # stands for the weights the shards add up to
+    save_adapter(model, tokenizer, ChatEncoder(tokenizer), experiment, tmp_path / "adapter", {}, "none", gathered)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert saved and len(saved) == len(own)
+    for key, value in saved.items():
+        original = next(v for k, v in own.items() if k.replace(".default", "") == key)
+        assert torch.equal(value, original + 1.0)
+    assert full_weights(type("Plain", (), {"is_fsdp_enabled": False})()) is None  # unsharded: each process has the model

@@ -136,7 +136,7 @@ def add_adapters(model, experiment, plan, start: Path | None = None):
     """LoRA adapters on the base (or the full model, with full_finetune); `start`: continue training that adapter."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from tuneforge.models import keep_4bit_layers_differentiable
+    from tuneforge.models import keep_4bit_layers_differentiable, under_fsdp
 
     t, lora = experiment.train, experiment.lora
     if t.full_finetune:
@@ -145,9 +145,17 @@ def add_adapters(model, experiment, plan, start: Path | None = None):
         return model
     if plan.quantization != "none":
         keep_4bit_layers_differentiable(model)  # see models.py: gradients must flow through frozen 4-bit layers
-        # fp32 norms and input grads for checkpointing through frozen quantized layers
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if under_fsdp():
+            # FSDP flattens a wrapped block's parameters into one tensor of one dtype: the 4-bit weights are stored in
+            # the compute dtype (models.load_model), and the fp32 norms prepare_model_for_kbit_training makes would
+            # break that. What it does besides, checkpointing with input gradients, is done here.
+            if t.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+        else:
+            # fp32 norms and input grads for checkpointing through frozen quantized layers
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
     if start is not None:
         return PeftModel.from_pretrained(model, str(start), is_trainable=True)
     config = LoraConfig(
@@ -182,6 +190,30 @@ def keep_trainable_fp32(model, compute_dtype: str) -> int:
     return cast
 
 
+def full_weights(trainer) -> dict | None:
+    """Under FSDP the weights are sharded across processes: the full state dict, gathered with every process taking
+    part (call it on all of them, before the main one saves). None otherwise: each process holds the whole model."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+def prepare_for_fsdp_evaluation(trainer) -> None:
+    """Wrap the model in FSDP before the first evaluation, with PEFT's policy that wraps adapter layers on their own.
+
+    The base model's evaluation runs before training, and the trainer's evaluation loop would wrap the model with the
+    plain transformer-layer policy (the PEFT one is set only when training starts): frozen and trainable weights would
+    then share a flat parameter, which FSDP refuses. Under cpu-RAM-efficient loading only the first process holds the
+    weights until the wrapper syncs them, so the label scoring must run on the wrapped model too."""
+    if not getattr(trainer, "is_fsdp_enabled", False) or len(trainer.accelerator._models):
+        return
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    if hasattr(trainer.model, "peft_config"):
+        update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+
+
 def finished_run(run, checkpoint: Path) -> dict[str, Any] | None:
     """The recorded summary, marked `already_trained`, when the run already trained every step its checkpoints
     planned and saved its adapter: a resume then has nothing to do, and says so instead of training again."""
@@ -204,8 +236,13 @@ def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
         kept, why = last_step, "the last step (train.keep_best is off)" if not trainer.args.load_best_model_at_end else "the last step"
     else:
         kept = best
-        why = (f"best valid accuracy of {len([r for r in records if 'eval_accuracy' in r and r['step'] > 0])} evaluations (ties: lower valid loss)"
-               if label_eval is not None else "lowest valid loss of the evaluations")
+        if label_eval is None:
+            why = "lowest valid loss of the evaluations"
+        elif best == last_step:
+            why = "the last evaluation: no earlier one labelled the valid split better beyond chance (sign test, 5%)"
+        else:
+            why = (f"its valid accuracy beat every later evaluation's beyond chance (sign test, 5%; "
+                   f"{len([r for r in records if 'eval_accuracy' in r and r['step'] > 0])} evaluations)")
     kept_record = next((r for r in records if r.get("step") == kept and "eval_loss" in r), None)
     if kept_record is None:  # no evaluation at the kept step: measure it now
         kept_record = trainer.evaluate()

@@ -105,8 +105,8 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
     from tuneforge.train import callbacks as cb
     from tuneforge.train.finish import finish
-    from tuneforge.train.common import (add_adapters, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter,
-                                        print_plan, resume_point, trainer_arguments, training_callbacks, world_size, _from_log)
+    from tuneforge.train.common import (add_adapters, check_can_train, data_fingerprint, full_weights, is_main_process, keep_trainable_fp32,
+                                        kept_adapter, prepare_for_fsdp_evaluation, print_plan, resume_point, trainer_arguments, training_callbacks, world_size, _from_log)
 
     t = experiment.train
     plan = plan_device(experiment.model)
@@ -158,6 +158,7 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
     print_plan(f"DPO on {plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, reference {reference}; "
                f"{trainable:,} of {total:,} parameters trainable", training)
 
+    prepare_for_fsdp_evaluation(trainer)
     base_metrics = trainer.evaluate() if resume_from is None and valid_rows else None  # the reference: margin 0
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -196,6 +197,7 @@ def train_dpo(experiment, run, resume: bool = False, progress: bool = True, call
             summary.update(valid_reward_margin=kept["eval_reward_margin"], valid_preference_accuracy=kept.get("eval_preference_accuracy"))
     if REFERENCE in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter(REFERENCE)  # the frozen copy is the starting adapter: not part of the result
+    weights = full_weights(trainer)  # under FSDP every process takes part in gathering them
     if is_main_process():
-        finish(trainer, tokenizer, encoder, experiment, run, summary, records, plan.quantization)
+        finish(trainer, tokenizer, encoder, experiment, run, summary, records, plan.quantization, weights)
     return summary

@@ -8,12 +8,16 @@ from typing import Any
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 
 
-def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict], quantization: str) -> None:
+def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict], quantization: str,
+           weights: dict | None = None) -> None:
+    """On the main process. `weights`: the full state dict when the model is sharded (FSDP), which every process
+    gathered beforehand (`common.full_weights`); else the model's own parameters are saved."""
+    model = trainer.accelerator.unwrap_model(trainer.model)  # the model itself, not its DDP / FSDP wrapper
     if experiment.train.full_finetune:
         # every weight trained: a whole model, in merged/ where every verb looks for one (`finetuned` falls back to
         # merged/ when there is no adapter); an adapter from an earlier LoRA run of this folder would shadow it
         target = run.sub("merged")
-        save_adapter(trainer.model, tokenizer, encoder, experiment, target, summary, quantization)
+        save_adapter(model, tokenizer, encoder, experiment, target, summary, quantization, weights)
         stale = run.sub("adapter")
         if stale.exists():
             import shutil
@@ -22,7 +26,7 @@ def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any]
         what = "full model"
     else:
         target = run.sub("adapter")
-        save_adapter(trainer.model, tokenizer, encoder, experiment, target, summary, quantization)
+        save_adapter(model, tokenizer, encoder, experiment, target, summary, quantization, weights)
         what = "adapter"
     plot_training(records, run.sub("plots", "training.png"), summary.get("majority_accuracy"))
     run.record("train", summary)
@@ -41,14 +45,15 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any], quantization: str) -> None:
+def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any], quantization: str,
+                 weights: dict | None = None) -> None:
     """The adapter (or, fully fine-tuned, the whole model) as safetensors, the tokenizer, the exact chat template,
     and a generation config that stops at end-of-turn."""
     import copy
 
     generation = copy.deepcopy(model.generation_config) if getattr(model, "generation_config", None) else None
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "chat_template.jinja", tokenizer.chat_template)
         if generation is not None:

@@ -6,15 +6,29 @@ majority class every time. So each evaluation scores every valid prompt's labels
 by likelihood with the same function `tuneforge eval` uses
 (`eval.classify.label_logprobs`), and reports accuracy, macro-F1 and the loss of
 the true labels from that one pass.
+
+Which checkpoint to keep is decided with the valid split's noise in mind. On 45
+valid reviews one example is 2.2 points of accuracy, and picking the evaluation
+with the highest accuracy kept an early, less trained checkpoint in three runs
+of four on real reviews (held-out accuracy 0.78-0.82 where the last step's was
+0.81-0.83). So a later evaluation replaces the kept one unless the kept one is
+better beyond chance: a one-sided sign test over the examples the two label
+differently, at 5%. A run that degrades (a learning rate too high, say) still
+keeps its earlier checkpoint.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 
 from tuneforge.data.report import label_summary
 
-SELECTION_LOSS_WEIGHT = 1e-4  # the kept checkpoint: best accuracy; among equal accuracies, the lower valid loss
+SIGNIFICANCE = 0.05  # an earlier checkpoint stays kept only when a later one is worse with this little chance of luck
+STATE_FILE = "label_selection.json"  # in each checkpoint: what the kept evaluation got right, for a resumed run
 
 
 class LabelEval:
@@ -29,15 +43,40 @@ class LabelEval:
         self.truth = np.array([labels.index(e.label) for e in examples])
         floor = label_summary(examples)  # the same floor prepare's report shows for this split
         self.majority_label, self.majority_accuracy = floor["majority_label"], floor["majority_accuracy"]
+        self.kept: dict | None = None  # the evaluation kept so far: step, selection score, which examples it got right
 
-    def __call__(self, model, batch_size: int = 8) -> dict[str, float]:
+    def __call__(self, model, batch_size: int = 8, step: int | None = None) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 of the valid split; at a training step also `selection`, whose maximum over the
+        run is the evaluation to keep (the trainer keeps the checkpoint with the highest)."""
         scores, counts = self.score(model, batch_size)
         predicted = scores.argmax(axis=1)
         rows = np.arange(len(self.truth))
         loss = float(-scores[rows, self.truth].sum() / max(counts[rows, self.truth].sum(), 1))
         accuracy = float((predicted == self.truth).mean())
-        return {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(self.truth, predicted, len(self.labels)),
-                "selection": accuracy - SELECTION_LOSS_WEIGHT * min(loss, 100.0)}
+        out = {"loss": loss, "accuracy": accuracy, "macro_f1": macro_f1(self.truth, predicted, len(self.labels))}
+        if step:  # step 0 is the base model: logged, never a checkpoint to keep
+            out["selection"] = self.select(step, predicted == self.truth)
+        return out
+
+    def select(self, step: int, correct: np.ndarray) -> float:
+        """This evaluation replaces the kept one (a higher score) unless the kept one is significantly better."""
+        if self.kept is not None and kept_is_better(np.asarray(self.kept["correct"], dtype=bool), correct):
+            return self.kept["score"] - 1.0
+        score = self.kept["score"] + 1.0 if self.kept is not None else 1.0
+        self.kept = {"step": step, "score": score, "correct": correct.astype(int).tolist()}
+        return score
+
+    def save_state(self, checkpoint: Path) -> None:
+        if self.kept is not None:
+            from tuneforge.atomic import atomic_write_json
+
+            atomic_write_json(Path(checkpoint) / STATE_FILE, self.kept)
+
+    def restore_state(self, checkpoint: Path) -> None:
+        """A resumed run compares its next evaluations with the one its checkpoint had kept."""
+        path = Path(checkpoint) / STATE_FILE
+        if path.exists():
+            self.kept = json.loads(path.read_text(encoding="utf-8"))
 
 
     def score(self, model, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,10 +84,11 @@ class LabelEval:
         every world_size-th prompt and the parts are gathered, so all processes get the whole table for the
         price of their share."""
         from tuneforge.eval.classify import label_logprobs
+        from tuneforge.models import under_fsdp
         from tuneforge.train.callbacks import distributed
 
         dist = distributed()
-        if dist is None:
+        if dist is None or under_fsdp():  # FSDP gathers weights inside every forward: all processes must run the same ones
             return label_logprobs(model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True)
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = list(range(rank, len(self.prompts), world))
@@ -75,3 +115,14 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> float:
             continue
         scores.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores)) if scores else 0.0
+
+
+def kept_is_better(kept: np.ndarray, new: np.ndarray, alpha: float = SIGNIFICANCE) -> bool:
+    """One-sided exact sign test on the examples the two evaluations label differently (right vs wrong): is the kept
+    one better than the new one beyond what chance gives at level alpha?"""
+    wins, losses = int((kept & ~new).sum()), int((~kept & new).sum())
+    n = wins + losses
+    if wins <= losses:
+        return False
+    p_value = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    return p_value < alpha

@@ -12,8 +12,8 @@ from typing import Any
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.common import (  # noqa: F401  (re-exported: the CLI and tests import them from here)
-    add_adapters, base_evaluation, check_can_train, data_fingerprint, is_main_process, keep_trainable_fp32, kept_adapter, print_plan, resume_point,
-    trainer_arguments, training_callbacks, world_size, _from_log,
+    add_adapters, base_evaluation, check_can_train, data_fingerprint, full_weights, is_main_process, keep_trainable_fp32, kept_adapter,
+    prepare_for_fsdp_evaluation, print_plan, resume_point, trainer_arguments, training_callbacks, world_size, _from_log,
 )
 
 
@@ -130,6 +130,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         from tuneforge.train.label_eval import LabelEval
 
         label_eval = LabelEval(encoder, valid_examples, labels, max_length)
+        if resume_from is not None:
+            label_eval.restore_state(resume_from)
     trainer = ForgeTrainer(
         model=model,
         args=args,
@@ -149,6 +151,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
                   f"(majority-class floor {label_eval.majority_accuracy:.3f})")
 
     # ------------------------------------------------------------------ train
+    prepare_for_fsdp_evaluation(trainer)
     base_metrics = None
     if resume_from is None and valid_rows:  # the base model's loss (and valid accuracy), logged as step 0
         identity = None if start_adapter else {
@@ -183,8 +186,9 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     }
     if valid_rows:
         summary.update(kept_adapter(trainer, records, label_eval))
+    weights = full_weights(trainer)  # under FSDP every process takes part in gathering them
     if is_main_process():
-        finish(trainer, tokenizer, encoder, experiment, run, summary, records, plan.quantization)
+        finish(trainer, tokenizer, encoder, experiment, run, summary, records, plan.quantization, weights)
     return summary
 
 

@@ -3,16 +3,19 @@
 A causal LM's head turns every position's hidden state into a vocabulary-sized
 row of logits (49,152 wide for SmolLM2), and the loss then discards every row whose
 label is ignored. For chat data most positions are prompt: on the shipped support
-data only ~45% are trained, on a classification table ~2%. So the model runs with
-`logits_to_keep=1`, the final norm's output is captured, and the head and the
-cross-entropy run on the supervised positions alone. Same loss, less time, and far
-less peak memory (no [batch, length, vocab] tensor).
+data only ~45% are trained, on a classification table ~2%. So a pre-hook on the
+head hands it the supervised positions alone, and the model's own forward returns
+logits for just those rows. Same loss, less time, and far less peak memory (no
+[batch, length, vocab] tensor). The head still runs inside the model's forward, so
+a wrapper that gathers sharded weights around that forward (FSDP) covers it, and a
+final logit soft-cap (Gemma) is applied by the model as usual.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,22 +58,18 @@ class ForgeTrainer(SFTTrainer):
         # Our loss divides by the supervised-token count of the whole accumulated batch.
         self.model_accepts_loss_kwargs = True
         self.supervised_tokens = 0
-        lm = _causal_lm(self.model)
-        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-        self._norm = getattr(decoder, "norm", None)
-        self._head = lm.get_output_embeddings()
-        self._softcap = getattr(lm.config, "final_logit_softcapping", None)
+        self._head = _causal_lm(self.model).get_output_embeddings()
 
     @contextmanager
-    def _capture_final_hidden(self):
-        captured: dict[str, torch.Tensor] = {}
+    def _head_on(self, chosen: torch.Tensor):
+        """The head projects only the hidden states whose next token is a target ([batch, length - 1] mask)."""
 
-        def hook(_module, _inputs, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+        def select(_module, args):
+            return (args[0][:, :-1][chosen],)
 
-        handle = self._norm.register_forward_hook(hook)
+        handle = self._head.register_forward_pre_hook(select)
         try:
-            yield captured
+            yield
         finally:
             handle.remove()
 
@@ -88,27 +87,27 @@ class ForgeTrainer(SFTTrainer):
         if self.label_eval is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         started = time.perf_counter()
-        scored = self.label_eval(self.model, batch_size=self.args.per_device_eval_batch_size)
+        scored = self.label_eval(self.model, batch_size=self.args.per_device_eval_batch_size, step=self.state.global_step)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in scored.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.label_eval is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            self.label_eval.save_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         weights = inputs.pop("loss_weights", None)
         shift_labels = labels[:, 1:]
         chosen = shift_labels != IGNORE
-        if self._norm is not None:
-            with self._capture_final_hidden() as captured:
-                model(**inputs, logits_to_keep=1, use_cache=False)
-            hidden = captured["hidden"][:, :-1][chosen]
-            logits = self._head(hidden).float()
-        else:  # an architecture without a final `norm`: plain full logits
-            logits = model(**inputs, use_cache=False).logits[:, :-1][chosen].float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
+        with self._head_on(chosen):
+            logits = model(**inputs, use_cache=False).logits.float()  # [supervised positions, vocab]
         targets = shift_labels[chosen]
         if weights is not None:  # train.label_weights: each example's tokens count by its label's weight
             loss_sum = (F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)).sum()
