@@ -38,7 +38,9 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     """Run modelling code shipped with the model. Off unless set; needs a pinned revision."""
     engine: Literal["transformers", "vllm"] = "transformers"
-    """Generation engine for generate, chat, serve, eval and demo. vllm: paged attention and continuous batching on a CUDA GPU (`pip install vllm`); scoring (eval labels, perplexity) always uses transformers."""
+    """Generation engine for generate, chat, serve, eval and demo. vllm: paged attention and continuous batching on a CUDA GPU (`pip install vllm`), one engine for every adapter on a base; scoring (eval labels, perplexity) always uses transformers."""
+    vllm_memory: float = Field(0.7, gt=0.0, le=0.95)
+    """With engine: vllm, the share of GPU memory all vLLM engines of one process take together (weights, adapters, KV cache). 0.7 leaves room for the transformers copy eval scores labels and perplexity with."""
 
     @model_validator(mode="before")
     @classmethod

@@ -235,8 +235,10 @@ def _api_message(exc) -> str:
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
-    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16):
+    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16,
+                 planned: tuple[str, ...] = ()):
         self.experiment, self.run = experiment, run
+        self.planned = planned  # systems the caller will ask for (eval's list), so one vLLM engine is sized for them all
         self.max_batch = max_batch  # concurrent conversations one generate call may carry
         self.build_index = build_index
         self.system_prompt_override = system_prompt  # None: the training one; "": none; text: that
@@ -247,6 +249,7 @@ class Systems:
         # extra names that stand for a system, e.g. the model id of a fine-tuning job run by `serve`
         self.aliases: dict[str, str] = {}
         self._identities: dict[tuple, str] = {}
+        self._pool = None  # the vLLM engines, with model.engine: vllm
 
     def available(self) -> list[str]:
         """What this run can answer with now: base, finetuned once trained, +rag variants, the OpenAI job's model."""
@@ -328,13 +331,27 @@ class Systems:
             if self.experiment.model.engine == "vllm":
                 from tuneforge.infer.vllm_engine import VLLMEngine
 
-                self.engines[model] = VLLMEngine.load(self.experiment, model, self.run)  # type: ignore[assignment]
+                self.engines[model] = VLLMEngine.load(self.experiment, model, self.run, self._vllm_pool(model))  # type: ignore[assignment]
             else:
                 from tuneforge.infer.engine import Engine
 
                 self.engines[model] = Engine.load(self.experiment, model, self.run)
                 self.engines[model].max_batch = self.max_batch
         return self.engines[model]
+
+    def _vllm_pool(self, first: str):
+        """One pool for the process, planned from every local system this run has and the caller plans to ask for:
+        the bases (the model, and each merged folder) share the memory budget, and the engine holds the largest
+        adapter rank among them (at least LORA_RANK_FLOOR, for adapters that come later: the fine-tuning API's)."""
+        if self._pool is None:
+            from tuneforge.infer.generation import system_source
+            from tuneforge.infer.vllm_engine import LORA_RANK_FLOOR, VLLMPool, adapter_rank
+
+            names = {first, *(parse(n).model for n in [*self.available(), *self.planned])}
+            sources = {system_source(m, self.run) for m in names if not m.startswith("openai:")}
+            ranks = [LORA_RANK_FLOOR, self.experiment.lora.r] + [adapter_rank(adapter) for adapter, _ in sources if adapter]
+            self._pool = VLLMPool(self.experiment, bases=1 + len({merged for _, merged in sources if merged}), max_lora_rank=max(ranks))
+        return self._pool
 
     def _retriever(self):
         if self.experiment.rag is None:

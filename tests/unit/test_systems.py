@@ -140,3 +140,62 @@ def test_the_adapters_recorded_prompt_wins_over_the_data(tmp_path):
     assert training_system_prompt(_run_with(tmp_path / "a", ["From data."], adapter_prompt="From training.")) == "From training."
     assert training_system_prompt(_run_with(tmp_path / "b", ["From data."], adapter_prompt=None)) is None  # trained without one
     assert training_system_prompt(_run_with(tmp_path / "c", [None, None])) is None
+
+
+def test_with_vllm_every_adapter_on_a_base_shares_one_engine_within_the_memory_budget(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """vLLM itself needs a CUDA GPU; a recording stand-in for its two classes checks what tuneforge asks of it:
+    one engine for base, finetuned and another adapter, LoRA ids per adapter folder, the budget and the largest rank."""
+    import json
+    import sys
+    import types
+
+    from tuneforge.config import Experiment
+    from tuneforge.infer import vllm_engine
+    from tuneforge.run import RunDir
+    from tuneforge.systems import Systems
+
+    built = []
+
+    class LLM:
+        def __init__(self, **options):
+            built.append(options)
+
+    class LoRARequest:
+        def __init__(self, name, lora_int_id, path):
+            self.name, self.id, self.path = name, lora_int_id, path
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = LoRARequest
+    for name, module in {"vllm": fake, "vllm.lora": types.ModuleType("vllm.lora"), "vllm.lora.request": request}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(vllm_engine, "check_available", lambda: None)
+
+    def adapter(folder, rank):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        tiny_tokenizer.save_pretrained(folder)
+        return folder
+
+    experiment = Experiment.model_validate({"name": "v", "model": {"ref": str(tiny_model_dir), "engine": "vllm", "vllm_memory": 0.6},
+                                            "lora": {"r": 8}})
+    run = RunDir(experiment, tmp_path / "run")
+    adapter(run.sub("adapter"), 8)
+    other = adapter(tmp_path / "other", 96)
+    systems = Systems(experiment, run, planned=(f"adapter:{other}+rag",))  # eval names its systems up front
+    base, tuned, extra = (systems._engine(m) for m in ("base", "finetuned", f"adapter:{other}"))
+    (options,) = built  # one engine for all three
+    assert options["enable_lora"] and options["gpu_memory_utilization"] == 0.6 and options["max_lora_rank"] == 128
+    assert base.lora is None and {tuned.lora.id, extra.lora.id} == {1, 2} and base.llm is tuned.llm is extra.llm
+    again = systems._pool.lora_request("same-folder", str(other))
+    assert again.id == extra.lora.id  # one adapter folder, one LoRA slot
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    with pytest.raises(TuneforgeError, match="model.vllm_memory"):
+        systems._engine(f"merged:{merged}")  # a second base was not planned: it would not fit the budget
+    assert len(built) == 1
+    with pytest.raises(TuneforgeError, match="rank 300 is above"):
+        systems._pool.lora_request("big", str(adapter(tmp_path / "big", 300)))

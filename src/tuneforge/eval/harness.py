@@ -93,7 +93,7 @@ class Evaluation:
         from tuneforge.systems import Systems
 
         self.experiment, self.run, self.items, self.labels = experiment, run, items, labels
-        self.systems = systems if systems is not None else Systems(experiment, run)
+        self.systems = systems if systems is not None else Systems(experiment, run, planned=tuple(experiment.eval.systems))
         self.progress = progress
         self.settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, temperature=0.0, seed=experiment.seed)
         self.max_length = experiment.eval.max_length or experiment.data.max_length
