@@ -205,7 +205,7 @@ class LocalTrain(Section):
     keep_checkpoints: int = Field(2, gt=0)
     """How many recent checkpoints to keep (the best one is kept besides)."""
     keep_best: bool = True
-    """Keep the adapter of the best evaluation (valid accuracy with data.label, else valid loss) instead of the last step's."""
+    """Keep the best evaluation's adapter instead of the last step's: with data.label the last unless an earlier one labels the valid split better beyond chance (sign test, 5%); else the lowest valid loss."""
     resume: Literal["never", "auto"] = "never"
     """auto: continue from the newest complete checkpoint of this run."""
     wandb_project: str | None = None
