@@ -15,7 +15,8 @@ does not stop the others), all on the builtin SmolLM2-135M unless said:
   merge-parity     merge qlora-bf16's adapter; greedy answers of the merged model
                    against the adapter on its 4-bit base, and the largest logit gap
   vllm-parity      model.engine vllm against transformers: greedy answers of the
-                   fine-tuned system (skipped when vllm is not installed)
+                   fine-tuned system, and base and finetuned sharing one vLLM engine
+                   (skipped when vllm is not installed)
   mfu-8b           benchmarks/train_throughput.py on a random Llama-3.1-8B shape in
                    bf16: tokens/s and MFU
 
@@ -151,14 +152,21 @@ def compare_systems(work: Path, path: Path, run_dir: Path, other: str, name: str
             b = candidate.model(input_ids=ids.to(candidate.device)).logits.float()
         gap = (a - b).abs().max().item()
     else:
-        from tuneforge.infer.vllm_engine import VLLMEngine
+        from tuneforge.systems import Systems
 
         experiment_ = experiment_.model_copy(update={"model": experiment_.model.model_copy(update={"engine": "vllm"})})
-        candidate = VLLMEngine.load(experiment_, "finetuned", run)
+        systems = Systems(experiment_, run, planned=("base", "finetuned"))
+        candidate, base = systems._engine("finetuned"), systems._engine("base")
+        engines = len(systems._pool.engines)  # base and finetuned: one engine, the adapter a LoRA request on it
+        base_answers = [a.text for a in base.generate(chats, settings, batch_size=len(chats))]
     got = [a.text for a in candidate.generate(chats, settings, batch_size=len(chats))]
     same = sum(x == y for x, y in zip(expected, got))
     (work / f"{name}.log").write_text(json.dumps({"transformers": expected, other: got}, indent=1))
     note = f"{same}/{len(chats)} greedy answers equal" + (f", max logit gap {gap:.3f} (4-bit base vs its 16-bit merge)" if gap is not None else "")
+    if other == "vllm":
+        note += f"; base and finetuned on {engines} vLLM engine(s), {sum(x != y for x, y in zip(base_answers, got))}/{len(chats)} answers differ"
+        if engines != 1:
+            raise AssertionError(note)
     if same < len(chats) // 2:
         raise AssertionError(note)
     return note
