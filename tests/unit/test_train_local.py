@@ -37,6 +37,21 @@ def make_run(tmp_path, model_dir, extra_train="", n=40, quantization="none"):
     return experiment, run
 
 
+def labelled_run(tmp_path, model_dir, rows: int, cycle: list[str], text, train: str):
+    """A prepared run over a review table whose labels follow `cycle`, with `train` as the train section's keys."""
+    from tests.reviews import write_reviews
+
+    write_reviews(tmp_path / "reviews.csv", rows, cycle, text)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        f"name: tiny-labels\nseed: 3\nmodel: {{ref: {model_dir}, quantization: none}}\n"
+        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
+        f"lora: {{r: 8, alpha: 32, dropout: 0.0}}\ntrain: {{{train}}}\n")
+    experiment = load_experiment(exp)
+    run = RunDir(experiment, tmp_path / "run").start("train")
+    return experiment, run, prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+
+
 def test_loss_falls_only_adapters_change_and_adapter_is_complete(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -225,19 +240,11 @@ def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_mode
 
 
 def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path, tiny_model_dir):
-    from tests.reviews import write_reviews
     from tuneforge.train.local import train_local
 
     words = {"positive": "great lovely", "negative": "awful broken", "neutral": "fine okay"}
-    write_reviews(tmp_path / "reviews.csv", 60, ["positive", "positive", "negative", "neutral"], lambda label, i: f"{words[label]} thing {i}")
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(
-        f"name: tiny-labels\nseed: 3\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
-        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
-        "lora: {r: 8, alpha: 32, dropout: 0.0}\ntrain: {max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1}\n")
-    experiment = load_experiment(exp)
-    run = RunDir(experiment, tmp_path / "run").start("train")
-    report = prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+    experiment, run, report = labelled_run(tmp_path, tiny_model_dir, 60, ["positive", "positive", "negative", "neutral"],
+                                           lambda label, i: f"{words[label]} thing {i}", "max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1")
     assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
     assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
     markdown = run.sub("data", "report.md").read_text()
@@ -293,19 +300,11 @@ def test_a_run_that_degrades_keeps_its_earlier_checkpoint(tmp_path, tiny_model_d
     import numpy as np
     from safetensors.torch import load_file
 
-    from tests.reviews import write_reviews
     from tuneforge.train.label_eval import LabelEval
     from tuneforge.train.local import train_local
 
-    write_reviews(tmp_path / "reviews.csv", 80, ["positive", "negative"], lambda label, i: f"{label} words {i}")
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(
-        f"name: tiny-degrades\nseed: 3\nmodel: {{ref: {tiny_model_dir}, quantization: none}}\n"
-        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
-        "lora: {r: 8, alpha: 32, dropout: 0.0}\ntrain: {max_steps: 9, eval_every: 3, lr: 5.0e-3}\n")
-    experiment = load_experiment(exp)
-    run = RunDir(experiment, tmp_path / "run").start("train")
-    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+    experiment, run, _ = labelled_run(tmp_path, tiny_model_dir, 80, ["positive", "negative"], lambda label, i: f"{label} words {i}",
+                                      "max_steps: 9, eval_every: 3, lr: 5.0e-3")
     calls = []
 
     def scripted(self, model, batch_size):
