@@ -133,8 +133,8 @@ class LoraSection(Section):
     """Adapter rank."""
     alpha: int = Field(32, gt=0)
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the adapter input."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input. 0 (PEFT's default): 0.05 made CPU training steps 1.5x slower, for no better held-out accuracy."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """Which linear layers get adapters: all-linear, or a list of module names."""
     dora: bool = False
@@ -169,7 +169,7 @@ class LocalTrain(Section):
     init_adapter: str | None = None
     """Start from this trained adapter (an adapter folder, or a run directory holding adapter/), e.g. the SFT run before DPO; with dpo it is also the reference policy."""
     epochs: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Passes over the training data (ignored when max_steps is set). auto: 2, more for tiny files (enough optimizer steps), fewer past 25,000 example passes."""
+    """Passes over the training data (ignored when max_steps is set). auto: 3, more for tiny files (enough optimizer steps), fewer past 25,000 example passes."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run; overrides epochs."""
     batch_size: Union[int, Auto] = "auto"
@@ -179,7 +179,9 @@ class LocalTrain(Section):
     grad_accum: Union[int, Auto] = "auto"
     """Micro-batches per optimizer step. auto: batch_size / micro_batch_size / processes."""
     lr: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Peak learning rate. auto: 2e-4 for LoRA (stable with warmup, cosine decay and clipping; 3e-4 without them diverged), 2e-5 for full fine-tuning."""
+    """Peak learning rate. auto: for LoRA 1e-3 when answers are a label's length, 2e-4 when they are longer; 2e-5 for full fine-tuning; 5e-5 for DPO."""
+    lr_multiplier: float = Field(1.0, gt=0)
+    """Scales the learning rate, auto or set: OpenAI's learning_rate_multiplier, as imported jobs and the fine-tuning API carry it."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)

@@ -143,9 +143,16 @@ def test_hyperparameters_map_onto_the_local_trainer():
     assert (auto["epochs"], auto["batch_size"], auto["lr"], auto["max_steps"]) == (3, 4, 2e-4, 5)
     assert auto["extra_args"] == {}
     given = local_train_section(train, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5}, False)
-    assert (given["epochs"], given["batch_size"], given["lr"]) == (1, 2, 1e-4)
-    # the job's multiplier applies to the auto rate when the server leaves lr on auto
-    assert local_train_section(LocalTrain(), {"learning_rate_multiplier": 0.5}, True)["lr"] == 1e-4
+    assert (given["epochs"], given["batch_size"], given["lr"], given["lr_multiplier"]) == (1, 2, 2e-4, 0.5)
+    from tuneforge.data.plan import plan_training
+
+    def planned_lr(section, answer_tokens):  # the rate training runs at, for 100 examples of that answer length
+        return plan_training(LocalTrain.model_validate(section), [40] * 100, [answer_tokens] * 100, False, 256, 0).lr
+
+    assert planned_lr(given, 2) == pytest.approx(1e-4)
+    # the job's multiplier applies to the auto rate the plan picks for the data when the server leaves lr on auto
+    auto_rate = local_train_section(LocalTrain(), {"learning_rate_multiplier": 0.5}, True)
+    assert planned_lr(auto_rate, 2) == pytest.approx(5e-4) and planned_lr(auto_rate, 200) == pytest.approx(1e-4)
     assert given["extra_args"] == {"eval_strategy": "no"}  # nothing to evaluate on without a validation file
     assert LocalTrain.model_validate(given).backend == "local"
 

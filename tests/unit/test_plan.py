@@ -23,9 +23,9 @@ def test_a_500_example_labelled_file_gets_at_least_the_minimum_of_steps():
     plan = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
     assert plan.steps >= rules.MIN_STEPS_SHORT
     assert not plan.packing  # labelled: one example per row, steps count examples
-    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 4  # 1,000 example passes / 200 steps: 4, not 8
+    assert plan.epochs == rules.TARGET_EPOCHS and plan.batch_size == 4  # 1,500 example passes / 200 steps: 4, not 8
     assert plan.batch_size == plan.micro_batch_size * plan.grad_accum
-    assert plan.lr == rules.LORA_LR and not plan.warnings
+    assert plan.lr == rules.SHORT_ANSWER_LORA_LR and not plan.warnings  # a label's length: the higher rate
     assert plan.eval_every == -(-plan.steps // rules.EVALS_PER_RUN) and plan.save_every == plan.eval_every
     assert all(plan.reasons[k] != "set in the experiment file" for k in ("epochs", "batch_size", "lr", "packing"))
 
@@ -71,6 +71,7 @@ def test_packing_is_chosen_from_the_lengths_and_long_answers_need_fewer_steps():
     plan = plan_training(LocalTrain(epochs=1), lengths, trainable, labelled=False, max_length=1024, seed=0)
     assert plan.packing and plan.rows == 81 and plan.min_steps == rules.MIN_STEPS_LONG
     assert (plan.batch_size, plan.steps) == (1, 81) and not plan.warnings
+    assert plan.lr == rules.LORA_LR and "long answers" in plan.reasons["lr"]
     long = plan_training(LocalTrain(), *generation(162, length=700), labelled=False, max_length=1024, seed=0)
     assert not long.packing and "over half of max_length" in long.reasons["packing"]
 
@@ -92,3 +93,10 @@ def test_an_explicit_batch_that_is_no_power_of_two_runs_as_set():
     lengths, trainable = generation(4000, length=2048)  # at most 4 sequences of 2,048 tokens fit a micro-batch
     plan = plan_training(LocalTrain(batch_size=6), lengths, trainable, labelled=False, max_length=2048, seed=0)
     assert (plan.batch_size, plan.micro_batch_size, plan.grad_accum) == (6, 3, 2)
+
+
+def test_lr_multiplier_scales_the_auto_rate_and_a_set_one():
+    lengths, trainable = classification(500)
+    assert plan_training(LocalTrain(lr_multiplier=0.5), lengths, trainable, True, 512, 0).lr == pytest.approx(rules.SHORT_ANSWER_LORA_LR / 2)
+    scaled = plan_training(LocalTrain(lr=1e-4, lr_multiplier=2.0), lengths, trainable, True, 512, 0)
+    assert scaled.lr == pytest.approx(2e-4) and "lr_multiplier 2" in scaled.reasons["lr"]

@@ -121,7 +121,7 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
     """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
 
     n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
-    learning_rate_multiplier -> a multiple of train.lr (of the auto rate when train.lr is auto), beta -> train.dpo.beta.
+    learning_rate_multiplier -> train.lr_multiplier (a multiple of train.lr, or of the auto rate), beta -> train.dpo.beta.
     A server started with train.max_steps keeps it: every job then runs that many steps (it overrides epochs).
     """
     section = train.model_dump()
@@ -133,12 +133,8 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
     if hyperparameters.get("batch_size", "auto") != "auto":
         section.update(batch_size=hyperparameters["batch_size"], grad_accum="auto")  # the job's batch wins over the server's split
     if hyperparameters.get("learning_rate_multiplier", "auto") != "auto":
-        from tuneforge.data.plan import auto_lr
-
-        from types import SimpleNamespace
-
-        planned = SimpleNamespace(method=section["method"], full_finetune=section["full_finetune"])  # the job's method's rate
-        section["lr"] = (auto_lr(planned) if train.lr == "auto" else train.lr) * hyperparameters["learning_rate_multiplier"]
+        # a multiple of the rate the plan resolves for the job's method and data (or of the server's train.lr)
+        section["lr_multiplier"] = train.lr_multiplier * hyperparameters["learning_rate_multiplier"]
     if not has_validation:  # the trainer refuses to evaluate on nothing
         section["extra_args"] = {**section["extra_args"], "eval_strategy": "no"}
     return section

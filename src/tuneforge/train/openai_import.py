@@ -56,8 +56,6 @@ def method_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
     """The experiment file for a job, with a comment for each mapped setting."""
-    from tuneforge.data.plan import auto_lr
-
     kind, hp = method_of(job)
     local = "dpo" if kind == "dpo" else "sft"
     lines = [f"# Imported from OpenAI fine-tuning job {job['id']} by `tuneforge import-openai`",
@@ -78,10 +76,7 @@ def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
         lines.append(f"  batch_size: {hp['batch_size']}                 # batch_size: examples per optimizer step, as OpenAI counts them")
     multiplier = hp.get("learning_rate_multiplier")
     if isinstance(multiplier, (int, float)):
-        from types import SimpleNamespace
-
-        rate = auto_lr(SimpleNamespace(method=local, full_finetune=False)) * multiplier
-        lines.append(f"  lr: {rate:.3g}                      # learning_rate_multiplier {multiplier} x tuneforge's LoRA rate for {local}")
+        lines.append(f"  lr_multiplier: {multiplier}              # learning_rate_multiplier: times the LoRA rate tuneforge picks for the data")
     if kind == "dpo" and isinstance(hp.get("beta"), (int, float)):
         lines += ["  dpo:", f"    beta: {hp['beta']}"]
     lines += ["", "eval:"]
