@@ -198,6 +198,8 @@ class LocalTrain(Section):
     """Pack short examples into full rows, with attention kept inside each example. auto: off for labelled (classification) data, whose steps count examples; off when the median example fills over half of max_length; else on."""
     label_weights: Literal["none", "balanced"] = "none"
     """With data.label: balanced weighs each example's loss by n / (classes x examples of its class), so rare labels count as much as common ones."""
+    label_adjustment: float = Field(0.0, ge=0.0, le=2.0)
+    """With data.label: logit adjustment. In training, tau x log(the label's share of the training labels) is added to the logit of each label's first token where an answer starts, so the model's own answers lean toward rare labels (0: the labels' prior as it is; 1: the balanced-error rule). Answering uses the model as trained."""
     full_finetune: bool = False
     """Train every weight instead of LoRA adapters (small models only; needs quantization: none)."""
     eval_every: Union[int, Auto] = "auto"

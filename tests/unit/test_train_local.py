@@ -4,6 +4,7 @@ complete, our loss equals the model's own, bad settings are refused before loadi
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -414,3 +415,49 @@ def test_a_sharded_models_gathered_weights_are_what_is_saved(tmp_path, tiny_mode
         original = next(v for k, v in own.items() if k.replace(".default", "") == key)
         assert torch.equal(value, original + 1.0)
     assert full_weights(type("Plain", (), {"is_fsdp_enabled": False})()) is None  # unsharded: each process has the model
+
+
+def test_label_adjustment_shifts_the_label_logits_where_an_answer_starts_and_nowhere_else(tmp_path, tiny_model_dir):
+    """The loss with train.label_adjustment equals cross-entropy of the model's logits with tau x log(prior) added to
+    the labels' first tokens at the first target of each answer; other positions and tokens are untouched."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
+    from tuneforge.train.local import label_offsets
+    from tuneforge.train.trainer import ForgeTrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # two examples: a prompt, then a label (first token 40 or 41) and an end-of-turn (2)
+    examples = [([7, 8, 9, 10, 40, 2], [-100] * 4 + [40, 2]), ([7, 8, 11, 41, 2], [-100] * 3 + [41, 2])]
+    labelled = [type("E", (), {"label": "common"})(), type("E", (), {"label": "rare"})()] * 2
+    offsets, note = label_offsets(examples * 2 + [examples[0]], labelled + [labelled[0]], 0.5)  # 3 common : 2 rare
+    assert offsets == pytest.approx({40: 0.5 * math.log(3 / 5), 41: 0.5 * math.log(2 / 5)}) and "common 60%" in note
+    batch = Collator(2, "padded")([r.__dict__ for r in build_rows(examples, 32, packing=False, seed=0)])
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+                           data_collator=lambda x: x, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), label_offsets=offsets)
+    model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        for row in range(2):
+            start = int((targets[row] != -100).nonzero()[0])  # where the label is predicted
+            for token, offset in offsets.items():
+                logits[row, start, token] += offset
+        chosen = targets != -100
+        reference = torch.nn.functional.cross_entropy(logits[chosen], targets[chosen])
+        plain = torch.nn.functional.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()[chosen], targets[chosen])
+    assert torch.allclose(ours, reference, atol=1e-5) and not torch.allclose(ours, plain, atol=1e-3)
+
+    # labels that begin with the same token cannot be told apart by one logit: the adjustment is off, and says so
+    tokens = [([5, 6, 7], [-100, 8, 9]), ([5, 6, 7], [-100, 8, 10])]
+    examples = [type("E", (), {"label": "very good"})(), type("E", (), {"label": "very bad"})()]
+    offsets, note = label_offsets(tokens, examples, 1.0)
+    assert offsets is None and "off" in note
+    assert label_offsets(tokens, examples, 0.0) == (None, "")

@@ -100,6 +100,7 @@ def data_fingerprint(experiment, run, training, quantization: str = "none") -> d
         "max_length": experiment.data.max_length,
         "packing": training.packing,
         "label_weights": t.label_weights,
+        "label_adjustment": getattr(t, "label_adjustment", 0.0),
         "seed": experiment.seed,
         "world_size": world_size(),
         "model": experiment.model.ref,

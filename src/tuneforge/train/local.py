@@ -7,6 +7,7 @@ finish  save adapter + tokenizer + chat template + generation config, plot, reco
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -59,6 +60,26 @@ def label_weights(examples, mode: str) -> list[float] | None:
 
     counts = Counter(labels)
     return [len(labels) / (len(counts) * counts[label]) for label in labels]
+
+
+def label_offsets(tokens, examples, tau: float) -> tuple[dict[int, float] | None, str]:
+    """train.label_adjustment: each label's first answer token and tau x log(its share of the training labels), with
+    a line saying what was done. None when off, or when labels share their first token (no logit tells them apart)."""
+    labels = [e.label for e in examples]
+    if not tau or any(label is None for label in labels):
+        return None, ""
+    from collections import Counter
+
+    first: dict[str, set[int]] = {}
+    for (_, targets), label in zip(tokens, labels):
+        first.setdefault(label, set()).add(next(t for t in targets if t != -100))
+    ids = {label: found.pop() for label, found in first.items() if len(found) == 1}
+    if len(ids) < len(first) or len(set(ids.values())) < len(ids):
+        return None, "label_adjustment is off: some labels do not start with a token of their own"
+    counts = Counter(labels)
+    offsets = {ids[label]: tau * math.log(counts[label] / len(labels)) for label in ids}
+    shares = ", ".join(f"{label} {counts[label] / len(labels):.0%}" for label in sorted(ids))
+    return offsets, f"label_adjustment {tau:g}: rare labels' logits are lowered less in training ({shares})"
 
 
 def training_plan(experiment, tokens, labelled: bool):
@@ -125,6 +146,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=getattr(torch, plan.dtype))
     trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
+    offsets, adjustment = label_offsets(train_tokens, train_examples, t.label_adjustment) if labelled else (None, "")
     label_eval = None
     if labelled and valid_examples:
         from tuneforge.train.label_eval import LabelEval
@@ -141,6 +163,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         data_collator=collator,
         callbacks=callbacks,
         label_eval=label_eval,
+        label_offsets=offsets,
     )
     trainer_ref["trainer"] = trainer
     keep_trainable_fp32(trainer.model, plan.dtype)
@@ -149,6 +172,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         if label_eval is not None:
             print(f"  each evaluation also scores the {len(valid_examples)} valid examples by label likelihood "
                   f"(majority-class floor {label_eval.majority_accuracy:.3f})")
+        if adjustment:
+            print(f"  {adjustment}")
 
     # ------------------------------------------------------------------ train
     prepare_for_fsdp_evaluation(trainer)
@@ -184,6 +209,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         "resumed_from": resume_from.name if resume_from else None,
         "system_prompt": common_system_prompt([e.messages for e in train_examples]),
     }
+    if adjustment:
+        summary["label_adjustment"] = adjustment
     if valid_rows:
         summary.update(kept_adapter(trainer, records, label_eval))
     weights = full_weights(trainer)  # under FSDP every process takes part in gathering them

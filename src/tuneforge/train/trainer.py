@@ -52,9 +52,11 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class ForgeTrainer(SFTTrainer):
-    def __init__(self, *args, label_eval=None, **kwargs):
+    def __init__(self, *args, label_eval=None, label_offsets: dict[int, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_eval = label_eval  # train.label_eval.LabelEval when the data has labels
+        self.label_offsets = label_offsets  # train.label_adjustment: label first-token id -> tau x log(prior)
+        self._offset_row: torch.Tensor | None = None
         # Our loss divides by the supervised-token count of the whole accumulated batch.
         self.model_accepts_loss_kwargs = True
         self.supervised_tokens = 0
@@ -94,6 +96,14 @@ class ForgeTrainer(SFTTrainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _offsets(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._offset_row is None or self._offset_row.device != logits.device:
+            row = torch.zeros(logits.shape[-1], device=logits.device)
+            for token, offset in self.label_offsets.items():
+                row[token] = offset
+            self._offset_row = row
+        return self._offset_row
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.label_eval is not None and self.args.should_save:
@@ -108,6 +118,9 @@ class ForgeTrainer(SFTTrainer):
         chosen = shift_labels != IGNORE
         with self._head_on(chosen):
             logits = model(**inputs, use_cache=False).logits.float()  # [supervised positions, vocab]
+        if self.label_offsets:  # logit adjustment where an answer (a label) starts: its first target of a run
+            starts = chosen & ~F.pad(chosen[:, :-1], (1, 0), value=False)
+            logits = logits + starts[chosen].to(logits.dtype)[:, None] * self._offsets(logits)
         targets = shift_labels[chosen]
         if weights is not None:  # train.label_weights: each example's tokens count by its label's weight
             loss_sum = (F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)).sum()
