@@ -136,7 +136,7 @@ def child(args) -> dict:
     from trl import SFTConfig
 
     from tuneforge.data.packing import build_rows
-    from tuneforge.train.batching import IGNORE, Collator, attention_mode
+    from tuneforge.train.batching import IGNORE, Collator, attention_mode, mask_dtype
     from tuneforge.train.trainer import ForgeTrainer
 
     plan, tokenizer, model = load(args)
@@ -193,7 +193,7 @@ def child(args) -> dict:
         capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
         packed = build_rows(train, capacity, packing=True, seed=args.seed)
         rows = [{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens} for r in packed]
-        collate = Collator(tokenizer.pad_token_id, attention_mode(plan.attention, True), getattr(torch, plan.dtype))
+        collate = Collator(tokenizer.pad_token_id, attention_mode(plan.attention, True), mask_dtype(plan.device, plan.dtype))
         config = SFTConfig(per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common)
         trainer = ForgeTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), data_collator=counting(collate),
                                processing_class=tokenizer)

@@ -222,12 +222,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "merge")
-    report = merge(experiment, run, gguf=args.gguf)
+    report = merge(experiment, run, gguf=args.gguf, dtype=args.dtype)
     print(f"merged model written to {report['merged']} ({report['dtype']})")
     if report["mismatches"]:
         print(f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:")
         for m in report["mismatches"]:
             print(f"  {m['prompt'][:60]!r}: adapter {m['adapter'][:60]!r} vs merged {m['merged'][:60]!r}")
+        if report["dtype"] != "float32":
+            print(f"in {report['dtype']} the adapter's update can fall below the weights' rounding step: `tuneforge merge "
+                  f"--dtype float32` keeps it (twice the size), or serve the adapter on its base (finetuned, vLLM LoRA)")
         return 1
     print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
     return 0
@@ -528,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="query: print hits as JSON")
         if verb == "merge":
             sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
+            sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                             help="dtype of the merged weights (auto: the device's full dtype, bfloat16 on most GPUs; "
+                                  "float32 keeps a small update exactly)")
         if verb == "serve":
             sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
             sub.add_argument("--port", type=int, default=8000)

@@ -108,3 +108,17 @@ def test_flat_row_logits_equal_logits_alone(tiny_llama):
                 ids = batch["input_ids"][0, start : start + length]
                 assert torch.allclose(flat[start : start + length], tiny_llama(input_ids=ids[None]).logits[0], atol=1e-5)
                 start += length
+
+
+def test_packed_mask_fits_fp32_queries_when_the_cpu_plan_says_bfloat16(tiny_llama):
+    """model.dtype bfloat16 on CPU with a 4-bit base: hidden states stay fp32 (no autocast there), and SDPA
+    refused the bf16 block mask beside them, so training crashed at the first packed step."""
+    from tuneforge.train.batching import mask_dtype
+
+    rows = build_rows([([5, 6, 7], [IGNORE, 6, 7]), ([8, 9], [IGNORE, 9])], capacity=8, packing=True, seed=0)
+    model = tiny_llama.float()
+    model.set_attn_implementation("sdpa")
+    batch = Collator(pad_id=2, mode="block_mask", mask_dtype=mask_dtype("cpu", "bfloat16"))([r.__dict__ for r in rows])
+    with torch.no_grad():
+        assert torch.isfinite(model(**{k: v for k, v in batch.items() if k != "labels"}).logits).all()
+    assert mask_dtype("cuda", "bfloat16") == torch.bfloat16 and mask_dtype("cuda", "float16") == torch.float16

@@ -50,11 +50,25 @@ def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
 
     def load(experiment, name="base", run=None, adapter=None, merged=None, quantization=None):
         loads.append(name)
+        load.dtypes.append(experiment.model.dtype)
         model = peft if adapter else AutoModelForCausalLM.from_pretrained(merged)
         return Engine(model, tiny_tokenizer, name)
 
+    load.dtypes = []
     monkeypatch.setattr(Engine, "load", staticmethod(load))
     return experiment, run, loads
+
+
+def test_merge_dtype_is_the_dtype_of_both_loads(trained_run):
+    """--dtype float32: the adapter-on-base model and the merged model are both loaded in it (a bfloat16 merge
+    can round a short fine-tune's update away)."""
+    from tuneforge.infer.engine import Engine
+
+    experiment, run, loads = trained_run
+    merging.merge(experiment, run, max_new_tokens=4, dtype="float32")
+    assert loads == ["adapter", "merged"] and Engine.load.dtypes == ["float32", "float32"]
+    merging.merge(experiment, run, max_new_tokens=4)
+    assert Engine.load.dtypes[2:] == ["auto", "auto"]
 
 
 def test_merge_gguf_without_converter_stops_before_merging(trained_run, tmp_path, monkeypatch):
@@ -91,5 +105,6 @@ def test_a_gpu_too_small_for_the_16bit_base_merges_on_the_cpu(tiny_model_dir, ti
     assert merge_device(str(tiny_model_dir)) == "cpu"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (4 * params, 16 << 30))
     assert merge_device(str(tiny_model_dir)) is None
+    assert merge_device(str(tiny_model_dir), width=4) == "cpu"  # a float32 merge needs twice the room
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert merge_device(str(tiny_model_dir)) is None

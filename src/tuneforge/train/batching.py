@@ -99,6 +99,13 @@ def _end_to_end(rows: list[dict]) -> dict:
     return flat
 
 
+def mask_dtype(device: str, dtype: str) -> torch.dtype:
+    """The dtype of the additive block mask: the compute dtype where CUDA autocasts to it; float32 on CPU, where
+    a 4-bit base keeps fp32 hidden states whatever `model.dtype` says (SDPA refuses a bf16 mask beside fp32
+    queries) and SDPA and eager attention both accept a float32 mask beside bf16 ones."""
+    return getattr(torch, dtype) if device == "cuda" else torch.float32
+
+
 def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, L, L] additive mask: 0 where query i may see key j (same segment, j <= i), else -inf-ish.
 

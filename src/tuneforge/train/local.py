@@ -102,7 +102,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
     from tuneforge.train import callbacks as cb
     from tuneforge.data.packing import build_rows
-    from tuneforge.train.batching import Collator, attention_mode
+    from tuneforge.train.batching import Collator, attention_mode, mask_dtype
     from tuneforge.train.finish import finish
     from tuneforge.train.trainer import ForgeTrainer
 
@@ -143,7 +143,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     total = sum(p.numel() for p in model.parameters())
 
     mode = attention_mode(plan.attention, training.packing)
-    collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=getattr(torch, plan.dtype))
+    collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=mask_dtype(plan.device, plan.dtype))
     trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
     offsets, adjustment = label_offsets(train_tokens, train_examples, t.label_adjustment) if labelled else (None, "")
