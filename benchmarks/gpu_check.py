@@ -62,9 +62,9 @@ def experiment(work: Path, name: str, model: dict, train: dict) -> Path:
     return path
 
 
-def tuneforge(*args: str, log: Path, timeout: int) -> None:
+def tuneforge(*args: str, log: Path, timeout: int, check: bool = True) -> None:
     with open(log, "a") as out:
-        subprocess.run([sys.executable, "-m", "tuneforge", *args], stdout=out, stderr=subprocess.STDOUT, check=True,
+        subprocess.run([sys.executable, "-m", "tuneforge", *args], stdout=out, stderr=subprocess.STDOUT, check=check,
                        timeout=timeout, cwd=log.parent)
 
 
@@ -120,9 +120,8 @@ def check_merge_parity(work: Path, timeout: int) -> str:
     if not (run / "adapter" / "adapter_config.json").exists():
         raise AssertionError("needs qlora-bf16's adapter")
     log = work / "merge-parity.log"
-    with open(log, "a") as out:  # exit 1 when probe answers changed: a figure here, not a failure
-        subprocess.run([sys.executable, "-m", "tuneforge", "merge", str(path), "--run-dir", str(run)], stdout=out,
-                       stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+    # exit 1 when probe answers changed: a figure here, not a failure
+    tuneforge("merge", str(path), "--run-dir", str(run), log=log, timeout=timeout, check=False)
     rounded = json.loads((run / "merge_report.json").read_text())
     tuneforge("merge", str(path), "--run-dir", str(run), "--dtype", "float32", log=log, timeout=timeout)
     exact = json.loads((run / "merge_report.json").read_text())
@@ -175,12 +174,10 @@ def compare_systems(work: Path, path: Path, run_dir: Path, other: str, name: str
     same = sum(x == y for x, y in zip(expected, got))
     (work / f"{name}.log").write_text(json.dumps({"transformers": expected, other: got}, indent=1))
     note = f"{same}/{len(chats)} greedy answers equal" + (f", max logit gap {gap:.3f} (4-bit base vs its float32 merge)" if gap is not None else "")
-    if other == "vllm":
+    if other == "vllm":  # (a merge onto the 16-bit base departs from the 4-bit one by design: a figure, not a check)
         note += f"; base and finetuned on {engines} vLLM engine(s), {sum(x != y for x, y in zip(base_answers, got))}/{len(chats)} answers differ"
-        if engines != 1:
+        if engines != 1 or same < len(chats) // 2:
             raise AssertionError(note)
-    if other == "vllm" and same < len(chats) // 2:  # a merge onto the 16-bit base departs from the 4-bit one by design
-        raise AssertionError(note)
     return note
 
 

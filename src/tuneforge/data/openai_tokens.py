@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tuneforge.run import cache_home
+
 TOKENS_PER_MESSAGE = 3  # <|start|>{role}<|message|> ... <|end|> around each message
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply starts with <|start|>assistant<|message|>
@@ -42,8 +44,6 @@ def encoding_name(model: str) -> str:
 
 def local_copies(name: str) -> list[Path]:
     """Files that may hold `name`'s BPE ranks, most specific first."""
-    from tuneforge.run import cache_home
-
     folder = cache_home() / "tiktoken"
     found = [folder / f"{name}.tiktoken", folder / f"{name}.tiktoken.gz"]
     spec = importlib.util.find_spec("bpe_openai")  # located, not imported: only its data files are read
@@ -71,7 +71,6 @@ def _seeded_cache(name: str):
         yield
         return
     from tuneforge.atomic import atomic_write_bytes
-    from tuneforge.run import cache_home
 
     seeded = cache_home() / "tiktoken" / "cache"
     data = copies[0].read_bytes()
@@ -99,7 +98,7 @@ def encoding_for(model: str):
             return tiktoken.get_encoding(name), None
     except Exception as exc:  # offline without a local copy, or a copy whose hash tiktoken refused
         return None, (f"tiktoken's {name} is not available here ({type(exc).__name__}); put {name}.tiktoken in "
-                      f"{Path(os.environ.get('TUNEFORGE_HOME', '~/.cache/tuneforge')) / 'tiktoken'} or install bpe-openai")
+                      f"{cache_home() / 'tiktoken'} or install bpe-openai")
 
 
 def _text(content: Any) -> str:

@@ -70,9 +70,11 @@ def label_offsets(tokens, examples, tau: float) -> tuple[dict[int, float] | None
         return None, ""
     from collections import Counter
 
+    from tuneforge.train.batching import IGNORE
+
     first: dict[str, set[int]] = {}
     for (_, targets), label in zip(tokens, labels):
-        first.setdefault(label, set()).add(next(t for t in targets if t != -100))
+        first.setdefault(label, set()).add(next(t for t in targets if t != IGNORE))
     ids = {label: found.pop() for label, found in first.items() if len(found) == 1}
     if len(ids) < len(first) or len(set(ids.values())) < len(ids):
         return None, "label_adjustment is off: some labels do not start with a token of their own"
