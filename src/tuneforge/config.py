@@ -39,6 +39,8 @@ class ModelSection(Section):
     """Run modelling code shipped with the model. Off unless set; needs a pinned revision."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """Generation engine for generate, chat, serve, eval and demo. vllm: paged attention and continuous batching on a CUDA GPU (`pip install vllm`), one engine for every adapter on a base; scoring (eval labels, perplexity) always uses transformers."""
+    chat_template: str | None = None
+    """How chat turns are written, for a model whose tokenizer has none (a base model such as Llama-2 or Gemma-3 PT): chatml (ChatML turns, each ended by the tokenizer's own end-of-sequence token, so no token is added to the vocabulary), or a Jinja chat template. Set on a model that has its own template, it replaces that one; the adapter saves the template it trained with."""
     vllm_memory: float = Field(0.7, gt=0.0, le=0.95)
     """With engine: vllm, the share of GPU memory all vLLM engines of one process take together (weights, adapters, KV cache). 0.7 leaves room for the transformers copy eval scores labels and perplexity with."""
 
@@ -47,6 +49,21 @@ class ModelSection(Section):
     def _shorthand(cls, value: Any) -> Any:
         # `model: builtin:smollm2-135m-instruct` is accepted for `model: {ref: ...}`.
         return {"ref": value} if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, value: str | None) -> str | None:
+        if value is None or value == "chatml":
+            return value
+        if "{{" not in value and "{%" not in value:
+            raise ValueError(f"{value[:60]!r} is neither chatml nor a Jinja template (one writes the turns with {{{{ ... }}}} and {{% ... %}})")
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"the Jinja template does not parse: {exc.message} (template line {exc.lineno})") from None
+        return value
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> ModelSection:

@@ -219,9 +219,30 @@ def load_tokenizer(section: ModelSection, location: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(location, revision=section.revision, trust_remote_code=section.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise TuneforgeError(f"model {section.ref}: its tokenizer has no chat template, so chat examples cannot be rendered")
+    if section.chat_template:
+        tokenizer.chat_template = chatml_template(tokenizer, section.ref) if section.chat_template == "chatml" else section.chat_template
+    elif not tokenizer.chat_template:
+        raise TuneforgeError(
+            f"model {section.ref}: its tokenizer has no chat template (a base model?), so chat examples cannot be rendered; "
+            "set model.chat_template: chatml, or a Jinja template in the format you will serve it with"
+        )
     return tokenizer
+
+
+def chatml_template(tokenizer, ref: str) -> str:
+    """ChatML turns for a tokenizer without a template. Each turn ends with the tokenizer's own end-of-sequence token,
+    which the base model already stops at, so nothing is added to the vocabulary and the embeddings keep their size;
+    `<|im_start|>` is plain text to such a model, learnt like any other. The text opens with the beginning-of-sequence
+    token where the tokenizer puts one before plain text (Llama-2 and Gemma read badly without it)."""
+    if not tokenizer.eos_token:
+        raise TuneforgeError(f"model {ref}: model.chat_template: chatml ends each turn with the end-of-sequence token, and this tokenizer has none; give a Jinja template")
+    bos = tokenizer.bos_token
+    opens_with_bos = bool(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return (
+        ("{{ bos_token }}" if opens_with_bos else "")
+        + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + eos_token + '\\n' }}{% endfor %}"
+        + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
 
 
 def load_model(section: ModelSection, plan: DevicePlan | None = None, location: str | None = None):

@@ -13,6 +13,7 @@ import pytest
 
 from tests.masks import supervised_runs
 from tuneforge.data.chat import ChatEncoder
+from tuneforge.models import chatml_template
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,8 @@ CASES = {  # name: (vocabulary file, template written here or None for the file'
     "llama-3.1": ("ggml-vocab-llama-bpe.gguf", LLAMA31),
     "qwen2": ("ggml-vocab-qwen2.gguf", None),
     "phi-3": ("ggml-vocab-phi-3.gguf", None),
+    # a base model's vocabulary with the chatml that model.chat_template: chatml gives it
+    "llama-2-base-chatml": ("ggml-vocab-llama-spm.gguf", "chatml"),
     "gemma": ("ggml-vocab-gemma-4.gguf", GEMMA),
     # its generation prompt opens an empty thought channel that a rendered answer does not have
     "gemma-4": ("ggml-vocab-gemma-4.gguf", None),
@@ -75,7 +78,9 @@ def _tokenizer(name):
     if not (VOCAB / gguf).exists() or not folder.exists():
         pytest.fail(f"{folder} is missing: run `python tests/fetch_vocab.py` (the README's test command does)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if template is not None:
+    if template == "chatml":
+        tokenizer.chat_template = chatml_template(tokenizer, gguf)
+    elif template is not None:
         tokenizer.chat_template = template
     assert tokenizer.chat_template
     return tokenizer
@@ -186,3 +191,14 @@ def test_a_tools_template_gets_decoded_arguments_masks_and_prefixes():
         assert encoded.input_ids[: len(prompt)] == prompt
     content, calls = parse_tool_calls(runs[0].removesuffix("<|im_end|>"))
     assert content is None and same_call(calls[0], CALL) == (True, True)
+
+
+def test_chatml_for_a_base_model_opens_with_its_bos_and_stops_at_its_eos():
+    from transformers import AutoTokenizer
+
+    encoder = ChatEncoder(_tokenizer("llama-2-base-chatml"))
+    tokenizer = encoder.tokenizer
+    assert encoder.end_of_turn == tokenizer.eos_token == "</s>" and encoder.stop_ids == [tokenizer.eos_token_id]
+    (sequences,) = encoder.encode_examples([CHAT])
+    assert all(s.input_ids[0] == tokenizer.bos_token_id for s in sequences)  # as the base read all its pretraining text
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(str(VOCAB / "ggml-vocab-llama-spm")))  # nothing added

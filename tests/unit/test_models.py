@@ -120,16 +120,55 @@ def test_local_dir_loads_plain_and_in_4bit(tiny_model_dir, tiny_llama):
     assert not torch.allclose(logits, plain(ids).logits)  # really quantized
 
 
+def _strip_template(folder):
+    """The saved tokenizer without its chat template, as a base model ships."""
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"'))
+    for extra in folder.glob("chat_template.*"):
+        extra.unlink()
+
+
 def test_tokenizer_needs_chat_template(tmp_path, tiny_model_dir):
     tok = load_tokenizer(ModelSection(ref=str(tiny_model_dir)))
     assert tok.pad_token is not None and tok.chat_template
-    (tiny_model_dir / "tokenizer_config.json").write_text(
-        (tiny_model_dir / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"')
-    )
-    for extra in tiny_model_dir.glob("chat_template.*"):
-        extra.unlink()
-    with pytest.raises(TuneforgeError, match="no chat template"):
+    _strip_template(tiny_model_dir)
+    with pytest.raises(TuneforgeError, match="no chat template .*set model.chat_template: chatml"):
         load_tokenizer(ModelSection(ref=str(tiny_model_dir)))
+
+
+def test_a_base_model_trains_on_chatml_ended_by_its_own_eos(tiny_model_dir):
+    from tuneforge.data.chat import ChatEncoder
+
+    _strip_template(tiny_model_dir)
+    plain = load_tokenizer(ModelSection(ref=str(tiny_model_dir), chat_template="{{ messages[0]['content'] }}"))
+    tok = load_tokenizer(ModelSection(ref=str(tiny_model_dir), chat_template="chatml"))
+    assert len(tok) == len(plain)  # nothing added to the vocabulary
+    encoder = ChatEncoder(tok)
+    assert encoder.end_of_turn == tok.eos_token and encoder.stop_ids == [tok.eos_token_id]
+    chat = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "The capital of France?"},
+            {"role": "assistant", "content": "Paris."}]
+    encoded = encoder.encode(chat)
+    answer = [i for i, keep in zip(encoded.input_ids, encoded.supervised) if keep]
+    assert tok.decode(answer) == "Paris." + tok.eos_token and not encoded.missing_eot
+    prompt = tok(encoder.render(chat[:2], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids[: len(prompt)] == prompt and not any(encoded.supervised[: len(prompt)])
+    assert encoder.render(chat).startswith("<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_chat_template_in_jinja_replaces_the_models_own(tiny_model_dir):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    tok = load_tokenizer(ModelSection(ref=str(tiny_model_dir), chat_template=template))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == "[user] hi<|im_end|>[assistant] "
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("chatlm", "is neither chatml nor a Jinja template"),
+    ("{% for m in messages %}{{ m['content'] }}", "does not parse"),
+])
+def test_a_chat_template_that_cannot_work_is_refused_at_load(value, says):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        ModelSection(chat_template=value)
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
