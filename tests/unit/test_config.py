@@ -97,6 +97,9 @@ def test_cross_section_rules(tmp_path):
     assert "chunk_overlap" in problem
     (problem,) = _problems(_write(tmp_path, "name: x\ndata: {rag: true}\nrag: {corpus: train}\n"))
     assert "own answer" in problem
+    (problem,) = _problems(_write(tmp_path, "name: x\ntrain: {method: dpo, prompt_loss_weight: 0.1}\n"))
+    assert "prompt_loss_weight" in problem and "DPO" in problem
+    assert load_experiment(_write(tmp_path, "name: x\ntrain: {method: dpo, prompt_loss_weight: 0}\n")).train.prompt_loss_weight == 0
 
 
 def test_unknown_eval_system_is_named(tmp_path):

@@ -100,3 +100,18 @@ def test_lr_multiplier_scales_the_auto_rate_and_a_set_one():
     assert plan_training(LocalTrain(lr_multiplier=0.5), lengths, trainable, True, 512, 0).lr == pytest.approx(rules.SHORT_ANSWER_LORA_LR / 2)
     scaled = plan_training(LocalTrain(lr=1e-4, lr_multiplier=2.0), lengths, trainable, True, 512, 0)
     assert scaled.lr == pytest.approx(2e-4) and "lr_multiplier 2" in scaled.reasons["lr"]
+
+
+def test_prompt_loss_is_on_for_label_length_answers_off_for_long_ones_and_a_set_value_wins():
+    lengths, trainable = classification(500)
+    short = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
+    assert short.prompt_loss_weight == rules.SHORT_ANSWER_PROMPT_LOSS > 0
+    assert any(line.startswith(f"prompt_loss_weight {rules.SHORT_ANSWER_PROMPT_LOSS:g}: short answers") for line in short.describe())
+    lengths, trainable = generation(300)
+    assert plan_training(LocalTrain(), lengths, trainable, labelled=False, max_length=1024, seed=0).prompt_loss_weight == 0
+    lengths, trainable = classification(500)
+    for value in (0, 0.3):
+        plan = plan_training(LocalTrain(prompt_loss_weight=value), lengths, trainable, labelled=True, max_length=1024, seed=0)
+        assert plan.prompt_loss_weight == value and plan.reasons["prompt_loss_weight"] == "set in the experiment file"
+    dpo = plan_training(LocalTrain(method="dpo", prompt_loss_weight=0.3), lengths, trainable, labelled=False, max_length=1024, seed=0)
+    assert dpo.prompt_loss_weight == 0

@@ -461,3 +461,53 @@ def test_label_adjustment_shifts_the_label_logits_where_an_answer_starts_and_now
     offsets, note = label_offsets(tokens, examples, 1.0)
     assert offsets is None and "off" in note
     assert label_offsets(tokens, examples, 0.0) == (None, "")
+
+
+def test_prompt_targets_stay_inside_each_example_and_off_padding_and_answers():
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
+
+    examples = [([5, 6, 7, 8], [-100, -100, 7, 8]), ([9, 10, 11], [-100, -100, 11]), ([12, 13], [-100, 13])]
+    rows = build_rows(examples, 16, packing=True, seed=0)
+    for mode in ("block_mask", "padded", "flash_varlen"):
+        batch = Collator(2, mode, prompt_targets=True)([r.__dict__ for r in rows])
+        ids, marks = batch["input_ids"], batch["prompt_targets"]
+        # the tokens predicted as prompt text: the second prompt token of the two examples that have one, nothing else
+        predicted = sorted(ids[:, 1:][marks].tolist())
+        assert predicted == [6, 10], (mode, predicted)
+    assert "prompt_targets" not in Collator(2, "padded")([r.__dict__ for r in rows])
+
+
+def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(tmp_path, tiny_model_dir):
+    import torch.nn.functional as F
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
+    from tuneforge.train.trainer import ForgeTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n - 2) + ids[n - 2 :]) for n in (12, 7, 20)]
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+                           data_collator=lambda x: x, prompt_loss_weight=0.5)
+    model.train()  # the prompt loss is a training loss; dropout is 0 in LoRA's default and the tiny model's
+    rows = build_rows(examples, 64, packing=True, seed=0)
+    batch = Collator(2, "block_mask", prompt_targets=True)([r.__dict__ for r in rows])
+    with torch.no_grad():
+        combined = trainer.compute_loss(model, dict(batch)).item()
+        answer_only = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "prompt_targets"}).item()
+        # by hand: each example alone, full logits, next-token loss on its prompt tokens after the first
+        losses = []
+        for ids, labels in examples:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            prompt_positions = [t for t in range(len(ids) - 1) if labels[t + 1] == -100]
+            losses += F.cross_entropy(logits[prompt_positions], torch.tensor(ids)[1:][prompt_positions], reduction="none").tolist()
+    assert combined - answer_only == pytest.approx(0.5 * sum(losses) / len(losses), rel=1e-3)
+    model.eval()
+    with torch.no_grad():  # evaluation keeps the answer's loss alone
+        assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(answer_only, rel=1e-5)

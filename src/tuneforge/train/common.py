@@ -101,6 +101,7 @@ def data_fingerprint(experiment, run, training, quantization: str = "none") -> d
         "packing": training.packing,
         "label_weights": t.label_weights,
         "label_adjustment": getattr(t, "label_adjustment", 0.0),
+        **({"prompt_loss_weight": training.prompt_loss_weight} if training.prompt_loss_weight else {}),
         "seed": experiment.seed,
         "world_size": world_size(),
         "model": experiment.model.ref,

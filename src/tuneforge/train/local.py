@@ -145,7 +145,8 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     total = sum(p.numel() for p in model.parameters())
 
     mode = attention_mode(plan.attention, training.packing)
-    collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=mask_dtype(plan.device, plan.dtype))
+    collator = Collator(tokenizer.pad_token_id, mode, mask_dtype=mask_dtype(plan.device, plan.dtype),
+                        prompt_targets=training.prompt_loss_weight > 0)
     trainer_ref, metrics_cb, callbacks = training_callbacks(run, t, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
     offsets, adjustment = label_offsets(train_tokens, train_examples, t.label_adjustment) if labelled else (None, "")
@@ -166,6 +167,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
         callbacks=callbacks,
         label_eval=label_eval,
         label_offsets=offsets,
+        prompt_loss_weight=training.prompt_loss_weight,
     )
     trainer_ref["trainer"] = trainer
     keep_trainable_fp32(trainer.model, plan.dtype)

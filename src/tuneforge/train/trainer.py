@@ -9,6 +9,11 @@ logits for just those rows. Same loss, less time, and far less peak memory (no
 [batch, length, vocab] tensor). The head still runs inside the model's forward, so
 a wrapper that gathers sharded weights around that forward (FSDP) covers it, and a
 final logit soft-cap (Gemma) is applied by the model as usual.
+
+With train.prompt_loss_weight the head also projects the prompt positions the collator
+marks (never across a packed row's example boundary, never onto padding), and their
+next-token loss (mean over the micro-batch's prompt tokens, times the weight) joins the
+answer's. Evaluation losses stay the answer's alone.
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class ForgeTrainer(SFTTrainer):
-    def __init__(self, *args, label_eval=None, label_offsets: dict[int, float] | None = None, **kwargs):
+    def __init__(self, *args, label_eval=None, label_offsets: dict[int, float] | None = None, prompt_loss_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.prompt_loss_weight = prompt_loss_weight
         self.label_eval = label_eval  # train.label_eval.LabelEval when the data has labels
         self.label_offsets = label_offsets  # train.label_adjustment: label first-token id -> tau x log(prior)
         self._offset_row: torch.Tensor | None = None
@@ -116,8 +123,14 @@ class ForgeTrainer(SFTTrainer):
         weights = inputs.pop("loss_weights", None)
         shift_labels = labels[:, 1:]
         chosen = shift_labels != IGNORE
-        with self._head_on(chosen):
-            logits = model(**inputs, use_cache=False).logits.float()  # [supervised positions, vocab]
+        prompt = inputs.pop("prompt_targets", None)  # the collator marks them when prompt_loss_weight is on
+        prompt = prompt.to(chosen.device) if prompt is not None and self.prompt_loss_weight and model.training else None
+        with self._head_on(chosen if prompt is None else chosen | prompt):
+            logits = model(**inputs, use_cache=False).logits.float()  # [supervised (and prompt) positions, vocab]
+        if prompt is not None:
+            projected = chosen | prompt
+            prompt_logits, logits = logits[prompt[projected]], logits[chosen[projected]]
+            prompt_loss = F.cross_entropy(prompt_logits, inputs["input_ids"][:, 1:][prompt]) if prompt_logits.shape[0] else None
         if self.label_offsets:  # logit adjustment where an answer (a label) starts: its first target of a run
             starts = chosen & ~F.pad(chosen[:, :-1], (1, 0), value=False)
             logits = logits + starts[chosen].to(logits.dtype)[:, None] * self._offsets(logits)
@@ -129,6 +142,11 @@ class ForgeTrainer(SFTTrainer):
         count = int(chosen.sum())
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator
+        if prompt is not None and prompt_loss is not None:
+            # each micro-batch's prompt mean counts by its share of the step's answer tokens, so accumulation and
+            # several processes add up to weight x one mean per step, as the answer loss adds up to one mean
+            share = count / denominator if num_items_in_batch is not None else 1.0
+            loss = loss + self.prompt_loss_weight * prompt_loss * share
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed over ranks
 
