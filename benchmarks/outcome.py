@@ -126,7 +126,7 @@ def run_split(args, preset: dict, table: Path, work: Path, seed: int) -> dict:
     print(f"\n{args.preset}: {table.name} (seed {seed}), {metrics['finetuned']['examples']} held-out examples; run in {work / 'run'}")
     chosen = "auto" if not args.override else f"auto, with {', '.join(args.override)}"
     print(f"plan ({chosen}): {plan['steps']} steps, {plan['epochs']:g} epochs, batch {plan['batch_size']}, lr {plan['lr']:g}, "
-          f"packing {'on' if plan['packing'] else 'off'}")
+          f"prompt loss {plan.get('prompt_loss_weight', 0):g}, packing {'on' if plan['packing'] else 'off'}")
     print(f"\n{'system':<10}  {'accuracy':>8}  {'macro-F1':>8}")
     for name in ("base", "finetuned", "tfidf", "majority"):
         print(f"{name:<10}  {metrics[name]['accuracy']:>8.3f}  {metrics[name]['macro_f1']:>8.3f}")

@@ -478,7 +478,7 @@ def test_prompt_targets_stay_inside_each_example_and_off_padding_and_answers():
     assert "prompt_targets" not in Collator(2, "padded")([r.__dict__ for r in rows])
 
 
-def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(tmp_path, tiny_model_dir):
+def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(tmp_path, tiny_model_dir, monkeypatch):
     import torch.nn.functional as F
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -486,6 +486,7 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     from trl import SFTConfig
 
     from tuneforge.data.packing import build_rows
+    from tuneforge.train import trainer as trainer_module
     from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
@@ -511,3 +512,11 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     model.eval()
     with torch.no_grad():  # evaluation keeps the answer's loss alone
         assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(answer_only, rel=1e-5)
+    model.train()
+    rows_seen = []
+    hook = trainer._head.register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape[0]))
+    monkeypatch.setattr(trainer_module, "PROMPT_LOSS_POSITIONS", 5)
+    with torch.no_grad():  # a micro-batch with more prompt tokens than the cap projects a random sample of them
+        trainer.compute_loss(model, dict(batch))
+    hook.remove()
+    assert rows_seen == [int((batch["labels"][:, 1:] != -100).sum()) + 5] and len(losses) > 5

@@ -11,9 +11,10 @@ a wrapper that gathers sharded weights around that forward (FSDP) covers it, and
 final logit soft-cap (Gemma) is applied by the model as usual.
 
 With train.prompt_loss_weight the head also projects the prompt positions the collator
-marks (never across a packed row's example boundary, never onto padding), and their
-next-token loss (mean over the micro-batch's prompt tokens, times the weight) joins the
-answer's. Evaluation losses stay the answer's alone.
+marks (never across a packed row's example boundary, never onto padding; at most
+PROMPT_LOSS_POSITIONS of them, drawn at random), and their next-token loss (mean over the
+micro-batch's prompt tokens, times the weight) joins the answer's. Evaluation losses stay
+the answer's alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from tuneforge.train.batching import IGNORE
+
+# Prompt positions whose next-token loss one micro-batch computes, drawn at random when it has more: the mean stays an
+# unbiased estimate, and the [positions, vocab] logits stay bounded (2,048 x Llama-3's 128k vocabulary is 1 GB in fp32,
+# where a micro-batch of 8,192 prompt tokens would be 4 GB). A batch of 4 real reviews has about 700 (at most 2,200).
+PROMPT_LOSS_POSITIONS = 2048
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -125,6 +131,11 @@ class ForgeTrainer(SFTTrainer):
         chosen = shift_labels != IGNORE
         prompt = inputs.pop("prompt_targets", None)  # the collator marks them when prompt_loss_weight is on
         prompt = prompt.to(chosen.device) if prompt is not None and self.prompt_loss_weight and model.training else None
+        if prompt is not None and int(prompt.sum()) > PROMPT_LOSS_POSITIONS:
+            where = prompt.nonzero()
+            keep = where[torch.randperm(len(where), device=where.device)[:PROMPT_LOSS_POSITIONS]]
+            prompt = torch.zeros_like(prompt)
+            prompt[keep[:, 0], keep[:, 1]] = True
         with self._head_on(chosen if prompt is None else chosen | prompt):
             logits = model(**inputs, use_cache=False).logits.float()  # [supervised (and prompt) positions, vocab]
         if prompt is not None:
