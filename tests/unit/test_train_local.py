@@ -257,6 +257,10 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
     evaluated = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evaluated] == [0, 3, 6, 9, 12]
     assert all(0 <= r["eval_macro_f1"] <= 1 and r["eval_loss"] > 0 for r in evaluated)
+    # label-length answers learn the prompt's text too (auto); the logged loss stays the answer's, beside the prompt's
+    assert report["local"]["prompt_loss_weight"] == 0.1
+    trained = [r for r in records if "loss" in r]
+    assert trained and all(r["prompt_loss"] > 0 and r["loss"] >= 0 for r in trained)
     # the kept evaluation's record of which valid examples it got right travels with the newest checkpoint
     state = json.loads(run.sub("checkpoints", "checkpoint-12", "label_selection.json").read_text())
     kept = next(r for r in evaluated if r["step"] == summary["kept_step"])

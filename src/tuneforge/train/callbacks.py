@@ -92,6 +92,8 @@ class MetricsLog(TrainerCallback):
             )
             if "mean_token_accuracy" in logs:
                 record["token_accuracy"] = logs["mean_token_accuracy"]
+            if "answer_loss" in logs and "prompt_loss" in logs:  # train.prompt_loss_weight: the objective adds the two
+                record.update(loss=float(logs["answer_loss"]), prompt_loss=float(logs["prompt_loss"]))
             self._last_time, self._last_tokens = now, tokens
         for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
             if key in logs:

@@ -169,4 +169,7 @@ class ForgeTrainer(SFTTrainer):
             with torch.no_grad():
                 accuracy = (logits.argmax(-1) == targets).float().mean().item()
             metrics[mode]["mean_token_accuracy"].append(accuracy)
+            if prompt is not None and prompt_loss is not None:  # metrics.jsonl's loss stays the answer's, as eval_loss is
+                metrics[mode]["answer_loss"].append(loss_sum.item() / count)
+                metrics[mode]["prompt_loss"].append(prompt_loss.item())
         return (loss, {}) if return_outputs else loss
