@@ -217,8 +217,8 @@ class LocalTrain(Section):
     """With data.label: balanced weighs each example's loss by n / (classes x examples of its class), so rare labels count as much as common ones."""
     label_adjustment: float = Field(0.0, ge=0.0, le=2.0)
     """With data.label: logit adjustment. In training, tau x log(the label's share of the training labels) is added to the logit of each label's first token where an answer starts, so the model's own answers lean toward rare labels (0: the labels' prior as it is; 1: the balanced-error rule). Answering uses the model as trained."""
-    prompt_loss_weight: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Weight of a language-modelling loss on the prompt tokens (the review, the question), added to the answer's loss as weight x its mean: the model keeps reading the text it classifies instead of fitting one token per example. auto: 0.1 when answers are a label's length (0.833 -> 0.847 accuracy, macro-F1 0.715 -> 0.758 on a held-out split of real reviews), 0 when they are longer. OpenAI's legacy fine-tunes had it too (prompt_loss_weight, 0.01). 0 turns it off."""
+    prompt_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Weight of a language-modelling loss on the prompt's tokens (the review, the question), added to the answer's loss as weight x its mean (OpenAI's legacy fine-tunes had it, at 0.01). Off by default, as measured on real reviews at 0.1: +0.014 accuracy on one split in a plain loop, but through the defaults 0.784 mean accuracy on three splits against 0.789 without, at 1.6x the time a step."""
     full_finetune: bool = False
     """Train every weight instead of LoRA adapters (small models only; needs quantization: none)."""
     eval_every: Union[int, Auto] = "auto"
@@ -501,7 +501,7 @@ class Experiment(Section):
             problems.append(f"train.method: dpo trains on preference pairs, but data.format is {self.data.format}; use preference (or auto)")
         if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.full_finetune:
             problems.append("train.method: dpo trains LoRA adapters (the reference is the policy with its adapter off); set train.full_finetune: false")
-        if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.prompt_loss_weight not in ("auto", 0, 0.0):
+        if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.prompt_loss_weight:
             problems.append("train.prompt_loss_weight is an SFT loss on the prompt; DPO compares two answers to one prompt. Remove it")
         if self.train.method == "dpo" and self.data.label is not None:
             problems.append("train.method: dpo has no use for data.label (pairs are not classes); remove data.label")

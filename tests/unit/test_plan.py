@@ -102,16 +102,10 @@ def test_lr_multiplier_scales_the_auto_rate_and_a_set_one():
     assert scaled.lr == pytest.approx(2e-4) and "lr_multiplier 2" in scaled.reasons["lr"]
 
 
-def test_prompt_loss_is_on_for_label_length_answers_off_for_long_ones_and_a_set_value_wins():
+def test_prompt_loss_is_off_unless_set_and_a_set_value_is_planned_as_set():
     lengths, trainable = classification(500)
-    short = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
-    assert short.prompt_loss_weight == rules.SHORT_ANSWER_PROMPT_LOSS > 0
-    assert any(line.startswith(f"prompt_loss_weight {rules.SHORT_ANSWER_PROMPT_LOSS:g}: short answers") for line in short.describe())
-    lengths, trainable = generation(300)
-    assert plan_training(LocalTrain(), lengths, trainable, labelled=False, max_length=1024, seed=0).prompt_loss_weight == 0
-    lengths, trainable = classification(500)
-    for value in (0, 0.3):
-        plan = plan_training(LocalTrain(prompt_loss_weight=value), lengths, trainable, labelled=True, max_length=1024, seed=0)
-        assert plan.prompt_loss_weight == value and plan.reasons["prompt_loss_weight"] == "set in the experiment file"
-    dpo = plan_training(LocalTrain(method="dpo", prompt_loss_weight=0.3), lengths, trainable, labelled=False, max_length=1024, seed=0)
-    assert dpo.prompt_loss_weight == 0
+    plan = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
+    assert plan.prompt_loss_weight == 0 and plan.reasons["prompt_loss_weight"].startswith("off")
+    plan = plan_training(LocalTrain(prompt_loss_weight=0.3), lengths, trainable, labelled=True, max_length=1024, seed=0)
+    assert plan.prompt_loss_weight == 0.3 and plan.reasons["prompt_loss_weight"] == "set in the experiment file"
+    assert "prompt_loss_weight 0.3: set in the experiment file" in plan.describe()

@@ -245,7 +245,7 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
 
     words = {"positive": "great lovely", "negative": "awful broken", "neutral": "fine okay"}
     experiment, run, report = labelled_run(tmp_path, tiny_model_dir, 60, ["positive", "positive", "negative", "neutral"],
-                                           lambda label, i: f"{words[label]} thing {i}", "max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1")
+                                           lambda label, i: f"{words[label]} thing {i}", "max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1, prompt_loss_weight: 0.1")
     assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
     assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
     markdown = run.sub("data", "report.md").read_text()
@@ -257,7 +257,7 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
     evaluated = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evaluated] == [0, 3, 6, 9, 12]
     assert all(0 <= r["eval_macro_f1"] <= 1 and r["eval_loss"] > 0 for r in evaluated)
-    # label-length answers learn the prompt's text too (auto); the logged loss stays the answer's, beside the prompt's
+    # with a prompt loss the logged loss stays the answer's, and the prompt's sits beside it
     assert report["local"]["prompt_loss_weight"] == 0.1
     trained = [r for r in records if "loss" in r]
     assert trained and all(r["prompt_loss"] > 0 and r["loss"] >= 0 for r in trained)

@@ -42,7 +42,6 @@ LORA_LR = 2e-4  # long answers: hundreds of supervised tokens a step (the suppor
 SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 epochs (0.78 held-out); 5e-4 gave 0.82, 1e-3 0.83
 FULL_FINETUNE_LR = 2e-5  # every weight moves: ten times lower than LoRA's adapters
 DPO_LORA_LR = 5e-5  # preference tuning starts from a policy that already answers well: a quarter of SFT's rate
-SHORT_ANSWER_PROMPT_LOSS = 0.1  # one held-out split of real reviews: 0.833 / 0.715 without, 0.847 / 0.758 with (README)
 
 
 @dataclass
@@ -162,17 +161,10 @@ def plan_training(train, lengths: list[int], trainable: list[int], labelled: boo
         lr *= multiplier
         reasons["lr"] += f", times lr_multiplier {multiplier:g}"
 
-    prompt_loss = getattr(train, "prompt_loss_weight", 0.0)
-    if getattr(train, "method", "sft") == "dpo":
-        prompt_loss, reasons["prompt_loss_weight"] = 0.0, "DPO compares the answers to one prompt; the prompt is not learnt"
-    elif prompt_loss != "auto":
-        prompt_loss, reasons["prompt_loss_weight"] = float(prompt_loss), set_in_file
-    elif short:
-        prompt_loss = SHORT_ANSWER_PROMPT_LOSS
-        reasons["prompt_loss_weight"] = (f"{answers}: the prompt's text is also learnt, at {prompt_loss:g} x its mean "
-                                         "token loss, so one answer token per example does not carry all the learning")
-    else:
-        prompt_loss, reasons["prompt_loss_weight"] = 0.0, f"{answers} carry enough to learn from; the prompt is given"
+    prompt_loss = float(getattr(train, "prompt_loss_weight", 0.0))
+    reasons["prompt_loss_weight"] = set_in_file if prompt_loss else (
+        "off: the answer's tokens alone are learnt (at 0.1 on three splits of real reviews: 0.784 mean accuracy against "
+        "0.789 without, at 1.6x the time a step)")
 
     eval_every = int(train.eval_every) if train.eval_every != "auto" else max(1, math.ceil(steps / EVALS_PER_RUN))
     save_every = int(train.save_every) if train.save_every != "auto" else eval_every
