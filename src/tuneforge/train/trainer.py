@@ -136,10 +136,11 @@ class ForgeTrainer(SFTTrainer):
             keep = where[torch.randperm(len(where), device=where.device)[:PROMPT_LOSS_POSITIONS]]
             prompt = torch.zeros_like(prompt)
             prompt[keep[:, 0], keep[:, 1]] = True
-        with self._head_on(chosen if prompt is None else chosen | prompt):
+        projected = chosen if prompt is None else chosen | prompt
+        with self._head_on(projected):
             logits = model(**inputs, use_cache=False).logits.float()  # [supervised (and prompt) positions, vocab]
+        prompt_loss = None
         if prompt is not None:
-            projected = chosen | prompt
             prompt_logits, logits = logits[prompt[projected]], logits[chosen[projected]]
             prompt_loss = F.cross_entropy(prompt_logits, inputs["input_ids"][:, 1:][prompt]) if prompt_logits.shape[0] else None
         if self.label_offsets:  # logit adjustment where an answer (a label) starts: its first target of a run
@@ -153,7 +154,7 @@ class ForgeTrainer(SFTTrainer):
         count = int(chosen.sum())
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator
-        if prompt is not None and prompt_loss is not None:
+        if prompt_loss is not None:
             # each micro-batch's prompt mean counts by its share of the step's answer tokens, so accumulation and
             # several processes add up to weight x one mean per step, as the answer loss adds up to one mean
             share = count / denominator if num_items_in_batch is not None else 1.0
@@ -169,7 +170,7 @@ class ForgeTrainer(SFTTrainer):
             with torch.no_grad():
                 accuracy = (logits.argmax(-1) == targets).float().mean().item()
             metrics[mode]["mean_token_accuracy"].append(accuracy)
-            if prompt is not None and prompt_loss is not None:  # metrics.jsonl's loss stays the answer's, as eval_loss is
+            if prompt_loss is not None:  # metrics.jsonl's loss stays the answer's, as eval_loss is
                 metrics[mode]["answer_loss"].append(loss_sum.item() / count)
                 metrics[mode]["prompt_loss"].append(prompt_loss.item())
         return (loss, {}) if return_outputs else loss
