@@ -194,7 +194,8 @@ def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page
                                timeout=ANSWER_TIMEOUT_MS)
     # the votes open, on the pair on screen, once every answer is complete
     page.wait_for_function("document.querySelector('#vote-right') && !document.querySelector('#vote-right').disabled", timeout=ANSWER_TIMEOUT_MS)
-    assert page.locator("#vote-pair input").input_value() == "1. base  vs  2. base+rag"
+    assert page.locator("#vote-pair input:checked").input_value() == "1. base  vs  2. base+rag"
+    assert page.locator("#vote-pair").get_by_text("1. base  vs  2. base+rag").is_visible()
     page.locator("#vote-right").click()
     page.get_by_text("Saved: base+rag is better").wait_for(timeout=30_000)
 

@@ -135,7 +135,8 @@ def build_app(experiment, run, systems: Systems | None = None, system_prompt: st
                     columns = [gr.Markdown(container=True, min_height=160, visible=i < len(compared), elem_id=f"compare-{i}")
                                for i in range(COMPARE_MAX)]
                 compared_state = gr.State(None)  # the answers on screen, for the votes
-                pair = gr.Dropdown([], label="Vote on the pair", elem_id="vote-pair", interactive=True)
+                # radio buttons, not a dropdown: a dropdown given new choices and a value in one update can draw an empty box
+                pair = gr.Radio([], label="Vote on the pair", elem_id="vote-pair", interactive=True)
                 with gr.Row():
                     vote_buttons = {verdict: gr.Button(label, size="sm", interactive=False, elem_id=f"vote-{verdict.replace('_', '-')}")
                                     for verdict, label in (("left", "◀ Left is better"), ("right", "Right is better ▶"),
