@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from tuneforge.config import load_experiment
-    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.engine.transformers import Engine, Settings
 
     experiment = load_experiment(args.config, [f"model.quantization={args.quantization}"] if args.quantization else [])
     engine = Engine.load(experiment, "base")

@@ -144,7 +144,7 @@ def compare_systems(work: Path, path: Path, run_dir: Path, other: str, name: str
     import torch
 
     from tuneforge.config import load_experiment
-    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.engine.transformers import Engine, Settings
     from tuneforge.run import RunDir
 
     experiment_ = load_experiment(path)

@@ -110,7 +110,7 @@ def _existing_run(args: argparse.Namespace, experiment):
 
 
 def _default_system(run) -> str:
-    from tuneforge.infer.engine import available_systems
+    from tuneforge.engine.transformers import available_systems
 
     found = available_systems(run)[-1]  # finetuned once trained, else base
     if found == "base":
@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tuneforge.data.tools import check_tools
     from tuneforge.data.validate import check_prompt, text_content
-    from tuneforge.infer.engine import Settings
+    from tuneforge.engine.transformers import Settings
     from tuneforge.systems import Systems
 
     experiment = _experiment(args)
@@ -189,7 +189,7 @@ def _say_system_prompt(systems, name: str) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tuneforge.infer.chat import chat_loop
+    from tuneforge.chat import chat_loop
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
@@ -218,7 +218,7 @@ def _read_tools(path: str) -> list:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from tuneforge.infer.merge import merge
+    from tuneforge.merge import merge
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "merge")
@@ -247,9 +247,9 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tuneforge.infer.finetune_api import fine_tuning_router
-    from tuneforge.infer.keys import check_binding, load_keys
-    from tuneforge.infer.server import serve
+    from tuneforge.serve.finetuning import fine_tuning_router
+    from tuneforge.serve.keys import check_binding, load_keys
+    from tuneforge.serve.server import serve
 
     keys = load_keys(args.api_keys)
     check_binding(args.host, keys)  # before loading anything

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.run import cache_home  # noqa: F401  (converted models live there)
+from tuneforge.home import cache_home
 
 if TYPE_CHECKING:
     from tuneforge.config import ModelSection

@@ -25,11 +25,6 @@ TRACKED_PACKAGES = (
 )
 
 
-def cache_home() -> Path:
-    """What tuneforge keeps across runs (converted models, tokenizer files): $TUNEFORGE_HOME, else ~/.cache/tuneforge."""
-    return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")
-
-
 class RunDir:
     """One experiment's run directory."""
 

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.generation import Answer, Settings, available_systems
+from tuneforge.engine.generation import Answer, Settings, available_systems
+from tuneforge.hosted import openai_base_url, openai_job_model
 from tuneforge.rag.retriever import retrieve_into
 
 if TYPE_CHECKING:  # the engine (and torch) load with the first local system, not with this module
-    from tuneforge.infer.engine import Engine
+    from tuneforge.engine.transformers import Engine
 
 RAG_SUFFIX = "+rag"
 LOCAL_NAMES = ("base", "finetuned", "previous")
@@ -58,24 +59,6 @@ def parse(name: str) -> Spec:
     if model in LOCAL_NAMES or (colon and kind in ("adapter", "merged", "openai") and rest):
         return Spec(name, model, rag)
     raise TuneforgeError(f"unknown system {name!r}; {HINT}")
-
-
-def openai_job_model(run) -> str | None:
-    """The fine-tuned model id of this run's OpenAI job, once it has succeeded."""
-    path = run.sub("openai_job.json")
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("fine_tuned_model") or None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def openai_base_url(experiment) -> str | None:
-    """Where openai:<model> systems are asked: train.base_url of an openai backend, else OPENAI_BASE_URL."""
-    if experiment.train.backend == "openai" and experiment.train.base_url:
-        return experiment.train.base_url
-    return os.environ.get("OPENAI_BASE_URL") or None
 
 
 def with_system_prompt(conversations: list[list[dict]], system_prompt: str | None) -> list[list[dict]]:
@@ -284,7 +267,7 @@ class Systems:
     def identity(self, name: str) -> str:
         """Exactly which model answers as `name` now: the sha256 of an adapter's (or merged model's) weights, the
         base model's reference, or a hosted model's id. Feedback keeps it, so two versions of one name never mix."""
-        from tuneforge.infer.generation import system_source
+        from tuneforge.engine.generation import system_source
 
         spec = parse(self.aliases.get(name, name))
         if spec.hosted:
@@ -321,7 +304,7 @@ class Systems:
                 return self._engine(spec.model)
             key = f"scoring:{spec.model}"
             if key not in self.engines:
-                from tuneforge.infer.engine import Engine
+                from tuneforge.engine.transformers import Engine
 
                 self.engines[key] = Engine.load(self.experiment, spec.model, self.run)
             return self.engines[key]
@@ -329,11 +312,11 @@ class Systems:
     def _engine(self, model: str) -> Engine:
         if model not in self.engines:
             if self.experiment.model.engine == "vllm":
-                from tuneforge.infer.vllm_engine import VLLMEngine
+                from tuneforge.engine.vllm import VLLMEngine
 
                 self.engines[model] = VLLMEngine.load(self.experiment, model, self.run, self._vllm_pool(model))  # type: ignore[assignment]
             else:
-                from tuneforge.infer.engine import Engine
+                from tuneforge.engine.transformers import Engine
 
                 self.engines[model] = Engine.load(self.experiment, model, self.run)
                 self.engines[model].max_batch = self.max_batch
@@ -344,8 +327,8 @@ class Systems:
         the bases (the model, and each merged folder) share the memory budget, and the engine holds the largest
         adapter rank among them (at least LORA_RANK_FLOOR, for adapters that come later: the fine-tuning API's)."""
         if self._pool is None:
-            from tuneforge.infer.generation import system_source
-            from tuneforge.infer.vllm_engine import LORA_RANK_FLOOR, VLLMPool, adapter_rank
+            from tuneforge.engine.generation import system_source
+            from tuneforge.engine.vllm import LORA_RANK_FLOOR, VLLMPool, adapter_rank
 
             names = {first, *(parse(n).model for n in [*self.available(), *self.planned])}
             sources = {system_source(m, self.run) for m in names if not m.startswith("openai:")}

@@ -15,7 +15,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "H
 @pytest.fixture(scope="module")
 def engine(smollm_location):
     from tuneforge.config import ModelSection
-    from tuneforge.infer.engine import Engine
+    from tuneforge.engine.transformers import Engine
     from tuneforge.models import load_model, load_tokenizer, plan_device
 
     # float32 compute: in bfloat16 a batch's other shapes change the rounding, and on an H200 one of six greedy
@@ -27,7 +27,7 @@ def engine(smollm_location):
 
 
 def test_batched_greedy_answers_equal_one_at_a_time_on_cuda_4bit(engine):
-    from tuneforge.infer.engine import Settings
+    from tuneforge.engine.transformers import Settings
 
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
     settings = Settings(max_new_tokens=24)

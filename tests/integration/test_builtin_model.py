@@ -52,7 +52,7 @@ def test_4bit_engine_answers_do_not_depend_on_the_batch(smollm_location):
     from pathlib import Path
 
     from tuneforge.config import load_experiment
-    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.engine.transformers import Engine, Settings
 
     experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml", ["model.quantization=4bit"])
     engine = Engine.load(experiment, "base")

@@ -49,7 +49,8 @@ def test_dpo_raises_the_margin_and_a_started_run_is_referenced_to_its_start(tmp_
     from peft import PeftModel
 
     from tuneforge.data.chat import ChatEncoder
-    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_model, load_tokenizer, plan_device
     from tuneforge.run import RunDir
     from tuneforge.train.local import train_local

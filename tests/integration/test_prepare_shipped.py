@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tuneforge.config import load_experiment
-from tuneforge.data.prepare import load_prepared, prepare
+from tuneforge.data.prepare import prepare
+from tuneforge.data.prepared import load_prepared
 from tuneforge.models import load_tokenizer
 from tuneforge.run import RunDir
 

@@ -47,7 +47,8 @@ def test_gradients_still_flow_after_an_evaluation(smollm_location):
 def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_location):
     from peft import PeftModel
 
-    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_tokenizer
     from tuneforge.run import RunDir
     from tuneforge.train.local import train_local
@@ -85,7 +86,7 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
         assert torch.allclose(again(input_ids=ids).logits, tuned_logits, atol=1e-4)
 
     # merged into a full-precision base: the same greedy answers as the adapter on that base
-    from tuneforge.infer.merge import merge
+    from tuneforge.merge import merge
 
     report = merge(experiment, run, max_new_tokens=24)
     assert report["probes"] == 8 and report["mismatches"] == []

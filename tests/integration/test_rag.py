@@ -107,7 +107,8 @@ def test_damaged_or_mismatched_files_fail_clearly(built, tmp_path):
 
 def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built, smollm_location):
     """data.rag: prepare puts the passages into the last user turn exactly as a +rag system does when answering."""
-    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_tokenizer
     from types import SimpleNamespace
 
@@ -154,7 +155,8 @@ def test_index_is_rebuilt_when_the_corpus_changes(tmp_path):
 
 
 def test_the_prepared_training_data_as_corpus(tmp_path, smollm_location):
-    from tuneforge.data.prepare import load_prepared, prepare
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_tokenizer
 
     experiment = load_experiment(QUICKSTART, ["rag.corpus=train", "data.rag=false"])

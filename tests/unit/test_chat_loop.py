@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from tuneforge.infer import chat as chatting
-from tuneforge.infer.engine import Answer
+from tuneforge import chat as chatting
+from tuneforge.engine.transformers import Answer
 
 
 class FakeSystems:

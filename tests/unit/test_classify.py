@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from tuneforge.data.chat import ChatEncoder
-from tuneforge.eval.classify import label_logprobs, probabilities
+from tuneforge.scoring import label_logprobs, probabilities
 
 
 import pytest

@@ -10,7 +10,7 @@ from tuneforge.config import Experiment
 from tuneforge.demo.access import decide, is_loopback, parse_auth, quiet_gradio
 from tuneforge.demo.answers import ask, ask_all, conversation, sources_markdown
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.engine.transformers import Answer, Settings
 from tuneforge.rag.retriever import Hit
 from tuneforge.run import RunDir
 

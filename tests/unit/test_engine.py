@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.infer.engine import Answer, Engine, Settings
+from tuneforge.engine.transformers import Answer, Engine, Settings
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pytest
 from tuneforge.config import load_experiment
 from tuneforge.data.prepare import prepare
 from tuneforge.eval.harness import run_eval
-from tuneforge.infer.engine import Engine
+from tuneforge.engine.transformers import Engine
 from tuneforge.run import RunDir
 from tuneforge.systems import LocalSystem, parse
 

@@ -7,7 +7,7 @@ import pytest
 
 from tuneforge.data.chat import ChatEncoder
 from tuneforge.eval import baselines, scores
-from tuneforge.eval.classify import answer_logprobs, fit_prompt, label_logprobs
+from tuneforge.scoring import answer_logprobs, fit_prompt, label_logprobs
 from tuneforge.eval.judge import compare, read_verdict
 
 

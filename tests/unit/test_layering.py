@@ -18,20 +18,29 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "tuneforge"
 
-# bottom to top; a module may import its own layer or lower ones, never a higher one. The longest prefix names
-# a module's layer, so tuneforge.infer.engine sits below the rest of tuneforge.infer.
+# bottom to top, one directory (or top-level module) per layer; a module may import its own layer or lower ones,
+# never a higher one. A directory is never split across layers: every tuneforge.<dir>.* module has its directory's rank.
+VERBS = ("tuneforge.chat", "tuneforge.merge", "tuneforge.generate", "tuneforge.compare", "tuneforge.serve", "tuneforge.demo")
 LAYERS: list[tuple[str, ...]] = [
-    ("tuneforge", "tuneforge.errors", "tuneforge.atomic", "tuneforge.config", "tuneforge.config_errors",
-     "tuneforge.explain", "tuneforge.run"),
+    ("tuneforge", "tuneforge.errors", "tuneforge.atomic", "tuneforge.home", "tuneforge.config_errors",
+     "tuneforge.config", "tuneforge.explain", "tuneforge.run", "tuneforge.hosted"),
     ("tuneforge.data",),
+    ("tuneforge.feedback",),
     ("tuneforge.models",),
     ("tuneforge.rag",),
-    ("tuneforge.infer.engine", "tuneforge.infer.generation", "tuneforge.infer.batcher", "tuneforge.infer.vllm_engine"),
+    ("tuneforge.engine",),
     ("tuneforge.systems",),
-    ("tuneforge.train", "tuneforge.eval", "tuneforge.infer", "tuneforge.demo", "tuneforge.feedback"),
-    ("tuneforge.sweep", "tuneforge.compare"),
+    ("tuneforge.scoring",),
+    ("tuneforge.train",),
+    ("tuneforge.eval",),
+    VERBS,
+    ("tuneforge.sweep",),
     ("tuneforge.cli", "tuneforge.__main__"),
 ]
+# modules that run one verb or recipe end to end; they never import one another (the CLI and the sweep, above
+# them, compose them)
+RECIPES = ("tuneforge.data.prepare", "tuneforge.train.local", "tuneforge.train.dpo", "tuneforge.train.openai_backend",
+           "tuneforge.eval.harness")
 RANK = {prefix: rank for rank, names in enumerate(LAYERS) for prefix in names}
 
 
@@ -146,6 +155,16 @@ def _cycles() -> list[list[str]]:
     return [around(group) for group in groups]
 
 
+def test_the_layer_check_fails_on_an_upward_import(monkeypatch):
+    """The check itself: an import of a higher layer is reported (data importing train, sideways verbs)."""
+    monkeypatch.setitem(GRAPH, "tuneforge.data.records", {**GRAPH["tuneforge.data.records"], "tuneforge.train.local": 1})
+    with pytest.raises(AssertionError, match="tuneforge.data.records -> tuneforge.train.local"):
+        test_no_module_imports_a_higher_layer()
+    monkeypatch.setitem(GRAPH, "tuneforge.chat", {**GRAPH["tuneforge.chat"], "tuneforge.merge": 1})
+    with pytest.raises(AssertionError, match="tuneforge.chat -> tuneforge.merge"):
+        test_verbs_never_import_one_another()
+
+
 def test_the_scan_sees_lazy_imports():
     """A function-level import is an edge too (cli imports every verb inside its command functions)."""
     assert "tuneforge.train.local" in GRAPH["tuneforge.cli"]
@@ -165,6 +184,24 @@ def test_no_module_imports_a_higher_layer():
     upward = [f"{_where(a, b)}: layer {_rank(a)} imports layer {_rank(b)}"
               for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if _rank(b) > _rank(a)]
     assert upward == [], "\n".join(upward)
+
+
+def _unit(module: str) -> str:
+    """The verb a module belongs to: its directory under tuneforge, else the module itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_each_directory_is_one_layer():
+    """No LAYERS entry names a module inside a directory (that would split the directory across layers)."""
+    nested = [name for names in LAYERS for name in names if name.count(".") > 1]
+    assert nested == []
+
+
+def test_verbs_never_import_one_another():
+    sideways = [_where(a, b) for a in sorted(GRAPH) for b in sorted(GRAPH[a])
+                if _rank(a) == _rank(b) == RANK[VERBS[0]] and _unit(a) != _unit(b)]
+    sideways += [_where(a, b) for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if a in RECIPES and b in RECIPES]
+    assert sideways == [], "\n".join(sideways)
 
 
 def test_data_never_reaches_into_train():

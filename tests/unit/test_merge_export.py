@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer import merge as merging
-from tuneforge.infer.merge import export_gguf, gguf_converter
+from tuneforge import merge as merging
+from tuneforge.merge import export_gguf, gguf_converter
 
 
 def test_missing_converter_is_a_clear_message(tmp_path, monkeypatch):
@@ -36,7 +36,7 @@ def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from tuneforge.config import load_experiment
-    from tuneforge.infer.engine import Engine
+    from tuneforge.engine.transformers import Engine
     from tuneforge.run import RunDir
 
     path = tmp_path / "exp.yaml"
@@ -62,7 +62,7 @@ def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
 def test_merge_dtype_is_the_dtype_of_both_loads(trained_run):
     """--dtype float32: the adapter-on-base model and the merged model are both loaded in it (a bfloat16 merge
     can round a short fine-tune's update away)."""
-    from tuneforge.infer.engine import Engine
+    from tuneforge.engine.transformers import Engine
 
     experiment, run, loads = trained_run
     merging.merge(experiment, run, max_new_tokens=4, dtype="float32")
@@ -96,7 +96,7 @@ def test_a_failed_conversion_keeps_the_merge_and_its_report(trained_run, tmp_pat
 def test_a_gpu_too_small_for_the_16bit_base_merges_on_the_cpu(tiny_model_dir, tiny_llama, monkeypatch):
     import torch
 
-    from tuneforge.infer.merge import merge_device, parameter_count
+    from tuneforge.merge import merge_device, parameter_count
 
     params = sum(p.numel() for p in tiny_llama.parameters())  # a tied head counts once, as it is stored
     assert parameter_count(str(tiny_model_dir)) == params  # read from the headers, tied weights stored once

@@ -10,7 +10,7 @@ import pytest
 
 from tuneforge.config import Experiment, LocalTrain, load_experiment
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.finetune_wire import JobFailed, local_train_section, page, read_examples, short_model_name
+from tuneforge.serve.wire import JobFailed, local_train_section, page, read_examples, short_model_name
 from tuneforge.train import openai_backend as backend
 
 DATA = {"train.jsonl": "a" * 64, "valid.jsonl": "b" * 64}

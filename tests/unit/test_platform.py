@@ -20,11 +20,11 @@ from openai.types.fine_tuning import FineTuningJobEvent
 from tests.wire import checked, checked_job, checked_page
 from tuneforge.config import Experiment
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.finetune_api import Platform
-from tuneforge.infer.finetune_wire import step_metrics_csv, upload_name
-from tuneforge.infer.keys import ApiKeys, bearer, check_binding, load_keys
-from tuneforge.infer.server import Served, create_app
-from tuneforge.infer.store import Store
+from tuneforge.serve.finetuning import Platform
+from tuneforge.serve.wire import step_metrics_csv, upload_name
+from tuneforge.serve.keys import ApiKeys, bearer, check_binding, load_keys
+from tuneforge.serve.server import Served, create_app
+from tuneforge.serve.store import Store
 from tuneforge.run import RunDir
 
 ALICE, BOB = "sk-alice-0123456789abcdef", "sk-bob-fedcba9876543210"
@@ -304,8 +304,8 @@ def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
     import asyncio
     from types import SimpleNamespace
 
-    from tuneforge.infer.generation import Settings
-    from tuneforge.infer.server import _events
+    from tuneforge.engine.generation import Settings
+    from tuneforge.serve.server import _events
 
     experiment = Experiment.model_validate({"name": "server"})
     served = Served(experiment, RunDir(experiment, tmp_path / "server"))

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tuneforge.data.chat import ChatEncoder
-from tuneforge.data.prepare import DataError, load_prepared, prepare
+from tuneforge.data.prepare import DataError, prepare
+from tuneforge.data.prepared import load_prepared
 from tests.unit.test_prepare import experiment, run_prepare, write_lines
 
 SYSTEM = {"role": "system", "content": "Be brief."}

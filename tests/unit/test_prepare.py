@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tuneforge.config import load_experiment
-from tuneforge.data.prepare import DataError, load_prepared, prepare
+from tuneforge.data.prepare import DataError, prepare
+from tuneforge.data.prepared import load_prepared
 from tuneforge.errors import ConfigError
 from tuneforge.run import RunDir
 

@@ -6,7 +6,7 @@ import pytest
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.rag.retriever import CLOSE, OPEN, Hit
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.engine.transformers import Answer, Settings
 from tuneforge.systems import Spec, System, parse
 
 
@@ -150,7 +150,7 @@ def test_with_vllm_every_adapter_on_a_base_shares_one_engine_within_the_memory_b
     import types
 
     from tuneforge.config import Experiment
-    from tuneforge.infer import vllm_engine
+    from tuneforge.engine import vllm as vllm_engine
     from tuneforge.run import RunDir
     from tuneforge.systems import Systems
 

@@ -197,7 +197,7 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
     if variant == "full_finetune":
         assert summary["trainable_params"] == summary["total_params"]
         # a whole model where every verb looks for one: `finetuned` loads it, eval and merge know it
-        from tuneforge.infer.engine import Engine, Settings, system_source
+        from tuneforge.engine.transformers import Engine, Settings, system_source
 
         assert not run.sub("adapter").exists() and (run.sub("merged") / "config.json").exists()
         assert system_source("finetuned", run) == (None, str(run.sub("merged")))
@@ -208,7 +208,7 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
 
         base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())["model.layers.0.self_attn.q_proj.weight"]
         assert not torch.allclose(trained, base)  # the trained weights, not the base's
-        from tuneforge.infer.merge import merge
+        from tuneforge.merge import merge
 
         with pytest.raises(TuneforgeError, match="already holds the full model"):
             merge(experiment, run)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tuneforge.run import cache_home
+from tuneforge.home import cache_home
 
 TOKENS_PER_MESSAGE = 3  # <|start|>{role}<|message|> ... <|end|> around each message
 TOKENS_PER_NAME = 1

@@ -9,308 +9,21 @@ records); the whole data folder is replaced at once.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from tqdm.auto import tqdm
 
 from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_sha256
-from tuneforge.config_errors import did_you_mean
-from tuneforge.data import convert, report as reporting, sources, split as splitting, tables
-from tuneforge.data.chat import ChatEncoder
-from tuneforge.data.records import Example, Problem, Raw
-from tuneforge.data.preference import fit_pair, pair_sides, read_pair
-from tuneforge.data.tools import from_legacy
-from tuneforge.data.validate import check_record
+from tuneforge.data import report as reporting, split as splitting
+from tuneforge.data.records import Problem, label_summary
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.data.collect import Collected, DataError, Preparer
 
 SHOWN_PROBLEMS = 30
-RECORD_EXTRAS = ("tools", "parallel_tool_calls")  # record-level keys carried into the prepared file as given
-ENCODE_BATCH = 256
 
 # data.rag's step: (experiment, run, the Collected sources, the tokenizer's special tokens, progress) -> the report's
 # rag section; it puts passages into the examples in place (tuneforge.rag.retriever.augment_examples)
 Retrieve = Callable[[Any, Any, list["Collected"], tuple[str, ...], bool], dict[str, Any]]
-
-
-class DataError(TuneforgeError):
-    """Records failed the checks; nothing was written."""
-
-
-@dataclass
-class Collected:
-    """One source (train or valid) after every stage, with what each stage did."""
-
-    examples: list[Example] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    cleaning: dict[str, Any] = field(default_factory=dict)
-
-    def stage(self, name: str, count: int) -> None:
-        previous = self.stages[-1]["count"] if self.stages else None
-        entry: dict[str, Any] = {"stage": name, "count": count}
-        if previous is not None:
-            entry["removed"] = previous - count
-        self.stages.append(entry)
-
-    def reject(self, where: str, problems: list[Problem], record: Any = None) -> None:
-        self.problems.extend(problems)
-        self.rejected.append({"where": where, "problems": [{"code": p.code, "message": p.message} for p in problems], "record": record})
-
-
-class Preparer:
-    def __init__(self, experiment, tokenizer, progress: bool = True):
-        self.experiment = experiment
-        self.data = experiment.data
-        self.encoder = ChatEncoder(tokenizer)
-        self.progress = progress
-
-    # ------------------------------------------------------------------ reading
-
-    def collect(self, key: str, spec: str, sample: int | None) -> Collected:
-        out = Collected()
-        located = sources.locate(spec, self.experiment.base_dir, key)
-        if isinstance(located, str):
-            rows = sources.load_hub(located, key)
-            fmt = self.data.format if self.data.format != "auto" else sources.detect_format(None, rows[0] if rows else None, self.data.template is not None, key)
-            if fmt == "table":
-                import pandas as pd
-
-                frame = tables._as_text(pd.DataFrame(rows))
-                self._tables(key, [(located, [frame])], out, sample)
-            else:
-                self._records(key, fmt, (Raw(f"{located} row {i}", row) for i, row in enumerate(rows, 1)), out, sample)
-            return out
-
-        by_format: dict[str, list[Path]] = {}
-        for path in located:
-            fmt = self.data.format
-            if fmt == "auto":
-                first = sources.first_record(path) if path.suffix.lower() in sources.JSON_SUFFIXES else None
-                fmt = sources.detect_format(path, first, self.data.template is not None, key)
-            by_format.setdefault(fmt, []).append(path)
-        if len(by_format) > 1:
-            raise TuneforgeError(f"{key}: files of different formats {sorted(by_format)}; keep one format per source")
-        fmt, paths = next(iter(by_format.items()))
-        if fmt == "table":
-            files = [tables.open_table(p, self.data.encoding, key) for p in paths]
-            columns = self._table_columns(key, files)
-            self._tables(key, [(f.path.name, tables.read_chunks(f, columns), f) for f in files], out, sample)
-        else:
-            records = (raw for p in paths for raw in sources.read_json_records(p))
-            self._records(key, fmt, records, out, sample)
-        return out
-
-    def _table_columns(self, key: str, files: list[tables.TableFile]) -> list[str]:
-        """The columns the experiment names, checked against every file's header."""
-        if self.data.template is None:
-            raise ConfigError(key, [f"data.template is needed to map the columns of {files[0].path.name} into chat messages (columns: {', '.join(tables.columns_of(files[0]))})"])
-        template = self.data.template
-        named: dict[str, str] = {}
-        for part in ("system", "user", "assistant"):
-            text = getattr(template, part)
-            for column in convert.template_fields(text or ""):
-                named.setdefault(column, f"data.template.{part}")
-        if self.data.label:
-            named.setdefault(self.data.label, "data.label")
-        for column in self.data.clean.drop_empty:
-            named.setdefault(column, "data.clean.drop_empty")
-        for column in self.data.clean.fill_empty:
-            named.setdefault(column, "data.clean.fill_empty")
-        problems = []
-        for table in files:
-            header = tables.columns_of(table)
-            for column, where in named.items():
-                if column not in header:
-                    hint = did_you_mean(column, header)
-                    problems.append(f"{where} names column {column!r}, which {table.path.name} does not have{hint} (columns: {', '.join(header)})")
-        if problems:
-            raise ConfigError(str(self.experiment._source or key), problems)
-        return list(named)
-
-    def _tables(self, key: str, files: list[tuple], out: Collected, sample: int | None) -> None:
-        """files: (name, chunks) or (name, chunks, TableFile) per file."""
-        clean = self.data.clean
-        counts = tables.TableCounts()
-        deduper = tables.Deduper() if clean.dedupe else None
-        sampler = tables.Sampler(sample, self.experiment.seed)
-        after_dedupe = 0
-        names: dict[int, str] = {}
-        encodings: dict[str, str] = {}
-        ragged_rows = 0
-        with tqdm(desc=f"reading {key}", unit=" rows", disable=not self.progress, unit_scale=True) as bar:
-            for file_index, (name, chunks, *info) in enumerate(files):
-                names[file_index] = name
-                table = info[0] if info else None
-                if table is not None and table.text:
-                    encodings[name] = table.note()
-                for chunk in chunks:
-                    bar.update(len(chunk))
-                    if table is not None and table.ragged:
-                        ragged = chunk[tables.ROW].isin(table.ragged.keys()).to_numpy()
-                        for record in chunk[ragged].to_dict("records"):
-                            line, fields = table.ragged[record[tables.ROW]]
-                            where = f"{name} row {record[tables.ROW]}"
-                            problem = Problem(where, "ragged_row", f"line {line} has {fields} field{'s' if fields != 1 else ''} where the header has {table.header_fields}; quote the cell that holds the delimiter")
-                            out.reject(where, [problem], {k: v for k, v in record.items() if not k.startswith("__")})
-                        ragged_rows += int(ragged.sum())
-                        counts.rows_read += int(ragged.sum())
-                        chunk = chunk[~ragged]
-                    chunk = tables.clean_chunk(chunk, clean, counts)
-                    if deduper is not None:
-                        chunk = deduper(chunk, counts)
-                    after_dedupe += len(chunk)
-                    chunk = chunk.assign(__file__=file_index)
-                    sampler.add(chunk)
-        out.stage("read", counts.rows_read)
-        running = counts.rows_read
-        if ragged_rows:
-            running -= ragged_rows
-            out.stage("ragged rows (rejected)", running)
-        for column, dropped in counts.dropped_empty.items():
-            running -= dropped
-            out.stage(f"empty {column} (dropped)", running)
-        if deduper is not None:
-            out.stage("exact duplicates", after_dedupe)
-        rows = sampler.rows()
-        if sample is not None:
-            out.stage(f"seeded sample of {sample}", len(rows))
-        out.cleaning = {
-            **({"encoding": encodings} if encodings else {}),
-            "html_entities_unescaped": counts.unescaped,
-            "whitespace_normalised": counts.whitespace_fixed,
-            "empty_cells": dict(counts.emptied),
-            "empty_cells_filled": dict(counts.filled),
-        }
-        template = self.data.template
-        for record in rows.to_dict("records"):
-            where = f"{names[record['__file__']]} row {record[tables.ROW]}"
-            messages = convert.render_row(template, record)
-            problems = check_record({"messages": messages}, where)
-            if any(p.severity == "error" for p in problems):
-                hint = " (add the column to data.clean.drop_empty or fill_empty)" if any(p.code == "missing_content" for p in problems) else ""
-                for p in problems:
-                    p.message += hint
-                out.reject(where, problems, {k: v for k, v in record.items() if not k.startswith("__")})
-                continue
-            label = record.get(self.data.label) if self.data.label else None
-            out.examples.append(Example(messages, f"{Path(names[record['__file__']]).stem}:row{record[tables.ROW]}", where, label))
-        out.stage("valid chat examples", len(out.examples))
-
-    def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:
-        to_messages = {"alpaca": convert.from_alpaca, "sharegpt": convert.from_sharegpt}.get(fmt)
-        read = 0
-        for raw in tqdm(raws, desc=f"reading {key}", unit=" records", disable=not self.progress):
-            read += 1
-            if raw.problem is not None:
-                out.reject(raw.where, [raw.problem])
-                continue
-            record = raw.data
-            if to_messages is not None:
-                record, problem = to_messages(record, raw.where)
-                if problem is not None:
-                    out.reject(raw.where, [problem], raw.data)
-                    continue
-            if fmt == "preference":
-                record, problems = read_pair(record, raw.where)
-            elif isinstance(record, dict):
-                record = from_legacy(record)  # functions / function_call: today's tools / tool_calls
-                problems = check_record(record, raw.where)
-            else:
-                problems = check_record(record, raw.where)
-            if record is None or any(p.severity == "error" for p in problems):
-                out.reject(raw.where, problems, raw.data)
-                continue
-            out.problems.extend(problems)  # warnings only
-            label = record.get(self.data.label or "label")
-            meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-            messages = [{k: v for k, v in m.items()} for m in record["messages"]]
-            rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
-            extra = {k: record[k] for k in RECORD_EXTRAS if k in record}
-            out.examples.append(Example(messages, rid, raw.where, None if label is None else str(label), meta,
-                                        rejected=record.get("rejected"), extra=extra))
-        out.stage("read", read)
-        out.stage("valid chat examples", len(out.examples))
-        if self.data.clean.dedupe:
-            seen: set[str] = set()
-            unique = []
-            for example in out.examples:
-                fingerprint = json.dumps(example.openai_record(), sort_keys=True, ensure_ascii=False)
-                if fingerprint not in seen:
-                    seen.add(fingerprint)
-                    unique.append(example)
-            out.examples = unique
-            out.stage("exact duplicates", len(out.examples))
-        if sample is not None:
-            out.examples = splitting.sample(out.examples, sample, self.experiment.seed)
-            out.stage(f"seeded sample of {sample}", len(out.examples))
-
-    # ------------------------------------------------------------------ tokens
-
-    def _encode(self, batch: list[Example]) -> list[list]:
-        """Per example its training sequences; a preference pair's are its two answers after the shared prompt."""
-        if not any(e.rejected is not None for e in batch):
-            return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
-        pairs = [e for e in batch if e.rejected is not None]
-        flat = iter(self.encoder.encode_many([s for e in pairs for s in pair_sides(e.messages, e.rejected)],
-                                             [e.extra.get("tools") for e in pairs for _ in range(2)]))
-        # one batched tokenizer call for both sides of every pair; any other example as its own sequences
-        return [[next(flat), next(flat)] if e.rejected is not None
-                else self.encoder.encode_examples([e.messages], [e.extra.get("tools")])[0] for e in batch]
-
-    def measure(self, out: Collected) -> None:
-        """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""
-        data = self.data
-        if data.clean.min_chars:
-            out.examples = [e for e in out.examples if len(_last_answer(e)) >= data.clean.min_chars]
-            out.stage(f"answer shorter than {data.clean.min_chars} chars", len(out.examples))
-        kept: list[Example] = []
-        too_long = 0
-        batches = range(0, len(out.examples), ENCODE_BATCH)
-        with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
-            for start in batches:
-                batch = out.examples[start : start + ENCODE_BATCH]
-                for example, sequences in zip(batch, self._encode(batch)):
-                    longest = max((len(s.input_ids) for s in sequences), default=0)
-                    if longest > data.max_length:
-                        if data.overflow == "drop":
-                            too_long += 1
-                            continue
-                        if data.overflow == "error":
-                            out.reject(example.where, [Problem(example.where, "too_long", f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
-                            continue
-                        if example.rejected is not None:
-                            prompt, sequences = fit_pair(self.encoder, example.messages, example.rejected, data.max_length, "truncate",
-                                                         example.extra.get("tools"))
-                            example.messages = [*prompt, example.messages[-1]]
-                        else:
-                            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate",
-                                                                           example.extra.get("tools"))
-                    sequences = [s for s in sequences if s.n_trainable]
-                    if not sequences:
-                        out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())
-                        continue
-                    example.sequences = [(len(s.input_ids), s.n_trainable) for s in sequences]
-                    example.n_tokens = max(n for n, _ in example.sequences)
-                    example.n_trainable = sum(n for _, n in example.sequences)
-                    example.truncated = any(s.truncated for s in sequences)
-                    example.missing_eot = any(s.missing_eot for s in sequences)
-                    kept.append(example)
-                bar.update(len(batch))
-        out.examples = kept
-        label = {"drop": "longer than max_length (dropped)", "error": "longer than max_length (error)", "truncate": "fits max_length"}[data.overflow]
-        out.stage(label, len(out.examples))
-        if too_long:
-            out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
-
-
-def _last_answer(example: Example) -> str:
-    answers = [m.get("content") or "" for m in example.messages if m.get("role") == "assistant"]
-    return answers[-1] if answers else ""
 
 
 def _fail_listing(problems: list[Problem]) -> str:
@@ -379,7 +92,7 @@ def prepare(experiment, run, tokenizer, progress: bool = True, retrieve: Retriev
         "cleaning": train.cleaning,
         "counts": {"train": len(train_examples), "valid": len(valid_examples), "rejected": len(rejected)},
         "tokens": {"train": reporting.token_stats(train_examples), "valid": reporting.token_stats(valid_examples)},
-        "labels": {k: v for k, v in {"train": reporting.label_summary(train_examples), "valid": reporting.label_summary(valid_examples)}.items() if v},
+        "labels": {k: v for k, v in {"train": label_summary(train_examples), "valid": label_summary(valid_examples)}.items() if v},
         "problems": {
             "errors": sum(p.severity == "error" for p in everything),
             "warnings": sum(p.severity == "warning" for p in everything),
@@ -419,17 +132,3 @@ def _by_code(problems: list[Problem]) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter(p.code for p in problems).most_common())
-
-
-def load_prepared(folder: Path, split: str) -> list[Example]:
-    """Read back a prepared split (messages plus the meta sidecar) as Examples."""
-    messages_path, meta_path = folder / f"{split}.jsonl", folder / f"{split}.meta.jsonl"
-    if not messages_path.exists():
-        raise TuneforgeError(f"{messages_path} does not exist; run `tuneforge prepare` first")
-    examples = []
-    with open(messages_path, encoding="utf-8") as fm, open(meta_path, encoding="utf-8") as fmeta:
-        for line, meta_line in zip(fm, fmeta):
-            record, meta = json.loads(line), json.loads(meta_line)
-            examples.append(Example.from_openai(record, meta["id"], meta["source"], meta.get("label"), meta.get("meta", {})))
-    return examples
-

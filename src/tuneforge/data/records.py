@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,3 +85,17 @@ class Raw:
     where: str
     data: Any = None
     problem: Problem | None = None
+
+
+def label_counts(examples: list[Example]) -> dict[str, int] | None:
+    labels = [e.label for e in examples if e.label is not None]
+    return dict(sorted(Counter(labels).items())) if labels else None
+
+
+def label_summary(examples: list[Example]) -> dict[str, Any] | None:
+    """Counts per label, and the accuracy of always answering the most common one: the floor every system must beat."""
+    counts = label_counts(examples)
+    if not counts:
+        return None
+    majority = max(counts, key=lambda k: (counts[k], k))
+    return {"counts": counts, "majority_label": majority, "majority_accuracy": round(counts[majority] / sum(counts.values()), 4)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,6 @@ def token_stats(examples: list[Example]) -> dict[str, Any]:
     }
 
 
-def label_counts(examples: list[Example]) -> dict[str, int] | None:
-    labels = [e.label for e in examples if e.label is not None]
-    return dict(sorted(Counter(labels).items())) if labels else None
-
-
 def openai_epochs(n_examples: int) -> int:
     """The n_epochs OpenAI picks for `auto`."""
     epochs = OPENAI_TARGET_EPOCHS
@@ -65,15 +59,6 @@ def local_plan(train: list[Example], experiment) -> dict[str, Any]:
     plan = plan_training(experiment.train, [n for n, _ in sequences], [t for _, t in sequences],
                          experiment.data.label is not None, experiment.data.max_length, experiment.seed)
     return plan.to_json()
-
-
-def label_summary(examples: list[Example]) -> dict[str, Any] | None:
-    """Counts per label, and the accuracy of always answering the most common one: the floor every system must beat."""
-    counts = label_counts(examples)
-    if not counts:
-        return None
-    majority = max(counts, key=lambda k: (counts[k], k))
-    return {"counts": counts, "majority_label": majority, "majority_accuracy": round(counts[majority] / sum(counts.values()), 4)}
 
 
 def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.engine.transformers import Answer, Settings
 
 
 @dataclass

@@ -20,7 +20,7 @@ import gradio as gr  # module-level: the handlers' `gr.Request` annotations are 
 from tuneforge.demo.access import decide, is_loopback, quiet_gradio
 from tuneforge.demo.answers import answer_record, ask, ask_all, conversation, sources_markdown
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Settings
+from tuneforge.engine.transformers import Settings
 from tuneforge.systems import LOCAL_NAMES, RAG_SUFFIX, Systems, parse
 
 COMPARE_MAX = 4

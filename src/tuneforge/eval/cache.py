@@ -24,7 +24,8 @@ def key(*parts: Any) -> str:
 def system_identity(name: str, experiment, run) -> dict:
     """What decides a system's answers, down to the adapter's bytes and the retriever's index."""
     from tuneforge.eval.baselines import BASELINES
-    from tuneforge.systems import openai_base_url, parse, training_system_prompt
+    from tuneforge.hosted import openai_base_url
+    from tuneforge.systems import parse, training_system_prompt
 
     if name in BASELINES:
         train = run.sub("data", "train.jsonl")
@@ -34,7 +35,7 @@ def system_identity(name: str, experiment, run) -> dict:
     if spec.hosted:
         identity["base_url"] = openai_base_url(experiment)
     else:
-        from tuneforge.infer.engine import system_source
+        from tuneforge.engine.transformers import system_source
 
         adapter, merged = system_source(spec.model, run)
         identity.update(model=experiment.model.model_dump(mode="json"), adapter=_folder_hash(adapter, "adapter_model.safetensors"),

@@ -60,11 +60,11 @@ class Outcome:
 
 def load_items(experiment, run) -> list[Item]:
     """eval.data mapped like prepare maps data (template, label), else the run's prepared valid split; sampled with the seed."""
-    from tuneforge.data.prepare import load_prepared
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.data.split import sample
 
     if experiment.eval.data:
-        from tuneforge.data.prepare import Preparer
+        from tuneforge.data.collect import Preparer
         from tuneforge.models import load_tokenizer
 
         examples = Preparer(experiment, load_tokenizer(experiment.model), progress=False).collect("eval.data", experiment.eval.data, None).examples
@@ -89,7 +89,7 @@ class Evaluation:
     """Computes each system's Outcome on the items, through the answer cache."""
 
     def __init__(self, experiment, run, items: list[Item], labels: list[str] | None, systems=None, progress: bool = True):
-        from tuneforge.infer.engine import Settings
+        from tuneforge.engine.transformers import Settings
         from tuneforge.systems import Systems
 
         self.experiment, self.run, self.items, self.labels = experiment, run, items, labels
@@ -134,7 +134,7 @@ class Evaluation:
                 for row, i in enumerate(missing):
                     cache.put(keys[i], {"scores": sums[row].tolist(), "sources": [h.to_json() for h in hits[row]]})
             cache.stamp([keys[i] for i in missing], time.perf_counter() - started)
-        from tuneforge.eval.classify import probabilities
+        from tuneforge.scoring import probabilities
 
         values = [cache.entries[k] for k in keys]
         if hosted:
@@ -163,7 +163,7 @@ class Evaluation:
                         cache.put(answer_keys[i], _answer_record(answer, answer.sources))
                 cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
             else:
-                from tuneforge.eval.classify import fit_prompt
+                from tuneforge.scoring import fit_prompt
 
                 wanted = sorted(set(need_answer) | set(need_reference))
                 augmented, hits = system.retrieve([self.items[i].prompt for i in wanted])
@@ -204,7 +204,7 @@ class Evaluation:
     def _label_scores(self, name: str, prompts: list[list[dict]]) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        from tuneforge.eval.classify import label_logprobs
+        from tuneforge.scoring import label_logprobs
 
         rows = []
         with tqdm(total=len(prompts), desc=f"scoring labels ({name})", unit=" prompts", disable=not self.progress) as bar:
@@ -218,7 +218,7 @@ class Evaluation:
     def _scored(self, name: str, system, conversations: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
         from tqdm.auto import tqdm
 
-        from tuneforge.eval.classify import answer_logprobs
+        from tuneforge.scoring import answer_logprobs
 
         sums, counts = [], []
         with tqdm(total=len(conversations), desc=f"scoring ({name})", unit=" answers", disable=not self.progress) as bar:
@@ -234,7 +234,7 @@ class Evaluation:
     # ------------------------------------------------------------------ classical baselines
 
     def _train_split(self):
-        from tuneforge.data.prepare import load_prepared
+        from tuneforge.data.prepared import load_prepared
 
         return load_prepared(self.run.sub("data"), "train")
 
@@ -244,7 +244,7 @@ class Evaluation:
         if name == "majority":
             if not self.labels:
                 raise TuneforgeError("the majority baseline classifies: it needs data.label (eval data with labels)")
-            from tuneforge.data.report import label_summary
+            from tuneforge.data.records import label_summary
 
             top = label_summary(train)["majority_label"]  # the rule prepare's report uses
             probs = np.array([[1.0 if label == top else 0.0 for label in self.labels]] * len(prompts))
@@ -257,7 +257,7 @@ class Evaluation:
             return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
         ngram = baselines.NgramModel([baselines.last_answer(e.messages) for e in train])
         if self.labels:
-            from tuneforge.eval.classify import probabilities
+            from tuneforge.scoring import probabilities
 
             probs = probabilities(np.array([[ngram.logprob(label)[0] for label in self.labels] for _ in prompts]))
             return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
@@ -285,7 +285,7 @@ def label_set(items: list[Item], run) -> list[str] | None:
     """The classes when every item has a label: those of the eval items and of the train split, sorted."""
     if not items or any(item.label is None for item in items):
         return None
-    from tuneforge.data.prepare import load_prepared
+    from tuneforge.data.prepared import load_prepared
 
     labels = {item.label for item in items}
     if run.sub("data", "train.meta.jsonl").exists():

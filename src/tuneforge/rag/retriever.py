@@ -40,7 +40,7 @@ def corpus_documents(experiment, run) -> list[tuple[str, str]]:
     rag = _section(experiment)
     if rag.corpus != PREPARED:
         return store.read_corpus(rag.corpus, experiment.base_dir, rag.text_column)
-    from tuneforge.data.prepare import load_prepared
+    from tuneforge.data.prepared import load_prepared
 
     docs = []
     for example in load_prepared(run.sub("data"), "train"):
@@ -229,7 +229,7 @@ def augment_examples(experiment, run, parts: list, special_tokens=(), progress: 
     """
     from tqdm.auto import tqdm
 
-    from tuneforge.data.prepare import ENCODE_BATCH
+    from tuneforge.data.collect import ENCODE_BATCH
 
     retriever = ensure_index(experiment, run)
     augmented, without_question = 0, 0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneforge.data.report import label_summary
+from tuneforge.data.records import label_summary
 
 SIGNIFICANCE = 0.05  # an earlier checkpoint stays kept only when a later one is worse with this little chance of luck
 STATE_FILE = "label_selection.json"  # in each checkpoint: what the kept evaluation got right, for a resumed run
@@ -83,7 +83,7 @@ class LabelEval:
         """Every valid prompt's label log-likelihoods and token counts. In a distributed run each process scores
         every world_size-th prompt and the parts are gathered, so all processes get the whole table for the
         price of their share."""
-        from tuneforge.eval.classify import label_logprobs
+        from tuneforge.scoring import label_logprobs
         from tuneforge.models import under_fsdp
         from tuneforge.train.callbacks import distributed
 

@@ -99,7 +99,7 @@ def train_local(experiment, run, resume: bool = False, progress: bool = True, ca
     import torch
 
     from tuneforge.data.chat import ChatEncoder
-    from tuneforge.data.prepare import load_prepared
+    from tuneforge.data.prepared import load_prepared
     from tuneforge.data.records import common_system_prompt
     from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
     from tuneforge.train import callbacks as cb

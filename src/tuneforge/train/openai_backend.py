@@ -72,7 +72,7 @@ def make_client(experiment):
         import openai
     except ImportError:
         raise TuneforgeError("train.backend: openai needs the openai client: pip install 'tuneforge[openai]'") from None
-    from tuneforge.systems import openai_base_url
+    from tuneforge.hosted import openai_base_url
 
     base_url = openai_base_url(experiment)
     key = os.environ.get("OPENAI_API_KEY")

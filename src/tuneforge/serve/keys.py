@@ -21,7 +21,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from starlette.requests import Request
+
 from tuneforge.errors import TuneforgeError
+from tuneforge.serve.errors import ApiError
 
 ENV_KEYS = "TUNEFORGE_API_KEYS"
 ENV_FILE = "TUNEFORGE_API_KEYS_FILE"
@@ -115,3 +118,19 @@ def bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
+
+
+def project_of(request: Request) -> str:
+    """The project of the request's API key (a FastAPI dependency); 401 in OpenAI's shape without a valid one.
+    A server without keys (loopback only) has one project, `default`."""
+    keys: ApiKeys = request.app.state.keys
+    if not keys.required:
+        return DEFAULT_PROJECT
+    token = bearer(request.headers.get("authorization"))
+    if token is None:
+        raise ApiError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    project = keys.project_of(token)
+    if project is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return project

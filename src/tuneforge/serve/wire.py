@@ -4,7 +4,7 @@ The request models of job creation (OpenAI's `fine_tuning.jobs.create` body,
 methods supervised and dpo), the check of uploaded JSONL, cursor pages for list
 endpoints, ids, upload names, the step-metrics result file, and the mapping of a
 job's hyperparameters onto the server experiment's local trainer. No threads, no
-state: `finetune_api` holds the files and jobs and calls these.
+state: `finetuning` holds the files and jobs and calls these.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from tuneforge.infer.api_errors import ApiError
+from tuneforge.serve.errors import ApiError
 
 MIN_EXAMPLES = 10  # OpenAI refuses training files with fewer examples; so do we, to behave alike
 TERMINAL = ("succeeded", "failed", "cancelled")

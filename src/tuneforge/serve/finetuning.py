@@ -9,7 +9,7 @@
     GET    /v1/fine_tuning/jobs/{id}, .../events, .../checkpoints
     POST   /v1/fine_tuning/jobs/{id}/cancel, .../pause, .../resume
 
-State lives in SQLite (infer/store.py); uploaded bytes in runs/<name>/api/files/.
+State lives in SQLite (serve/store.py); uploaded bytes in runs/<name>/api/files/.
 Every file and job belongs to the project of the API key that made it, and no
 other key can see, read, use, delete or cancel it; `ft:` models are served to
 their project alone.
@@ -42,12 +42,12 @@ from typing import Any
 from starlette.requests import Request
 
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_jsonl
-from tuneforge.infer.api_errors import ApiError
-from tuneforge.infer.finetune_wire import (MIN_EXAMPLES, TERMINAL, JobFailed, JobRequest, local_train_section, new_id, page,
+from tuneforge.serve.errors import ApiError
+from tuneforge.serve.wire import (MIN_EXAMPLES, TERMINAL, JobFailed, JobRequest, local_train_section, new_id, page,
                                            read_examples, short_model_name, step_metrics_csv, upload_name)
-from tuneforge.infer.keys import ApiKeys
-from tuneforge.infer.server import project_of
-from tuneforge.infer.store import Store
+from tuneforge.serve.keys import ApiKeys
+from tuneforge.serve.keys import project_of
+from tuneforge.serve.store import Store
 
 # OpenAI's fine-tunable base models, dated or not (gpt-4o-mini-2024-07-18, gpt-4.1-2025-04-14, gpt-3.5-turbo-0125...)
 OPENAI_BASES = re.compile(r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$")

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from tuneforge.infer.generation import Answer, Settings
+from tuneforge.engine.generation import Answer, Settings
 
 @dataclass
 class Request:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.engine import Answer, Settings
+from tuneforge.engine.transformers import Answer, Settings
 
 HELP = "commands: /reset, /system [<text> | off], /model <system>, /exit"
 

@@ -1,7 +1,7 @@
 """The OpenAI-shaped error of the HTTP API: a status code and the body clients parse.
 
 Its own module so the server, the fine-tuning routes and their request parsing
-(finetune_wire) raise the same error without importing one another.
+(wire) raise the same error without importing one another.
 """
 
 from __future__ import annotations

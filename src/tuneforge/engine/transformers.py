@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 
 # what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
-# systems, the batcher and the server; imported here too, so `from tuneforge.infer.engine import Settings` works
-from tuneforge.infer.generation import (Answer, Settings, available_systems, finished_answer, prompt_text,  # noqa: F401
+# systems, the batcher and the server; imported here too, so `from tuneforge.engine.transformers import Settings` works
+from tuneforge.engine.generation import (Answer, Settings, available_systems, finished_answer, prompt_text,  # noqa: F401
                                         system_source)
 
 
@@ -121,7 +121,7 @@ class Engine:
         """The dynamic batcher that lets concurrent callers (server threads, demo users) share generate calls."""
         with self._batcher_lock:
             if self._batcher is None:
-                from tuneforge.infer.batcher import Batcher
+                from tuneforge.engine.batcher import Batcher
 
                 self._batcher = Batcher(self, max_batch=self.max_batch)
             return self._batcher

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.infer.generation import Answer, Settings, finished_answer, prompt_text
+from tuneforge.engine.generation import Answer, Settings, finished_answer, prompt_text
 
 
 def check_available() -> None:
@@ -110,7 +110,7 @@ class VLLMEngine:
     @classmethod
     def load(cls, experiment, name: str = "base", run=None, pool: VLLMPool | None = None) -> VLLMEngine:
         check_available()
-        from tuneforge.infer.generation import system_source
+        from tuneforge.engine.generation import system_source
         from tuneforge.models import load_tokenizer, materialize, plan_device, resolve
 
         adapter, merged = system_source(name, run) if run is not None else (None, None)

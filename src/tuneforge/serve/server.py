@@ -4,15 +4,15 @@
                                and the caller's own fine-tuned `ft:` models
     POST /v1/chat/completions  stream or not (stream_options.include_usage); temperature, top_p, max_tokens, stop,
                                seed, tools and tool_choice
-    /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (infer/finetune_api.py; the CLI
+    /v1/files, /v1/fine_tuning/jobs...  OpenAI's fine-tuning API, trained locally (serve/finetuning.py; the CLI
                                         hands its router to `serve`)
 
 Bodies are validated by request models into OpenAI-shaped 400s naming the
 parameter; unknown paths, wrong methods, oversized bodies (413), a full queue
 (429) and server faults (500) are OpenAI-shaped too. Concurrent requests for one
-model are batched together (infer/batcher.py), so they share its forward passes;
+model are batched together (engine/batcher.py), so they share its forward passes;
 a streamed answer whose client goes away stops generating. Binds 127.0.0.1
-unless told otherwise, and beyond loopback only with API keys (infer/keys.py).
+unless told otherwise, and beyond loopback only with API keys (serve/keys.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.requests import Request
 
 from tuneforge.errors import TuneforgeError, describe_os_error
-from tuneforge.infer.api_errors import ApiError
-from tuneforge.infer.generation import Answer, Settings
-from tuneforge.infer.keys import DEFAULT_PROJECT, ApiKeys, bearer, check_binding
+from tuneforge.serve.errors import ApiError
+from tuneforge.engine.generation import Answer, Settings
+from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
 MAX_BODY = 4 << 20  # bytes of a JSON request
 MAX_WAITING = 32  # chat requests queued beyond this get 429
@@ -198,22 +198,6 @@ def completion(model: str, answer: Answer) -> dict:
 
 
 # --------------------------------------------------------------------------- the app
-
-
-def project_of(request: Request) -> str:
-    """The project of the request's API key (a FastAPI dependency); 401 in OpenAI's shape without a valid one.
-    A server without keys (loopback only) has one project, `default`."""
-    keys: ApiKeys = request.app.state.keys
-    if not keys.required:
-        return DEFAULT_PROJECT
-    token = bearer(request.headers.get("authorization"))
-    if token is None:
-        raise ApiError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-    project = keys.project_of(token)
-    if project is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return project
 
 
 class _TooLarge(Exception):
@@ -444,7 +428,7 @@ def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: thr
           system_prompt: str | None = None, max_batch: int = 16, routers: Callable[[Served], list] | None = None,
           keys: ApiKeys | None = None, max_upload: int = MAX_UPLOAD) -> None:
     """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
-    (`tuneforge serve` passes the fine-tuning API's, finetune_api.fine_tuning_router)."""
+    (`tuneforge serve` passes the fine-tuning API's, finetuning.fine_tuning_router)."""
     import anyio.to_thread
     import uvicorn
 

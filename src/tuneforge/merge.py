@@ -37,7 +37,7 @@ def probe_prompts(run, n: int = 8) -> list[list[dict]]:
     prompts: list[list[dict]] = []
     valid = run.sub("data", "valid.jsonl")
     if valid.exists():
-        from tuneforge.data.prepare import load_prepared
+        from tuneforge.data.prepared import load_prepared
 
         for example in load_prepared(run.sub("data"), "valid")[:n]:
             last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
@@ -47,7 +47,7 @@ def probe_prompts(run, n: int = 8) -> list[list[dict]]:
 
 
 def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto") -> dict[str, Any]:
-    from tuneforge.infer.engine import Engine, Settings
+    from tuneforge.engine.transformers import Engine, Settings
 
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():

@@ -1,1 +1,0 @@
-"""Inference: the engine that answers chats, and the verbs built on it (generate, chat, merge, serve)."""
