@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pydantic
 import pytest
 
 from tuneforge.config import Experiment
@@ -82,8 +83,10 @@ def test_gradio_is_kept_offline_and_inside_the_run(tmp_path, monkeypatch):
 
 
 def test_an_unbounded_queue_is_refused():
-    with pytest.raises(Exception, match="queue_size"):
+    with pytest.raises(pydantic.ValidationError) as raised:
         _experiment(queue_size=0)
+    # the bound itself, not only the name: a deleted field would be refused too, as an unknown key
+    assert [(e["loc"], e["type"]) for e in raised.value.errors()] == [(("demo", "queue_size"), "greater_than")]
 
 
 # --------------------------------------------------------------------------- answers
@@ -95,6 +98,7 @@ class FakeSystem:
     def __init__(self, name: str, text: str, sources=(), fail: bool = False, gate: threading.Event | None = None):
         self.name, self.text, self.sources, self.fail, self.gate = name, text, list(sources), fail, gate
         self.closed = threading.Event()
+        self.sent = 0  # words streamed so far
 
     def stream(self, messages, settings):
         try:
@@ -103,7 +107,8 @@ class FakeSystem:
             words = self.text.split(" ")
             for i, word in enumerate(words):
                 if self.gate is not None:
-                    self.gate.wait(5)
+                    self.gate.wait(60)  # a bound only against a hang; the test opens the gate at once
+                self.sent += 1
                 yield word if i == 0 else " " + word
             yield Answer(self.text, 3, len(words), "stop", self.sources)
         finally:
@@ -134,12 +139,15 @@ def test_ask_all_streams_every_system_and_keeps_going_past_a_broken_one():
 
 def test_closing_ask_all_stops_the_streams():
     gate = threading.Event()
-    systems = {"a": FakeSystem("a", "w " * 50, gate=gate), "b": FakeSystem("b", "v " * 50, gate=gate)}
+    systems = {"a": FakeSystem("a", " ".join("w" * 50), gate=gate), "b": FakeSystem("b", " ".join("v" * 50), gate=gate)}
     rounds = ask_all(systems.get, ["a", "b"], [], Settings())
     next(rounds)
     rounds.close()  # the page cancelled, or the browser went away
     gate.set()
-    assert systems["a"].closed.wait(5) and systems["b"].closed.wait(5)
+    # 60 s only matters on a hang; the streams stop at their next word
+    assert systems["a"].closed.wait(60) and systems["b"].closed.wait(60)
+    # a stream that ran to its end closes too: stopped means it never sent all its words
+    assert systems["a"].sent < 50 and systems["b"].sent < 50
 
 
 def test_conversation_puts_the_preset_first():
@@ -175,7 +183,6 @@ def test_system_lists_and_compare_defaults():
 
 
 def test_the_page_builds_with_presets_and_a_bounded_queue(tmp_path):
-    pytest.importorskip("gradio")
     from tuneforge.demo.app import build_app
 
     experiment = _experiment(presets={"short poem": "Answer with a four-line poem."}, queue_size=5)
