@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from tuneforge import __version__
 from tuneforge.errors import TuneforgeError, describe_os_error
@@ -110,7 +110,7 @@ def _existing_run(args: argparse.Namespace, experiment):
 
 
 def _default_system(run) -> str:
-    from tuneforge.engine.transformers import available_systems
+    from tuneforge.engine.generation import available_systems
 
     found = available_systems(run)[-1]  # finetuned once trained, else base
     if found == "base":
@@ -119,64 +119,20 @@ def _default_system(run) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tuneforge.atomic import atomic_write_jsonl
-    from tuneforge.data.sources import read_json_records
-    import json
-    from dataclasses import replace
-
-    from tuneforge.data.tools import check_tools
-    from tuneforge.data.validate import check_prompt, text_content
-    from tuneforge.engine.transformers import Settings
+    from tuneforge.engine.generation import Settings
+    from tuneforge.generate import answer_all, read_prompts, write_answers
     from tuneforge.systems import Systems
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    records, problems = [], []
-    for raw in read_json_records(Path(args.input), str(args.input)):
-        record = raw.data
-        if raw.problem is not None:
-            raise TuneforgeError(str(raw.problem))
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            messages = [{"role": "user", "content": record["prompt"]}]
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-            messages = text_content(record["messages"])
-            if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":  # a reference answer: ask for a new one
-                messages = messages[:-1]
-        else:
-            raise TuneforgeError(f"{raw.where}: needs a 'prompt' string or a 'messages' list")
-        problems.extend(p for p in check_prompt(messages, raw.where) if p.severity == "error")
-        if isinstance(record.get("tools"), list):  # the functions this prompt may call, as in training data
-            problems.extend(p for p in check_tools({"messages": messages, "tools": record["tools"]}, raw.where)
-                            if p.code != "tool_call_unknown_function")
-        records.append((record, messages))
-    if problems:  # the same checks prepare and serve apply
-        raise TuneforgeError(f"{len(problems)} invalid prompts in {args.input}; nothing was generated\n" + "\n".join(f"  {p}" for p in problems[:30]))
+    prompts = read_prompts(Path(args.input))
     system = args.system or _default_system(run)
-    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
     systems = Systems(experiment, run, system_prompt=args.system_prompt)
     _say_system_prompt(systems, system)
-    answers: list = [None] * len(records)
-    groups: dict[str, list[int]] = {}  # prompts that share a tools list share generate calls
-    for i, (record, _) in enumerate(records):
-        groups.setdefault(json.dumps(record.get("tools"), sort_keys=True), []).append(i)
-    for indices in groups.values():
-        tools = records[indices[0]][0].get("tools") or None
-        group = systems.get(system).generate([records[i][1] for i in indices], replace(settings, tools=tools),
-                                             batch_size=args.batch_size, progress=True)
-        for i, answer in zip(indices, group):
-            answers[i] = answer
-    output = []
-    for (record, _), a in zip(records, answers):
-        row = {**record, "system": system, "answer": a.text, "finish_reason": a.finish_reason}
-        if a.tool_calls:
-            row["tool_calls"] = a.tool_calls
-        if a.sources:
-            row["sources"] = [h.to_json() for h in a.sources]
-        output.append(row)
-    atomic_write_jsonl(args.output, output)
-    print(f"{len(output)} answers from {system} written to {args.output}")
+    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=experiment.seed)
+    answers = answer_all(systems, system, prompts, settings, args.batch_size)
+    written = write_answers(Path(args.output), system, prompts, answers)
+    print(f"{written} answers from {system} written to {args.output}")
     return 0
 
 
@@ -445,32 +401,149 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "prepare": (cmd_prepare, "turn raw data into validated chat examples, with a token and cost report"),
-    "train": (cmd_train, "fine-tune: QLoRA SFT locally, or a hosted OpenAI job"),
-    "generate": (cmd_generate, "batched answers for a file of prompts"),
-    "chat": (cmd_chat, "chat in the terminal with the base or fine-tuned model"),
-    "merge": (cmd_merge, "merge the adapter into a full-precision copy of the base"),
-    "rag": (cmd_rag, "build or query the retriever over your documents"),
-    "eval": (cmd_eval, "compare base, fine-tuned, RAG and hosted systems in one report"),
-    "demo": (cmd_demo, "open the Gradio chat page"),
-    "serve": (cmd_serve, "serve an OpenAI-compatible HTTP API"),
-    "run": (cmd_run, "the whole pipeline: prepare, train, eval"),
-    "sweep": (cmd_sweep, "run the experiment once per point of its sweep section, then compare the points"),
-    "compare": (cmd_compare, "one report across runs or a sweep: settings, curves, metrics, judge, cost, the best"),
-    "config": (cmd_config, "print the resolved experiment, --explain every key, or --schema"),
-    "feedback": (cmd_feedback, "what the demo's users said: leaderboard and win rates; `feedback export FILE`: training files"),
-    "import-openai": (cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and settings"),
-}
+# --------------------------------------------------------------------------- arguments, verb by verb
 
 
-# --------------------------------------------------------------------------- parser
-
-
-def _add_common(sub: argparse.ArgumentParser, file_required: bool = True) -> None:
+def _file_arguments(sub: argparse.ArgumentParser, file_required: bool = True) -> None:
     sub.add_argument("file", nargs=None if file_required else "?", help="the experiment YAML file")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     sub.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+
+
+def _system_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--system", help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
+                                      "with +rag (default: finetuned when trained)")
+
+
+def _system_prompt_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--system-prompt", help="system prompt for conversations that have none "
+                                             "(default: the one the run trained with; '' for none)")
+
+
+def _train_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    sub.add_argument("--yes", action="store_true", help="openai backend: accept the cost estimate without asking")
+    sub.add_argument("--cancel", action="store_true", help="openai backend: cancel this experiment's running job")
+
+
+def _generate_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    _system_arguments(sub)
+    _system_prompt_argument(sub)
+    sub.add_argument("--input", required=True, help="JSONL of {'prompt': ...} or {'messages': [...]} lines")
+    sub.add_argument("--output", required=True, help="where the answers go (JSONL)")
+    sub.add_argument("--max-new-tokens", type=int, default=256)
+    sub.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    sub.add_argument("--batch-size", type=int, default=16)
+
+
+def _chat_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    _system_arguments(sub)
+    _system_prompt_argument(sub)
+    sub.add_argument("--tools", help="JSON file with the OpenAI tools list the model may call "
+                                     "(default: the tools of the run's training data, if any)")
+
+
+def _merge_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
+    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="dtype of the merged weights (auto: the device's full dtype, bfloat16 on most GPUs; "
+                          "float32 keeps a small update exactly)")
+
+
+def _rag_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
+    _file_arguments(sub)
+    sub.add_argument("--json", action="store_true", help="query: print hits as JSON")
+
+
+def _demo_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    _system_prompt_argument(sub)
+    sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
+    sub.add_argument("--port", type=int, help="default: demo.port")
+    sub.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs auth)")
+
+
+def _serve_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    _system_prompt_argument(sub)
+    sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--max-batch", type=_positive_int, default=16,
+                     help="most concurrent requests batched into one generate call (1: one at a time)")
+    sub.add_argument("--api-keys", metavar="FILE", help="file of API keys, one KEY or PROJECT:KEY a line (also: "
+                                                        "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback")
+    sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
+
+
+def _sweep_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub)
+    sub.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: points one after another; ray: as tasks on a Ray cluster, one GPU each where it has GPUs")
+    sub.add_argument("--ray-address", help="the Ray cluster (default: RAY_ADDRESS; without either, a local Ray instance)")
+
+
+def _compare_arguments(sub: argparse.ArgumentParser) -> None:  # run folders, not an experiment file
+    sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or a sweep folder (runs/<name>/sweep)")
+    sub.add_argument("--metric", help="what ranks the runs: <system>.<metric> or <metric> of finetuned "
+                                      "(default: the sweep's, else finetuned accuracy or similarity)")
+    sub.add_argument("--goal", choices=["max", "min"], help="whether higher or lower is better (default: max, min for perplexity)")
+    sub.add_argument("--out", help="report folder (default: <sweep>/compare for one sweep, else runs/compare)")
+    sub.set_defaults(overrides=[])
+
+
+def _config_arguments(sub: argparse.ArgumentParser) -> None:
+    _file_arguments(sub, file_required=False)
+    sub.add_argument("--explain", action="store_true", help="list every key with its default and description")
+    sub.add_argument("--schema", action="store_true", help="print the JSON schema of the experiment file")
+
+
+def _feedback_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files")
+    _file_arguments(sub, file_required=False)
+
+
+def _import_openai_arguments(sub: argparse.ArgumentParser) -> None:  # no experiment file: it writes them
+    sub.add_argument("job", nargs="?", help="the fine-tuning job id (ftjob-...)")
+    sub.add_argument("--all", action="store_true", help="every fine-tuning job of the account")
+    sub.add_argument("--model", default="builtin:smollm2-135m-instruct", help="the open model to train locally")
+    sub.add_argument("--out", default="imported", help="folder for one subfolder per job (default: imported)")
+    sub.add_argument("--base-url", help="the API's address (default: OPENAI_BASE_URL, else OpenAI's)")
+    sub.add_argument("--force", action="store_true", help="write over an experiment imported before")
+    sub.set_defaults(overrides=[])
+
+
+class Verb(NamedTuple):
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = _file_arguments
+
+
+VERBS: dict[str, Verb] = {
+    "prepare": Verb(cmd_prepare, "turn raw data into validated chat examples, with a token and cost report"),
+    "train": Verb(cmd_train, "fine-tune: QLoRA SFT or DPO locally, or a hosted OpenAI job", _train_arguments),
+    "generate": Verb(cmd_generate, "batched answers for a file of prompts", _generate_arguments),
+    "chat": Verb(cmd_chat, "chat in the terminal with the base or fine-tuned model", _chat_arguments),
+    "merge": Verb(cmd_merge, "merge the adapter into a full-precision copy of the base", _merge_arguments),
+    "rag": Verb(cmd_rag, "build or query the retriever over your documents", _rag_arguments),
+    "eval": Verb(cmd_eval, "compare base, fine-tuned, RAG and hosted systems in one report"),
+    "demo": Verb(cmd_demo, "open the Gradio chat page", _demo_arguments),
+    "serve": Verb(cmd_serve, "serve an OpenAI-compatible HTTP API", _serve_arguments),
+    "run": Verb(cmd_run, "the whole pipeline: prepare, train, eval", _train_arguments),
+    "sweep": Verb(cmd_sweep, "run the experiment once per point of its sweep section, then compare the points",
+                  _sweep_arguments),
+    "compare": Verb(cmd_compare, "one report across runs or a sweep: settings, curves, metrics, judge, cost, the best",
+                    _compare_arguments),
+    "config": Verb(cmd_config, "print the resolved experiment, --explain every key, or --schema", _config_arguments),
+    "feedback": Verb(cmd_feedback, "what the demo's users said: leaderboard and win rates; `feedback export FILE`: "
+                                   "training files", _feedback_arguments),
+    "import-openai": Verb(cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and "
+                                             "settings", _import_openai_arguments),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,76 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     subs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (func, help_text) in VERBS.items():
-        sub = subs.add_parser(verb, help=help_text, description=help_text)
-        if verb == "import-openai":  # no experiment file: it writes them
-            sub.add_argument("job", nargs="?", help="the fine-tuning job id (ftjob-...)")
-            sub.add_argument("--all", action="store_true", help="every fine-tuning job of the account")
-            sub.add_argument("--model", default="builtin:smollm2-135m-instruct", help="the open model to train locally")
-            sub.add_argument("--out", default="imported", help="folder for one subfolder per job (default: imported)")
-            sub.add_argument("--base-url", help="the API's address (default: OPENAI_BASE_URL, else OpenAI's)")
-            sub.add_argument("--force", action="store_true", help="write over an experiment imported before")
-            sub.set_defaults(func=func, overrides=[])
-            continue
-        if verb == "compare":  # run folders, not an experiment file
-            sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or a sweep folder (runs/<name>/sweep)")
-            sub.add_argument("--metric", help="what ranks the runs: <system>.<metric> or <metric> of finetuned "
-                                              "(default: the sweep's, else finetuned accuracy or similarity)")
-            sub.add_argument("--goal", choices=["max", "min"], help="whether higher or lower is better (default: max, min for perplexity)")
-            sub.add_argument("--out", help="report folder (default: <sweep>/compare for one sweep, else runs/compare)")
-            sub.set_defaults(func=func, overrides=[])
-            continue
-        if verb == "rag":
-            sub.add_argument("action", choices=["build", "query", "eval"], help="what to do with the retriever")
-        if verb == "feedback":
-            sub.add_argument("action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files")
-        _add_common(sub, file_required=verb not in ("config", "feedback"))
-        if verb == "sweep":
-            sub.add_argument("--executor", choices=["local", "ray"], default="local",
-                             help="local: points one after another; ray: as tasks on a Ray cluster, one GPU each where it has GPUs")
-            sub.add_argument("--ray-address", help="the Ray cluster (default: RAY_ADDRESS; without either, a local Ray instance)")
-        if verb in ("train", "run"):
-            sub.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-            sub.add_argument("--yes", action="store_true", help="openai backend: accept the cost estimate without asking")
-            sub.add_argument("--cancel", action="store_true", help="openai backend: cancel this experiment's running job")
-        if verb in ("generate", "chat"):
-            sub.add_argument("--system", help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
-                                              "with +rag (default: finetuned when trained)")
-        if verb in ("generate", "chat", "serve", "demo"):
-            sub.add_argument("--system-prompt", help="system prompt for conversations that have none "
-                                                     "(default: the one the run trained with; '' for none)")
-        if verb == "generate":
-            sub.add_argument("--input", required=True, help="JSONL of {'prompt': ...} or {'messages': [...]} lines")
-            sub.add_argument("--output", required=True, help="where the answers go (JSONL)")
-            sub.add_argument("--max-new-tokens", type=int, default=256)
-            sub.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-            sub.add_argument("--batch-size", type=int, default=16)
-        if verb == "chat":
-            sub.add_argument("--tools", help="JSON file with the OpenAI tools list the model may call "
-                                              "(default: the tools of the run's training data, if any)")
-        if verb == "rag":
-            sub.add_argument("--json", action="store_true", help="query: print hits as JSON")
-        if verb == "merge":
-            sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
-            sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                             help="dtype of the merged weights (auto: the device's full dtype, bfloat16 on most GPUs; "
-                                  "float32 keeps a small update exactly)")
-        if verb == "serve":
-            sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
-            sub.add_argument("--port", type=int, default=8000)
-            sub.add_argument("--max-batch", type=_positive_int, default=16,
-                             help="most concurrent requests batched into one generate call (1: one at a time)")
-            sub.add_argument("--api-keys", metavar="FILE", help="file of API keys, one KEY or PROJECT:KEY a line (also: "
-                                                                 "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback")
-            sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
-        if verb == "demo":
-            sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
-            sub.add_argument("--port", type=int, help="default: demo.port")
-            sub.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs auth)")
-        if verb == "config":
-            sub.add_argument("--explain", action="store_true", help="list every key with its default and description")
-            sub.add_argument("--schema", action="store_true", help="print the JSON schema of the experiment file")
-        sub.set_defaults(func=func)
+    for name, verb in VERBS.items():
+        sub = subs.add_parser(name, help=verb.help, description=verb.help)
+        verb.arguments(sub)
+        sub.set_defaults(func=verb.run)
     return parser
 
 
