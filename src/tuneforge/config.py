@@ -1,7 +1,8 @@
 """The experiment file: its schema, loading, dotted overrides and error listing.
 
 Everything is validated here, once. Code after this point reads typed attributes.
-Every field carries a docstring: it is the text `tuneforge config --explain` prints.
+Every field carries a docstring: it is the text `tuneforge config --explain` prints, so it stays one line
+(what the key does, its default or unit); how a default was chosen, and the figures, go in docs/defaults.md.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class ModelSection(Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; required when trust_remote_code is on."""
     quantization: Literal["auto", "none", "4bit", "8bit"] = "auto"
-    """Base weights in bitsandbytes 4-bit NF4 (QLoRA), 8-bit, or unquantized. auto: 4bit on a CUDA GPU; none on CPU, where 4-bit saves memory but no time and cost the builtin 0.07 valid accuracy on real reviews."""
+    """Base weights: 4bit (NF4, QLoRA), 8bit or none (unquantized). auto: 4bit on a CUDA GPU, none on CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype. auto: bfloat16 where the GPU supports it, float16 on older GPUs (T4), float32 on CPU (training there autocasts matmuls to bfloat16 when the CPU has native bf16: 1.3x faster)."""
+    """Compute dtype. auto: bfloat16 where the GPU supports it, float16 on older GPUs (T4), float32 on CPU."""
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. auto: flash_attention_2 when installed on an Ampere+ GPU, else sdpa."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -38,11 +39,11 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     """Run modelling code shipped with the model. Off unless set; needs a pinned revision."""
     engine: Literal["transformers", "vllm"] = "transformers"
-    """Generation engine for generate, chat, serve, eval and demo. vllm: paged attention and continuous batching on a CUDA GPU (`pip install vllm`), one engine for every adapter on a base; scoring (eval labels, perplexity) always uses transformers."""
+    """Generation engine for generate, chat, serve, eval and demo; vllm needs a CUDA GPU and `pip install vllm`."""
     chat_template: str | None = None
-    """How chat turns are written, for a model whose tokenizer has none (a base model such as Llama-2 or Gemma-3 PT): chatml (ChatML turns, each ended by the tokenizer's own end-of-sequence token, so no token is added to the vocabulary), or a Jinja chat template. Set on a model that has its own template, it replaces that one; the adapter saves the template it trained with."""
+    """How chat turns are written when the tokenizer has none: chatml or a Jinja template; replaces the model's own."""
     vllm_memory: float = Field(0.7, gt=0.0, le=0.95)
-    """With engine: vllm, the share of GPU memory all vLLM engines of one process take together (weights, adapters, KV cache). 0.7 leaves room for the transformers copy eval scores labels and perplexity with."""
+    """With engine: vllm, the share of GPU memory that all vLLM engines of one process take together."""
 
     @model_validator(mode="before")
     @classmethod
@@ -105,13 +106,13 @@ class DataSection(Section):
     valid: str | None = None
     """Validation data in the same forms; when unset, valid_split carves it out of train."""
     format: Literal["auto", "messages", "alpaca", "sharegpt", "table", "preference"] = "auto"
-    """Shape of the records. auto: detected from the extension and the first records. preference: pairs for DPO, in OpenAI's format (input, preferred_output, non_preferred_output) or TRL's (prompt, chosen, rejected)."""
+    """Shape of the records. auto: detected from the extension and the first records; preference: pairs for DPO."""
     template: Template | None = None
     """How a table row becomes a chat example (needed for tables)."""
     label: str | None = None
     """Class column: enables stratified splits and classification metrics."""
     encoding: str = "auto"
-    """Text encoding of CSV/TSV tables. auto: UTF-8 when the whole file is UTF-8, else detected (charset-normalizer) and reported; or a codec name such as cp1252, latin-1, utf-16."""
+    """Text encoding of CSV/TSV tables. auto: UTF-8, else detected and reported; or a codec name such as cp1252."""
     clean: Clean = Clean()
     """Cleaning steps, each reported with its counts."""
     sample: int | None = Field(None, gt=0)
@@ -127,7 +128,7 @@ class DataSection(Section):
     rag: bool = False
     """Build retrieval-augmented training examples with the rag section's retriever."""
     feedback: bool = False
-    """Train on what the demo's users said (runs/<name>/feedback/, exported as `tuneforge feedback export` does) instead of data.train: the corrections, contributed examples and liked answers with train.method sft, the preference pairs with dpo; training continues from the run's current adapter, kept as the `previous` system for eval."""
+    """Train on the demo's feedback (runs/<name>/feedback/) instead of data.train, from the run's current adapter."""
 
     @field_validator("encoding")
     @classmethod
@@ -151,7 +152,7 @@ class LoraSection(Section):
     alpha: int = Field(32, gt=0)
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the adapter input. 0 (PEFT's default): 0.05 made CPU training steps 1.5x slower, for no better held-out accuracy."""
+    """Dropout on the adapter input (0: off, PEFT's default)."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """Which linear layers get adapters: all-linear, or a list of module names."""
     dora: bool = False
@@ -180,25 +181,25 @@ class LocalTrain(Section):
     backend: Literal["local"] = "local"
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
     method: Literal["sft", "dpo"] = "sft"
-    """sft: supervised fine-tuning on chat examples; dpo: preference tuning on pairs (data.format: preference), with TRL's DPO trainer."""
+    """sft: supervised fine-tuning on chat examples; dpo: preference tuning on pairs with TRL's DPO trainer."""
     dpo: DPOSettings = DPOSettings()
     """method: dpo settings."""
     init_adapter: str | None = None
-    """Start from this trained adapter (an adapter folder, or a run directory holding adapter/), e.g. the SFT run before DPO; with dpo it is also the reference policy."""
+    """Start from this trained adapter (a folder, or a run holding adapter/); with dpo also the reference policy."""
     epochs: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Passes over the training data (ignored when max_steps is set). auto: 3, more for tiny files (enough optimizer steps), fewer past 25,000 example passes."""
+    """Passes over the training data (ignored with max_steps). auto: 3, more for tiny files, fewer for large ones."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run; overrides epochs."""
     batch_size: Union[int, Auto] = "auto"
-    """Examples (packed rows when packing) per optimizer step, over all processes. auto: the largest power of two up to 32 that still gives the minimum number of steps."""
+    """Examples (packed rows when packing) per optimizer step. auto: a power of two up to 32 giving enough steps."""
     micro_batch_size: Union[int, Auto] = "auto"
     """Sequences (or packed rows) per forward pass: a memory knob. auto: as many of the batch as fit 8,192 tokens."""
     grad_accum: Union[int, Auto] = "auto"
     """Micro-batches per optimizer step. auto: batch_size / micro_batch_size / processes."""
     lr: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Peak learning rate. auto: for LoRA 1e-3 when answers are a label's length, 2e-4 when they are longer; 2e-5 for full fine-tuning; 5e-5 for DPO."""
+    """Peak learning rate. auto: LoRA 1e-3 for label-length answers, else 2e-4; full fine-tuning 2e-5; DPO 5e-5."""
     lr_multiplier: float = Field(1.0, gt=0)
-    """Scales the learning rate, auto or set: OpenAI's learning_rate_multiplier, as imported jobs and the fine-tuning API carry it."""
+    """Scales the learning rate, auto or set (OpenAI's learning_rate_multiplier)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -212,13 +213,13 @@ class LocalTrain(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     packing: Union[bool, Auto] = "auto"
-    """Pack short examples into full rows, with attention kept inside each example. auto: off for labelled (classification) data, whose steps count examples; off when the median example fills over half of max_length; else on."""
+    """Pack short examples into full rows, attention kept per example. auto: off for labelled or long data, else on."""
     label_weights: Literal["none", "balanced"] = "none"
-    """With data.label: balanced weighs each example's loss by n / (classes x examples of its class), so rare labels count as much as common ones."""
+    """With data.label: balanced weighs each example's loss by n / (classes x examples of its class)."""
     label_adjustment: float = Field(0.0, ge=0.0, le=2.0)
-    """With data.label: logit adjustment. In training, tau x log(the label's share of the training labels) is added to the logit of each label's first token where an answer starts, so the model's own answers lean toward rare labels (0: the labels' prior as it is; 1: the balanced-error rule). Answering uses the model as trained."""
+    """With data.label: logit adjustment toward rare labels in training (0: the labels' prior, 1: balanced error)."""
     prompt_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
-    """Weight of a language-modelling loss on the prompt's tokens (the review, the question), added to the answer's loss as weight x its mean (OpenAI's legacy fine-tunes had it, at 0.01). Off by default, as measured on real reviews at 0.1: +0.014 accuracy on one split in a plain loop, but through the defaults 0.784 mean accuracy on three splits against 0.789 without, at 1.31x the time a step."""
+    """Weight of a language-modelling loss on the prompt's tokens, added as weight x its mean (0: off)."""
     full_finetune: bool = False
     """Train every weight instead of LoRA adapters (small models only; needs quantization: none)."""
     eval_every: Union[int, Auto] = "auto"
@@ -228,7 +229,7 @@ class LocalTrain(Section):
     keep_checkpoints: int = Field(2, gt=0)
     """How many recent checkpoints to keep (the best one is kept besides)."""
     keep_best: bool = True
-    """Keep the best evaluation's adapter instead of the last step's: with data.label the last unless an earlier one labels the valid split better beyond chance (sign test, 5%); else the lowest valid loss."""
+    """Keep the best evaluation's adapter, not the last step's (with data.label: only if better beyond chance)."""
     resume: Literal["never", "auto"] = "never"
     """auto: continue from the newest complete checkpoint of this run."""
     wandb_project: str | None = None
@@ -294,21 +295,21 @@ TrainSection = Annotated[Union[LocalTrain, OpenAITrain], Field(discriminator="ba
 
 class RagSection(Section):
     corpus: str
-    """Documents to retrieve from: a folder of .md/.txt, a JSONL/CSV with a text column, or `train` (the prepared data)."""
+    """Documents to retrieve from: a folder of .md/.txt, a JSONL/CSV with a text column, or `train`."""
     text_column: str = "text"
     """Column or key holding the text, for JSONL/CSV corpora."""
     embedder: str = "builtin:all-minilm-l6-v2"
     """Sentence-transformers model (builtin, directory or hub id)."""
     chunk_tokens: int = Field(128, gt=8)
-    """Chunk size in tokens of the embedder's tokenizer (at most what it reads; 128 puts the right shipped-KB page in the top 4 for 39 of 40 questions)."""
+    """Chunk size in tokens of the embedder's tokenizer (at most what the embedder reads)."""
     chunk_overlap: int = Field(32, ge=0)
     """Tokens shared by consecutive chunks."""
     k: int = Field(4, gt=0)
     """Chunks retrieved per question."""
     history_turns: int = Field(2, ge=0)
-    """Earlier user turns that join the last one in a conversation's retrieval query, so a follow-up ("and how do I fix it?") finds the page the conversation is about; 0: the last turn alone."""
+    """Earlier user turns that join the last one in a conversation's retrieval query (0: the last turn alone)."""
     history_weight: float = Field(0.7, gt=0.0, le=1.0)
-    """Weight of each earlier turn in the query, per turn back (0.7: the turn before counts 0.7 as much as the last, the one before that 0.49). On the shipped eval set, 0.7 gave the best recall@1 and MRR of 0 (the last turn alone), 0.5, 0.7, 0.85 and 1."""
+    """Weight of each earlier turn in the query, per turn back (0.7: the turn before counts 0.7, the next 0.49)."""
     index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     """FAISS index type. auto: exact flat for small corpora, HNSW for large ones."""
     min_score: float | None = None
@@ -328,7 +329,7 @@ SYSTEM_NAME = re.compile(r"^(base|finetuned)(\+rag)?$|^openai:.+$|^tfidf$|^ngram
 
 class JudgeSection(Section):
     model: str
-    """The judge: any system name (base, finetuned, adapter:<dir>, merged:<dir>) or openai:<model> on any OpenAI-compatible endpoint."""
+    """The judge: a model system (base, finetuned, adapter:<dir>, merged:<dir>) or openai:<model>."""
 
     @field_validator("model")
     @classmethod
@@ -342,7 +343,7 @@ class JudgeSection(Section):
 
 class EvalSection(Section):
     systems: list[str] = ["base", "finetuned"]
-    """Systems to compare: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, majority, adapter:<dir>, merged:<dir>. With labels, majority (always the most common training label) is added as the floor."""
+    """Systems to compare: (base|finetuned)[+rag], openai:<model>, tfidf, ngram, majority, (adapter|merged):<dir>."""
     data: str | None = None
     """Eval set in any form prepare accepts (default: the run's valid split)."""
     sample: int | None = Field(None, gt=0)
@@ -350,9 +351,9 @@ class EvalSection(Section):
     max_new_tokens: int = Field(256, gt=0)
     """Longest generated answer in tokens (hosted systems' answers too, when they classify by answering)."""
     max_length: int | None = Field(None, gt=0)
-    """Longest prompt plus answer in tokens; longer prompts are shortened, keeping their end (default: data.max_length, what training saw)."""
+    """Longest prompt plus answer in tokens; longer prompts keep their end (default: data.max_length)."""
     embedder: str = "builtin:all-minilm-l6-v2"
-    """Sentence-transformers model for answer-to-reference similarity and the quality score (builtin, directory or hub id)."""
+    """Sentence-transformers model for similarity to the reference and the quality score (builtin, dir or hub id)."""
     judge: JudgeSection | None = None
     """LLM-as-judge pairwise comparison; off when unset."""
 
@@ -373,7 +374,7 @@ class DemoSection(Section):
     share: bool = False
     """Public share link (same as --share); refused unless the auth_env variable is set."""
     auth_env: str = "TUNEFORGE_DEMO_AUTH"
-    """Environment variable holding user:password; when set, the page asks for them. Kept out of the file so it is not copied into runs."""
+    """Environment variable holding user:password; when set, the page asks for them (kept out of the file)."""
     presets: dict[str, str] = {}
     """Format presets: a name shown on the page -> the system prompt it fills in."""
     queue_size: int = Field(16, gt=0)
@@ -410,15 +411,15 @@ class SweepSection(Section):
     grid: bool = False
     """Every combination of the params' values (the default when random is unset)."""
     random: int | None = Field(None, gt=0)
-    """Draw this many points instead of the whole grid (seeded by the experiment seed, without repeats); params may then also be ranges {low, high, log, integer}."""
+    """Draw this many seeded points instead of the whole grid; params may then be ranges {low, high, log, integer}."""
     params: dict[str, Union[list[Any], Range]]
-    """Dotted experiment keys and the values each point takes, e.g. {"train.lr": [1e-4, 2e-4], "lora.r": [8, 16], "data.train": [a.jsonl, b.jsonl]}."""
+    """Dotted experiment keys and the values each point takes, e.g. {"train.lr": [1e-4, 2e-4], "lora.r": [8, 16]}."""
     metric: str = "auto"
-    """The eval metric that ranks the points: a metric of metrics.json, for the finetuned system unless named as <system>.<metric> (e.g. finetuned+rag.rouge_l). auto: accuracy with data.label, else similarity."""
+    """Metric ranking the points, finetuned's or <system>.<metric>. auto: accuracy with data.label, else similarity."""
     goal: Literal["auto", "max", "min"] = "auto"
     """Whether a higher or a lower metric is better. auto: min for perplexity, else max."""
     early_stop: bool = False
-    """Median stopping rule: from its second evaluation on, a point stops when its best valid value so far (accuracy with data.label, else loss) is behind the median of the finished points' best values at the same epoch by more than early_stop_margin. A stopped point keeps its adapter and is not evaluated."""
+    """Median stopping rule: a point stops when its best valid value trails the others' median by early_stop_margin."""
     early_stop_margin: float = Field(0.02, ge=0.0)
     """How far behind counts as clearly behind: absolute for accuracy, relative for loss (0.02: 2%)."""
 
