@@ -148,7 +148,7 @@ def test_only_the_last_answer_of_a_multi_turn_example_is_scored(tiny_llama, tiny
     last = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Four."}]
     longer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The capital of France is Paris."}] + last
     _, counts = answer_logprobs(tiny_llama, encoder, [last, longer])
-    assert counts[0] == counts[1]
+    assert counts[0] == counts[1] > 0  # the same answer scored in both, and not nothing in either
 
 
 def test_answer_scores_equal_the_full_log_softmax_and_project_only_the_answer_positions(talking_llama, tiny_tokenizer):
