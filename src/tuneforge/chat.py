@@ -13,14 +13,19 @@ turn being answered carries the retrieved passages (as in training).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.engine.transformers import Answer, Settings
+from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 HELP = "commands: /reset, /system [<text> | off], /model <system>, /exit"
 
 
-def training_tools(run) -> list | None:
+def training_tools(run: RunDir) -> list | None:
     """The tools list the run's training examples carry most often (None when they have none)."""
     import json
     from collections import Counter
@@ -33,7 +38,7 @@ def training_tools(run) -> list | None:
     return json.loads(found.most_common(1)[0][0]) if found else None
 
 
-def chat_loop(experiment, run, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None,
+def chat_loop(experiment: Experiment, run: RunDir, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None,
               tools: list | None = None) -> int:
     from tuneforge.systems import Systems, parse, training_system_prompt
 

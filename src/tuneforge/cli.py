@@ -12,10 +12,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from tuneforge import __version__
 from tuneforge.errors import TuneforgeError, describe_os_error
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
@@ -26,7 +30,7 @@ def _experiment(args: argparse.Namespace):
     return load_experiment(args.file, args.overrides)
 
 
-def _run_dir(args: argparse.Namespace, experiment, verb: str):
+def _run_dir(args: argparse.Namespace, experiment: Experiment, verb: str):
     from tuneforge.run import RunDir
 
     return RunDir(experiment, args.run_dir).start(verb)
@@ -98,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_run(args: argparse.Namespace, experiment):
+def _existing_run(args: argparse.Namespace, experiment: Experiment):
     """The run a reading verb (generate, chat, serve, demo) answers from; it is never created or rewritten here."""
     from tuneforge.run import RunDir
 
@@ -109,7 +113,7 @@ def _existing_run(args: argparse.Namespace, experiment):
     return run
 
 
-def _default_system(run) -> str:
+def _default_system(run: RunDir) -> str:
     from tuneforge.engine.generation import available_systems
 
     found = available_systems(run)[-1]  # finetuned once trained, else base
@@ -307,7 +311,7 @@ def cmd_rag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _question_source_pairs(experiment) -> list[tuple[str, str]]:
+def _question_source_pairs(experiment: Experiment) -> list[tuple[str, str]]:
     """(user turns, meta.source) from eval.data: the conversations whose right document is known."""
     import json
 
@@ -380,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return launch(experiment, run, host=args.host, port=args.port, share=args.share, system_prompt=args.system_prompt)
 
 
-def _run_dir_quiet(args: argparse.Namespace, experiment):
+def _run_dir_quiet(args: argparse.Namespace, experiment: Experiment):
     from tuneforge.run import RunDir
 
     return RunDir(experiment, args.run_dir)

@@ -19,10 +19,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_dir, atomic_write_json
 from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 PROBES = [
     "What is the capital of France?",
@@ -32,7 +36,7 @@ PROBES = [
 ]
 
 
-def probe_prompts(run, n: int = 8) -> list[list[dict]]:
+def probe_prompts(run: RunDir, n: int = 8) -> list[list[dict]]:
     """Prompts from the run's validation split (its own domain), topped up with general ones."""
     prompts: list[list[dict]] = []
     valid = run.sub("data", "valid.jsonl")
@@ -46,7 +50,7 @@ def probe_prompts(run, n: int = 8) -> list[list[dict]]:
     return prompts
 
 
-def merge(experiment, run, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto") -> dict[str, Any]:
+def merge(experiment: Experiment, run: RunDir, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto") -> dict[str, Any]:
     from tuneforge.engine.transformers import Engine, Settings
 
     adapter = run.sub("adapter")

@@ -26,10 +26,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.engine.generation import Answer, Settings, available_systems
+from tuneforge.errors import TuneforgeError
 from tuneforge.hosted import openai_base_url, openai_job_model
 from tuneforge.rag.retriever import retrieve_into
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 if TYPE_CHECKING:  # the engine (and torch) load with the first local system, not with this module
     from tuneforge.engine.transformers import Engine
@@ -184,7 +188,7 @@ class HostedSystem(System):
         yield Answer(text.strip(), 0, 0, finish)
 
 
-def training_system_prompt(run, spec: Spec | None = None) -> str | None:
+def training_system_prompt(run: RunDir, spec: Spec | None = None) -> str | None:
     """The system prompt a system was trained with: its folder's tuneforge.json for adapter:/merged: systems,
     else this run's adapter (or merged) tuneforge.json, else the most common one in the run's prepared training data."""
     from tuneforge.data.records import common_system_prompt
@@ -218,7 +222,7 @@ def _api_message(exc) -> str:
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
-    def __init__(self, experiment, run, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16,
+    def __init__(self, experiment: Experiment, run: RunDir, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16,
                  planned: tuple[str, ...] = ()):
         self.experiment, self.run = experiment, run
         self.planned = planned  # systems the caller will ask for (eval's list), so one vLLM engine is sized for them all

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.run import RunDir
 
 
 @dataclass
@@ -56,7 +60,7 @@ def finished_answer(encoder, text: str, prompt_tokens: int, completion_tokens: i
     return Answer(text.strip(), prompt_tokens, completion_tokens, finish)
 
 
-def system_source(name: str, run) -> tuple[str | None, str | None]:
+def system_source(name: str, run: RunDir) -> tuple[str | None, str | None]:
     """(adapter folder, merged folder) for a system name; (None, None) is the base model."""
     if name == "base":
         return None, None
@@ -86,7 +90,7 @@ def system_source(name: str, run) -> tuple[str | None, str | None]:
     raise TuneforgeError(f"unknown or missing system {name!r}; use base, finetuned, adapter:<dir> or merged:<dir>")
 
 
-def available_systems(run) -> list[str]:
+def available_systems(run: RunDir) -> list[str]:
     """The systems a run can answer with right now: base, and finetuned once there is an adapter or merged model."""
     found = ["base"]
     for name in ("previous", "finetuned"):

@@ -9,14 +9,17 @@ padding and every row's last prompt token sits at the same position.
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 # what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
 # systems, the batcher and the server; imported here too, so `from tuneforge.engine.transformers import Settings` works
-from tuneforge.engine.generation import (Answer, Settings, available_systems, finished_answer, prompt_text,  # noqa: F401
-                                        system_source)
+from tuneforge.engine.generation import Answer, Settings, available_systems, finished_answer, prompt_text, system_source  # noqa: F401
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 
 class Engine:
@@ -39,7 +42,7 @@ class Engine:
         self.max_batch = 16  # for the batcher: most concurrent conversations in one generate call
 
     @classmethod
-    def load(cls, experiment, name: str = "base", run=None, adapter: str | None = None, merged: str | None = None,
+    def load(cls, experiment: Experiment, name: str = "base", run: RunDir | None = None, adapter: str | None = None, merged: str | None = None,
              quantization: str | None = None) -> Engine:
         """Load a system: `name` resolved in the run, or an explicit adapter / merged folder."""
         from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve

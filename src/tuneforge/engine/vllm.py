@@ -19,10 +19,14 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.engine.generation import Answer, Settings, finished_answer, prompt_text
+from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 
 def check_available() -> None:
@@ -45,7 +49,7 @@ class VLLMPool:
     """The vLLM engines of one process: one per distinct base (reference and quantization), every adapter a LoRA
     request on its base's engine, and one memory budget split between the bases."""
 
-    def __init__(self, experiment, bases: int = 1, max_lora_rank: int = 16):
+    def __init__(self, experiment: Experiment, bases: int = 1, max_lora_rank: int = 16):
         self.experiment = experiment
         self.bases = max(1, bases)  # engines expected, so each new one takes its share of the budget, no more
         self.max_lora_rank = max_lora_rank
@@ -108,7 +112,7 @@ class VLLMEngine:
         self.stop_ids = self.encoder.stop_ids
 
     @classmethod
-    def load(cls, experiment, name: str = "base", run=None, pool: VLLMPool | None = None) -> VLLMEngine:
+    def load(cls, experiment: Experiment, name: str = "base", run: RunDir | None = None, pool: VLLMPool | None = None) -> VLLMEngine:
         check_available()
         from tuneforge.engine.generation import system_source
         from tuneforge.models import load_tokenizer, materialize, plan_device, resolve

@@ -12,16 +12,20 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_write_jsonl, file_sha256
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 
 def key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
-def system_identity(name: str, experiment, run) -> dict:
+def system_identity(name: str, experiment: Experiment, run: RunDir) -> dict:
     """What decides a system's answers, down to the adapter's bytes and the retriever's index."""
     from tuneforge.eval.baselines import BASELINES
     from tuneforge.hosted import openai_base_url
@@ -46,7 +50,7 @@ def system_identity(name: str, experiment, run) -> dict:
     return identity
 
 
-def _corpus_hash(experiment, run) -> str | None:
+def _corpus_hash(experiment: Experiment, run: RunDir) -> str | None:
     """The documents retrieved from, not the index file: the index is built on first use, after this is read."""
     from tuneforge.rag.retriever import PREPARED
     from tuneforge.rag.store import corpus_sha256, read_corpus

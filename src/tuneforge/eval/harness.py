@@ -16,6 +16,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,10 @@ from tuneforge.data.tools import call_block
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval import baselines, scores
 from tuneforge.eval.cache import Cache, key, system_identity
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 GENERATE_BATCH = 16
 SCORE_CHUNK = 32  # prompts per progress-bar step when scoring
@@ -58,7 +63,7 @@ class Outcome:
     tool_calls: list[list | None] = field(default_factory=list)  # per item: the calls the system made
 
 
-def load_items(experiment, run) -> list[Item]:
+def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
     """eval.data mapped like prepare maps data (template, label), else the run's prepared valid split; sampled with the seed."""
     from tuneforge.data.prepared import load_prepared
     from tuneforge.data.split import sample
@@ -88,7 +93,7 @@ def load_items(experiment, run) -> list[Item]:
 class Evaluation:
     """Computes each system's Outcome on the items, through the answer cache."""
 
-    def __init__(self, experiment, run, items: list[Item], labels: list[str] | None, systems=None, progress: bool = True):
+    def __init__(self, experiment: Experiment, run: RunDir, items: list[Item], labels: list[str] | None, systems=None, progress: bool = True):
         from tuneforge.engine.transformers import Settings
         from tuneforge.systems import Systems
 
@@ -281,7 +286,7 @@ def _answer_text(record: dict) -> str:
     return "\n".join(filter(None, [record["text"], *(call_block(c) for c in calls)]))
 
 
-def label_set(items: list[Item], run) -> list[str] | None:
+def label_set(items: list[Item], run: RunDir) -> list[str] | None:
     """The classes when every item has a label: those of the eval items and of the train split, sorted."""
     if not items or any(item.label is None for item in items):
         return None
@@ -293,7 +298,7 @@ def label_set(items: list[Item], run) -> list[str] | None:
     return sorted(labels)
 
 
-def run_eval(experiment, run, systems=None, progress: bool = True) -> int:
+def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool = True) -> int:
     """Evaluate every system in eval.systems, write runs/<name>/eval/, print a summary. Returns the exit code."""
     from tuneforge.eval import report
 
@@ -329,7 +334,7 @@ def run_eval(experiment, run, systems=None, progress: bool = True) -> int:
     return 0
 
 
-def judge_pairs(experiment, run, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]) -> dict | None:
+def judge_pairs(experiment: Experiment, run: RunDir, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]) -> dict | None:
     """Every pair of systems compared by eval.judge.model in both orders; judge replies are cached like answers."""
     from tuneforge.eval.judge import compare
 

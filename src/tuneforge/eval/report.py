@@ -8,11 +8,15 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tuneforge.eval import scores
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
 
 SIDE_BY_SIDE = 3  # examples shown answer by answer in the report
 HEADLINE = {True: ("accuracy", "macro_f1", "roc_auc"),
@@ -99,7 +103,7 @@ def summary_table(table: dict, classification: bool) -> str:
     return "\n".join(lines)
 
 
-def write(folder: Path, items, labels, outcomes, table: dict, per_example: dict, judged: dict | None, experiment) -> Path:
+def write(folder: Path, items, labels, outcomes, table: dict, per_example: dict, judged: dict | None, experiment: Experiment) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     classification = labels is not None
     atomic_write_text(folder / "predictions.csv", _predictions_csv(items, outcomes, per_example))
@@ -236,7 +240,7 @@ def _judge_lines(judged: dict) -> list[list[str]]:
 JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]"]
 
 
-def _markdown(experiment, items, outcomes, table, judged, charts, classification) -> str:
+def _markdown(experiment: Experiment, items, outcomes, table, judged, charts, classification) -> str:
     header, rows = _table_rows(table, classification)
     lines = [f"# Eval: {experiment.name}", "", f"{len(items)} examples, {'classification' if classification else 'generation'}.", "",
              _explanation(classification), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -257,7 +261,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _html(experiment, items, outcomes, table, judged, charts, classification) -> str:
+def _html(experiment: Experiment, items, outcomes, table, judged, charts, classification) -> str:
     esc = html.escape
     header, rows = _table_rows(table, classification)
 

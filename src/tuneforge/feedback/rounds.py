@@ -13,18 +13,23 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge.atomic import atomic_dir, atomic_write_json
 from tuneforge.errors import TuneforgeError
 
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
+
 PREVIOUS = "previous.json"
 
 
-def export_folder(run) -> Path:
+def export_folder(run: RunDir) -> Path:
     return run.sub("feedback", "export")
 
 
-def feedback_data(experiment, run):
+def feedback_data(experiment: Experiment, run: RunDir):
     """The experiment with data.train pointing at this run's exported feedback (exported now, from every record)."""
     from tuneforge.feedback.export import export
     from tuneforge.feedback.store import FeedbackStore
@@ -47,7 +52,7 @@ def feedback_data(experiment, run):
     return _copy(experiment, data=data)
 
 
-def continue_from_current(experiment, run):
+def continue_from_current(experiment: Experiment, run: RunDir):
     """Keep the run's adapter as `previous` and start the new one from it (unless train.init_adapter says otherwise)."""
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():
@@ -59,7 +64,7 @@ def continue_from_current(experiment, run):
     return _copy(experiment, train=experiment.train.model_copy(update={"init_adapter": str(kept)}))
 
 
-def archive(run) -> Path:
+def archive(run: RunDir) -> Path:
     """Copy adapter/ to adapters/<first 12 of its weights' sha256>/ and record it as `previous`."""
     from tuneforge.atomic import file_sha256
 
@@ -76,7 +81,7 @@ def archive(run) -> Path:
     return target
 
 
-def previous_adapter(run) -> Path | None:
+def previous_adapter(run: RunDir) -> Path | None:
     path = run.sub("adapters", PREVIOUS)
     try:
         folder = Path(json.loads(path.read_text(encoding="utf-8"))["path"])
@@ -85,7 +90,7 @@ def previous_adapter(run) -> Path | None:
     return folder if (folder / "adapter_config.json").exists() else None
 
 
-def with_previous(experiment, run):
+def with_previous(experiment: Experiment, run: RunDir):
     """eval.systems with `previous` beside `finetuned` once a feedback round kept one."""
     systems = list(experiment.eval.systems)
     if previous_adapter(run) is None or "previous" in systems:
@@ -96,7 +101,7 @@ def with_previous(experiment, run):
     return _copy(experiment, eval=experiment.eval.model_copy(update={"systems": systems}))
 
 
-def _copy(experiment, **sections):
+def _copy(experiment: Experiment, **sections):
     out = experiment.model_copy(update=sections)
     out._source = experiment._source
     return out

@@ -11,12 +11,16 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.rag import store
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 OPEN, CLOSE = "<<<context>>>", "<<<end of context>>>"
 
@@ -35,7 +39,7 @@ class Hit:
 PREPARED = "train"  # rag.corpus naming the run's own prepared training data
 
 
-def corpus_documents(experiment, run) -> list[tuple[str, str]]:
+def corpus_documents(experiment: Experiment, run: RunDir) -> list[tuple[str, str]]:
     """(source, text) documents of rag.corpus; `train` means the run's prepared training examples."""
     rag = _section(experiment)
     if rag.corpus != PREPARED:
@@ -49,7 +53,7 @@ def corpus_documents(experiment, run) -> list[tuple[str, str]]:
     return docs
 
 
-def build(experiment, run, progress: bool = True, docs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+def build(experiment: Experiment, run: RunDir, progress: bool = True, docs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Chunk, embed and index rag.corpus (or `docs` already read from it) into runs/<name>/rag/."""
     rag = _section(experiment)
     docs = corpus_documents(experiment, run) if docs is None else docs
@@ -72,7 +76,7 @@ def build(experiment, run, progress: bool = True, docs: list[tuple[str, str]] | 
     return summary
 
 
-def ensure_index(experiment, run, progress: bool = True) -> Retriever:
+def ensure_index(experiment: Experiment, run: RunDir, progress: bool = True) -> Retriever:
     """The run's retriever, built first when there is no index or the corpus changed since it was built."""
     import json
 
@@ -86,14 +90,14 @@ def ensure_index(experiment, run, progress: bool = True) -> Retriever:
     return Retriever(experiment, run)
 
 
-def _section(experiment):
+def _section(experiment: Experiment):
     if experiment.rag is None:
         raise TuneforgeError("the experiment has no rag section (rag.corpus names the documents to retrieve from)")
     return experiment.rag
 
 
 class Retriever:
-    def __init__(self, experiment, run, embedder: store.Embedder | None = None):
+    def __init__(self, experiment: Experiment, run: RunDir, embedder: store.Embedder | None = None):
         self.rag = _section(experiment)
         self.index, self.chunks, self.sidecar = store.load(run.sub("rag"), self.rag.embedder)
         self.embedder = embedder or store.Embedder(self.rag.embedder)
@@ -218,7 +222,7 @@ def _replace_last_user(messages: list[dict], content: str) -> list[dict]:
     return out
 
 
-def augment_examples(experiment, run, parts: list, special_tokens=(), progress: bool = True) -> dict[str, Any]:
+def augment_examples(experiment: Experiment, run: RunDir, parts: list, special_tokens=(), progress: bool = True) -> dict[str, Any]:
     """data.rag: put retrieved passages into each example's last user turn, as +rag systems do at inference.
 
     `prepare` runs this step (its caller hands it in: `prepare(..., retrieve=augment_examples)`) after reading

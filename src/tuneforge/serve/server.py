@@ -23,15 +23,19 @@ import socket
 import threading
 import time
 import uuid
-from typing import Annotated, Any, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
 
+from tuneforge.engine.generation import Answer, Settings
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.serve.errors import ApiError
-from tuneforge.engine.generation import Answer, Settings
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 MAX_BODY = 4 << 20  # bytes of a JSON request
 MAX_WAITING = 32  # chat requests queued beyond this get 429
@@ -43,7 +47,7 @@ class Served:
     """The run's systems as the API sees them: listed names, 404 for others, each `ft:` model only to its project,
     and a bounded queue."""
 
-    def __init__(self, experiment, run, system_prompt: str | None = None, max_batch: int = 16):
+    def __init__(self, experiment: Experiment, run: RunDir, system_prompt: str | None = None, max_batch: int = 16):
         from tuneforge.systems import Systems
 
         self.systems = Systems(experiment, run, system_prompt=system_prompt, max_batch=max_batch)
@@ -424,7 +428,7 @@ async def _events(served: Served, system, model: str, messages: list[dict], sett
         served.leave()
 
 
-def serve(experiment, run, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
+def serve(experiment: Experiment, run: RunDir, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
           system_prompt: str | None = None, max_batch: int = 16, routers: Callable[[Served], list] | None = None,
           keys: ApiKeys | None = None, max_upload: int = MAX_UPLOAD) -> None:
     """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
