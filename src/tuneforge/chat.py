@@ -38,8 +38,15 @@ def training_tools(run: RunDir) -> list | None:
     return json.loads(found.most_common(1)[0][0]) if found else None
 
 
-def chat_loop(experiment: Experiment, run: RunDir, system_name: str, stdin=None, stdout=None, system_prompt: str | None = None,
-              tools: list | None = None) -> int:
+def chat_loop(
+    experiment: Experiment,
+    run: RunDir,
+    system_name: str,
+    stdin=None,
+    stdout=None,
+    system_prompt: str | None = None,
+    tools: list | None = None,
+) -> int:
     from tuneforge.systems import Systems, parse, training_system_prompt
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -58,7 +65,9 @@ def chat_loop(experiment: Experiment, run: RunDir, system_name: str, stdin=None,
     stdout.write(f"chatting with {current} (available: {', '.join(systems.available())}); {HELP}\n")
     stdout.write(f"(system prompt, {origin}: {system_prompt!r})\n" if system_prompt else "(no system prompt)\n")
     if tools:
-        stdout.write(f"(tools the model may call: {', '.join(t['function']['name'] for t in tools)}; you type each call's result)\n")
+        stdout.write(
+            f"(tools the model may call: {', '.join(t['function']['name'] for t in tools)}; you type each call's result)\n"
+        )
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -100,7 +109,9 @@ def chat_loop(experiment: Experiment, run: RunDir, system_name: str, stdin=None,
     return 0
 
 
-def _answer_turn(systems, current: str, system_prompt: str | None, history: list[dict], settings, stdin, stdout) -> None:
+def _answer_turn(
+    systems, current: str, system_prompt: str | None, history: list[dict], settings, stdin, stdout
+) -> None:
     """The model's answer to the last turn; after a tool call, the results you type, and its answer to them."""
     for _ in range(4):  # a few rounds of calls, then the word is yours again
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
@@ -120,7 +131,9 @@ def _answer_turn(systems, current: str, system_prompt: str | None, history: list
             stream.close()
             stdout.write("\n(answer stopped; /exit or Ctrl-D ends the chat)\n")
             if shown.strip():
-                history.append({"role": "assistant", "content": shown.strip()})  # what was shown stays in the conversation
+                history.append(
+                    {"role": "assistant", "content": shown.strip()}
+                )  # what was shown stays in the conversation
             elif history and history[-1]["role"] == "user":
                 history.pop()
             return

@@ -11,8 +11,9 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from tuneforge import __version__
 from tuneforge.errors import TuneforgeError, describe_os_error
@@ -70,7 +71,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from tuneforge.feedback.rounds import feedback_data
 
         experiment = feedback_data(experiment, run)
-    tokenizer = load_tokenizer(experiment.model) if experiment.data.train is not None else None  # None: prepare says why
+    tokenizer = (
+        load_tokenizer(experiment.model) if experiment.data.train is not None else None
+    )  # None: prepare says why
     result = prepare(experiment, run, tokenizer, retrieve=augment_examples)
     print(report.summary(result))
     print(f"prepared data written to {run.sub('data')} (report.md, token_lengths.png)")
@@ -94,11 +97,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         experiment = continue_from_current(experiment, run)
     summary = train_local(experiment, run, resume=getattr(args, "resume", False))
     if is_main_process() and summary.get("already_trained"):
-        print(f"nothing to resume: this run already finished its {summary['steps']} steps, and its adapter is in {run.sub('adapter')}. "
-              "To train again, use a new --run-dir (or delete this run's checkpoints/)")
+        print(
+            f"nothing to resume: this run already finished its {summary['steps']} steps, and its adapter is in {run.sub('adapter')}. "
+            "To train again, use a new --run-dir (or delete this run's checkpoints/)"
+        )
     elif is_main_process():
-        print(f"trained {summary['steps']} steps in {summary['seconds']} s "
-              f"({summary['supervised_tokens_per_s']} supervised tokens/s); run in {run.path}")
+        print(
+            f"trained {summary['steps']} steps in {summary['seconds']} s "
+            f"({summary['supervised_tokens_per_s']} supervised tokens/s); run in {run.path}"
+        )
     return 0
 
 
@@ -108,8 +115,11 @@ def _existing_run(args: argparse.Namespace, experiment: Experiment):
 
     run = RunDir(experiment, args.run_dir)
     if not run.path.is_dir():
-        print(f"note: no run directory at {run.path.resolve()} (runs/<name> under the working directory, or --run-dir); "
-              "only base can answer", file=sys.stderr)
+        print(
+            f"note: no run directory at {run.path.resolve()} (runs/<name> under the working directory, or --run-dir); "
+            "only base can answer",
+            file=sys.stderr,
+        )
     return run
 
 
@@ -144,8 +154,10 @@ def _say_system_prompt(systems, name: str) -> None:
     prompt = systems.system_prompt(name)
     if prompt:
         origin = "--system-prompt" if systems.system_prompt_override else "the run's training data"
-        print(f"conversations without a system message get the system prompt from {origin}: {prompt!r} (--system-prompt '' for none)",
-              file=sys.stderr)
+        print(
+            f"conversations without a system message get the system prompt from {origin}: {prompt!r} (--system-prompt '' for none)",
+            file=sys.stderr,
+        )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -156,7 +168,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tools = None
     if args.tools:
         tools = _read_tools(args.tools)
-    return chat_loop(experiment, run, args.system or _default_system(run), system_prompt=args.system_prompt, tools=tools)
+    return chat_loop(
+        experiment, run, args.system or _default_system(run), system_prompt=args.system_prompt, tools=tools
+    )
 
 
 def _read_tools(path: str) -> list:
@@ -185,12 +199,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = merge(experiment, run, gguf=args.gguf, dtype=args.dtype)
     print(f"merged model written to {report['merged']} ({report['dtype']})")
     if report["mismatches"]:
-        print(f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:")
+        print(
+            f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:"
+        )
         for m in report["mismatches"]:
             print(f"  {m['prompt'][:60]!r}: adapter {m['adapter'][:60]!r} vs merged {m['merged'][:60]!r}")
         if report["dtype"] != "float32":
-            print(f"in {report['dtype']} the adapter's update can fall below the weights' rounding step: `tuneforge merge "
-                  f"--dtype float32` keeps it (twice the size), or serve the adapter on its base (finetuned, vLLM LoRA)")
+            print(
+                f"in {report['dtype']} the adapter's update can fall below the weights' rounding step: `tuneforge merge "
+                f"--dtype float32` keeps it (twice the size), or serve the adapter on its base (finetuned, vLLM LoRA)"
+            )
         return 1
     print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
     return 0
@@ -215,8 +233,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, keys)  # before loading anything
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    serve(experiment, run, host=args.host, port=args.port, system_prompt=args.system_prompt, max_batch=args.max_batch,
-          routers=lambda served: fine_tuning_router(experiment, run, served, keys), keys=keys, max_upload=args.max_upload_mb << 20)
+    serve(
+        experiment,
+        run,
+        host=args.host,
+        port=args.port,
+        system_prompt=args.system_prompt,
+        max_batch=args.max_batch,
+        routers=lambda served: fine_tuning_router(experiment, run, served, keys),
+        keys=keys,
+        max_upload=args.max_upload_mb << 20,
+    )
     return 0
 
 
@@ -250,16 +277,22 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     if not records:
-        raise TuneforgeError(f"no feedback yet in {run.sub('feedback')}: the demo's thumbs, corrections, votes and "
-                             "contributed examples are recorded there")
+        raise TuneforgeError(
+            f"no feedback yet in {run.sub('feedback')}: the demo's thumbs, corrections, votes and "
+            "contributed examples are recorded there"
+        )
     if action == "export":
         from tuneforge.feedback.export import export
 
         result = export(records, run.sub("feedback", "export"))
         for kind, found in result.items():
-            print(f"{kind}: {found['lines']} lines -> {found['path']} ({found['duplicates']} duplicates, {found['invalid']} invalid left out)")
-        print("train on them: data.train: <that file> (with train.method: dpo and data.format: preference for the pairs), "
-              "or data.feedback: true")
+            print(
+                f"{kind}: {found['lines']} lines -> {found['path']} ({found['duplicates']} duplicates, {found['invalid']} invalid left out)"
+            )
+        print(
+            "train on them: data.train: <that file> (with train.method: dpo and data.format: preference for the pairs), "
+            "or data.feedback: true"
+        )
         return 0
     summary = summarise(records)
     atomic_write_json(run.sub("feedback", "summary.json"), summary)
@@ -279,8 +312,10 @@ def cmd_rag(args: argparse.Namespace) -> int:
     run = _run_dir(args, experiment, f"rag {args.action}")
     if args.action == "build":
         summary = rag.build(experiment, run)
-        print(f"indexed {summary['count']} chunks of {summary['documents']} documents ({summary['index']}, dim {summary['dim']}) "
-              f"in {run.sub('rag')}")
+        print(
+            f"indexed {summary['count']} chunks of {summary['documents']} documents ({summary['index']}, dim {summary['dim']}) "
+            f"in {run.sub('rag')}"
+        )
         return 0
     if args.action == "query":
         question = " ".join(args.words).strip()
@@ -291,7 +326,9 @@ def cmd_rag(args: argparse.Namespace) -> int:
             print(json.dumps([h.to_json() for h in hits], indent=2, ensure_ascii=False))
         else:
             for n, hit in enumerate(hits, 1):
-                print(f"[{n}] {hit.score:.3f}  {hit.source}  ({hit.chunk_id})\n    {hit.text[:300].replace(chr(10), ' ')}")
+                print(
+                    f"[{n}] {hit.score:.3f}  {hit.source}  ({hit.chunk_id})\n    {hit.text[:300].replace(chr(10), ' ')}"
+                )
         return 0
     from tuneforge.atomic import atomic_write_json
 
@@ -299,14 +336,20 @@ def cmd_rag(args: argparse.Namespace) -> int:
     report = rag.evaluate(rag.ensure_index(experiment, run), pairs, experiment.rag.k)
     atomic_write_json(run.sub("rag", "eval.json"), report)
     k = report["k"]
-    print(f"recall@1 {report['recall@1']:.3f}, recall@{k} {report[f'recall@{k}']:.3f}, MRR {report['mrr']:.3f} "
-          f"on {report['questions']} questions")
+    print(
+        f"recall@1 {report['recall@1']:.3f}, recall@{k} {report[f'recall@{k}']:.3f}, MRR {report['mrr']:.3f} "
+        f"on {report['questions']} questions"
+    )
     follow = report["multi_turn"]
     if follow["questions"]:
-        print(f"  of which {follow['questions']} in conversations (retrieved with their earlier turns): recall@1 {follow['recall@1']:.3f}, "
-              f"recall@{k} {follow[f'recall@{k}']:.3f}")
+        print(
+            f"  of which {follow['questions']} in conversations (retrieved with their earlier turns): recall@1 {follow['recall@1']:.3f}, "
+            f"recall@{k} {follow[f'recall@{k}']:.3f}"
+        )
     for miss in report["misses"]:
-        print(f"  missed: {miss['question'][:70]!r} wants {miss['expected']}, got {', '.join(dict.fromkeys(miss['retrieved'])) or 'nothing'}")
+        print(
+            f"  missed: {miss['question'][:70]!r} wants {miss['expected']}, got {', '.join(dict.fromkeys(miss['retrieved'])) or 'nothing'}"
+        )
     print(f"details in {run.sub('rag', 'eval.json')}")
     return 0
 
@@ -343,12 +386,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         counts[point.get("status", "not run")] = counts.get(point.get("status", "not run"), 0) + 1
     print("\nsweep: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     if result["best"]:
-        print(f"best point: {result['best']['run']} ({result['best']['value']:.4g}); "
-              f"report: {result['compare'] / 'compare.html'} (compare.json, best.yaml beside it)")
+        print(
+            f"best point: {result['best']['run']} ({result['best']['value']:.4g}); "
+            f"report: {result['compare'] / 'compare.html'} (compare.json, best.yaml beside it)"
+        )
     failed = counts.get("failed", 0)
     if failed:
-        print(f"{failed} point{'s' if failed > 1 else ''} failed (see point.json in their folders); "
-              "run the sweep again to retry them", file=sys.stderr)
+        print(
+            f"{failed} point{'s' if failed > 1 else ''} failed (see point.json in their folders); "
+            "run the sweep again to retry them",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -357,10 +405,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.runs]
     sweeps = [p for p in paths if (p / "sweep.json").is_file()]
-    out = Path(args.out) if args.out else (sweeps[0] / "compare" if len(paths) == 1 and sweeps else Path("runs") / "compare")
+    out = (
+        Path(args.out)
+        if args.out
+        else (sweeps[0] / "compare" if len(paths) == 1 and sweeps else Path("runs") / "compare")
+    )
     summary = compare_runs(paths, out, metric=args.metric, goal=args.goal)
     print((out / "compare.md").read_text(encoding="utf-8"), end="")
-    print(f"report: {out / 'compare.html'} (compare.json, compare.md, charts{', best.yaml' if summary['best'] else ''})")
+    print(
+        f"report: {out / 'compare.html'} (compare.json, compare.md, charts{', best.yaml' if summary['best'] else ''})"
+    )
     return 0
 
 
@@ -415,13 +469,18 @@ def _file_arguments(sub: argparse.ArgumentParser, file_required: bool = True) ->
 
 
 def _system_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--system", help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
-                                      "with +rag (default: finetuned when trained)")
+    sub.add_argument(
+        "--system",
+        help="base, finetuned, adapter:<dir>, merged:<dir>, openai:<model>, each optionally "
+        "with +rag (default: finetuned when trained)",
+    )
 
 
 def _system_prompt_argument(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--system-prompt", help="system prompt for conversations that have none "
-                                             "(default: the one the run trained with; '' for none)")
+    sub.add_argument(
+        "--system-prompt",
+        help="system prompt for conversations that have none (default: the one the run trained with; '' for none)",
+    )
 
 
 def _train_arguments(sub: argparse.ArgumentParser) -> None:
@@ -446,16 +505,23 @@ def _chat_arguments(sub: argparse.ArgumentParser) -> None:
     _file_arguments(sub)
     _system_arguments(sub)
     _system_prompt_argument(sub)
-    sub.add_argument("--tools", help="JSON file with the OpenAI tools list the model may call "
-                                     "(default: the tools of the run's training data, if any)")
+    sub.add_argument(
+        "--tools",
+        help="JSON file with the OpenAI tools list the model may call "
+        "(default: the tools of the run's training data, if any)",
+    )
 
 
 def _merge_arguments(sub: argparse.ArgumentParser) -> None:
     _file_arguments(sub)
     sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
-    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                     help="dtype of the merged weights (auto: the device's full dtype, bfloat16 on most GPUs; "
-                          "float32 keeps a small update exactly)")
+    sub.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the merged weights (auto: the device's full dtype, bfloat16 on most GPUs; "
+        "float32 keeps a small update exactly)",
+    )
 
 
 def _rag_arguments(sub: argparse.ArgumentParser) -> None:
@@ -477,25 +543,44 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
     _system_prompt_argument(sub)
     sub.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     sub.add_argument("--port", type=int, default=8000)
-    sub.add_argument("--max-batch", type=_positive_int, default=16,
-                     help="most concurrent requests batched into one generate call (1: one at a time)")
-    sub.add_argument("--api-keys", metavar="FILE", help="file of API keys, one KEY or PROJECT:KEY a line (also: "
-                                                        "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback")
+    sub.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=16,
+        help="most concurrent requests batched into one generate call (1: one at a time)",
+    )
+    sub.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help="file of API keys, one KEY or PROJECT:KEY a line (also: "
+        "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback",
+    )
     sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
 
 
 def _sweep_arguments(sub: argparse.ArgumentParser) -> None:
     _file_arguments(sub)
-    sub.add_argument("--executor", choices=["local", "ray"], default="local",
-                     help="local: points one after another; ray: as tasks on a Ray cluster, one GPU each where it has GPUs")
-    sub.add_argument("--ray-address", help="the Ray cluster (default: RAY_ADDRESS; without either, a local Ray instance)")
+    sub.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: points one after another; ray: as tasks on a Ray cluster, one GPU each where it has GPUs",
+    )
+    sub.add_argument(
+        "--ray-address", help="the Ray cluster (default: RAY_ADDRESS; without either, a local Ray instance)"
+    )
 
 
 def _compare_arguments(sub: argparse.ArgumentParser) -> None:  # run folders, not an experiment file
     sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or a sweep folder (runs/<name>/sweep)")
-    sub.add_argument("--metric", help="what ranks the runs: <system>.<metric> or <metric> of finetuned "
-                                      "(default: the sweep's, else finetuned accuracy or similarity)")
-    sub.add_argument("--goal", choices=["max", "min"], help="whether higher or lower is better (default: max, min for perplexity)")
+    sub.add_argument(
+        "--metric",
+        help="what ranks the runs: <system>.<metric> or <metric> of finetuned "
+        "(default: the sweep's, else finetuned accuracy or similarity)",
+    )
+    sub.add_argument(
+        "--goal", choices=["max", "min"], help="whether higher or lower is better (default: max, min for perplexity)"
+    )
     sub.add_argument("--out", help="report folder (default: <sweep>/compare for one sweep, else runs/compare)")
     sub.set_defaults(overrides=[])
 
@@ -507,7 +592,9 @@ def _config_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _feedback_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files")
+    sub.add_argument(
+        "action_or_file", metavar="[export] FILE", help="the experiment file, after 'export' to write training files"
+    )
     _file_arguments(sub, file_required=False)
 
 
@@ -538,15 +625,25 @@ VERBS: dict[str, Verb] = {
     "demo": Verb(cmd_demo, "open the Gradio chat page", _demo_arguments),
     "serve": Verb(cmd_serve, "serve an OpenAI-compatible HTTP API", _serve_arguments),
     "run": Verb(cmd_run, "the whole pipeline: prepare, train, eval", _train_arguments),
-    "sweep": Verb(cmd_sweep, "run the experiment once per point of its sweep section, then compare the points",
-                  _sweep_arguments),
-    "compare": Verb(cmd_compare, "one report across runs or a sweep: settings, curves, metrics, judge, cost, the best",
-                    _compare_arguments),
+    "sweep": Verb(
+        cmd_sweep, "run the experiment once per point of its sweep section, then compare the points", _sweep_arguments
+    ),
+    "compare": Verb(
+        cmd_compare,
+        "one report across runs or a sweep: settings, curves, metrics, judge, cost, the best",
+        _compare_arguments,
+    ),
     "config": Verb(cmd_config, "print the resolved experiment, --explain every key, or --schema", _config_arguments),
-    "feedback": Verb(cmd_feedback, "what the demo's users said: leaderboard and win rates; `feedback export FILE`: "
-                                   "training files", _feedback_arguments),
-    "import-openai": Verb(cmd_import_openai, "turn OpenAI fine-tuning jobs into local experiments: their files and "
-                                             "settings", _import_openai_arguments),
+    "feedback": Verb(
+        cmd_feedback,
+        "what the demo's users said: leaderboard and win rates; `feedback export FILE`: training files",
+        _feedback_arguments,
+    ),
+    "import-openai": Verb(
+        cmd_import_openai,
+        "turn OpenAI fine-tuning jobs into local experiments: their files and settings",
+        _import_openai_arguments,
+    ),
 }
 
 
@@ -602,4 +699,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tuneforge {args.verb}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
-

@@ -25,9 +25,18 @@ from typing import Any
 from tuneforge.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from tuneforge.errors import TuneforgeError
 
-HEADLINE = {"classification": ("accuracy", "macro_f1", "roc_auc"),
-            "generation": ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_call")}
-PATH_KEYS = (("data", "train"), ("data", "valid"), ("eval", "data"), ("rag", "corpus"), ("train", "init_adapter"), ("model", "ref"))
+HEADLINE = {
+    "classification": ("accuracy", "macro_f1", "roc_auc"),
+    "generation": ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_call"),
+}
+PATH_KEYS = (
+    ("data", "train"),
+    ("data", "valid"),
+    ("eval", "data"),
+    ("rag", "corpus"),
+    ("train", "init_adapter"),
+    ("model", "ref"),
+)
 
 
 @dataclass
@@ -68,8 +77,15 @@ def _read_run(path: Path, label: str) -> Run:
     import yaml
 
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    return Run(label, path, config, _json(path / "manifest.json", {}), read_jsonl(path / "metrics.jsonl"), _json(path / "eval" / "metrics.json", {}),
-               _json(path / "point.json", {}))
+    return Run(
+        label,
+        path,
+        config,
+        _json(path / "manifest.json", {}),
+        read_jsonl(path / "metrics.jsonl"),
+        _json(path / "eval" / "metrics.json", {}),
+        _json(path / "point.json", {}),
+    )
 
 
 def load_runs(paths: list[Path]) -> tuple[list[Run], dict]:
@@ -116,12 +132,20 @@ def differing(runs: list[Run]) -> list[str]:
 def _mode(runs: list[Run]) -> str:
     modes = {(r.manifest.get("eval") or {}).get("mode") for r in runs} - {None}
     if not modes:
-        modes = {"classification" if any("accuracy" in m for r in runs for m in r.metrics.values() if isinstance(m, dict)) else "generation"}
+        modes = {
+            "classification"
+            if any("accuracy" in m for r in runs for m in r.metrics.values() if isinstance(m, dict))
+            else "generation"
+        }
     return "classification" if "classification" in modes else "generation"
 
 
 def _ranking(runs: list[Run], sweep: dict, metric: str | None, goal: str | None) -> tuple[str, str, str]:
-    name = metric or sweep.get("metric") or ("finetuned.accuracy" if _mode(runs) == "classification" else "finetuned.similarity")
+    name = (
+        metric
+        or sweep.get("metric")
+        or ("finetuned.accuracy" if _mode(runs) == "classification" else "finetuned.similarity")
+    )
     system, _, metric_name = name.rpartition(".")
     system = system or "finetuned"
     goal = goal or (sweep.get("goal") if not metric else None) or ("min" if metric_name == "perplexity" else "max")
@@ -131,9 +155,18 @@ def _ranking(runs: list[Run], sweep: dict, metric: str | None, goal: str | None)
 def _cost(run: Run) -> dict:
     train = run.manifest.get("train") or {}
     job = run.manifest.get("openai_job") or {}
-    out = {"steps": train.get("steps"), "train_seconds": train.get("seconds"), "supervised_tokens": train.get("supervised_tokens"),
-           "eval_seconds": round(sum(m.get("seconds", 0.0) for m in run.metrics.values() if isinstance(m, dict) and "seconds" in m), 1)
-           if run.metrics else None, "hosted_usd": None, "device": train.get("device")}
+    out = {
+        "steps": train.get("steps"),
+        "train_seconds": train.get("seconds"),
+        "supervised_tokens": train.get("supervised_tokens"),
+        "eval_seconds": round(
+            sum(m.get("seconds", 0.0) for m in run.metrics.values() if isinstance(m, dict) and "seconds" in m), 1
+        )
+        if run.metrics
+        else None,
+        "hosted_usd": None,
+        "device": train.get("device"),
+    }
     if job.get("trained_tokens"):
         price = (run.config.get("train") or {}).get("price_per_1m_tokens", 0.0)
         out["hosted_usd"] = round(job["trained_tokens"] * price / 1e6, 4)
@@ -157,26 +190,49 @@ def summarise(runs: list[Run], sweep: dict, metric: str | None = None, goal: str
     rows = []
     for run in runs:
         settings = flat(run.config)
-        rows.append({
-            "run": run.label, "path": str(run.path), "status": run.status,
-            "settings": {k: settings.get(k) for k in keys},
-            "value": run.value(system, metric_name),
-            "interval": _interval(run.metrics.get(system) or {}, metric_name),
-            "metrics": {s: {k: v for k, v in m.items() if k != "confusion"} for s, m in run.metrics.items() if s != "judge"},
-            "judge": (run.metrics.get("judge") or {}).get("pairs"),
-            "eval_set": sets[run.label], "eval_group": groups.index(sets[run.label]) + 1 if sets[run.label] else None,
-            "training": _cost(run),
-            "stopped": run.point.get("reason") if run.status == "stopped" else None,
-            "final_eval_loss": (run.manifest.get("train") or {}).get("final_eval_loss"),
-        })
+        rows.append(
+            {
+                "run": run.label,
+                "path": str(run.path),
+                "status": run.status,
+                "settings": {k: settings.get(k) for k in keys},
+                "value": run.value(system, metric_name),
+                "interval": _interval(run.metrics.get(system) or {}, metric_name),
+                "metrics": {
+                    s: {k: v for k, v in m.items() if k != "confusion"} for s, m in run.metrics.items() if s != "judge"
+                },
+                "judge": (run.metrics.get("judge") or {}).get("pairs"),
+                "eval_set": sets[run.label],
+                "eval_group": groups.index(sets[run.label]) + 1 if sets[run.label] else None,
+                "training": _cost(run),
+                "stopped": run.point.get("reason") if run.status == "stopped" else None,
+                "final_eval_loss": (run.manifest.get("train") or {}).get("final_eval_loss"),
+            }
+        )
     ranked = [row for row in rows if row["value"] is not None]
     best = None
     if ranked:  # a tie goes to the lower final valid loss, then to the run named first
         sign = -1 if goal == "max" else 1
-        best_row = min(ranked, key=lambda row: (sign * row["value"], row["final_eval_loss"] if row["final_eval_loss"] is not None else float("inf")))
+        best_row = min(
+            ranked,
+            key=lambda row: (
+                sign * row["value"],
+                row["final_eval_loss"] if row["final_eval_loss"] is not None else float("inf"),
+            ),
+        )
         best = {"run": best_row["run"], "value": best_row["value"], "path": best_row["path"]}
-    return {"metric": f"{system}.{metric_name}", "system": system, "goal": goal, "mode": mode, "differing": keys,
-            "systems": systems, "eval_sets": len(groups), "runs": rows, "best": best, "source": sweep.get("source")}
+    return {
+        "metric": f"{system}.{metric_name}",
+        "system": system,
+        "goal": goal,
+        "mode": mode,
+        "differing": keys,
+        "systems": systems,
+        "eval_sets": len(groups),
+        "runs": rows,
+        "best": best,
+        "source": sweep.get("source"),
+    }
 
 
 def best_config(run: Run, overrides: dict | None = None) -> str:
@@ -198,7 +254,11 @@ def best_config(run: Run, overrides: dict | None = None) -> str:
     config.pop("sweep", None)
     header = f"# the best run of `tuneforge compare`: {run.path}\n"
     if source:
-        header += f"# from {source}" + (" with " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "") + "\n"
+        header += (
+            f"# from {source}"
+            + (" with " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "")
+            + "\n"
+        )
     return header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
@@ -233,14 +293,18 @@ def curves_chart(runs: list[Run]) -> bytes | None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for n, run in enumerate(runs):
-        look = {"color": colours[n % len(colours)], "linestyle": styles[n % len(styles)], "label": run.label}  # overlaps stay visible
+        look = {
+            "color": colours[n % len(colours)],
+            "linestyle": styles[n % len(styles)],
+            "label": run.label,
+        }  # overlaps stay visible
         for ax, (key, _) in zip(axes, panels):
             points = [(r["epoch"], r[key]) for r in run.curve if key in r and (key != "loss" or r.get("step", 0) > 0)]
             if not points:
                 continue
             xs, ys = zip(*points)
             if key == "loss":
-                ys = [sum(ys[max(0, i - 4): i + 1]) / len(ys[max(0, i - 4): i + 1]) for i in range(len(ys))]
+                ys = [sum(ys[max(0, i - 4) : i + 1]) / len(ys[max(0, i - 4) : i + 1]) for i in range(len(ys))]
                 ax.plot(xs, ys, linewidth=1.3, **look)
             else:
                 ax.plot(xs, ys, marker="o", markersize=4, linewidth=1, **look)
@@ -248,7 +312,14 @@ def curves_chart(runs: list[Run]) -> bytes | None:
         ax.set(title=title, xlabel="epoch", ylabel=key.replace("eval_", "valid ").replace("_", " "))
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=8, bbox_to_anchor=(0.5, -0.08 * ((len(runs) + 3) // 4)))
+    figure.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(len(runs), 4),
+        fontsize=8,
+        bbox_to_anchor=(0.5, -0.08 * ((len(runs) + 3) // 4)),
+    )
     return _png(figure)
 
 
@@ -260,16 +331,27 @@ def metrics_chart(summary: dict) -> bytes | None:
     figure, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
     best = (summary["best"] or {}).get("run")
     values = [row["value"] for row in rows]
-    errors = [[row["value"] - row["interval"][0] for row in rows], [row["interval"][1] - row["value"] for row in rows]] \
-        if all(row["interval"] for row in rows) else None
-    ax.barh(range(len(rows)), values, xerr=errors, color=["#2b8a3e" if row["run"] == best else "#74a9cf" for row in rows], capsize=3)
+    errors = (
+        [[row["value"] - row["interval"][0] for row in rows], [row["interval"][1] - row["value"] for row in rows]]
+        if all(row["interval"] for row in rows)
+        else None
+    )
+    ax.barh(
+        range(len(rows)),
+        values,
+        xerr=errors,
+        color=["#2b8a3e" if row["run"] == best else "#74a9cf" for row in rows],
+        capsize=3,
+    )
     ax.set_yticks(range(len(rows)), [row["run"] for row in rows], fontsize=8)
     ax.invert_yaxis()
     base = {row["metrics"].get("base", {}).get(summary["metric"].rpartition(".")[2]) for row in rows} - {None}
     if len(base) == 1 and summary["system"] != "base":
         ax.axvline(base.pop(), color="crimson", linestyle="--", linewidth=1, label="base")
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel(f"{summary['metric']} ({'higher' if summary['goal'] == 'max' else 'lower'} is better; 95% interval where eval gives one)")
+    ax.set_xlabel(
+        f"{summary['metric']} ({'higher' if summary['goal'] == 'max' else 'lower'} is better; 95% interval where eval gives one)"
+    )
     ax.set_title("Eval metric by run (best in green)")
     return _png(figure)
 
@@ -298,7 +380,15 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         mark = " (best)" if summary["best"] and row["run"] == summary["best"]["run"] else ""
         interval = f"{row['interval'][0]:.3f}-{row['interval'][1]:.3f}" if row["interval"] else "-"
         status = row["status"] + (f": {row['stopped']}" if row["stopped"] else "")
-        body.append([row["run"] + mark, status, *(_fmt(row["settings"].get(k)) for k in summary["differing"]), _fmt(row["value"]), interval])
+        body.append(
+            [
+                row["run"] + mark,
+                status,
+                *(_fmt(row["settings"].get(k)) for k in summary["differing"]),
+                _fmt(row["value"]),
+                interval,
+            ]
+        )
     out.append(("Runs and the settings they differ in", head, body))
     columns = HEADLINE[summary["mode"]]
     head = ["run", "system", *columns]
@@ -306,25 +396,70 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     shared = _same_everywhere(summary)
     for system in shared:  # base, baselines: the same answers in every run, so one row
         values = next(row["metrics"][system] for row in summary["runs"] if system in row["metrics"])
-        body.append([f"all {sum(system in row['metrics'] for row in summary['runs'])} runs", system, *_cells(values, columns)])
+        body.append(
+            [f"all {sum(system in row['metrics'] for row in summary['runs'])} runs", system, *_cells(values, columns)]
+        )
     for row in summary["runs"]:
         for system, values in row["metrics"].items():
             if system not in shared:
                 body.append([row["run"], system, *_cells(values, columns)])
     if body:
-        out.append((f"Eval metrics of every system ({summary['mode']}; 95% bootstrap interval in brackets)", head, body))
+        out.append(
+            (f"Eval metrics of every system ({summary['mode']}; 95% bootstrap interval in brackets)", head, body)
+        )
     judged = [(row, pair) for row in summary["runs"] for pair in row["judge"] or []]
     if judged:
         head = ["run", "eval set", "pair", "wins", "ties", "losses", "win rate", "95% interval"]
-        out.append(("Judge verdicts (each pair asked in both orders)", head, [
-            [row["run"], _fmt(row["eval_group"]), f"{pair['first']} vs {pair['second']}", _fmt(pair["wins"]), _fmt(pair["ties"]),
-             _fmt(pair["losses"]), f"{pair['win_rate']:.2f}", f"{pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f}"]
-            for row, pair in judged]))
-    head = ["run", "steps", "train s", "eval s", "supervised tokens", "hosted USD", "final valid loss", "eval set", "device"]
-    out.append(("Time and cost", head, [
-        [row["run"], _fmt(row["training"]["steps"]), _fmt(row["training"]["train_seconds"]), _fmt(row["training"]["eval_seconds"]),
-         _fmt(row["training"]["supervised_tokens"]), _fmt(row["training"]["hosted_usd"]), _fmt(row["final_eval_loss"]),
-         _fmt(row["eval_group"]), _fmt(row["training"]["device"])] for row in summary["runs"]]))
+        out.append(
+            (
+                "Judge verdicts (each pair asked in both orders)",
+                head,
+                [
+                    [
+                        row["run"],
+                        _fmt(row["eval_group"]),
+                        f"{pair['first']} vs {pair['second']}",
+                        _fmt(pair["wins"]),
+                        _fmt(pair["ties"]),
+                        _fmt(pair["losses"]),
+                        f"{pair['win_rate']:.2f}",
+                        f"{pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f}",
+                    ]
+                    for row, pair in judged
+                ],
+            )
+        )
+    head = [
+        "run",
+        "steps",
+        "train s",
+        "eval s",
+        "supervised tokens",
+        "hosted USD",
+        "final valid loss",
+        "eval set",
+        "device",
+    ]
+    out.append(
+        (
+            "Time and cost",
+            head,
+            [
+                [
+                    row["run"],
+                    _fmt(row["training"]["steps"]),
+                    _fmt(row["training"]["train_seconds"]),
+                    _fmt(row["training"]["eval_seconds"]),
+                    _fmt(row["training"]["supervised_tokens"]),
+                    _fmt(row["training"]["hosted_usd"]),
+                    _fmt(row["final_eval_loss"]),
+                    _fmt(row["eval_group"]),
+                    _fmt(row["training"]["device"]),
+                ]
+                for row in summary["runs"]
+            ],
+        )
+    )
     return out
 
 
@@ -342,8 +477,11 @@ def _same_everywhere(summary: dict) -> list[str]:
         return []
     same = []
     for system in summary["systems"]:
-        found = [json.dumps({k: v for k, v in row["metrics"][system].items() if k != "seconds"}, sort_keys=True)
-                 for row in summary["runs"] if system in row["metrics"]]
+        found = [
+            json.dumps({k: v for k, v in row["metrics"][system].items() if k != "seconds"}, sort_keys=True)
+            for row in summary["runs"]
+            if system in row["metrics"]
+        ]
         if len(found) > 1 and len(set(found)) == 1 and system != summary["system"]:
             same.append(system)
     return same
@@ -352,11 +490,15 @@ def _same_everywhere(summary: dict) -> list[str]:
 def _notes(summary: dict) -> list[str]:
     notes = []
     if summary["eval_sets"] > 1:
-        notes.append(f"The runs were evaluated on {summary['eval_sets']} different eval sets (column 'eval set'): "
-                     "compare metrics and judge verdicts only within one set.")
+        notes.append(
+            f"The runs were evaluated on {summary['eval_sets']} different eval sets (column 'eval set'): "
+            "compare metrics and judge verdicts only within one set."
+        )
     if summary["best"]:
-        notes.append(f"Best by {summary['metric']} ({summary['goal']}): {summary['best']['run']} ({summary['best']['value']:.4g}); "
-                     "its experiment is in best.yaml: tuneforge run best.yaml")
+        notes.append(
+            f"Best by {summary['metric']} ({summary['goal']}): {summary['best']['run']} ({summary['best']['value']:.4g}); "
+            "its experiment is in best.yaml: tuneforge run best.yaml"
+        )
     else:
         notes.append(f"No run has {summary['metric']} yet (evaluate them first), so there is no best run.")
     return notes
@@ -376,23 +518,43 @@ def page(summary: dict, charts: dict[str, bytes]) -> str:
     esc = html.escape
     parts = [f"<h1>Comparison of {len(summary['runs'])} runs</h1>"] + [f"<p>{esc(n)}</p>" for n in _notes(summary)]
     for n, (title, head, body) in enumerate(tables(summary)):
-        parts.append(f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
-                     + "".join("<tr" + (' class="best"' if summary["best"] and row[0].startswith(summary["best"]["run"] + " (best)") else "") + ">"
-                               + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+        parts.append(
+            f"<h2>{esc(title)}</h2><table><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in head)
+            + "</tr>"
+            + "".join(
+                "<tr"
+                + (' class="best"' if summary["best"] and row[0].startswith(summary["best"]["run"] + " (best)") else "")
+                + ">"
+                + "".join(f"<td>{esc(c)}</td>" for c in row)
+                + "</tr>"
+                for row in body
+            )
+            + "</table>"
+        )
         if n == 0:
-            parts += [f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">' for name, png in charts.items()]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}tr.best td{background:#e6f4ea;font-weight:bold}"
-             "img{max-width:100%;margin:0.5em 0}")
-    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>tuneforge compare</title><style>{style}</style></head>"
-            f"<body>{''.join(parts)}</body></html>\n")
+            parts += [
+                f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                for name, png in charts.items()
+            ]
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}tr.best td{background:#e6f4ea;font-weight:bold}"
+        "img{max-width:100%;margin:0.5em 0}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>tuneforge compare</title><style>{style}</style></head>'
+        f"<body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def compare_runs(paths: list[Path], out: Path, metric: str | None = None, goal: str | None = None) -> dict:
     """Write the report into `out`; returns its figures (what compare.json holds)."""
     runs, sweep = load_runs(paths)
     summary = summarise(runs, sweep, metric, goal)
-    charts = {name: png for name, png in (("curves.png", curves_chart(runs)), ("metrics.png", metrics_chart(summary))) if png}
+    charts = {
+        name: png for name, png in (("curves.png", curves_chart(runs)), ("metrics.png", metrics_chart(summary))) if png
+    }
     out.mkdir(parents=True, exist_ok=True)
     for name, png in charts.items():
         atomic_write_bytes(out / name, png)
@@ -401,8 +563,14 @@ def compare_runs(paths: list[Path], out: Path, metric: str | None = None, goal: 
         atomic_write_text(out / "best.yaml", best_config(best, best.point.get("values")))
         summary["best"]["config"] = str(out / "best.yaml")
         if best.point.get("values") and summary["source"]:
-            summary["best"]["command"] = "tuneforge run " + summary["source"] + " " + " ".join(
-                f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in best.point["values"].items())
+            summary["best"]["command"] = (
+                "tuneforge run "
+                + summary["source"]
+                + " "
+                + " ".join(
+                    f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in best.point["values"].items()
+                )
+            )
     elif (out / "best.yaml").exists():
         (out / "best.yaml").unlink()  # a best run of an earlier comparison is not this one's
     atomic_write_json(out / "compare.json", summary)

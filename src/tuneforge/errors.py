@@ -32,7 +32,11 @@ def describe_os_error(exc: OSError) -> str:
     import errno
 
     where = f" {exc.filename}" if exc.filename else ""
-    words = {errno.ENOENT: f"no such file or folder:{where}", errno.EACCES: f"permission denied:{where}",
-             errno.EISDIR: f"{where.strip()} is a folder, not a file", errno.ENOSPC: f"no space left on the device{' for' + where if where else ''}",
-             errno.EADDRINUSE: "the address is already in use (another server on that port?); pick another --port"}
+    words = {
+        errno.ENOENT: f"no such file or folder:{where}",
+        errno.EACCES: f"permission denied:{where}",
+        errno.EISDIR: f"{where.strip()} is a folder, not a file",
+        errno.ENOSPC: f"no space left on the device{' for' + where if where else ''}",
+        errno.EADDRINUSE: "the address is already in use (another server on that port?); pick another --port",
+    }
     return words.get(exc.errno, f"{exc.strerror or exc}{':' + where if where else ''}")

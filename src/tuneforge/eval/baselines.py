@@ -1,10 +1,10 @@
 """Classical baselines trained on the run's prepared train split: how much does a language model add?
 
-    tfidf   TF-IDF features of the prompt + logistic regression (classification)
-    majority  always the most common training label: the floor every classifier must beat
-              (added to every classification eval)
-    ngram   a word trigram language model of the training answers (generation): it
-            answers every question with its most likely answer, and has a perplexity
+tfidf   TF-IDF features of the prompt + logistic regression (classification)
+majority  always the most common training label: the floor every classifier must beat
+          (added to every classification eval)
+ngram   a word trigram language model of the training answers (generation): it
+        answers every question with its most likely answer, and has a perplexity
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class TfidfClassifier:
             raise TuneforgeError("the tfidf baseline needs at least two labels in the train split")
         self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
         features = self.vectorizer.fit_transform([prompt_text(p) for p in prompts])
-        self.model = LogisticRegression(max_iter=1000, C=10.0, random_state=seed).fit(features, labels)  # C=10: small data, weak regularisation
+        self.model = LogisticRegression(max_iter=1000, C=10.0, random_state=seed).fit(
+            features, labels
+        )  # C=10: small data, weak regularisation
 
     def probabilities(self, prompts: list[list[dict]], labels: list[str]) -> np.ndarray:
         """[n, len(labels)] class probabilities in the order of `labels` (0 for labels unseen in training)."""
@@ -93,7 +95,9 @@ class NgramModel:
     def logprob(self, text: str) -> tuple[float, int]:
         """Natural-log probability of the text as an answer (with its end), and the number of words scored."""
         tokens = [START, START, *words(text), END]
-        total = sum(math.log(self.probability((tokens[i - 2], tokens[i - 1]), tokens[i])) for i in range(2, len(tokens)))
+        total = sum(
+            math.log(self.probability((tokens[i - 2], tokens[i - 1]), tokens[i])) for i in range(2, len(tokens))
+        )
         return total, len(tokens) - 2
 
     def generate(self, max_words: int) -> str:

@@ -42,8 +42,11 @@ def system_identity(name: str, experiment: Experiment, run: RunDir) -> dict:
         from tuneforge.engine.transformers import system_source
 
         adapter, merged = system_source(spec.model, run)
-        identity.update(model=experiment.model.model_dump(mode="json"), adapter=_folder_hash(adapter, "adapter_model.safetensors"),
-                        merged=_folder_hash(merged, "config.json"))
+        identity.update(
+            model=experiment.model.model_dump(mode="json"),
+            adapter=_folder_hash(adapter, "adapter_model.safetensors"),
+            merged=_folder_hash(merged, "config.json"),
+        )
     if spec.rag:
         identity["rag"] = experiment.rag.model_dump(mode="json")
         identity["corpus"] = _corpus_hash(experiment, run)
@@ -64,7 +67,11 @@ def _corpus_hash(experiment: Experiment, run: RunDir) -> str | None:
 def _folder_hash(folder: str | None, main: str) -> str | None:
     if folder is None:
         return None
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (p.name == main or p.suffix in (".safetensors", ".bin", ".json")))
+    files = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and (p.name == main or p.suffix in (".safetensors", ".bin", ".json"))
+    )
     return key([(p.name, file_sha256(p)) for p in files])
 
 

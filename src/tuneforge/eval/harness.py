@@ -72,7 +72,11 @@ def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
         from tuneforge.data.collect import Preparer
         from tuneforge.models import load_tokenizer
 
-        examples = Preparer(experiment, load_tokenizer(experiment.model), progress=False).collect("eval.data", experiment.eval.data, None).examples
+        examples = (
+            Preparer(experiment, load_tokenizer(experiment.model), progress=False)
+            .collect("eval.data", experiment.eval.data, None)
+            .examples
+        )
     else:
         examples = load_prepared(run.sub("data"), "valid")
     examples = sample(examples, experiment.eval.sample, experiment.seed)
@@ -93,12 +97,22 @@ def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
 class Evaluation:
     """Computes each system's Outcome on the items, through the answer cache."""
 
-    def __init__(self, experiment: Experiment, run: RunDir, items: list[Item], labels: list[str] | None, systems=None, progress: bool = True):
+    def __init__(
+        self,
+        experiment: Experiment,
+        run: RunDir,
+        items: list[Item],
+        labels: list[str] | None,
+        systems=None,
+        progress: bool = True,
+    ):
         from tuneforge.engine.transformers import Settings
         from tuneforge.systems import Systems
 
         self.experiment, self.run, self.items, self.labels = experiment, run, items, labels
-        self.systems = systems if systems is not None else Systems(experiment, run, planned=tuple(experiment.eval.systems))
+        self.systems = (
+            systems if systems is not None else Systems(experiment, run, planned=tuple(experiment.eval.systems))
+        )
         self.progress = progress
         self.settings = Settings(max_new_tokens=experiment.eval.max_new_tokens, temperature=0.0, seed=experiment.seed)
         self.max_length = experiment.eval.max_length or experiment.data.max_length
@@ -122,8 +136,17 @@ class Evaluation:
 
     def _classify(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
-        keys = [key(identity, "label", item.prompt, self.labels, self.max_length,
-                    self.settings.max_new_tokens if hosted else None) for item in self.items]
+        keys = [
+            key(
+                identity,
+                "label",
+                item.prompt,
+                self.labels,
+                self.max_length,
+                self.settings.max_new_tokens if hosted else None,
+            )
+            for item in self.items
+        ]
         missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
         if missing:
             started = time.perf_counter()
@@ -154,8 +177,12 @@ class Evaluation:
     def _generate(self, name: str, identity: dict, cache: Cache) -> Outcome:
         hosted = name.startswith("openai:")
         setting = (self.settings.max_new_tokens, self.settings.seed, self.max_length)
-        answer_keys = [key(identity, "answer", item.prompt, setting, *([item.tools] if item.tools else [])) for item in self.items]
-        reference_keys = [key(identity, "reference", item.prompt, item.reference, self.max_length) for item in self.items]
+        answer_keys = [
+            key(identity, "answer", item.prompt, setting, *([item.tools] if item.tools else [])) for item in self.items
+        ]
+        reference_keys = [
+            key(identity, "reference", item.prompt, item.reference, self.max_length) for item in self.items
+        ]
         need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
         need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
         if need_answer or need_reference:
@@ -163,7 +190,11 @@ class Evaluation:
             system = self.systems.get(name)
             if hosted:
                 for tools, group in self._by_tools(need_answer):
-                    answers = system.generate([self.items[i].prompt for i in group], replace(self.settings, tools=tools), progress=self.progress)
+                    answers = system.generate(
+                        [self.items[i].prompt for i in group],
+                        replace(self.settings, tools=tools),
+                        progress=self.progress,
+                    )
                     for i, answer in zip(group, answers):
                         cache.put(answer_keys[i], _answer_record(answer, answer.sources))
                 cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
@@ -174,7 +205,14 @@ class Evaluation:
                 augmented, hits = system.retrieve([self.items[i].prompt for i in wanted])
                 by_item = dict(zip(wanted, zip(augmented, hits)))
                 if need_reference:
-                    sums, counts = self._scored(name, system, [by_item[i][0] + [{"role": "assistant", "content": self.items[i].reference}] for i in need_reference])
+                    sums, counts = self._scored(
+                        name,
+                        system,
+                        [
+                            by_item[i][0] + [{"role": "assistant", "content": self.items[i].reference}]
+                            for i in need_reference
+                        ],
+                    )
                     for i, total, count in zip(need_reference, sums, counts):
                         cache.put(reference_keys[i], {"logprob": float(total), "tokens": int(count)})
                     cache.stamp([reference_keys[i] for i in need_reference], time.perf_counter() - started)
@@ -183,15 +221,24 @@ class Evaluation:
                     room = max(self.max_length - self.settings.max_new_tokens, 16)
                     for tools, group in self._by_tools(need_answer):
                         fitted = [fit_prompt(system.engine.encoder, by_item[i][0], room) for i in group]
-                        answers = system.engine.generate(fitted, replace(self.settings, tools=tools), batch_size=GENERATE_BATCH,
-                                                         progress=self.progress)
+                        answers = system.engine.generate(
+                            fitted,
+                            replace(self.settings, tools=tools),
+                            batch_size=GENERATE_BATCH,
+                            progress=self.progress,
+                        )
                         for i, answer in zip(group, answers):
                             cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
                     cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
         values = [cache.entries[k] for k in answer_keys]
         spent = cache.seconds(answer_keys + ([] if hosted else reference_keys))
-        outcome = Outcome(name, [_answer_text(v) for v in values], [v["sources"] for v in values], seconds=spent,
-                          tool_calls=[v.get("tool_calls") for v in values])
+        outcome = Outcome(
+            name,
+            [_answer_text(v) for v in values],
+            [v["sources"] for v in values],
+            seconds=spent,
+            tool_calls=[v.get("tool_calls") for v in values],
+        )
         if not hosted:
             references = [cache.entries[k] for k in reference_keys]
             outcome.reference_logprob = [r["logprob"] for r in references]
@@ -212,11 +259,15 @@ class Evaluation:
         from tuneforge.scoring import label_logprobs
 
         rows = []
-        with tqdm(total=len(prompts), desc=f"scoring labels ({name})", unit=" prompts", disable=not self.progress) as bar:
+        with tqdm(
+            total=len(prompts), desc=f"scoring labels ({name})", unit=" prompts", disable=not self.progress
+        ) as bar:
             for start in range(0, len(prompts), SCORE_CHUNK):
                 chunk = prompts[start : start + SCORE_CHUNK]
                 scorer = self.systems.scorer(name)  # transformers even when answers come from vLLM
-                rows.append(label_logprobs(scorer.model, scorer.encoder, chunk, self.labels, max_length=self.max_length))
+                rows.append(
+                    label_logprobs(scorer.model, scorer.encoder, chunk, self.labels, max_length=self.max_length)
+                )
                 bar.update(len(chunk))
         return np.concatenate(rows)
 
@@ -226,7 +277,9 @@ class Evaluation:
         from tuneforge.scoring import answer_logprobs
 
         sums, counts = [], []
-        with tqdm(total=len(conversations), desc=f"scoring ({name})", unit=" answers", disable=not self.progress) as bar:
+        with tqdm(
+            total=len(conversations), desc=f"scoring ({name})", unit=" answers", disable=not self.progress
+        ) as bar:
             for start in range(0, len(conversations), SCORE_CHUNK):
                 chunk = conversations[start : start + SCORE_CHUNK]
                 scorer = self.systems.scorer(name)  # transformers even when answers come from vLLM
@@ -257,24 +310,40 @@ class Evaluation:
         if name == "tfidf":
             if not self.labels:
                 raise TuneforgeError("the tfidf baseline classifies: it needs data.label (eval data with labels)")
-            model = baselines.TfidfClassifier([e.messages[:-1] for e in train], [e.label for e in train], self.experiment.seed)
+            model = baselines.TfidfClassifier(
+                [e.messages[:-1] for e in train], [e.label for e in train], self.experiment.seed
+            )
             probs = model.probabilities(prompts, self.labels)
-            return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
+            return Outcome(
+                name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs
+            )
         ngram = baselines.NgramModel([baselines.last_answer(e.messages) for e in train])
         if self.labels:
             from tuneforge.scoring import probabilities
 
             probs = probabilities(np.array([[ngram.logprob(label)[0] for label in self.labels] for _ in prompts]))
-            return Outcome(name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs)
+            return Outcome(
+                name, [self.labels[j] for j in probs.argmax(axis=1)], [[] for _ in prompts], probabilities=probs
+            )
         answer = ngram.generate(self.settings.max_new_tokens)
         scored = [ngram.logprob(item.reference or "") for item in self.items]
-        return Outcome(name, [answer] * len(prompts), [[] for _ in prompts],
-                       reference_logprob=[s for s, _ in scored], reference_tokens=[n for _, n in scored])
+        return Outcome(
+            name,
+            [answer] * len(prompts),
+            [[] for _ in prompts],
+            reference_logprob=[s for s, _ in scored],
+            reference_tokens=[n for _, n in scored],
+        )
 
 
 def _answer_record(answer, hits) -> dict:
-    record = {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-              "finish_reason": answer.finish_reason, "sources": [h.to_json() if hasattr(h, "to_json") else h for h in hits]}
+    record = {
+        "text": answer.text,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "finish_reason": answer.finish_reason,
+        "sources": [h.to_json() if hasattr(h, "to_json") else h for h in hits],
+    }
     if answer.tool_calls:
         record["tool_calls"] = answer.tool_calls
     return record
@@ -307,8 +376,11 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
     if labels is None and any(item.reference is None for item in items):
         raise TuneforgeError("eval examples need a reference answer (an assistant turn) or a label")
     mode = "classification" if labels else "generation"
-    print(f"evaluating {', '.join(experiment.eval.systems)} on {len(items)} examples ({mode}"
-          f"{': ' + ', '.join(labels) if labels else ''})", flush=True)
+    print(
+        f"evaluating {', '.join(experiment.eval.systems)} on {len(items)} examples ({mode}"
+        f"{': ' + ', '.join(labels) if labels else ''})",
+        flush=True,
+    )
     evaluation = Evaluation(experiment, run, items, labels, systems, progress)
     names = list(experiment.eval.systems)
     if labels and "majority" not in names:
@@ -323,18 +395,30 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
         judged = judge_pairs(experiment, run, evaluation, items, outcomes)
     folder = report.write(run.sub("eval"), items, labels, outcomes, table, per_example, judged, experiment)
     # what was evaluated, so `tuneforge compare` can tell runs scored on the same examples from the rest
-    run.record("eval", {"mode": mode, "items": len(items), "systems": names, "sample": experiment.eval.sample,
-                        "eval_set": key([(i.id, i.prompt, i.reference, i.label) for i in items])[:16]})
+    run.record(
+        "eval",
+        {
+            "mode": mode,
+            "items": len(items),
+            "systems": names,
+            "sample": experiment.eval.sample,
+            "eval_set": key([(i.id, i.prompt, i.reference, i.label) for i in items])[:16],
+        },
+    )
     print(report.summary_table(table, labels is not None))
     if judged:
         for pair in judged["pairs"]:
-            print(f"judge {judged['model']}: {pair['first']} vs {pair['second']}: {pair['wins']} wins, {pair['ties']} ties, "
-                  f"{pair['losses']} losses (win rate {pair['win_rate']:.2f}, 95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})")
+            print(
+                f"judge {judged['model']}: {pair['first']} vs {pair['second']}: {pair['wins']} wins, {pair['ties']} ties, "
+                f"{pair['losses']} losses (win rate {pair['win_rate']:.2f}, 95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})"
+            )
     print(f"eval report: {folder / 'report.html'} (metrics.json, predictions.csv, report.md beside it)")
     return 0
 
 
-def judge_pairs(experiment: Experiment, run: RunDir, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]) -> dict | None:
+def judge_pairs(
+    experiment: Experiment, run: RunDir, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]
+) -> dict | None:
     """Every pair of systems compared by eval.judge.model in both orders; judge replies are cached like answers."""
     from tuneforge.eval.judge import compare
 
@@ -345,7 +429,9 @@ def judge_pairs(experiment: Experiment, run: RunDir, evaluation: Evaluation, ite
     system = None
     cache = Cache(evaluation.cache_dir, f"judge-{judge.model}")
     identity = system_identity(judge.model, experiment, run)
-    settings = type(evaluation.settings)(max_new_tokens=4, temperature=0.0, seed=experiment.seed)  # one word: A, B or tie
+    settings = type(evaluation.settings)(
+        max_new_tokens=4, temperature=0.0, seed=experiment.seed
+    )  # one word: A, B or tie
 
     def ask(chats: list[list[dict]]) -> list[str]:
         nonlocal system
@@ -362,6 +448,10 @@ def judge_pairs(experiment: Experiment, run: RunDir, evaluation: Evaluation, ite
     references = [item.reference for item in items]
     pairs = []
     for a, b in itertools.combinations(outcomes, 2):
-        pairs.append(compare(ask, judge.rubric, questions, references, a.name, a.answers, b.name, b.answers).summary(experiment.seed))
+        pairs.append(
+            compare(ask, judge.rubric, questions, references, a.name, a.answers, b.name, b.answers).summary(
+                experiment.seed
+            )
+        )
     cache.save()
     return {"model": judge.model, "rubric": judge.rubric, "pairs": pairs}

@@ -9,8 +9,8 @@ or a "tie" is a tie.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -28,9 +28,12 @@ def judge_prompt(rubric: str, question: str, reference: str | None, first: str, 
     reference_part = f"[Reference answer]\n{reference}\n\n" if reference else ""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": f"{rubric}\n\n[Question]\n{question}\n\n{reference_part}[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
-                                    "End your reply with one line: \"Verdict: A\" if answer A is better, \"Verdict: B\" if answer B is "
-                                    "better, or \"Verdict: tie\"."},
+        {
+            "role": "user",
+            "content": f"{rubric}\n\n[Question]\n{question}\n\n{reference_part}[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
+            'End your reply with one line: "Verdict: A" if answer A is better, "Verdict: B" if answer B is '
+            'better, or "Verdict: tie".',
+        },
     ]
 
 
@@ -57,13 +60,28 @@ class PairResult:
     def summary(self, seed: int) -> dict:
         outcomes = np.array(self.outcomes)
         low, high = bootstrap_interval(outcomes, seed)
-        return {"first": self.first, "second": self.second, "wins": int((outcomes == 1).sum()), "ties": int((outcomes == 0.5).sum()),
-                "losses": int((outcomes == 0).sum()), "win_rate": float(outcomes.mean()) if len(outcomes) else None,
-                "win_rate_low": low, "win_rate_high": high}
+        return {
+            "first": self.first,
+            "second": self.second,
+            "wins": int((outcomes == 1).sum()),
+            "ties": int((outcomes == 0.5).sum()),
+            "losses": int((outcomes == 0).sum()),
+            "win_rate": float(outcomes.mean()) if len(outcomes) else None,
+            "win_rate_low": low,
+            "win_rate_high": high,
+        }
 
 
-def compare(ask: Callable[[list[list[dict]]], list[str]], rubric: str, questions: list[str], references: list[str | None],
-            first_name: str, first: list[str], second_name: str, second: list[str]) -> PairResult:
+def compare(
+    ask: Callable[[list[list[dict]]], list[str]],
+    rubric: str,
+    questions: list[str],
+    references: list[str | None],
+    first_name: str,
+    first: list[str],
+    second_name: str,
+    second: list[str],
+) -> PairResult:
     """Ask `ask` (the judge: chats in, replies out) about every example in both orders."""
     shown_first = [judge_prompt(rubric, q, r, a, b) for q, r, a, b in zip(questions, references, first, second)]
     shown_second = [judge_prompt(rubric, q, r, b, a) for q, r, a, b in zip(questions, references, first, second)]

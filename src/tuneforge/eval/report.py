@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from tuneforge.config import Experiment
 
 SIDE_BY_SIDE = 3  # examples shown answer by answer in the report
-HEADLINE = {True: ("accuracy", "macro_f1", "roc_auc"),
-            False: ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call")}
+HEADLINE = {
+    True: ("accuracy", "macro_f1", "roc_auc"),
+    False: ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call"),
+}
 
 
 def classification_metrics(items, labels: list[str], outcomes, seed: int) -> tuple[dict, dict]:
@@ -32,8 +34,10 @@ def classification_metrics(items, labels: list[str], outcomes, seed: int) -> tup
         correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=float)
         metrics["accuracy_low"], metrics["accuracy_high"] = scores.bootstrap_interval(correct, seed)
         table[outcome.name] = {"examples": len(items), **metrics, "seconds": outcome.seconds}
-        per_example[outcome.name] = [{"predicted": p, "correct": bool(c), **{f"p_{label}": round(float(q), 6) for label, q in zip(labels, row)}}
-                                     for p, c, row in zip(predicted, correct, outcome.probabilities)]
+        per_example[outcome.name] = [
+            {"predicted": p, "correct": bool(c), **{f"p_{label}": round(float(q), 6) for label, q in zip(labels, row)}}
+            for p, c, row in zip(predicted, correct, outcome.probabilities)
+        ]
     return table, per_example
 
 
@@ -50,8 +54,13 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
         similarity = scores.cosine_rows(answer_vectors, reference_vectors)
         quality = scores.quality_score(scores.cosine_rows(answer_vectors, question_vectors))
         overlap = scores.rouge_bleu(outcome.answers, references)
-        metrics = {"examples": len(items), "similarity": float(similarity.mean()), "quality": float(quality.mean()),
-                   "rouge_l": overlap["rouge_l"], "bleu": overlap["bleu"]}
+        metrics = {
+            "examples": len(items),
+            "similarity": float(similarity.mean()),
+            "quality": float(quality.mean()),
+            "rouge_l": overlap["rouge_l"],
+            "bleu": overlap["bleu"],
+        }
         metrics["similarity_low"], metrics["similarity_high"] = scores.bootstrap_interval(similarity, seed)
         metrics["quality_low"], metrics["quality_high"] = scores.bootstrap_interval(quality, seed)
         each_ppl = [None] * len(items)
@@ -64,10 +73,23 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
         metrics["seconds"] = outcome.seconds
         table[outcome.name] = metrics
         per_example[outcome.name] = [
-            {"similarity": round(float(s), 4), "quality": round(float(q), 2), "rouge_l": round(r, 4), "bleu": round(b, 2),
-             "perplexity": None if p is None else round(p, 3), **({"tool_call": c} if c is not None else {})}
-            for s, q, r, b, p, c in zip(similarity, quality, overlap["rouge_l_each"], overlap["bleu_each"], each_ppl,
-                                         calls["each"] if calls else [None] * len(items))]
+            {
+                "similarity": round(float(s), 4),
+                "quality": round(float(q), 2),
+                "rouge_l": round(r, 4),
+                "bleu": round(b, 2),
+                "perplexity": None if p is None else round(p, 3),
+                **({"tool_call": c} if c is not None else {}),
+            }
+            for s, q, r, b, p, c in zip(
+                similarity,
+                quality,
+                overlap["rouge_l_each"],
+                overlap["bleu_each"],
+                each_ppl,
+                calls["each"] if calls else [None] * len(items),
+            )
+        ]
     return table, per_example
 
 
@@ -88,10 +110,19 @@ def tool_call_scores(items, outcome) -> dict | None:
             each[i] = "no call"
             continue
         matches = [same_call(a, b) for a, b in zip(made, wanted)] if len(made) == len(wanted) else [(False, False)]
-        each[i] = "right" if all(m[1] for m in matches) else "wrong arguments" if all(m[0] for m in matches) else "wrong function"
+        each[i] = (
+            "right"
+            if all(m[1] for m in matches)
+            else "wrong arguments"
+            if all(m[0] for m in matches)
+            else "wrong function"
+        )
     n = len(scored)
-    return {"function": sum(each[i] in ("right", "wrong arguments") for i in scored) / n,
-            "call": sum(each[i] == "right" for i in scored) / n, "each": each}
+    return {
+        "function": sum(each[i] in ("right", "wrong arguments") for i in scored) / n,
+        "call": sum(each[i] == "right" for i in scored) / n,
+        "each": each,
+    }
 
 
 def summary_table(table: dict, classification: bool) -> str:
@@ -99,11 +130,17 @@ def summary_table(table: dict, classification: bool) -> str:
     width = max(len("system"), *(len(s) for s in table))
     lines = [f"{'system':<{width}}  " + "  ".join(f"{c:>10}" for c in columns) + f"  {'seconds':>8}"]
     for system, metrics in table.items():
-        lines.append(f"{system:<{width}}  " + "  ".join(f"{_fmt(metrics.get(c)):>10}" for c in columns) + f"  {metrics['seconds']:>8.1f}")
+        lines.append(
+            f"{system:<{width}}  "
+            + "  ".join(f"{_fmt(metrics.get(c)):>10}" for c in columns)
+            + f"  {metrics['seconds']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
-def write(folder: Path, items, labels, outcomes, table: dict, per_example: dict, judged: dict | None, experiment: Experiment) -> Path:
+def write(
+    folder: Path, items, labels, outcomes, table: dict, per_example: dict, judged: dict | None, experiment: Experiment
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     classification = labels is not None
     atomic_write_text(folder / "predictions.csv", _predictions_csv(items, outcomes, per_example))
@@ -118,7 +155,9 @@ def write(folder: Path, items, labels, outcomes, table: dict, per_example: dict,
         charts["judge.png"] = _judge_bars(judged)
     for name, png in charts.items():
         atomic_write_bytes(folder / name, png)
-    atomic_write_text(folder / "report.md", _markdown(experiment, items, outcomes, table, judged, charts, classification))
+    atomic_write_text(
+        folder / "report.md", _markdown(experiment, items, outcomes, table, judged, charts, classification)
+    )
     atomic_write_text(folder / "report.html", _html(experiment, items, outcomes, table, judged, charts, classification))
     return folder
 
@@ -139,8 +178,18 @@ def _predictions_csv(items, outcomes, per_example: dict) -> str:
     for outcome in outcomes:
         for item, answer, sources, row in zip(items, outcome.answers, outcome.sources, per_example[outcome.name]):
             cited = "; ".join(f"{h['source']} ({h['score']:.3f})" for h in sources)
-            writer.writerow([item.id, outcome.name, json.dumps(item.prompt, ensure_ascii=False), answer, item.reference or "",
-                             item.label or "", cited, *(_fmt(row.get(c)) if isinstance(row.get(c), float) else row.get(c, "") for c in score_columns)])
+            writer.writerow(
+                [
+                    item.id,
+                    outcome.name,
+                    json.dumps(item.prompt, ensure_ascii=False),
+                    answer,
+                    item.reference or "",
+                    item.label or "",
+                    cited,
+                    *(_fmt(row.get(c)) if isinstance(row.get(c), float) else row.get(c, "") for c in score_columns),
+                ]
+            )
     return out.getvalue()
 
 
@@ -179,7 +228,9 @@ def _bars(table: dict, classification: bool) -> bytes:
 
 def _confusions(table: dict, labels: list[str]) -> bytes:
     plt = _plt()
-    figure, axes = plt.subplots(1, len(table), figsize=(3.0 * len(table) + 1.0, 3.4), squeeze=False, sharey=True, layout="constrained")
+    figure, axes = plt.subplots(
+        1, len(table), figsize=(3.0 * len(table) + 1.0, 3.4), squeeze=False, sharey=True, layout="constrained"
+    )
     for column, (ax, (name, metrics)) in enumerate(zip(axes[0], table.items())):
         matrix = np.array(metrics["confusion"])
         ax.imshow(matrix, cmap="Blues", vmin=0)
@@ -201,8 +252,13 @@ def _judge_bars(judged: dict) -> bytes:
     figure, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(pairs)), 3.2))
     names = [f"{p['first']}\nvs {p['second']}" for p in pairs]
     rates = np.array([p["win_rate"] for p in pairs])
-    ax.bar(names, rates, yerr=[rates - [p["win_rate_low"] for p in pairs], np.array([p["win_rate_high"] for p in pairs]) - rates],
-           capsize=4, color="#f58518")
+    ax.bar(
+        names,
+        rates,
+        yerr=[rates - [p["win_rate_low"] for p in pairs], np.array([p["win_rate_high"] for p in pairs]) - rates],
+        capsize=4,
+        color="#f58518",
+    )
     ax.axhline(0.5, color="grey", linewidth=1)
     ax.set_ylim(0, 1)
     ax.set_title(f"win rate of the first system, judge {judged['model']}")
@@ -210,7 +266,11 @@ def _judge_bars(judged: dict) -> bytes:
 
 
 def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list[str]]]:
-    columns = [c for c in (*HEADLINE[classification], "precision", "recall", "examples", "seconds") if any(table[s].get(c) is not None for s in table)]
+    columns = [
+        c
+        for c in (*HEADLINE[classification], "precision", "recall", "examples", "seconds")
+        if any(table[s].get(c) is not None for s in table)
+    ]
     rows = []
     for system, metrics in table.items():
         row = [system]
@@ -225,16 +285,29 @@ def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list
 
 def _explanation(classification: bool) -> str:
     if classification:
-        return ("Local systems answer with the label of highest likelihood given the prompt; hosted ones answer and the answer "
-                "is read as a label. Brackets: 95% bootstrap interval. ROC-AUC uses the label probabilities (one-vs-rest for more than two labels).")
-    return ("similarity: cosine of the answer's and the reference's embeddings; quality: answer-to-question similarity on 0-100; "
-            "ROUGE-L and BLEU against the reference; perplexity: of the reference answer under the system, per token "
-            "(per word for ngram, so not comparable with the models). Brackets: 95% bootstrap interval.")
+        return (
+            "Local systems answer with the label of highest likelihood given the prompt; hosted ones answer and the answer "
+            "is read as a label. Brackets: 95% bootstrap interval. ROC-AUC uses the label probabilities (one-vs-rest for more than two labels)."
+        )
+    return (
+        "similarity: cosine of the answer's and the reference's embeddings; quality: answer-to-question similarity on 0-100; "
+        "ROUGE-L and BLEU against the reference; perplexity: of the reference answer under the system, per token "
+        "(per word for ngram, so not comparable with the models). Brackets: 95% bootstrap interval."
+    )
 
 
 def _judge_lines(judged: dict) -> list[list[str]]:
-    return [[p["first"], p["second"], str(p["wins"]), str(p["ties"]), str(p["losses"]),
-             f"{p['win_rate']:.2f} [{p['win_rate_low']:.2f}, {p['win_rate_high']:.2f}]"] for p in judged["pairs"]]
+    return [
+        [
+            p["first"],
+            p["second"],
+            str(p["wins"]),
+            str(p["ties"]),
+            str(p["losses"]),
+            f"{p['win_rate']:.2f} [{p['win_rate_low']:.2f}, {p['win_rate_high']:.2f}]",
+        ]
+        for p in judged["pairs"]
+    ]
 
 
 JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]"]
@@ -242,17 +315,40 @@ JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]"]
 
 def _markdown(experiment: Experiment, items, outcomes, table, judged, charts, classification) -> str:
     header, rows = _table_rows(table, classification)
-    lines = [f"# Eval: {experiment.name}", "", f"{len(items)} examples, {'classification' if classification else 'generation'}.", "",
-             _explanation(classification), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# Eval: {experiment.name}",
+        "",
+        f"{len(items)} examples, {'classification' if classification else 'generation'}.",
+        "",
+        _explanation(classification),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", *(f"![{name}]({name})" for name in charts), ""]
     if judged:
-        lines += [f"## Judge: {judged['model']}", "", f"Rubric: {judged['rubric']}", "", "Each pair asked in both orders; a split verdict is a tie.", "",
-                  "| " + " | ".join(JUDGE_HEADER) + " |", "|" + "---|" * len(JUDGE_HEADER)]
+        lines += [
+            f"## Judge: {judged['model']}",
+            "",
+            f"Rubric: {judged['rubric']}",
+            "",
+            "Each pair asked in both orders; a split verdict is a tie.",
+            "",
+            "| " + " | ".join(JUDGE_HEADER) + " |",
+            "|" + "---|" * len(JUDGE_HEADER),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in _judge_lines(judged)] + [""]
     lines += ["## Examples", ""]
     for index, item in enumerate(items[:SIDE_BY_SIDE]):
-        lines += [f"### {item.id}", "", f"**Question:** {_one_line(item.question)}", "", f"**Reference:** {_one_line(item.reference or item.label or '')}", ""]
+        lines += [
+            f"### {item.id}",
+            "",
+            f"**Question:** {_one_line(item.question)}",
+            "",
+            f"**Reference:** {_one_line(item.reference or item.label or '')}",
+            "",
+        ]
         lines += [f"- **{o.name}:** {_one_line(o.answers[index])}" for o in outcomes] + [""]
     return "\n".join(lines)
 
@@ -266,18 +362,35 @@ def _html(experiment: Experiment, items, outcomes, table, judged, charts, classi
     header, rows = _table_rows(table, classification)
 
     def grid(head, body):
-        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+        return (
+            "<table><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in head)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+            + "</table>"
+        )
 
-    parts = [f"<h1>Eval: {esc(experiment.name)}</h1>", f"<p>{len(items)} examples, {'classification' if classification else 'generation'}.</p>",
-             f"<p>{esc(_explanation(classification))}</p>", grid(header, rows)]
-    parts += [f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">' for name, png in charts.items()]
+    parts = [
+        f"<h1>Eval: {esc(experiment.name)}</h1>",
+        f"<p>{len(items)} examples, {'classification' if classification else 'generation'}.</p>",
+        f"<p>{esc(_explanation(classification))}</p>",
+        grid(header, rows),
+    ]
+    parts += [
+        f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        for name, png in charts.items()
+    ]
     if judged:
-        parts += [f"<h2>Judge: {esc(judged['model'])}</h2>", f"<p>Rubric: {esc(judged['rubric'])}. Each pair asked in both orders; a split verdict is a tie.</p>",
-                  grid(JUDGE_HEADER, _judge_lines(judged))]
+        parts += [
+            f"<h2>Judge: {esc(judged['model'])}</h2>",
+            f"<p>Rubric: {esc(judged['rubric'])}. Each pair asked in both orders; a split verdict is a tie.</p>",
+            grid(JUDGE_HEADER, _judge_lines(judged)),
+        ]
     parts.append("<h2>Examples</h2>")
     for index, item in enumerate(items[:SIDE_BY_SIDE]):
-        parts.append(f"<h3>{esc(item.id)}</h3><p><b>Question:</b> {esc(item.question)}</p><p><b>Reference:</b> {esc(item.reference or item.label or '')}</p>")
+        parts.append(
+            f"<h3>{esc(item.id)}</h3><p><b>Question:</b> {esc(item.question)}</p><p><b>Reference:</b> {esc(item.reference or item.label or '')}</p>"
+        )
         parts.append(grid([o.name for o in outcomes], [[o.answers[index] for o in outcomes]]))
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:100%;margin:0.5em 0}"
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>Eval: {esc(experiment.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    return f'<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(experiment.name)}</title><style>{style}</style></head><body>{"".join(parts)}</body></html>\n'

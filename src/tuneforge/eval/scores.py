@@ -6,7 +6,7 @@ compute the same numbers the same way.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,9 @@ def classification(truth: list[str], predicted: list[str], probabilities: np.nda
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-    precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=labels, average="macro", zero_division=0)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        truth, predicted, labels=labels, average="macro", zero_division=0
+    )
     truth_index = np.array([labels.index(t) for t in truth])
     auc = None
     if len(set(truth_index.tolist())) > 1:
@@ -31,9 +33,14 @@ def classification(truth: list[str], predicted: list[str], probabilities: np.nda
             auc = float(roc_auc_score(truth_index, probabilities[:, 1]))
         else:
             present = sorted(set(truth_index.tolist()))
-            scores = probabilities[:, present] / np.clip(probabilities[:, present].sum(axis=1, keepdims=True), 1e-12, None)
-            auc = float(roc_auc_score(truth_index, scores, multi_class="ovr", average="macro", labels=present)) if len(present) > 2 \
+            scores = probabilities[:, present] / np.clip(
+                probabilities[:, present].sum(axis=1, keepdims=True), 1e-12, None
+            )
+            auc = (
+                float(roc_auc_score(truth_index, scores, multi_class="ovr", average="macro", labels=present))
+                if len(present) > 2
                 else float(roc_auc_score(truth_index == present[1], scores[:, 1]))
+            )
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(f1),
@@ -55,7 +62,7 @@ def map_to_label(text: str, labels: list[str]) -> str | None:
     return min(found)[1] if found else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _metric(script: str):
     import evaluate
 
@@ -66,7 +73,12 @@ def rouge_bleu(answers: list[str], references: list[str]) -> dict:
     """ROUGE-L and BLEU through `evaluate`, from the metric scripts shipped in eval/metrics (no hub access)."""
     rouge = _metric("rouge_l.py").compute(predictions=answers, references=references)
     bleu = _metric("bleu.py").compute(predictions=answers, references=references)
-    return {"rouge_l": rouge["rouge_l"], "rouge_l_each": rouge["rouge_l_each"], "bleu": bleu["bleu"], "bleu_each": bleu["bleu_each"]}
+    return {
+        "rouge_l": rouge["rouge_l"],
+        "rouge_l_each": rouge["rouge_l_each"],
+        "bleu": bleu["bleu"],
+        "bleu_each": bleu["bleu_each"],
+    }
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

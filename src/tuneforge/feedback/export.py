@@ -48,7 +48,13 @@ def preference(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = []
 
     def pair(messages, better: str, worse: str):
-        lines.append({"input": {"messages": _prompt(messages)}, "preferred_output": [_reply(better)], "non_preferred_output": [_reply(worse)]})
+        lines.append(
+            {
+                "input": {"messages": _prompt(messages)},
+                "preferred_output": [_reply(better)],
+                "non_preferred_output": [_reply(worse)],
+            }
+        )
 
     thumbs: dict[str, dict[str, list[str]]] = {}
     for r in records:
@@ -59,7 +65,9 @@ def preference(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pair(r["messages"], r["corrected"], r["answer"]["text"])
         elif r["kind"] == "thumb":
             key = json.dumps(_prompt(r["messages"]), sort_keys=True)
-            thumbs.setdefault(key, {"up": [], "down": [], "messages": r["messages"]})[r["value"]].append(r["answer"]["text"])
+            thumbs.setdefault(key, {"up": [], "down": [], "messages": r["messages"]})[r["value"]].append(
+                r["answer"]["text"]
+            )
     for found in thumbs.values():
         for better in dict.fromkeys(found["up"]):
             for worse in dict.fromkeys(found["down"]):
@@ -94,7 +102,10 @@ def _valid(lines: list[dict], kind: str) -> tuple[list[dict], int, int]:
 def export(records: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
     """Write sft.jsonl and preference.jsonl into `folder` (atomically); what went where."""
     result: dict[str, Any] = {}
-    for kind, lines, name in (("supervised", supervised(records), "sft.jsonl"), ("preference", preference(records), "preference.jsonl")):
+    for kind, lines, name in (
+        ("supervised", supervised(records), "sft.jsonl"),
+        ("preference", preference(records), "preference.jsonl"),
+    ):
         kept, duplicates, invalid = _valid(lines, kind)
         atomic_write_jsonl(folder / name, kept)
         result[kind] = {"path": str(folder / name), "lines": len(kept), "duplicates": duplicates, "invalid": invalid}

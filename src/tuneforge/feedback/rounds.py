@@ -1,10 +1,10 @@
 """A feedback round: `data.feedback: true` trains the next adapter on what the demo's users said, from the current one.
 
-    prepare   exports the feedback (feedback/export/) and reads it instead of data.train: the supervised
-              file for train.method sft, the preference pairs for dpo
-    train     keeps the run's current adapter as `previous` (runs/<name>/adapters/<hash>/) and continues
-              from it (train.init_adapter, unless set), so the new adapter lands in adapter/ as before
-    eval      adds `previous` beside `finetuned`, so the report answers "did the feedback help?"
+prepare   exports the feedback (feedback/export/) and reads it instead of data.train: the supervised
+          file for train.method sft, the preference pairs for dpo
+train     keeps the run's current adapter as `previous` (runs/<name>/adapters/<hash>/) and continues
+          from it (train.init_adapter, unless set), so the new adapter lands in adapter/ as before
+eval      adds `previous` beside `finetuned`, so the report answers "did the feedback help?"
 """
 
 from __future__ import annotations
@@ -44,11 +44,22 @@ def feedback_data(experiment: Experiment, run: RunDir):
     found = result[kind]
     if not found["lines"]:
         counts = ", ".join(f"{k}: {v['lines']}" for k, v in result.items())
-        raise TuneforgeError(f"data.feedback: the feedback holds no {kind} examples for train.method {experiment.train.method} ({counts})")
+        raise TuneforgeError(
+            f"data.feedback: the feedback holds no {kind} examples for train.method {experiment.train.method} ({counts})"
+        )
     if experiment.data.train is not None:
-        print(f"data.feedback: training on the {found['lines']} {kind} lines of the feedback instead of data.train", flush=True)
-    data = experiment.data.model_copy(update={"train": str(Path(found["path"]).resolve()), "valid": None,
-                                              "format": "preference" if kind == "preference" else "messages", "rag": False})
+        print(
+            f"data.feedback: training on the {found['lines']} {kind} lines of the feedback instead of data.train",
+            flush=True,
+        )
+    data = experiment.data.model_copy(
+        update={
+            "train": str(Path(found["path"]).resolve()),
+            "valid": None,
+            "format": "preference" if kind == "preference" else "messages",
+            "rag": False,
+        }
+    )
     return _copy(experiment, data=data)
 
 
@@ -60,7 +71,9 @@ def continue_from_current(experiment: Experiment, run: RunDir):
     if experiment.train.init_adapter:
         return experiment
     kept = archive(run)
-    print(f"data.feedback: the current adapter is kept as `previous` ({kept}) and training continues from it", flush=True)
+    print(
+        f"data.feedback: the current adapter is kept as `previous` ({kept}) and training continues from it", flush=True
+    )
     return _copy(experiment, train=experiment.train.model_copy(update={"init_adapter": str(kept)}))
 
 
@@ -77,7 +90,9 @@ def archive(run: RunDir) -> Path:
             for item in adapter.iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-    atomic_write_json(run.sub("adapters", PREVIOUS), {"path": str(target.resolve()), "sha256": digest, "kept": int(time.time())})
+    atomic_write_json(
+        run.sub("adapters", PREVIOUS), {"path": str(target.resolve()), "sha256": digest, "kept": int(time.time())}
+    )
     return target
 
 

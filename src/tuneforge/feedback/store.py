@@ -39,7 +39,11 @@ FILENAME = "feedback.jsonl"
 
 
 def _answer_problem(answer: Any, key: str) -> str | None:
-    if not isinstance(answer, dict) or not isinstance(answer.get("text"), str) or not isinstance(answer.get("system"), str):
+    if (
+        not isinstance(answer, dict)
+        or not isinstance(answer.get("text"), str)
+        or not isinstance(answer.get("system"), str)
+    ):
         return f"'{key}' must be an object with the answering 'system' and its 'text'"
     return None
 
@@ -76,7 +80,11 @@ class FeedbackStore:
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Check, stamp (id, time) and durably append one record; the record as stored."""
-        record = {"id": f"fb-{uuid.uuid4().hex[:16]}", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+        record = {
+            "id": f"fb-{uuid.uuid4().hex[:16]}",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **record,
+        }
         check(record)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,10 @@ def win_rates(pairs: list[tuple[str, str, float, str, str]]) -> list[dict[str, A
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for a, b, score, verdict, _ in pairs:
         key, score = ((a, b), score) if a <= b else ((b, a), 1.0 - score)
-        row = table.setdefault(key, {"a": key[0], "b": key[1], "votes": 0, "a_wins": 0, "b_wins": 0, "ties": 0, "both_bad": 0, "score": 0.0})
+        row = table.setdefault(
+            key,
+            {"a": key[0], "b": key[1], "votes": 0, "a_wins": 0, "b_wins": 0, "ties": 0, "both_bad": 0, "score": 0.0},
+        )
         row["votes"] += 1
         row["score"] += score
         if verdict == "both_bad":
@@ -91,7 +94,13 @@ def win_rates(pairs: list[tuple[str, str, float, str, str]]) -> list[dict[str, A
     rows = []
     for row in table.values():
         low, high = wilson(row["score"], row["votes"])
-        rows.append({**{k: v for k, v in row.items() if k != "score"}, "a_win_rate": row["score"] / row["votes"], "interval": [low, high]})
+        rows.append(
+            {
+                **{k: v for k, v in row.items() if k != "score"},
+                "a_win_rate": row["score"] / row["votes"],
+                "interval": [low, high],
+            }
+        )
     return sorted(rows, key=lambda r: (r["a"], r["b"]))
 
 
@@ -127,7 +136,9 @@ def bradley_terry(pairs: list[tuple[str, str, float, str, str]], iterations: int
     return {s: 1000 + 400 * math.log10(strength[s]) for s in systems}
 
 
-def leaderboard(pairs: list[tuple[str, str, float, str, str]], resamples: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+def leaderboard(
+    pairs: list[tuple[str, str, float, str, str]], resamples: int = 200, seed: int = 0
+) -> list[dict[str, Any]]:
     ratings = bradley_terry(pairs)
     rng = random.Random(seed)
     samples: dict[str, list[float]] = defaultdict(list)
@@ -159,8 +170,18 @@ def disagreement(pairs: list[tuple[str, str, float, str, str]], top: int = 10) -
         shares = Counter(scores)
         entropy = -sum(c / len(scores) * math.log2(c / len(scores)) for c in shares.values())
         if entropy > 0:
-            rows.append({"prompt": prompt, "a": a, "b": b, "votes": len(scores), "entropy": entropy,
-                         "a_wins": shares[1.0], "ties": shares[0.5], "b_wins": shares[0.0]})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "a": a,
+                    "b": b,
+                    "votes": len(scores),
+                    "entropy": entropy,
+                    "a_wins": shares[1.0],
+                    "ties": shares[0.5],
+                    "b_wins": shares[0.0],
+                }
+            )
     return sorted(rows, key=lambda r: (-r["entropy"], -r["votes"], r["prompt"]))[:top]
 
 
@@ -185,24 +206,55 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any]) -> str:
     kinds = summary["by_kind"]
-    lines = [f"# Feedback: {summary['records']} records", "",
-             f"{kinds['thumb']} thumbs, {kinds['correction']} corrections, {kinds['vote']} votes, {kinds['contribution']} contributed examples"
-             + (f"; from {len(summary['logins'])} logins" if summary["logins"] else ""), ""]
+    lines = [
+        f"# Feedback: {summary['records']} records",
+        "",
+        f"{kinds['thumb']} thumbs, {kinds['correction']} corrections, {kinds['vote']} votes, {kinds['contribution']} contributed examples"
+        + (f"; from {len(summary['logins'])} logins" if summary["logins"] else ""),
+        "",
+    ]
     if summary["leaderboard"]:
-        lines += ["## Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap interval)", "", "| system | rating | interval | votes |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {r['system']} | {r['rating']:.0f} | "
-                  + (f"{r['interval'][0]:.0f}–{r['interval'][1]:.0f}" if r["interval"] else f"too few votes (<{MIN_VOTES_FOR_INTERVAL})")
-                  + f" | {r['votes']} |" for r in summary["leaderboard"]]
-        lines += ["", "## Win rates", "", "| A | B | votes | A wins | B wins | ties | both bad | A's win rate (95% CI) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} | {r['b_wins']} | {r['ties']} | {r['both_bad']} | "
-                  f"{r['a_win_rate']:.2f} ({r['interval'][0]:.2f}–{r['interval'][1]:.2f}) |" for r in summary["win_rates"]]
+        lines += [
+            "## Leaderboard (Bradley-Terry, Elo scale, 95% bootstrap interval)",
+            "",
+            "| system | rating | interval | votes |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['system']} | {r['rating']:.0f} | "
+            + (
+                f"{r['interval'][0]:.0f}–{r['interval'][1]:.0f}"
+                if r["interval"]
+                else f"too few votes (<{MIN_VOTES_FOR_INTERVAL})"
+            )
+            + f" | {r['votes']} |"
+            for r in summary["leaderboard"]
+        ]
+        lines += [
+            "",
+            "## Win rates",
+            "",
+            "| A | B | votes | A wins | B wins | ties | both bad | A's win rate (95% CI) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} | {r['b_wins']} | {r['ties']} | {r['both_bad']} | "
+            f"{r['a_win_rate']:.2f} ({r['interval'][0]:.2f}–{r['interval'][1]:.2f}) |"
+            for r in summary["win_rates"]
+        ]
     if summary["thumbs"]:
         lines += ["", "## Thumbs", "", "| system | up | down |", "| --- | --- | --- |"]
         lines += [f"| {s} | {c['up']} | {c['down']} |" for s, c in summary["thumbs"].items()]
     if summary["disagreement"]:
-        lines += ["", "## Where voters disagree", "", "| prompt | A | B | votes | A wins / ties / B wins |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['prompt'][:80].replace('|', '/')} | {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} / {r['ties']} / {r['b_wins']} |"
-                  for r in summary["disagreement"]]
+        lines += [
+            "",
+            "## Where voters disagree",
+            "",
+            "| prompt | A | B | votes | A wins / ties / B wins |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['prompt'][:80].replace('|', '/')} | {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} / {r['ties']} / {r['b_wins']} |"
+            for r in summary["disagreement"]
+        ]
     return "\n".join(lines) + "\n"

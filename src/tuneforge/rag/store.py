@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,9 @@ def read_corpus(spec: str, base_dir: Path, text_column: str) -> list[tuple[str, 
             if line.strip():
                 record = json.loads(line)
                 if text_column not in record:
-                    raise TuneforgeError(f"rag.corpus: {path.name} line {number} has no {text_column!r} (rag.text_column)")
+                    raise TuneforgeError(
+                        f"rag.corpus: {path.name} line {number} has no {text_column!r} (rag.text_column)"
+                    )
                 docs.append((f"{path.name}:{record.get('id', number)}", str(record[text_column])))
         return docs
     if path.suffix.lower() in (".csv", ".tsv"):
@@ -60,7 +63,9 @@ def read_corpus(spec: str, base_dir: Path, text_column: str) -> list[tuple[str, 
 
         frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False)
         if text_column not in frame.columns:
-            raise TuneforgeError(f"rag.corpus: {path.name} has no column {text_column!r} (columns: {', '.join(frame.columns)})")
+            raise TuneforgeError(
+                f"rag.corpus: {path.name} has no column {text_column!r} (columns: {', '.join(frame.columns)})"
+            )
         return [(f"{path.name}:row{i}", t) for i, t in enumerate(frame[text_column], 1) if t.strip()]
     return [(path.name, path.read_text(encoding="utf-8"))]
 
@@ -116,7 +121,9 @@ class Embedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise TuneforgeError(f"the embedder {ref} needs sentence-transformers: pip install 'tuneforge[rag]' (or [eval], or [all])") from None
+            raise TuneforgeError(
+                f"the embedder {ref} needs sentence-transformers: pip install 'tuneforge[rag]' (or [eval], or [all])"
+            ) from None
 
         from tuneforge.models import materialize, resolve
 
@@ -128,7 +135,9 @@ class Embedder:
         self.dim = dimension()
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+        vectors = self.model.encode(
+            texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -189,19 +198,27 @@ def load(folder: Path, embedder_ref: str):
         raise TuneforgeError(f"no retriever index in {folder}; run `tuneforge rag build` first")
     sidecar = json.loads(sidecar_path.read_text())
     if sidecar.get("embedder") != embedder_ref:
-        raise TuneforgeError(f"{folder}: the index was built with {sidecar.get('embedder')!r} but rag.embedder is {embedder_ref!r}; rebuild it")
+        raise TuneforgeError(
+            f"{folder}: the index was built with {sidecar.get('embedder')!r} but rag.embedder is {embedder_ref!r}; rebuild it"
+        )
     try:
         index = faiss.read_index(str(folder / "index.faiss"))
     except RuntimeError as exc:
-        raise TuneforgeError(f"{folder / 'index.faiss'} is unreadable (truncated or corrupt): {str(exc).splitlines()[0]}; rebuild it") from None
+        raise TuneforgeError(
+            f"{folder / 'index.faiss'} is unreadable (truncated or corrupt): {str(exc).splitlines()[0]}; rebuild it"
+        ) from None
     chunks = [Chunk(**json.loads(line)) for line in (folder / "chunks.jsonl").read_text(encoding="utf-8").splitlines()]
     problems = []
     if index.ntotal != sidecar.get("count") or len(chunks) != sidecar.get("count"):
-        problems.append(f"index holds {index.ntotal} vectors, chunks.jsonl {len(chunks)}, the sidecar says {sidecar.get('count')}")
+        problems.append(
+            f"index holds {index.ntotal} vectors, chunks.jsonl {len(chunks)}, the sidecar says {sidecar.get('count')}"
+        )
     if index.d != sidecar.get("dim"):
         problems.append(f"index dimension {index.d} but the sidecar says {sidecar.get('dim')}")
     if _ids_hash(chunks) != sidecar.get("chunk_ids_sha256"):
         problems.append("chunks.jsonl does not match the chunk ids the index was built from")
     if problems:
-        raise TuneforgeError(f"{folder}: the retriever files do not match ({'; '.join(problems)}); rebuild with `tuneforge rag build`")
+        raise TuneforgeError(
+            f"{folder}: the retriever files do not match ({'; '.join(problems)}); rebuild with `tuneforge rag build`"
+        )
     return index, chunks, sidecar

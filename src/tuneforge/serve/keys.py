@@ -69,10 +69,14 @@ def _entry(text: str, where: str) -> tuple[bytes, str]:
     if not sep:
         project, key = DEFAULT_PROJECT, text
     if not PROJECT.match(project):
-        raise TuneforgeError(f"{where}: the project name before ':' must be letters, digits, '_', '.' or '-' (at most 64)")
+        raise TuneforgeError(
+            f"{where}: the project name before ':' must be letters, digits, '_', '.' or '-' (at most 64)"
+        )
     if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
-        raise TuneforgeError(f"{where}: an API key must be at least {MIN_KEY_LENGTH} characters without spaces "
-                             "(for example: python -c \"import secrets; print('sk-' + secrets.token_urlsafe(32))\")")
+        raise TuneforgeError(
+            f"{where}: an API key must be at least {MIN_KEY_LENGTH} characters without spaces "
+            "(for example: python -c \"import secrets; print('sk-' + secrets.token_urlsafe(32))\")"
+        )
     return digest(key), project
 
 
@@ -106,8 +110,10 @@ def load_keys(path: str | Path | None = None, environ: dict[str, str] | None = N
 def check_binding(host: str, keys: ApiKeys) -> None:
     """Beyond loopback, a server must ask for keys: anyone who reaches the port could otherwise train and read files."""
     if host not in LOOPBACK and not keys.required:
-        raise TuneforgeError(f"refusing to serve on {host} without API keys: set {ENV_KEYS} (entries KEY or PROJECT:KEY) "
-                             f"or pass --api-keys FILE, or bind 127.0.0.1")
+        raise TuneforgeError(
+            f"refusing to serve on {host} without API keys: set {ENV_KEYS} (entries KEY or PROJECT:KEY) "
+            f"or pass --api-keys FILE, or bind 127.0.0.1"
+        )
 
 
 def bearer(header: str | None) -> str | None:
@@ -128,8 +134,11 @@ def project_of(request: Request) -> str:
         return DEFAULT_PROJECT
     token = bearer(request.headers.get("authorization"))
     if token is None:
-        raise ApiError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        raise ApiError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
     project = keys.project_of(token)
     if project is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -23,7 +23,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
@@ -68,13 +69,20 @@ class Served:
     def get(self, name: str, project: str = DEFAULT_PROJECT):
         names = self.names(project)
         if name not in names:
-            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found")
+            raise ApiError(
+                404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found"
+            )
         return self.systems.get(name)
 
     def enter(self) -> None:
         with self.counter:
             if self.waiting >= MAX_WAITING:
-                raise ApiError(429, "too many requests are queued; retry shortly", code="rate_limit_exceeded", kind="rate_limit_error")
+                raise ApiError(
+                    429,
+                    "too many requests are queued; retry shortly",
+                    code="rate_limit_exceeded",
+                    kind="rate_limit_error",
+                )
             self.waiting += 1
 
     def leave(self) -> None:
@@ -165,7 +173,11 @@ def parse_tools(body: dict[str, Any], messages: list[dict]) -> tuple[list | None
         if name not in names:
             raise ApiError(400, f"'tool_choice' names function {name!r}, which 'tools' does not list", "tool_choice")
     elif choice not in ("none", "auto", "required"):
-        raise ApiError(400, "'tool_choice' must be none, auto, required, or {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        raise ApiError(
+            400,
+            "'tool_choice' must be none, auto, required, or {'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
     elif choice != "none" and not tools:
         raise ApiError(400, f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
     return tools or None, choice
@@ -180,8 +192,11 @@ def message_of(answer: Answer) -> dict:
 
 
 def usage(answer: Answer) -> dict:
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
 
 
 def sources(answer: Answer) -> dict:
@@ -190,15 +205,17 @@ def sources(answer: Answer) -> dict:
 
 
 def completion(model: str, answer: Answer) -> dict:
-    return {**sources(answer),
+    return {
+        **sources(answer),
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message_of(answer), "finish_reason": answer.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message_of(answer), "finish_reason": answer.finish_reason, "logprobs": None}
+        ],
         "usage": usage(answer),
     }
-
 
 
 # --------------------------------------------------------------------------- the app
@@ -233,7 +250,9 @@ class BodyLimit:
                     break
                 received += len(message.get("body", b""))
                 if received > limit:
-                    return await _send_json(send, 413, ApiError(413, _too_large(limit), code="request_too_large").body())
+                    return await _send_json(
+                        send, 413, ApiError(413, _too_large(limit), code="request_too_large").body()
+                    )
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             body, replayed = b"".join(chunks), False
@@ -274,8 +293,13 @@ def _too_large(limit: int) -> str:
 
 async def _send_json(send, status: int, payload: dict) -> None:
     data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -296,8 +320,11 @@ def _validation_error(exc) -> ApiError:
         return ApiError(400, "invalid request")
     param = next(iter(found))
     if kinds[param] == "json_invalid":
-        return ApiError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
-                             "your HTTP library correctly.)")
+        return ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly.)",
+        )
     if kinds[param] == "missing" and param:
         return ApiError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     if kinds[param] == "extra_forbidden" and param:
@@ -335,14 +362,18 @@ def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None
         if exc.status_code == 404:
             error = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
         elif exc.status_code == 405:
-            error = ApiError(405, f"Method {request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
+            error = ApiError(
+                405, f"Method {request.method} is not allowed on {request.url.path}.", code="method_not_allowed"
+            )
         else:
             error = ApiError(exc.status_code, str(exc.detail))
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(Exception)
     async def fault(request, exc: Exception):  # keep serving whatever one request did
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(), status_code=500)
+        return JSONResponse(
+            ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(), status_code=500
+        )
 
     def model_object(name: str) -> dict:
         return {"id": name, "object": "model", "created": served.created, "owned_by": "tuneforge"}
@@ -354,7 +385,9 @@ def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None
     @app.get("/v1/models/{name:path}")
     def get_model(name: str, project: str = Depends(project_of)):
         if name not in served.names(project):
-            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found")
+            raise ApiError(
+                404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found"
+            )
         return model_object(name)
 
     @app.post("/v1/chat/completions")
@@ -364,8 +397,11 @@ def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None
         if include_usage is not None:
             served.enter()  # refuse now, with a status, when the queue is full
             served.leave()
-            return StreamingResponse(_events(served, system, model, messages, settings, include_usage, request),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _events(served, system, model, messages, settings, include_usage, request),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         served.enter()
         try:
             answer = (await run_in_threadpool(system.generate, [messages], settings))[0]
@@ -381,7 +417,9 @@ def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None
 _END = object()
 
 
-async def _events(served: Served, system, model: str, messages: list[dict], settings: Settings, include_usage: bool, request):
+async def _events(
+    served: Served, system, model: str, messages: list[dict], settings: Settings, include_usage: bool, request
+):
     """Server-sent chunks of a streamed answer; a client that goes away ends its row in the batch."""
     from starlette.concurrency import run_in_threadpool
 
@@ -389,7 +427,14 @@ async def _events(served: Served, system, model: str, messages: list[dict], sett
 
     def event(delta: dict | None, finish: str | None = None, **extra) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-        payload = {**extra, "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        payload = {
+            **extra,
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
         if include_usage and "usage" not in payload:
             payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
         return f"data: {json.dumps(payload)}\n\n"
@@ -428,9 +473,18 @@ async def _events(served: Served, system, model: str, messages: list[dict], sett
         served.leave()
 
 
-def serve(experiment: Experiment, run: RunDir, host: str = "127.0.0.1", port: int = 8000, ready: threading.Event | None = None,
-          system_prompt: str | None = None, max_batch: int = 16, routers: Callable[[Served], list] | None = None,
-          keys: ApiKeys | None = None, max_upload: int = MAX_UPLOAD) -> None:
+def serve(
+    experiment: Experiment,
+    run: RunDir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready: threading.Event | None = None,
+    system_prompt: str | None = None,
+    max_batch: int = 16,
+    routers: Callable[[Served], list] | None = None,
+    keys: ApiKeys | None = None,
+    max_upload: int = MAX_UPLOAD,
+) -> None:
     """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
     (`tuneforge serve` passes the fine-tuning API's, finetuning.fine_tuning_router)."""
     import anyio.to_thread
@@ -456,14 +510,22 @@ def serve(experiment: Experiment, run: RunDir, host: str = "127.0.0.1", port: in
         print(f"API keys required (projects: {', '.join(keys.projects)})", flush=True)
     default = served.systems.system_prompt("base")
     if default:
-        print(f"requests without a system message get the system prompt {default!r} (--system-prompt '' for none)", flush=True)
+        print(
+            f"requests without a system message get the system prompt {default!r} (--system-prompt '' for none)",
+            flush=True,
+        )
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
 
     async def main():
-        anyio.to_thread.current_default_thread_limiter().total_tokens = 2 * MAX_WAITING + 40  # blocked streams + the rest
+        anyio.to_thread.current_default_thread_limiter().total_tokens = (
+            2 * MAX_WAITING + 40
+        )  # blocked streams + the rest
         if ready is not None:
+
             async def announce():
                 while not server.started:
                     await asyncio.sleep(0.05)

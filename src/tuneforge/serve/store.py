@@ -22,9 +22,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -84,7 +85,10 @@ class Store:
 
     def add_file(self, obj: dict, project: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (obj["id"], project, obj["created_at"], obj["purpose"], json.dumps(obj)))
+            db.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+                (obj["id"], project, obj["created_at"], obj["purpose"], json.dumps(obj)),
+            )
 
     def file(self, file_id: str, project: str | None = None) -> dict | None:
         rows = self._rows("SELECT obj, project FROM files WHERE id = ?", (file_id,))
@@ -111,12 +115,17 @@ class Store:
         """Insert a job; False (and nothing inserted) when the project already has `limit` unfinished jobs."""
         with self.transaction() as db:
             if limit is not None:
-                (unfinished,) = db.execute("SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN "
-                                           "('validating_files', 'queued', 'running', 'paused')", (project,)).fetchone()
+                (unfinished,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN "
+                    "('validating_files', 'queued', 'running', 'paused')",
+                    (project,),
+                ).fetchone()
                 if unfinished >= limit:
                     return False
-            db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)",
-                       (obj["id"], project, obj["created_at"], obj["status"], json.dumps(obj), json.dumps(extra)))
+            db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)",
+                (obj["id"], project, obj["created_at"], obj["status"], json.dumps(obj), json.dumps(extra)),
+            )
         return True
 
     def job(self, job_id: str, project: str | None = None) -> dict | None:
@@ -130,11 +139,22 @@ class Store:
         if not rows:
             return None
         obj, project, request, worker, extra = rows[0]
-        return {"obj": json.loads(obj), "project": project, "request": request, "worker": worker, "extra": json.loads(extra)}
+        return {
+            "obj": json.loads(obj),
+            "project": project,
+            "request": request,
+            "worker": worker,
+            "extra": json.loads(extra),
+        }
 
     def jobs(self, project: str, metadata: dict[str, str] | None = None) -> list[dict]:
         """The project's jobs, newest first; with `metadata`, only those whose metadata has every given pair."""
-        found = [json.loads(r[0]) for r in self._rows("SELECT obj FROM jobs WHERE project = ? ORDER BY created_at DESC, rowid DESC", (project,))]
+        found = [
+            json.loads(r[0])
+            for r in self._rows(
+                "SELECT obj FROM jobs WHERE project = ? ORDER BY created_at DESC, rowid DESC", (project,)
+            )
+        ]
         if metadata:
             found = [j for j in found if all((j.get("metadata") or {}).get(k) == v for k, v in metadata.items())]
         return found
@@ -144,8 +164,16 @@ class Store:
         rows = self._rows(f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at, rowid", statuses)
         return [self.job_row(r[0]) | {"id": r[0]} for r in rows]
 
-    def update_job(self, job_id: str, changes: dict[str, Any], unless: tuple[str, ...] = (), request: str | None | bool = False,
-                   worker: str | None | bool = False, extra: dict | None = None, only: tuple[str, ...] = ()) -> dict | None:
+    def update_job(
+        self,
+        job_id: str,
+        changes: dict[str, Any],
+        unless: tuple[str, ...] = (),
+        request: str | None | bool = False,
+        worker: str | None | bool = False,
+        extra: dict | None = None,
+        only: tuple[str, ...] = (),
+    ) -> dict | None:
         """Apply `changes` to the job object (and the request/worker columns when given) in one transaction, unless
         its status is one of `unless` (or, with `only`, is not one of those); the job object after, or None when the
         guard held it back."""
@@ -170,12 +198,16 @@ class Store:
     def claim_job(self, worker: str) -> str | None:
         """Take the oldest queued job for `worker` (status running); None when there is none. One claimant wins."""
         with self.transaction() as db:
-            row = db.execute("SELECT id, obj FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT id, obj FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             obj = {**json.loads(row[1]), "status": "running", "estimated_finish": None}
-            db.execute("UPDATE jobs SET status = 'running', worker = ?, request = NULL, obj = ? WHERE id = ?",
-                       (worker, json.dumps(obj), row[0]))
+            db.execute(
+                "UPDATE jobs SET status = 'running', worker = ?, request = NULL, obj = ? WHERE id = ?",
+                (worker, json.dumps(obj), row[0]),
+            )
             return row[0]
 
     def request_of(self, job_id: str) -> str | None:
@@ -190,12 +222,16 @@ class Store:
 
     def events(self, job_id: str) -> list[dict]:
         """Newest first, as the API lists them."""
-        return [json.loads(r[0]) for r in self._rows("SELECT obj FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))]
+        return [
+            json.loads(r[0]) for r in self._rows("SELECT obj FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))
+        ]
 
     def add_checkpoint(self, job_id: str, obj: dict, path: Path) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                       (obj["id"], job_id, obj["step_number"], str(path), json.dumps(obj)))
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (obj["id"], job_id, obj["step_number"], str(path), json.dumps(obj)),
+            )
 
     def checkpoints(self, job_id: str) -> list[tuple[dict, Path]]:
         """Newest first."""

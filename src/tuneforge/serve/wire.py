@@ -9,7 +9,6 @@ state: `finetuning` holds the files and jobs and calls these.
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
@@ -92,7 +91,10 @@ class JobRequest(Strict):
 
     def resolved_method(self) -> dict[str, Any]:
         """method as the job echoes it: its type and every hyperparameter (auto where not given)."""
-        method = self.method or Method(type="supervised", supervised=SupervisedMethod(hyperparameters=self.hyperparameters or SupervisedHyperparameters()))
+        method = self.method or Method(
+            type="supervised",
+            supervised=SupervisedMethod(hyperparameters=self.hyperparameters or SupervisedHyperparameters()),
+        )
         if method.type == "dpo":
             given = (method.dpo or DpoMethod()).hyperparameters
         else:
@@ -117,7 +119,9 @@ def short_model_name(ref: str) -> str:
     return ref.split(":", 1)[-1].rstrip("/").split("/")[-1]
 
 
-def local_train_section(train, hyperparameters: dict[str, Any], has_validation: bool, method: str = "supervised") -> dict[str, Any]:
+def local_train_section(
+    train, hyperparameters: dict[str, Any], has_validation: bool, method: str = "supervised"
+) -> dict[str, Any]:
     """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
 
     n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
@@ -125,13 +129,21 @@ def local_train_section(train, hyperparameters: dict[str, Any], has_validation: 
     A server started with train.max_steps keeps it: every job then runs that many steps (it overrides epochs).
     """
     section = train.model_dump()
-    section.update(backend="local", resume="never", wandb_project=None, method="dpo" if method == "dpo" else "sft", init_adapter=None)
+    section.update(
+        backend="local",
+        resume="never",
+        wandb_project=None,
+        method="dpo" if method == "dpo" else "sft",
+        init_adapter=None,
+    )
     if method == "dpo" and hyperparameters.get("beta", "auto") != "auto":
         section["dpo"] = {**section["dpo"], "beta": hyperparameters["beta"]}
     if hyperparameters.get("n_epochs", "auto") != "auto":
         section["epochs"] = hyperparameters["n_epochs"]
     if hyperparameters.get("batch_size", "auto") != "auto":
-        section.update(batch_size=hyperparameters["batch_size"], grad_accum="auto")  # the job's batch wins over the server's split
+        section.update(
+            batch_size=hyperparameters["batch_size"], grad_accum="auto"
+        )  # the job's batch wins over the server's split
     if hyperparameters.get("learning_rate_multiplier", "auto") != "auto":
         # a multiple of the rate the plan resolves for the job's method and data (or of the server's train.lr)
         section["lr_multiplier"] = train.lr_multiplier * hyperparameters["learning_rate_multiplier"]
@@ -157,8 +169,17 @@ def read_examples(path: Path, filename: str, param: str, method: str = "supervis
             errors = [p for p in problems if p.severity == "error"]
             if errors or pair is None:
                 raise JobFailed("invalid_file_format", f"{errors[0] if errors else raw.where}", param)
-            source = {"messages": pair["messages"][:-1], **{k: pair[k] for k in ("tools", "parallel_tool_calls") if k in pair}}
-            records.append({"input": source, "preferred_output": [pair["messages"][-1]], "non_preferred_output": [pair["rejected"]]})
+            source = {
+                "messages": pair["messages"][:-1],
+                **{k: pair[k] for k in ("tools", "parallel_tool_calls") if k in pair},
+            }
+            records.append(
+                {
+                    "input": source,
+                    "preferred_output": [pair["messages"][-1]],
+                    "non_preferred_output": [pair["rejected"]],
+                }
+            )
             continue
         record = from_legacy(raw.data) if isinstance(raw.data, dict) else raw.data
         errors = [p for p in check_record(record, raw.where) if p.severity == "error"]
@@ -199,7 +220,12 @@ def page(items: list[dict], query: dict[str, str], default_limit: int, keep=lamb
     after = query.get("after")
     if after:
         ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        items = items[ids.index(after) + 1 :] if after in ids else []
     page = items[:limit]
-    return {"object": "list", "data": page, "has_more": len(items) > limit,
-            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+    return {
+        "object": "list",
+        "data": page,
+        "has_more": len(items) > limit,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }

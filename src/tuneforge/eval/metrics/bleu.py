@@ -12,7 +12,9 @@ class Bleu(evaluate.Metric):
             description="sacreBLEU corpus BLEU (13a tokenizer) and exponentially smoothed sentence BLEU, one reference each.",
             citation="Post, A Call for Clarity in Reporting BLEU Scores, 2018.",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

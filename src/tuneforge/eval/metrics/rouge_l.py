@@ -12,7 +12,9 @@ class RougeL(evaluate.Metric):
             description="ROUGE-L F-measure (rouge_score, Porter stemming), per example and averaged.",
             citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
