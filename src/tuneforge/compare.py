@@ -371,64 +371,67 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for each table of the report."""
-    out = []
+Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
+
+
+def tables(summary: dict) -> list[Table]:
+    """(title, header, rows) for each table of the report: runs, eval metrics, judge verdicts, time and cost."""
+    found = [_runs_table(summary), _metrics_table(summary), _judge_table(summary), _cost_table(summary)]
+    return [table for table in found if table is not None]
+
+
+def _runs_table(summary: dict) -> Table:
     head = ["run", "status", *summary["differing"], summary["metric"], "95% interval"]
     body = []
     for row in summary["runs"]:
         mark = " (best)" if summary["best"] and row["run"] == summary["best"]["run"] else ""
         interval = f"{row['interval'][0]:.3f}-{row['interval'][1]:.3f}" if row["interval"] else "-"
         status = row["status"] + (f": {row['stopped']}" if row["stopped"] else "")
-        body.append(
-            [
-                row["run"] + mark,
-                status,
-                *(_fmt(row["settings"].get(k)) for k in summary["differing"]),
-                _fmt(row["value"]),
-                interval,
-            ]
-        )
-    out.append(("Runs and the settings they differ in", head, body))
+        settings = (_fmt(row["settings"].get(k)) for k in summary["differing"])
+        body.append([row["run"] + mark, status, *settings, _fmt(row["value"]), interval])
+    return "Runs and the settings they differ in", head, body
+
+
+def _metrics_table(summary: dict) -> Table | None:
     columns = HEADLINE[summary["mode"]]
-    head = ["run", "system", *columns]
     body = []
     shared = _same_everywhere(summary)
     for system in shared:  # base, baselines: the same answers in every run, so one row
         values = next(row["metrics"][system] for row in summary["runs"] if system in row["metrics"])
-        body.append(
-            [f"all {sum(system in row['metrics'] for row in summary['runs'])} runs", system, *_cells(values, columns)]
-        )
+        runs = sum(system in row["metrics"] for row in summary["runs"])
+        body.append([f"all {runs} runs", system, *_cells(values, columns)])
     for row in summary["runs"]:
         for system, values in row["metrics"].items():
             if system not in shared:
                 body.append([row["run"], system, *_cells(values, columns)])
-    if body:
-        out.append(
-            (f"Eval metrics of every system ({summary['mode']}; 95% bootstrap interval in brackets)", head, body)
-        )
+    if not body:
+        return None
+    title = f"Eval metrics of every system ({summary['mode']}; 95% bootstrap interval in brackets)"
+    return title, ["run", "system", *columns], body
+
+
+def _judge_table(summary: dict) -> Table | None:
     judged = [(row, pair) for row in summary["runs"] for pair in row["judge"] or []]
-    if judged:
-        head = ["run", "eval set", "pair", "wins", "ties", "losses", "win rate", "95% interval"]
-        out.append(
-            (
-                "Judge verdicts (each pair asked in both orders)",
-                head,
-                [
-                    [
-                        row["run"],
-                        _fmt(row["eval_group"]),
-                        f"{pair['first']} vs {pair['second']}",
-                        _fmt(pair["wins"]),
-                        _fmt(pair["ties"]),
-                        _fmt(pair["losses"]),
-                        f"{pair['win_rate']:.2f}",
-                        f"{pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f}",
-                    ]
-                    for row, pair in judged
-                ],
-            )
-        )
+    if not judged:
+        return None
+    head = ["run", "eval set", "pair", "wins", "ties", "losses", "win rate", "95% interval"]
+    body = [
+        [
+            row["run"],
+            _fmt(row["eval_group"]),
+            f"{pair['first']} vs {pair['second']}",
+            _fmt(pair["wins"]),
+            _fmt(pair["ties"]),
+            _fmt(pair["losses"]),
+            f"{pair['win_rate']:.2f}",
+            f"{pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f}",
+        ]
+        for row, pair in judged
+    ]
+    return "Judge verdicts (each pair asked in both orders)", head, body
+
+
+def _cost_table(summary: dict) -> Table:
     head = [
         "run",
         "steps",
@@ -440,27 +443,18 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         "eval set",
         "device",
     ]
-    out.append(
-        (
-            "Time and cost",
-            head,
-            [
-                [
-                    row["run"],
-                    _fmt(row["training"]["steps"]),
-                    _fmt(row["training"]["train_seconds"]),
-                    _fmt(row["training"]["eval_seconds"]),
-                    _fmt(row["training"]["supervised_tokens"]),
-                    _fmt(row["training"]["hosted_usd"]),
-                    _fmt(row["final_eval_loss"]),
-                    _fmt(row["eval_group"]),
-                    _fmt(row["training"]["device"]),
-                ]
-                for row in summary["runs"]
-            ],
-        )
-    )
-    return out
+    keys = ("steps", "train_seconds", "eval_seconds", "supervised_tokens", "hosted_usd")
+    body = [
+        [
+            row["run"],
+            *(_fmt(row["training"][key]) for key in keys),
+            _fmt(row["final_eval_loss"]),
+            _fmt(row["eval_group"]),
+            _fmt(row["training"]["device"]),
+        ]
+        for row in summary["runs"]
+    ]
+    return "Time and cost", head, body
 
 
 def _cells(values: dict, columns) -> list[str]:
