@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pydantic
 import pytest
@@ -195,21 +196,91 @@ def test_the_page_builds_with_presets_and_a_bounded_queue(tmp_path):
     assert app._queue.max_size == 5
 
 
-def test_feedback_from_a_logged_in_page_records_who_gave_it(tmp_path):
-    from types import SimpleNamespace
+NEWEST = {
+    "messages": [{"role": "user", "content": "hi"}],
+    "settings": {"temperature": 0.0, "max_tokens": 8},
+    "answer": {"system": "base", "identity": "builtin:x", "text": "hello", "sources": []},
+}
 
-    from tuneforge.demo.app import build_app
+
+def _page(tmp_path):
+    from tuneforge.demo.app import Page
     from tuneforge.feedback.store import FeedbackStore
 
-    run = _run(tmp_path)
-    app = build_app(_experiment(), run, FakeSystems(["base", "base+rag"]))
-    handlers = {block.fn.__name__: block.fn for block in app.fns.values() if block.fn is not None}
-    newest = {"messages": [{"role": "user", "content": "hi"}], "settings": {"temperature": 0.0, "max_tokens": 8},
-              "answer": {"system": "base", "identity": "builtin:x", "text": "hello", "sources": []}}
-    said = handlers["thumb_down_given"](newest, SimpleNamespace(username="ana"))
-    assert said.startswith("Saved: thumbs down")
-    assert handlers["corrected"]("hello", newest, SimpleNamespace(username="ana")).startswith("Edit the answer first")  # unchanged text
-    handlers["corrected"]("Hello! How can I help?", newest, SimpleNamespace(username="ana"))
-    records, _ = FeedbackStore(run.sub("feedback")).read()
+    return Page(FakeSystems(["base", "base+rag"]), FeedbackStore(_run(tmp_path).sub("feedback")))
+
+
+def test_feedback_from_a_logged_in_page_records_who_gave_it(tmp_path):
+    from tuneforge.demo.app import corrected, thumb
+
+    page, ana = _page(tmp_path), SimpleNamespace(username="ana")
+    assert thumb(page, "down", None, ana).startswith("Ask something first")  # nothing to judge yet
+    assert thumb(page, "down", NEWEST, ana).startswith("Saved: thumbs down for base")
+    assert corrected(page, "hello", NEWEST, ana).startswith("Edit the answer first")  # unchanged text
+    assert corrected(page, "Hello! How can I help?", NEWEST, ana).startswith("Saved: your better answer")
+    records, _ = page.store.read()
     assert [(r["kind"], r["login"]) for r in records] == [("thumb", "ana"), ("correction", "ana")]
     assert records[1]["corrected"] == "Hello! How can I help?" and records[1]["answer"]["text"] == "hello"
+
+
+def test_a_vote_names_the_pair_on_screen_and_a_contribution_keeps_the_system_prompt(tmp_path):
+    from tuneforge.demo.app import contribute, vote
+
+    page, bob = _page(tmp_path), SimpleNamespace(username="bob")
+    other = {**NEWEST["answer"], "system": "base+rag", "text": "hello there"}
+    state = {"messages": NEWEST["messages"], "settings": NEWEST["settings"], "answers": {0: NEWEST["answer"], 1: other}}
+    assert vote(page, "left", None, state, bob).startswith("Compare two systems first")
+    assert vote(page, "right", "1. base  vs  2. base+rag", state, bob) == "Saved: base+rag is better."
+    assert contribute(page, "q", "  ", "Be brief.", bob).startswith("Write both")
+    assert contribute(page, " q ", " a ", "Be brief.", None).startswith("Saved: thank you")
+    (voted, contributed), _ = page.store.read()
+    assert (voted["verdict"], voted["left"]["system"], voted["right"]["system"], voted["login"]) == (
+        "right", "base", "base+rag", "bob"
+    )
+    assert contributed["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    assert (contributed["answer"], contributed["login"]) == ("a", None)
+
+
+class AnsweringSystems(FakeSystems):
+    def __init__(self, answers: dict[str, str]):
+        super().__init__(list(answers))
+        self.answers = answers
+
+    def get(self, name):
+        return FakeSystem(name, self.answers[name])
+
+    def identity(self, name):
+        return f"builtin:{name}"
+
+
+def test_compare_opens_the_votes_on_the_first_pair_once_every_answer_is_in(tmp_path):
+    from tuneforge.demo.app import COMPARE_MAX, Page, compare
+    from tuneforge.feedback.store import FeedbackStore
+
+    page = Page(AnsweringSystems({"base": "one two", "base+rag": "three"}), FeedbackStore(tmp_path / "feedback"))
+    updates = list(compare(page, " q ", ["base", "base+rag", "base"], "", 0.0, 8))
+    votes = slice(COMPARE_MAX + 2, None)
+    assert all(u["interactive"] is False for update in updates[:-1] for u in update[votes])  # closed while streaming
+    *columns, state, pair = updates[-1][: COMPARE_MAX + 2]
+    assert [c["visible"] for c in columns] == [True, True, False, False]  # the repeated name counts once
+    assert columns[0]["value"].startswith("#### base\n\none two") and "done in" in columns[1]["value"]
+    assert pair["choices"] == ["1. base  vs  2. base+rag"] and pair["value"] == "1. base  vs  2. base+rag"
+    assert all(u["interactive"] is True for u in updates[-1][votes])
+    assert state["answers"][1] == {"system": "base+rag", "identity": "builtin:base+rag", "text": "three", "sources": []}
+    assert state["settings"] == {"temperature": 0.0, "max_tokens": 8}
+
+
+def test_the_page_hands_the_login_to_every_feedback_handler(tmp_path):
+    """Gradio passes the login only to a parameter it sees typed gr.Request; the wired handlers must show it that."""
+    from gradio.helpers import special_args
+
+    from tuneforge.demo.app import build_app
+
+    app = build_app(_experiment(), _run(tmp_path), FakeSystems(["base", "base+rag"]))
+    said = {"chat-feedback", "vote-status", "contribute-status"}  # where each feedback handler answers
+    feedback = [block for block in app.fns.values() if {c.elem_id for c in block.outputs} & said]
+    assert len(feedback) == 8  # two thumbs, the correction, four votes, the contribution
+    login = SimpleNamespace(username="ana")
+    for block in feedback:
+        given = ["x"] * len(block.inputs)
+        assert special_args(block.fn, list(given), request=login)[0] == [*given, login], block.outputs
