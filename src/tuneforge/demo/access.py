@@ -11,9 +11,13 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import DemoSection
+    from tuneforge.run import RunDir
 
 # Gradio reads these when it is imported or launched; none of them may reach the network.
 QUIET_GRADIO = {
@@ -71,9 +75,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def decide(demo, run, host: str | None = None, port: int | None = None, share: bool = False,
+def decide(demo: DemoSection, run: RunDir, host: str | None = None, port: int | None = None, share: bool = False,
            environ: Mapping[str, str] | None = None) -> Access:
-    """The launch settings for `demo` (the experiment's DemoSection); refuses a share link without auth."""
+    """The launch settings for the experiment's demo section; refuses a share link without auth."""
     environ = os.environ if environ is None else environ
     raw = environ.get(demo.auth_env, "")
     auth = parse_auth(raw, demo.auth_env) if raw else None

@@ -10,10 +10,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.engine.transformers import Answer, Settings
+
+if TYPE_CHECKING:
+    from tuneforge.systems import Systems
 
 
 @dataclass
@@ -125,6 +128,6 @@ def sources_markdown(hits: list) -> str:
     return "\n\n".join(parts)
 
 
-def answer_record(systems, name: str, answer: Answer) -> dict:
+def answer_record(systems: Systems, name: str, answer: Answer) -> dict:
     """An answer as feedback keeps it: the system, exactly which model it was, the text, the retrieved passages."""
     return {"system": name, "identity": systems.identity(name), "text": answer.text, "sources": [h.to_json() for h in answer.sources]}

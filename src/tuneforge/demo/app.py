@@ -113,7 +113,7 @@ def _login(request) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
-def arena_markdown(store) -> str:
+def arena_markdown(store: FeedbackStore) -> str:
     from tuneforge.feedback.summary import markdown, summarise
 
     records, _ = store.read()
@@ -278,7 +278,9 @@ def _bind(handler: Callable, *given) -> Callable:
 # --------------------------------------------------------------------------- the page
 
 
-def build_app(experiment: Experiment, run: RunDir, systems: Systems | None = None, system_prompt: str | None = None):
+def build_app(
+    experiment: Experiment, run: RunDir, systems: Systems | None = None, system_prompt: str | None = None
+) -> gr.Blocks:
     """The page. Its system prompt box starts with `system_prompt`, else the one the run trained with, and the
     page sends exactly what the box holds (empty: none)."""
     from tuneforge.feedback.store import FeedbackStore
@@ -438,7 +440,7 @@ def _arena_tab(page: Page) -> None:
     tab.select(leaderboard, None, board, queue=False)
 
 
-def launch(experiment, run, host: str | None = None, port: int | None = None, share: bool = False,
+def launch(experiment: Experiment, run: RunDir, host: str | None = None, port: int | None = None, share: bool = False,
            system_prompt: str | None = None) -> int:
     """Serve the page until Ctrl-C; host/port default to the demo section, share to demo.share."""
     access = decide(experiment.demo, run, host=host, port=port, share=share)
