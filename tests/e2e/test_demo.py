@@ -21,8 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 # without the background-networking flags Chromium keeps calling Google, which this machine refuses
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+]
 ANSWER_TIMEOUT_MS = 90_000  # two CPU cores shared with other work; a 16-token answer takes seconds when idle
 
 
@@ -47,8 +56,12 @@ def demo_url(demo_run, smollm_location):
     workdir = demo_run.parent
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    with running(["demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")],
-                 workdir, _page_served(url), timeout=120):
+    with running(
+        ["demo", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")],
+        workdir,
+        _page_served(url),
+        timeout=120,
+    ):
         yield url
 
 
@@ -78,7 +91,9 @@ def _set_max_tokens(page, value: int) -> None:
 
 def _wait_until_done(page, selector: str) -> None:
     """Until the element's timing line says done (null-safe: Gradio re-renders elements while streaming)."""
-    page.wait_for_function(f"(document.querySelector('{selector}')?.innerText || '').includes('done in')", timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function(
+        f"(document.querySelector('{selector}')?.innerText || '').includes('done in')", timeout=ANSWER_TIMEOUT_MS
+    )
 
 
 def _screenshot(page, name: str) -> None:
@@ -112,8 +127,8 @@ def test_chat_streams_the_answer(page, demo_url):
     assert len({len(t) for t in partials if len(t) < len(final)}) >= 2, page.evaluate("window.seen")
     _screenshot(page, "demo-chat.png")
     # the page itself asks nothing of the internet
-    assert all(url.startswith(demo_url) or url.startswith("data:") for url in page.requested), \
-        [u for u in page.requested if not u.startswith(demo_url)]
+    elsewhere = [u for u in page.requested if not u.startswith(demo_url)]
+    assert all(url.startswith(demo_url) or url.startswith("data:") for url in page.requested), elsewhere
 
 
 def test_compare_shows_two_answers_side_by_side(page):
@@ -186,14 +201,20 @@ def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page
 
     # Compare: a vote on the pair on screen
     page.get_by_role("tab", name="Compare").click()
-    earlier = [page.locator(c).inner_text() for c in ("#compare-0", "#compare-1")]  # an earlier test's answers may still show
+    # an earlier test's answers may still show
+    earlier = [page.locator(c).inner_text() for c in ("#compare-0", "#compare-1")]
     page.locator("#compare-prompt textarea").fill("How do I pair the K2 with my phone?")
     page.locator("#compare-run").click()
     for column, old in zip(("#compare-0", "#compare-1"), earlier):
-        page.wait_for_function(f"(t => t.includes('done in') && t !== {json.dumps(old)})(document.querySelector('{column}')?.innerText || '')",
-                               timeout=ANSWER_TIMEOUT_MS)
+        text = f"(document.querySelector('{column}')?.innerText || '')"
+        page.wait_for_function(
+            f"(t => t.includes('done in') && t !== {json.dumps(old)})({text})", timeout=ANSWER_TIMEOUT_MS
+        )
     # the votes open, on the pair on screen, once every answer is complete
-    page.wait_for_function("document.querySelector('#vote-right') && !document.querySelector('#vote-right').disabled", timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function(
+        "document.querySelector('#vote-right') && !document.querySelector('#vote-right').disabled",
+        timeout=ANSWER_TIMEOUT_MS,
+    )
     assert page.locator("#vote-pair input:checked").input_value() == "1. base  vs  2. base+rag"
     assert page.locator("#vote-pair").get_by_text("1. base  vs  2. base+rag").is_visible()
     page.locator("#vote-right").click()
@@ -215,7 +236,8 @@ def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page
     assert problems == [] and [r["kind"] for r in records[before:]] == ["thumb", "correction", "vote", "contribution"]
     thumb, fixed, vote, contributed = records[before:]
     assert thumb["answer"]["text"].strip() == answer and thumb["answer"]["identity"] == "builtin:smollm2-135m-instruct"
-    assert thumb["settings"] == {"temperature": 0.0, "max_tokens": 12} and thumb["messages"][-1]["content"].startswith("What does error E3")
+    assert thumb["settings"] == {"temperature": 0.0, "max_tokens": 12}
+    assert thumb["messages"][-1]["content"].startswith("What does error E3")
     assert fixed["corrected"].startswith("E3 means the batteries are low") and fixed["answer"]["text"].strip() == answer
     assert vote["verdict"] == "right" and vote["left"]["system"] == "base" and vote["right"]["system"] == "base+rag"
     assert vote["right"]["sources"] and not vote["left"]["sources"]  # the +rag answer keeps what it retrieved
@@ -237,15 +259,23 @@ def test_the_feedback_becomes_a_dpo_round_that_eval_compares_with_the_adapter_be
     config = REPO / "configs" / "quickstart.yaml"
 
     def tuneforge(*args):
-        return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, timeout=900, cwd=tmp_path
+        )
 
     summary = tuneforge("feedback", str(config), "--run-dir", str(demo_run))
     assert summary.returncode == 0, summary.stderr
-    assert "Leaderboard" in summary.stdout and "base+rag" in summary.stdout and (demo_run / "feedback" / "summary.json").exists()
+    assert (
+        "Leaderboard" in summary.stdout
+        and "base+rag" in summary.stdout
+        and (demo_run / "feedback" / "summary.json").exists()
+    )
     exported = tuneforge("feedback", "export", str(config), "--run-dir", str(demo_run))
     assert exported.returncode == 0, exported.stderr
-    pairs = [json.loads(line) for line in (demo_run / "feedback" / "export" / "preference.jsonl").read_text().splitlines()]
-    assert {p["preferred_output"][0]["content"] for p in pairs} >= {"E3 means the batteries are low: replace both AA cells."}
+    preference = demo_run / "feedback" / "export" / "preference.jsonl"
+    pairs = [json.loads(line) for line in preference.read_text().splitlines()]
+    preferred = {p["preferred_output"][0]["content"] for p in pairs}
+    assert "E3 means the batteries are low: replace both AA cells." in preferred
 
     # a run that already has an adapter (2 SFT steps), given the demo's feedback
     small = ["model.quantization=none", "data.max_length=256", "data.rag=false"]
@@ -255,14 +285,31 @@ def test_the_feedback_becomes_a_dpo_round_that_eval_compares_with_the_adapter_be
     train_local(experiment, run, progress=False)
     before = (run.sub("adapter") / "adapter_model.safetensors").read_bytes()
     shutil.copytree(demo_run / "feedback", run.sub("feedback"), ignore=shutil.ignore_patterns("export", "summary.*"))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-                                                 for q, a in [("What does E3 mean?", "Low batteries."), ("Can it run a schedule?", "Yes, in the app.")]))
-    round_ = tuneforge("run", str(config), "--run-dir", str(run.path), *small, "data.feedback=true", "train.method=dpo", "train.max_steps=2",
-                       "data.valid_split=0", f"eval.data={tmp_path / 'eval.jsonl'}", "eval.systems=[finetuned]", "eval.max_new_tokens=8")
+    (tmp_path / "eval.jsonl").write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in [("What does E3 mean?", "Low batteries."), ("Can it run a schedule?", "Yes, in the app.")]
+        )
+    )
+    round_ = tuneforge(
+        "run",
+        str(config),
+        "--run-dir",
+        str(run.path),
+        *small,
+        "data.feedback=true",
+        "train.method=dpo",
+        "train.max_steps=2",
+        "data.valid_split=0",
+        f"eval.data={tmp_path / 'eval.jsonl'}",
+        "eval.systems=[finetuned]",
+        "eval.max_new_tokens=8",
+    )
     assert round_.returncode == 0, round_.stdout[-2000:] + round_.stderr[-3000:]
     assert "training continues from it" in round_.stdout
     kept = json.loads(run.sub("adapters", "previous.json").read_text())
-    assert (Path(kept["path"]) / "adapter_model.safetensors").read_bytes() == before  # the adapter before the round, kept
+    # the adapter before the round, kept
+    assert (Path(kept["path"]) / "adapter_model.safetensors").read_bytes() == before
     assert (run.sub("adapter") / "adapter_model.safetensors").read_bytes() != before  # the round changed it
     metrics = json.loads(run.sub("eval", "metrics.json").read_text())
     assert set(metrics) >= {"previous", "finetuned"}

@@ -11,15 +11,20 @@ import pytest
 from tuneforge.config import Experiment
 from tuneforge.demo.access import decide, is_loopback, parse_auth, quiet_gradio
 from tuneforge.demo.answers import ask, ask_all, conversation, sources_markdown
-from tuneforge.errors import TuneforgeError
 from tuneforge.engine.transformers import Answer, Settings
+from tuneforge.errors import TuneforgeError
 from tuneforge.rag.retriever import Hit
 from tuneforge.run import RunDir
 
 
 def _experiment(**demo) -> Experiment:
-    return Experiment(name="t", data={"label": "label"}, rag={"corpus": "kb"}, eval={"systems": ["base", "finetuned+rag", "openai:gpt-4o-mini", "tfidf"]},
-                      demo=demo)
+    return Experiment(
+        name="t",
+        data={"label": "label"},
+        rag={"corpus": "kb"},
+        eval={"systems": ["base", "finetuned+rag", "openai:gpt-4o-mini", "tfidf"]},
+        demo=demo,
+    )
 
 
 def _run(tmp_path) -> RunDir:
@@ -36,7 +41,8 @@ def test_defaults_are_loopback_no_share_no_files(tmp_path):
     run = _run(tmp_path)
     access = decide(_experiment().demo, run, environ={})
     kwargs = access.launch_kwargs()
-    assert (kwargs["server_name"], kwargs["server_port"], kwargs["share"], kwargs["auth"]) == ("127.0.0.1", 7860, False, None)
+    where = (kwargs["server_name"], kwargs["server_port"], kwargs["share"], kwargs["auth"])
+    assert where == ("127.0.0.1", 7860, False, None)
     assert kwargs["allowed_paths"] == [] and not kwargs["mcp_server"] and not kwargs["ssr_mode"]
     assert access.cache == (run.path / "demo").resolve()  # Gradio's own files stay in the run
     assert sorted(kwargs["blocked_paths"]) == sorted(str((run.path / n).resolve()) for n in ("adapter", "config.yaml"))
@@ -119,7 +125,9 @@ class FakeSystem:
 def test_ask_times_the_stream_and_ends_with_the_answer():
     hit = Hit("kb-1", "manual.md", 0.91, "Hold the dial.\n\nFor ten seconds.")
     system = FakeSystem("base+rag", "Hold the dial", [hit])
-    snapshots = [(r.text, r.first_token_s is not None, r.done) for r in ask({"base+rag": system}.get, "base+rag", [], Settings())]
+    snapshots = [
+        (r.text, r.first_token_s is not None, r.done) for r in ask({"base+rag": system}.get, "base+rag", [], Settings())
+    ]
     assert snapshots[0] == ("", False, False)  # shown while the model loads
     assert [s[0] for s in snapshots[1:]] == ["Hold", "Hold the", "Hold the dial", "Hold the dial"]
     assert snapshots[-1][1:] == (True, True)
@@ -130,7 +138,11 @@ def test_ask_times_the_stream_and_ends_with_the_answer():
 
 
 def test_ask_all_streams_every_system_and_keeps_going_past_a_broken_one():
-    systems = {"a": FakeSystem("a", "one two"), "b": FakeSystem("b", "", fail=True), "c": FakeSystem("c", "three four five")}
+    systems = {
+        "a": FakeSystem("a", "one two"),
+        "b": FakeSystem("b", "", fail=True),
+        "c": FakeSystem("c", "three four five"),
+    }
     rounds = list(ask_all(systems.get, ["a", "b", "c"], [], Settings()))
     last = rounds[-1]
     assert [r.system for r in last] == ["a", "b", "c"]
@@ -176,7 +188,8 @@ def test_system_lists_and_compare_defaults():
 
     experiment = _experiment()
     names = system_choices(experiment, FakeSystems(["base", "base+rag"]))
-    assert names == ["base", "base+rag", "openai:gpt-4o-mini"]  # finetuned+rag waits for an adapter; tfidf is no chat system
+    # finetuned+rag waits for an adapter; tfidf is no chat system
+    assert names == ["base", "base+rag", "openai:gpt-4o-mini"]
     assert compare_defaults(experiment, names) == ["base", "openai:gpt-4o-mini"]  # eval's systems, in eval's order
     assert compare_defaults(experiment, ["base", "base+rag"]) == ["base", "base+rag"]  # topped up to two
     trained = system_choices(experiment, FakeSystems(["base", "finetuned", "base+rag", "finetuned+rag"]))
@@ -234,9 +247,8 @@ def test_a_vote_names_the_pair_on_screen_and_a_contribution_keeps_the_system_pro
     assert contribute(page, "q", "  ", "Be brief.", bob).startswith("Write both")
     assert contribute(page, " q ", " a ", "Be brief.", None).startswith("Saved: thank you")
     (voted, contributed), _ = page.store.read()
-    assert (voted["verdict"], voted["left"]["system"], voted["right"]["system"], voted["login"]) == (
-        "right", "base", "base+rag", "bob"
-    )
+    assert (voted["verdict"], voted["login"]) == ("right", "bob")
+    assert (voted["left"]["system"], voted["right"]["system"]) == ("base", "base+rag")
     assert contributed["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
     assert (contributed["answer"], contributed["login"]) == ("a", None)
 

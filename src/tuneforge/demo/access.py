@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import TuneforgeError
 
@@ -75,16 +76,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def decide(demo: DemoSection, run: RunDir, host: str | None = None, port: int | None = None, share: bool = False,
-           environ: Mapping[str, str] | None = None) -> Access:
+def decide(
+    demo: DemoSection,
+    run: RunDir,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> Access:
     """The launch settings for the experiment's demo section; refuses a share link without auth."""
     environ = os.environ if environ is None else environ
     raw = environ.get(demo.auth_env, "")
     auth = parse_auth(raw, demo.auth_env) if raw else None
     share = bool(share or demo.share)
     if share and auth is None:
-        raise TuneforgeError(f"a share link puts the page on the internet; set {demo.auth_env}=user:password first "
-                             "(demo.auth_env names the variable)")
+        raise TuneforgeError(
+            f"a share link puts the page on the internet; set {demo.auth_env}=user:password first "
+            "(demo.auth_env names the variable)"
+        )
     cache = run.sub("demo").resolve()
     blocked = [str(p.resolve()) for p in sorted(run.path.iterdir()) if p.name != "demo"] if run.path.is_dir() else []
     return Access(host or demo.host, port or demo.port, share, auth, cache, blocked)

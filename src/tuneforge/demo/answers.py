@@ -9,11 +9,12 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.engine.transformers import Answer, Settings
+from tuneforge.errors import TuneforgeError
 
 if TYPE_CHECKING:
     from tuneforge.systems import Systems
@@ -39,7 +40,8 @@ class Reply:
         if self.error:
             return f"{self.system}: error"
         if self.answer is None:
-            return f"{self.system}: generating…" if self.first_token_s is not None else f"{self.system}: waiting for the model…"
+            doing = "generating…" if self.first_token_s is not None else "waiting for the model…"
+            return f"{self.system}: {doing}"
         first = f"first token {self.first_token_s:.1f} s · " if self.first_token_s is not None else ""
         cut = " (cut at max tokens)" if self.answer.finish_reason == "length" else ""
         return f"{self.system}: {self.answer.completion_tokens} tokens{cut} · {first}done in {self.total_s:.1f} s"
@@ -99,7 +101,9 @@ def ask_all(get_system: Callable, names: list[str], messages: list[dict], settin
         finally:
             changed.put(None)
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"demo-{name}") for i, name in enumerate(names)]
+    threads = [
+        threading.Thread(target=work, args=(i,), daemon=True, name=f"demo-{name}") for i, name in enumerate(names)
+    ]
     for thread in threads:
         thread.start()
     running = len(threads)
@@ -130,4 +134,9 @@ def sources_markdown(hits: list) -> str:
 
 def answer_record(systems: Systems, name: str, answer: Answer) -> dict:
     """An answer as feedback keeps it: the system, exactly which model it was, the text, the retrieved passages."""
-    return {"system": name, "identity": systems.identity(name), "text": answer.text, "sources": [h.to_json() for h in answer.sources]}
+    return {
+        "system": name,
+        "identity": systems.identity(name),
+        "text": answer.text,
+        "sources": [h.to_json() for h in answer.sources],
+    }

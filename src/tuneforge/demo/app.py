@@ -20,8 +20,9 @@ import inspect
 import sys
 import threading
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import gradio as gr  # module-level: the handlers' `gr.Request` annotations are resolved against this module
 
@@ -182,7 +183,9 @@ def compare(page: Page, text, chosen, system_prompt, temperature, max_tokens):
         "answers": {i: answer_record(page.systems, r.system, r.answer) for i, r in answered},
     }
     choices = [
-        f"{i + 1}. {a.system}{VERSUS}{j + 1}. {b.system}" for n, (i, a) in enumerate(answered) for j, b in answered[n + 1 :]
+        f"{i + 1}. {a.system}{VERSUS}{j + 1}. {b.system}"
+        for n, (i, a) in enumerate(answered)
+        for j, b in answered[n + 1 :]
     ]
     columns = [gr.update(value=_column(r), visible=True) for r in replies]
     pair = gr.update(choices=choices, value=choices[0] if choices else None)
@@ -299,7 +302,9 @@ def build_app(
             _contribute_tab(page, controls)
             _arena_tab(page)
 
-    app.queue(max_size=experiment.demo.queue_size, default_concurrency_limit=experiment.demo.concurrency, api_open=False)
+    app.queue(
+        max_size=experiment.demo.queue_size, default_concurrency_limit=experiment.demo.concurrency, api_open=False
+    )
     return app
 
 
@@ -307,7 +312,9 @@ def _controls(experiment: Experiment, run: RunDir, default_prompt: str) -> Contr
     """The heading, then the settings every tab uses; a format preset fills in the system prompt."""
     presets = experiment.demo.presets
     rag = f" `{RAG_SUFFIX}` systems answer from retrieved passages and show them." if experiment.rag is not None else ""
-    gr.Markdown(f"### tuneforge demo: {experiment.name}\nRun directory `{run.path}`. A model loads on its first answer.{rag}")
+    gr.Markdown(
+        f"### tuneforge demo: {experiment.name}\nRun directory `{run.path}`. A model loads on its first answer.{rag}"
+    )
     with gr.Row():
         preset = gr.Dropdown([NO_PRESET, *presets], value=NO_PRESET, label="Format preset", elem_id="preset")
         system_prompt = gr.Textbox(
@@ -319,8 +326,8 @@ def _controls(experiment: Experiment, run: RunDir, default_prompt: str) -> Contr
             placeholder="optional; a preset fills it in",
         )
         temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)", elem_id="temperature")
-        top = min(experiment.eval.max_new_tokens, MAX_TOKENS_LIMIT)
-        max_tokens = gr.Slider(1, MAX_TOKENS_LIMIT, value=top, step=1, label="Max tokens", elem_id="max-tokens")
+        start = min(experiment.eval.max_new_tokens, MAX_TOKENS_LIMIT)
+        max_tokens = gr.Slider(1, MAX_TOKENS_LIMIT, value=start, step=1, label="Max tokens", elem_id="max-tokens")
     preset.change(_bind(_preset_prompt, presets, default_prompt), preset, system_prompt, queue=False)
     return Controls(system_prompt, temperature, max_tokens)
 
@@ -337,10 +344,17 @@ def _chat_tab(page: Page, names: list[str], controls: Controls) -> None:
             names, value=first, allow_custom_value=True, label="System", info="or type openai:<model>", elem_id="system"
         )
         chatbot = gr.Chatbot(
-            elem_id="chatbot", height=440, buttons=["copy"], feedback_options=None, group_consecutive_messages=False, label="Chat"
+            elem_id="chatbot",
+            height=440,
+            buttons=["copy"],
+            feedback_options=None,
+            group_consecutive_messages=False,
+            label="Chat",
         )
         with gr.Row():
-            message = gr.Textbox(show_label=False, placeholder="Ask something and press Enter", scale=6, elem_id="message")
+            message = gr.Textbox(
+                show_label=False, placeholder="Ask something and press Enter", scale=6, elem_id="message"
+            )
             send = gr.Button("Send", variant="primary", elem_id="send")
             stop = gr.Button("Stop", elem_id="stop")
             clear = gr.Button("Clear", elem_id="clear")
@@ -421,7 +435,8 @@ def _contribute_tab(page: Page, controls: Controls) -> None:
     """A prompt and its ideal answer, for the next training round."""
     with gr.Tab("Contribute", id="contribute"):
         gr.Markdown(
-            "An example for the next training round: a prompt and the answer you want (the system prompt above goes with it)."
+            "An example for the next training round: a prompt and the answer you want "
+            "(the system prompt above goes with it)."
         )
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="contribute-prompt")
         answer = gr.Textbox(label="The ideal answer", lines=5, elem_id="contribute-answer")
@@ -440,14 +455,23 @@ def _arena_tab(page: Page) -> None:
     tab.select(leaderboard, None, board, queue=False)
 
 
-def launch(experiment: Experiment, run: RunDir, host: str | None = None, port: int | None = None, share: bool = False,
-           system_prompt: str | None = None) -> int:
+def launch(
+    experiment: Experiment,
+    run: RunDir,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    system_prompt: str | None = None,
+) -> int:
     """Serve the page until Ctrl-C; host/port default to the demo section, share to demo.share."""
     access = decide(experiment.demo, run, host=host, port=port, share=share)
     quiet_gradio(access)
     if not is_loopback(access.host) and access.auth is None:
-        print(f"warning: the page on {access.host} answers anyone who can reach it; set {experiment.demo.auth_env}=user:password "
-              "to ask for a login", file=sys.stderr)
+        print(
+            f"warning: the page on {access.host} answers anyone who can reach it; "
+            f"set {experiment.demo.auth_env}=user:password to ask for a login",
+            file=sys.stderr,
+        )
     systems = Systems(experiment, run, system_prompt="")  # the page sends the prompt its box holds
     app = build_app(experiment, run, systems, system_prompt)
     first = "finetuned" if "finetuned" in systems.available() else "base"
