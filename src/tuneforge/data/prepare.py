@@ -10,20 +10,33 @@ records); the whole data folder is replaced at once.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
-
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_sha256
 from tuneforge.data import report as reporting, split as splitting
-from tuneforge.data.records import Problem, label_summary
-from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.data.collect import Collected, DataError, Preparer
+from tuneforge.data.records import Example, Problem, label_summary
+from tuneforge.errors import ConfigError, TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import DataSection, Experiment
+    from tuneforge.run import RunDir
 
 SHOWN_PROBLEMS = 30
 
 # data.rag's step: (experiment, run, the Collected sources, the tokenizer's special tokens, progress) -> the report's
 # rag section; it puts passages into the examples in place (tuneforge.rag.retriever.augment_examples)
-Retrieve = Callable[[Any, Any, list["Collected"], tuple[str, ...], bool], dict[str, Any]]
+Retrieve = Callable[["Experiment", "RunDir", list[Collected], tuple[str, ...], bool], dict[str, Any]]
+
+
+@dataclass
+class Split:
+    """The examples written: train, and valid as given or carved out of train."""
+
+    train: list[Example]
+    valid: list[Example]
 
 
 def _fail_listing(problems: list[Problem]) -> str:
@@ -39,93 +52,160 @@ def _fail_listing(problems: list[Problem]) -> str:
     return "\n".join(lines)
 
 
-def prepare(experiment, run, tokenizer, progress: bool = True, retrieve: Retrieve | None = None) -> dict[str, Any]:
+def prepare(
+    experiment: Experiment, run: RunDir, tokenizer, progress: bool = True, retrieve: Retrieve | None = None
+) -> dict[str, Any]:
     """Run every stage for the experiment and write runs/<name>/data/. Returns the report.
 
     tokenizer: the model's (tuneforge.models.load_tokenizer(experiment.model)); None only when data.train is unset,
     which is refused first. retrieve: the data.rag step, tuneforge.rag.retriever.augment_examples; the data layer
     knows no retriever, so a caller preparing a data.rag experiment hands it in.
     """
-    data = experiment.data
-    if data.train is None:
+    _refuse_early(experiment, tokenizer)
+    preparer = Preparer(experiment, tokenizer, progress)
+    started = time.perf_counter()
+    train, valid = _collect(preparer)
+    read_done = time.perf_counter()
+    retrieval = _retrieve(preparer, run, retrieve, train, valid)
+    _measure(preparer, train, valid)
+    seconds = {"read_clean_sample": round(read_done - started, 3), "tokenize": round(time.perf_counter() - read_done, 3)}
+    _check(experiment.data, train, valid)
+    split = _split(experiment, train, valid)
+    report = _report(experiment, preparer, train, valid, split, seconds, retrieval)
+    hashes = _write(run.sub("data"), report, split, _rejected(train, valid), experiment.data.max_length)
+    run.record("data", {"sha256": hashes, "counts": report["counts"], "sources": report["sources"]})
+    return report
+
+
+def _refuse_early(experiment: Experiment, tokenizer) -> None:
+    """What needs no data read is refused before any is."""
+    if experiment.data.train is None:
         raise ConfigError(str(experiment._source), ["data.train: no training data named"])
     if tokenizer is None:
         raise TypeError("prepare needs the model's tokenizer: tuneforge.models.load_tokenizer(experiment.model)")
-    preparer = Preparer(experiment, tokenizer, progress)
 
-    started = time.perf_counter()
+
+def _collect(preparer: Preparer) -> tuple[Collected, Collected | None]:
+    data = preparer.data
     train = preparer.collect("data.train", data.train, data.sample)
     valid = preparer.collect("data.valid", data.valid, None) if data.valid else None
-    read_done = time.perf_counter()
-    retrieval = None
-    if data.rag:
-        if retrieve is None:
-            raise TuneforgeError("data.rag: prepare needs the retrieval step: prepare(..., retrieve=tuneforge.rag.retriever.augment_examples)")
-        retrieval = retrieve(experiment, run, [p for p in (train, valid) if p is not None],
-                             tuple(preparer.encoder.tokenizer.all_special_tokens), progress)
-    for part in (train, valid):
-        if part is not None:
-            preparer.measure(part)
-    tokenized = time.perf_counter()
+    return train, valid
 
-    everything = train.problems + (valid.problems if valid else [])
-    if data.on_invalid == "error" and any(p.severity == "error" for p in everything):
-        raise DataError(_fail_listing(everything))
 
+def _retrieve(
+    preparer: Preparer, run: RunDir, retrieve: Retrieve | None, train: Collected, valid: Collected | None
+) -> dict[str, Any] | None:
+    """data.rag: passages go into the examples before tokenizing, so lengths and the length policy count them."""
+    if not preparer.data.rag:
+        return None
+    if retrieve is None:
+        raise TuneforgeError(
+            "data.rag: prepare needs the retrieval step: prepare(..., retrieve=tuneforge.rag.retriever.augment_examples)"
+        )
+    special = tuple(preparer.encoder.tokenizer.all_special_tokens)
+    return retrieve(preparer.experiment, run, _present(train, valid), special, preparer.progress)
+
+
+def _measure(preparer: Preparer, train: Collected, valid: Collected | None) -> None:
+    for part in _present(train, valid):
+        preparer.measure(part)
+
+
+def _check(data: DataSection, train: Collected, valid: Collected | None) -> None:
+    """With on_invalid: error, any invalid record stops prepare here, before anything is split or written."""
+    problems = _problems(train, valid)
+    if data.on_invalid == "error" and any(p.severity == "error" for p in problems):
+        raise DataError(_fail_listing(problems))
+
+
+def _split(experiment: Experiment, train: Collected, valid: Collected | None) -> Split:
+    data = experiment.data
     if valid is None:
-        labels = [e.label for e in train.examples] if data.label or any(e.label for e in train.examples) else None
-        train_examples, valid_examples = splitting.split(train.examples, data.valid_split, experiment.seed, labels)
-        train.stage(f"split off {data.valid_split:.0%} for valid{' (stratified by label)' if labels else ''}", len(train_examples))
+        labelled = data.label or any(e.label for e in train.examples)
+        labels = [e.label for e in train.examples] if labelled else None
+        split = Split(*splitting.split(train.examples, data.valid_split, experiment.seed, labels))
+        stratified = " (stratified by label)" if labels else ""
+        train.stage(f"split off {data.valid_split:.0%} for valid{stratified}", len(split.train))
     else:
-        train_examples, valid_examples = train.examples, valid.examples
-    if not train_examples:
+        split = Split(train.examples, valid.examples)
+    if not split.train:
         raise DataError("no training examples are left after the stages above; see the counts in the report")
+    return split
 
+
+def _report(
+    experiment: Experiment,
+    preparer: Preparer,
+    train: Collected,
+    valid: Collected | None,
+    split: Split,
+    seconds: dict[str, float],
+    retrieval: dict[str, Any] | None,
+) -> dict[str, Any]:
+    data = experiment.data
+    problems = _problems(train, valid)
     stages = {"train": train.stages}
     if valid is not None:
         stages["valid"] = valid.stages
-    rejected = train.rejected + (valid.rejected if valid else [])
+    labels = {"train": label_summary(split.train), "valid": label_summary(split.valid)}
     report: dict[str, Any] = {
         "name": experiment.name,
         "sources": {"train": data.train, "valid": data.valid},
         "stages": stages,
         "cleaning": train.cleaning,
-        "counts": {"train": len(train_examples), "valid": len(valid_examples), "rejected": len(rejected)},
-        "tokens": {"train": reporting.token_stats(train_examples), "valid": reporting.token_stats(valid_examples)},
-        "labels": {k: v for k, v in {"train": label_summary(train_examples), "valid": label_summary(valid_examples)}.items() if v},
+        "counts": {"train": len(split.train), "valid": len(split.valid), "rejected": len(_rejected(train, valid))},
+        "tokens": {"train": reporting.token_stats(split.train), "valid": reporting.token_stats(split.valid)},
+        "labels": {k: v for k, v in labels.items() if v},
         "problems": {
-            "errors": sum(p.severity == "error" for p in everything),
-            "warnings": sum(p.severity == "warning" for p in everything),
-            "by_code": _by_code(everything),
-            "first": [p.to_json() for p in everything[:50]],
+            "errors": sum(p.severity == "error" for p in problems),
+            "warnings": sum(p.severity == "warning" for p in problems),
+            "by_code": _by_code(problems),
+            "first": [p.to_json() for p in problems[:50]],
         },
         "max_length": data.max_length,
         "overflow": data.overflow,
         "end_of_turn_token": preparer.encoder.end_of_turn,
-        "seconds": {"read_clean_sample": round(read_done - started, 3), "tokenize": round(tokenized - read_done, 3)},
+        "seconds": seconds,
     }
     if retrieval is not None:
         report["rag"] = retrieval
     if experiment.train.backend == "local":
-        report["local"] = reporting.local_plan(train_examples, experiment)
+        report["local"] = reporting.local_plan(split.train, experiment)
     else:
-        report["openai"] = reporting.openai_estimate(train_examples, experiment)
+        report["openai"] = reporting.openai_estimate(split.train, experiment)
+    return report
 
-    folder = run.sub("data")
+
+def _write(
+    folder: Path, report: dict[str, Any], split: Split, rejected: list[dict[str, Any]], max_length: int
+) -> dict[str, str]:
+    """Write the data folder in one swap; the files' hashes join the report before it is written. Returns them."""
     with atomic_dir(folder) as tmp:
-        atomic_write_jsonl(tmp / "train.jsonl", (e.openai_record() for e in train_examples))
-        atomic_write_jsonl(tmp / "valid.jsonl", (e.openai_record() for e in valid_examples))
-        atomic_write_jsonl(tmp / "train.meta.jsonl", (e.meta_record() for e in train_examples))
-        atomic_write_jsonl(tmp / "valid.meta.jsonl", (e.meta_record() for e in valid_examples))
+        atomic_write_jsonl(tmp / "train.jsonl", (e.openai_record() for e in split.train))
+        atomic_write_jsonl(tmp / "valid.jsonl", (e.openai_record() for e in split.valid))
+        atomic_write_jsonl(tmp / "train.meta.jsonl", (e.meta_record() for e in split.train))
+        atomic_write_jsonl(tmp / "valid.meta.jsonl", (e.meta_record() for e in split.valid))
         if rejected:
             atomic_write_jsonl(tmp / "rejected.jsonl", rejected)
         hashes = {name: file_sha256(tmp / name) for name in ("train.jsonl", "valid.jsonl")}
         report["sha256"] = hashes
-        reporting.histogram(tmp / "token_lengths.png", {"train": [e.n_tokens for e in train_examples], "valid": [e.n_tokens for e in valid_examples]}, data.max_length)
+        lengths = {"train": [e.n_tokens for e in split.train], "valid": [e.n_tokens for e in split.valid]}
+        reporting.histogram(tmp / "token_lengths.png", lengths, max_length)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", reporting.markdown(report))
-    run.record("data", {"sha256": hashes, "counts": report["counts"], "sources": report["sources"]})
-    return report
+    return hashes
+
+
+def _present(train: Collected, valid: Collected | None) -> list[Collected]:
+    return [part for part in (train, valid) if part is not None]
+
+
+def _problems(train: Collected, valid: Collected | None) -> list[Problem]:
+    return [p for part in _present(train, valid) for p in part.problems]
+
+
+def _rejected(train: Collected, valid: Collected | None) -> list[dict[str, Any]]:
+    return [r for part in _present(train, valid) for r in part.rejected]
 
 
 def _by_code(problems: list[Problem]) -> dict[str, int]:
