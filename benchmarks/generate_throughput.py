@@ -34,7 +34,15 @@ def prompts(n: int, seed: int) -> list[list[dict]]:
         if kind == 0:
             out.append(chat[:2])
         elif kind == 1:
-            out.append([chat[0], {"role": "user", "content": f"Context:\n{rng.choice(pages).read_text()[:1500]}\n\n{chat[1]['content']}"}])
+            out.append(
+                [
+                    chat[0],
+                    {
+                        "role": "user",
+                        "content": f"Context:\n{rng.choice(pages).read_text()[:1500]}\n\n{chat[1]['content']}",
+                    },
+                ]
+            )
         else:
             out.append([{"role": "user", "content": f"{chat[1]['content']} Please explain in detail, step by step."}])
     return out
@@ -46,7 +54,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="override the config's model.quantization")
+    parser.add_argument(
+        "--quantization", choices=["none", "4bit", "8bit"], help="override the config's model.quantization"
+    )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
@@ -66,8 +76,10 @@ def main() -> None:
     for chat in chats:
         ids = torch.tensor([engine.prompt_ids(chat)], device=engine.device)
         with torch.no_grad():
-            out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **engine._generate_kwargs(settings))
-        answer = engine._answer(out[0, ids.shape[1]:].tolist(), ids.shape[1], settings)
+            out = engine.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **engine._generate_kwargs(settings)
+            )
+        answer = engine._answer(out[0, ids.shape[1] :].tolist(), ids.shape[1], settings)
         single_texts.append(answer.text)
         single_tokens += answer.completion_tokens
     single_s = time.perf_counter() - started
@@ -79,8 +91,11 @@ def main() -> None:
 
     agree = sum(a.text == b for a, b in zip(batched, single_texts))
     lengths = sorted(len(engine.prompt_ids(c)) for c in chats)
-    print(f"model {experiment.model.ref} ({experiment.model.quantization}) on {engine.device}; {len(chats)} prompts, "
-          f"prompt tokens min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, greedy, {args.max_new_tokens} new tokens max")
+    print(
+        f"model {experiment.model.ref} ({experiment.model.quantization}) on {engine.device}; {len(chats)} prompts, "
+        f"prompt tokens min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, greedy, "
+        f"{args.max_new_tokens} new tokens max"
+    )
     print(f"\n{'':<12}{'seconds':>9}{'new tokens':>12}{'tokens/s':>10}")
     print(f"{'one-by-one':<12}{single_s:>9.1f}{single_tokens:>12}{single_tokens / single_s:>10.1f}")
     print(f"{'batched':<12}{batched_s:>9.1f}{batched_tokens:>12}{batched_tokens / batched_s:>10.1f}")

@@ -39,9 +39,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = ["My K2 shows E4, what does that mean?", "How do I reset the thermostat to factory settings?",
-             "Can I control it from my phone?", "Why does the screen go dark?", "How do I pair it with Wi-Fi?",
-             "What batteries does it take?", "Does it work with a heat pump?", "How do I set a schedule?"]
+QUESTIONS = [
+    "My K2 shows E4, what does that mean?",
+    "How do I reset the thermostat to factory settings?",
+    "Can I control it from my phone?",
+    "Why does the screen go dark?",
+    "How do I pair it with Wi-Fi?",
+    "What batteries does it take?",
+    "Does it work with a heat pump?",
+    "How do I set a schedule?",
+]
 
 
 def experiment(work: Path, name: str, model: dict, train: dict) -> Path:
@@ -50,7 +57,8 @@ def experiment(work: Path, name: str, model: dict, train: dict) -> Path:
 
     data = REPO / "examples" / "data" / "support"
     body = {
-        "name": name, "seed": 42,
+        "name": name,
+        "seed": 42,
         "model": {"ref": "builtin:smollm2-135m-instruct", **model},
         "data": {"train": str(data / "conversations.jsonl"), "valid_split": 0.1, "max_length": 512},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
@@ -64,8 +72,14 @@ def experiment(work: Path, name: str, model: dict, train: dict) -> Path:
 
 def tuneforge(*args: str, log: Path, timeout: int, check: bool = True) -> None:
     with open(log, "a") as out:
-        subprocess.run([sys.executable, "-m", "tuneforge", *args], stdout=out, stderr=subprocess.STDOUT, check=check,
-                       timeout=timeout, cwd=log.parent)
+        subprocess.run(
+            [sys.executable, "-m", "tuneforge", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=check,
+            timeout=timeout,
+            cwd=log.parent,
+        )
 
 
 def losses(run: Path) -> list[float]:
@@ -95,8 +109,14 @@ def train_check(work: Path, name: str, model: dict, train: dict, timeout: int) -
 
 
 def check_cuda_tests(work: Path, timeout: int) -> str:
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     (work / "cuda-tests.log").write_text(out.stdout)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
     if out.returncode:
@@ -105,13 +125,23 @@ def check_cuda_tests(work: Path, timeout: int) -> str:
 
 
 def check_qlora_bf16(work: Path, timeout: int) -> str:
-    return train_check(work, "qlora-bf16", {"quantization": "4bit", "dtype": "bfloat16"},
-                       {"max_steps": 40, "micro_batch_size": 4, "batch_size": 8}, timeout)
+    return train_check(
+        work,
+        "qlora-bf16",
+        {"quantization": "4bit", "dtype": "bfloat16"},
+        {"max_steps": 40, "micro_batch_size": 4, "batch_size": 8},
+        timeout,
+    )
 
 
 def check_t4_plan(work: Path, timeout: int) -> str:
-    return train_check(work, "t4-plan", {"quantization": "4bit", "dtype": "float16", "attention": "sdpa"},
-                       {"max_steps": 30, "micro_batch_size": 1, "batch_size": 8, "optimizer": "paged_adamw_8bit"}, timeout)
+    return train_check(
+        work,
+        "t4-plan",
+        {"quantization": "4bit", "dtype": "float16", "attention": "sdpa"},
+        {"max_steps": 30, "micro_batch_size": 1, "batch_size": 8, "optimizer": "paged_adamw_8bit"},
+        timeout,
+    )
 
 
 def check_merge_parity(work: Path, timeout: int) -> str:
@@ -125,8 +155,10 @@ def check_merge_parity(work: Path, timeout: int) -> str:
     rounded = json.loads((run / "merge_report.json").read_text())
     tuneforge("merge", str(path), "--run-dir", str(run), "--dtype", "float32", log=log, timeout=timeout)
     exact = json.loads((run / "merge_report.json").read_text())
-    note = (f"probe answers changed by the merge: {len(rounded['mismatches'])}/{rounded['probes']} in {rounded['dtype']}, "
-            f"{len(exact['mismatches'])}/{exact['probes']} in {exact['dtype']}; ")
+    note = (
+        f"probe answers changed by the merge: {len(rounded['mismatches'])}/{rounded['probes']} in {rounded['dtype']}, "
+        f"{len(exact['mismatches'])}/{exact['probes']} in {exact['dtype']}; "
+    )
     return note + compare_systems(work, path, run, "merged", "merge-parity")
 
 
@@ -173,25 +205,52 @@ def compare_systems(work: Path, path: Path, run_dir: Path, other: str, name: str
     got = [a.text for a in candidate.generate(chats, settings, batch_size=len(chats))]
     same = sum(x == y for x, y in zip(expected, got))
     (work / f"{name}.log").write_text(json.dumps({"transformers": expected, other: got}, indent=1))
-    note = f"{same}/{len(chats)} greedy answers equal" + (f", max logit gap {gap:.3f} (4-bit base vs its float32 merge)" if gap is not None else "")
+    note = f"{same}/{len(chats)} greedy answers equal" + (
+        f", max logit gap {gap:.3f} (4-bit base vs its float32 merge)" if gap is not None else ""
+    )
     if other == "vllm":  # (a merge onto the 16-bit base departs from the 4-bit one by design: a figure, not a check)
-        note += f"; base and finetuned on {engines} vLLM engine(s), {sum(x != y for x, y in zip(base_answers, got))}/{len(chats)} answers differ"
+        note += (
+            f"; base and finetuned on {engines} vLLM engine(s), "
+            f"{sum(x != y for x, y in zip(base_answers, got))}/{len(chats)} answers differ"
+        )
         if engines != 1 or same < len(chats) // 2:
             raise AssertionError(note)
     return note
 
 
 def check_mfu_8b(work: Path, timeout: int) -> str:
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "random:llama-3.1-8b",
-                          "--quantization", "none", "--sides", "baseline,tuneforge", "--steps", "4", "--batch", "8",
-                          "--max-length", "1024"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_throughput.py"),
+            "--model",
+            "random:llama-3.1-8b",
+            "--quantization",
+            "none",
+            "--sides",
+            "baseline,tuneforge",
+            "--steps",
+            "4",
+            "--batch",
+            "8",
+            "--max-length",
+            "1024",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     (work / "mfu-8b.log").write_text(out.stdout)
     if out.returncode:
         raise AssertionError(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "failed")
     mfu = re.findall(r"MFU ([\d.]+%)", out.stdout)
     speed = re.search(r"speedup vs baseline: ([\d.]+)", out.stdout)
-    return f"MFU baseline {mfu[0] if mfu else '?'}, tuneforge {mfu[-1] if mfu else '?'}; speedup {speed.group(1) if speed else '?'}"
+    return (
+        f"MFU baseline {mfu[0] if mfu else '?'}, tuneforge {mfu[-1] if mfu else '?'}; "
+        f"speedup {speed.group(1) if speed else '?'}"
+    )
 
 
 CHECKS = {  # name: (function, seconds allowed)
@@ -206,7 +265,9 @@ CHECKS = {  # name: (function, seconds allowed)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=None, help="folder for the runs, logs and table (default: a new temporary one)")
+    parser.add_argument(
+        "--work", default=None, help="folder for the runs, logs and table (default: a new temporary one)"
+    )
     parser.add_argument("--skip", default="", help=f"comma-separated, from {', '.join(CHECKS)}")
     parser.add_argument("--check", choices=list(CHECKS), help=argparse.SUPPRESS)  # one check, in a child process
     args = parser.parse_args()
@@ -230,8 +291,13 @@ def main() -> int:
             continue
         started = time.perf_counter()
         try:
-            out = subprocess.run([sys.executable, __file__, "--work", str(work), "--check", name], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, timeout=allowed + 30, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            out = subprocess.run(
+                [sys.executable, __file__, "--work", str(work), "--check", name],
+                capture_output=True,
+                text=True,
+                timeout=allowed + 30,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             (work / f"{name}.stderr").write_text(out.stderr)
             if out.returncode == 0:
                 result = json.loads(out.stdout.strip().splitlines()[-1])["result"]

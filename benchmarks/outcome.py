@@ -42,7 +42,10 @@ PRESETS = {
     },
     "drug-reviews": {
         "table": None,
-        "system": "Classify the sentiment of a patient's medication review. Answer with one word: positive, neutral or negative.",
+        "system": (
+            "Classify the sentiment of a patient's medication review. "
+            "Answer with one word: positive, neutral or negative."
+        ),
         "user": "Drug: {drugName}\nCondition: {condition}\nReview: {review}",
         "label": "rating",
     },
@@ -68,7 +71,9 @@ def split_table(table: Path, label: str, holdout: float, seed: int, folder: Path
 
 def timed(verb: str, experiment: Path, *extra: str) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "tuneforge", verb, str(experiment), *extra], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "tuneforge", verb, str(experiment), *extra], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if result.returncode:
         sys.exit(f"tuneforge {verb} failed:\n{result.stderr[-3000:]}")
@@ -82,9 +87,22 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reviews")
     parser.add_argument("--table", type=Path, help="the labelled table (default: the preset's)")
     parser.add_argument("--holdout", type=float, default=0.25, help="share held out for scoring (stratified)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[42], help="the split's (and the experiment's) seed; several: one run each")
-    parser.add_argument("--work", type=Path, help="keep the split, the experiment and the run here (default: a temp folder)")
-    parser.add_argument("--override", action="append", default=[], help="dotted.key=value for the experiment, e.g. train.label_weights=balanced")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="the split's (and the experiment's) seed; several: one run each",
+    )
+    parser.add_argument(
+        "--work", type=Path, help="keep the split, the experiment and the run here (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="dotted.key=value for the experiment, e.g. train.label_weights=balanced",
+    )
     args = parser.parse_args()
 
     preset = PRESETS[args.preset]
@@ -92,7 +110,10 @@ def main() -> None:
     if table is None:
         sys.exit(f"--preset {args.preset} needs --table PATH")
     work = args.work or Path(tempfile.mkdtemp(prefix="tuneforge-outcome-"))
-    results = [run_split(args, preset, Path(table), work / f"seed-{seed}" if len(args.seed) > 1 else work, seed) for seed in args.seed]
+    results = [
+        run_split(args, preset, Path(table), work / f"seed-{seed}" if len(args.seed) > 1 else work, seed)
+        for seed in args.seed
+    ]
     if len(results) > 1:
         print(f"\n{len(results)} held-out splits (seeds {', '.join(map(str, args.seed))}): mean [min, max]")
         print(f"{'system':<10}  {'accuracy':>22}  {'macro-F1':>22}")
@@ -111,31 +132,54 @@ def run_split(args, preset: dict, table: Path, work: Path, seed: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     train, heldout = split_table(table.resolve(), preset["label"], args.holdout, seed, work)
     experiment = work / "outcome.yaml"
-    experiment.write_text(json.dumps({  # JSON is YAML: only the template, the label and the held-out file are set
-        "name": "outcome", "seed": seed,
-        "data": {"train": train.name, "label": preset["label"],
-                 "template": {"system": preset["system"], "user": preset["user"], "assistant": "{" + preset["label"] + "}"}},
-        "eval": {"data": heldout.name, "systems": ["base", "finetuned", "tfidf"]},
-    }, indent=2))
+    experiment.write_text(
+        json.dumps(
+            {  # JSON is YAML: only the template, the label and the held-out file are set
+                "name": "outcome",
+                "seed": seed,
+                "data": {
+                    "train": train.name,
+                    "label": preset["label"],
+                    "template": {
+                        "system": preset["system"],
+                        "user": preset["user"],
+                        "assistant": "{" + preset["label"] + "}",
+                    },
+                },
+                "eval": {"data": heldout.name, "systems": ["base", "finetuned", "tfidf"]},
+            },
+            indent=2,
+        )
+    )
     run_dir = ["--run-dir", str(work / "run"), *args.override]
 
     seconds = {verb: timed(verb, experiment, *run_dir) for verb in ("prepare", "train", "eval")}
     metrics = json.loads((work / "run" / "eval" / "metrics.json").read_text())
     plan = json.loads((work / "run" / "manifest.json").read_text())["train"]["plan"]
 
-    print(f"\n{args.preset}: {table.name} (seed {seed}), {metrics['finetuned']['examples']} held-out examples; run in {work / 'run'}")
+    print(
+        f"\n{args.preset}: {table.name} (seed {seed}), {metrics['finetuned']['examples']} held-out examples; "
+        f"run in {work / 'run'}"
+    )
     chosen = "auto" if not args.override else f"auto, with {', '.join(args.override)}"
-    print(f"plan ({chosen}): {plan['steps']} steps, {plan['epochs']:g} epochs, batch {plan['batch_size']}, lr {plan['lr']:g}, "
-          f"prompt loss {plan.get('prompt_loss_weight', 0):g}, packing {'on' if plan['packing'] else 'off'}")
+    print(
+        f"plan ({chosen}): {plan['steps']} steps, {plan['epochs']:g} epochs, batch {plan['batch_size']}, "
+        f"lr {plan['lr']:g}, "
+        f"prompt loss {plan.get('prompt_loss_weight', 0):g}, packing {'on' if plan['packing'] else 'off'}"
+    )
     print(f"\n{'system':<10}  {'accuracy':>8}  {'macro-F1':>8}")
     for name in ("base", "finetuned", "tfidf", "majority"):
         print(f"{name:<10}  {metrics[name]['accuracy']:>8.3f}  {metrics[name]['macro_f1']:>8.3f}")
     tuned, tfidf, floor = (metrics[n]["accuracy"] for n in ("finetuned", "tfidf", "majority"))
-    print(f"\nfinetuned - tfidf: {tuned - tfidf:+.3f} accuracy (ratio {tuned / tfidf:.3f}), "
-          f"{metrics['finetuned']['macro_f1'] - metrics['tfidf']['macro_f1']:+.3f} macro-F1")
+    print(
+        f"\nfinetuned - tfidf: {tuned - tfidf:+.3f} accuracy (ratio {tuned / tfidf:.3f}), "
+        f"{metrics['finetuned']['macro_f1'] - metrics['tfidf']['macro_f1']:+.3f} macro-F1"
+    )
     print(f"finetuned - majority: {tuned - floor:+.3f} accuracy (ratio {tuned / floor:.3f})")
-    print(f"wall time: prepare {seconds['prepare']:.0f} s, train {seconds['train']:.0f} s "
-          f"(prepare + train {(seconds['prepare'] + seconds['train']) / 60:.1f} min), eval {seconds['eval']:.0f} s")
+    print(
+        f"wall time: prepare {seconds['prepare']:.0f} s, train {seconds['train']:.0f} s "
+        f"(prepare + train {(seconds['prepare'] + seconds['train']) / 60:.1f} min), eval {seconds['eval']:.0f} s"
+    )
     return {"metrics": metrics, "seconds": seconds, "plan": plan}
 
 

@@ -49,11 +49,15 @@ def main() -> None:
     from tuneforge.rag import store
 
     rate, n_chunks = embedder_throughput()
-    print(f"embedding (builtin all-MiniLM-L6-v2, CPU): {rate:,.0f} chunks/s on {n_chunks} real KB chunks of <=128 tokens")
+    print(
+        f"embedding (builtin all-MiniLM-L6-v2, CPU): {rate:,.0f} chunks/s on {n_chunks} real KB chunks of <=128 tokens"
+    )
     print(f"\n{'chunks':>8} {'index':>6} {'build chunks/s':>15} {'p50 ms':>8} {'p95 ms':>8} {'recall@10':>10}")
     for n in args.sizes:
         base = vectors(n, args.dim, seed=n)
-        queries = base[np.random.default_rng(1).integers(0, n, args.queries)] + 0.05 * vectors(args.queries, args.dim, seed=2)
+        queries = base[np.random.default_rng(1).integers(0, n, args.queries)] + 0.05 * vectors(
+            args.queries, args.dim, seed=2
+        )
         queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype("float32")
         exact_ids = None
         p95_of: dict[str, float] = {}
@@ -76,9 +80,11 @@ def main() -> None:
             p95_of[kind] = p95
             print(f"{n:>8} {kind:>6} {build_rate:>15,.0f} {p50:>8.3f} {p95:>8.3f} {recall:>10.3f}")
             if kind == "hnsw" and n == max(args.sizes):
-                print(f"\nHNSW at {n:,} chunks: p95 {p95:.3f} ms (goal < 5 ms: {'met' if p95 < 5 else 'MISSED'}), "
-                      f"recall@10 {recall:.3f} (goal >= 0.95: {'met' if recall >= 0.95 else 'MISSED'}); "
-                      f"speedup over flat p95: {p95_of['flat'] / p95:.1f}x")
+                print(
+                    f"\nHNSW at {n:,} chunks: p95 {p95:.3f} ms (goal < 5 ms: {'met' if p95 < 5 else 'MISSED'}), "
+                    f"recall@10 {recall:.3f} (goal >= 0.95: {'met' if recall >= 0.95 else 'MISSED'}); "
+                    f"speedup over flat p95: {p95_of['flat'] / p95:.1f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ def chat(client, n: int, max_tokens: int) -> tuple[int, float, bool]:
 
     started = time.perf_counter()
     try:
-        reply = client.chat.completions.create(model="base", max_tokens=max_tokens, temperature=0,
-                                               messages=[{"role": "user", "content": f"Give me one tip about saving energy, number {n}."}])
+        reply = client.chat.completions.create(
+            model="base",
+            max_tokens=max_tokens,
+            temperature=0,
+            messages=[{"role": "user", "content": f"Give me one tip about saving energy, number {n}."}],
+        )
         return 200, time.perf_counter() - started, reply.choices[0].message.content is not None
     except openai.APIStatusError as exc:
         shaped = isinstance(exc.body, dict) and {"message", "type", "code"} <= set(exc.body)
@@ -74,11 +78,23 @@ def summary(name: str, results: list[tuple[int, float, bool]], wall: float) -> d
     for status, _, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
     p95 = answered[min(len(answered) - 1, int(0.95 * len(answered)))] if answered else float("nan")
-    row = {"name": name, "n": len(results), "answered": len(answered), "rps": len(answered) / wall, "wall": wall,
-           "p50": statistics.median(answered) if answered else float("nan"), "p95": p95, "statuses": statuses,
-           "unshaped": sum(not ok for _, _, ok in results)}
-    print(f"{name:<28} {row['answered']:>3}/{row['n']:<3} answered in {wall:6.1f} s ({row['rps']:.2f}/s), p50 {row['p50']:.2f} s, "
-          f"p95 {row['p95']:.2f} s, statuses {statuses}, not OpenAI-shaped: {row['unshaped']}", flush=True)
+    row = {
+        "name": name,
+        "n": len(results),
+        "answered": len(answered),
+        "rps": len(answered) / wall,
+        "wall": wall,
+        "p50": statistics.median(answered) if answered else float("nan"),
+        "p95": p95,
+        "statuses": statuses,
+        "unshaped": sum(not ok for _, _, ok in results),
+    }
+    print(
+        f"{name:<28} {row['answered']:>3}/{row['n']:<3} answered in {wall:6.1f} s ({row['rps']:.2f}/s), "
+        f"p50 {row['p50']:.2f} s, "
+        f"p95 {row['p95']:.2f} s, statuses {statuses}, not OpenAI-shaped: {row['unshaped']}",
+        flush=True,
+    )
     return row
 
 
@@ -97,7 +113,11 @@ def main() -> None:
         before = memory(pid)
 
         started = time.perf_counter()
-        baseline = summary("baseline: one at a time", [chat(client, n, args.max_tokens) for n in range(args.chats)], time.perf_counter() - started)
+        baseline = summary(
+            "baseline: one at a time",
+            [chat(client, n, args.max_tokens) for n in range(args.chats)],
+            time.perf_counter() - started,
+        )
         after_baseline = memory(pid)
 
         with ThreadPoolExecutor(args.chats + args.uploads) as pool:
@@ -112,10 +132,14 @@ def main() -> None:
         after_burst = memory(pid)
         alive = chat(client, 0, args.max_tokens)[0] == 200
 
-    print(f"\nserver memory (MiB): loaded {before['VmRSS']:.0f}, after baseline {after_baseline['VmRSS']:.0f}, "
-          f"after burst {after_burst['VmRSS']:.0f} (peak {after_burst['VmHWM']:.0f})")
-    print(f"throughput ratio burst / one at a time: {burst['rps'] / baseline['rps']:.2f}x; "
-          f"p50 {baseline['p50']:.2f} s -> {burst['p50']:.2f} s; answers after the burst: {'yes' if alive else 'NO'}")
+    print(
+        f"\nserver memory (MiB): loaded {before['VmRSS']:.0f}, after baseline {after_baseline['VmRSS']:.0f}, "
+        f"after burst {after_burst['VmRSS']:.0f} (peak {after_burst['VmHWM']:.0f})"
+    )
+    print(
+        f"throughput ratio burst / one at a time: {burst['rps'] / baseline['rps']:.2f}x; "
+        f"p50 {baseline['p50']:.2f} s -> {burst['p50']:.2f} s; answers after the burst: {'yes' if alive else 'NO'}"
+    )
     bad = [r for r in chat_results + upload_results if r[0] not in (200, 429, 503) or not r[2]]
     if bad or not alive:
         print(f"FAILED: {len(bad)} requests without an answer or an OpenAI-shaped 429/503")

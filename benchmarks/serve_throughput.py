@@ -65,9 +65,26 @@ def server(max_batch: int, workdir: Path, env: dict | None = None, api_key: str 
     port = free_port()
     log = open(workdir / f"serve-batch{max_batch}.log", "w")
     # the 4-bit base the README's serve figures were measured with (the quickstart itself now leaves CPU unquantized)
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(REPO / "configs" / "quickstart.yaml"), "model.quantization=4bit",
-                             "--port", str(port), "--run-dir", str(workdir / "run"), "--max-batch", str(max_batch)],
-                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "serve",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "model.quantization=4bit",
+            "--port",
+            str(port),
+            "--run-dir",
+            str(workdir / "run"),
+            "--max-batch",
+            str(max_batch),
+        ],
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env or os.environ.copy(),
+    )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=600)
     client.server_pid = proc.pid
     try:
@@ -91,7 +108,9 @@ def server(max_batch: int, workdir: Path, env: dict | None = None, api_key: str 
 
 def ask(client, question: str, max_tokens: int) -> tuple[str, float]:
     started = time.perf_counter()
-    reply = client.chat.completions.create(model="base", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0)
+    reply = client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+    )
     return reply.choices[0].message.content, time.perf_counter() - started
 
 
@@ -122,8 +141,13 @@ def load(client, clients: int, requests: int, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - started
     latencies.sort()
-    return {"rps": requests / wall, "p50": statistics.median(latencies), "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "wall": wall, "answers": [answers[i] for i in range(requests)]}
+    return {
+        "rps": requests / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "wall": wall,
+        "answers": [answers[i] for i in range(requests)],
+    }
 
 
 def main() -> None:
@@ -142,17 +166,33 @@ def main() -> None:
                 load(client, clients, args.requests, args.max_tokens)
             for clients in args.clients:
                 results[(mode, clients)] = r = load(client, clients, args.requests, args.max_tokens)
-                print(f"{mode:<13} {clients:>3} clients: {r['rps']:.2f} req/s, p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s", flush=True)
+                print(
+                    f"{mode:<13} {clients:>3} clients: {r['rps']:.2f} req/s, "
+                    f"p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
+                    flush=True,
+                )
 
-    print(f"\n{args.requests} requests per level, max_tokens {args.max_tokens}, greedy, {os.cpu_count()} CPU threads, builtin model (base)")
-    print(f"{'clients':>7}  {'one at a time':>22}  {'batched':>22}  {'throughput ratio':>16}  {'identical answers':>17}")
+    print(
+        f"\n{args.requests} requests per level, max_tokens {args.max_tokens}, greedy, "
+        f"{os.cpu_count()} CPU threads, builtin model (base)"
+    )
+    print(
+        f"{'clients':>7}  {'one at a time':>22}  {'batched':>22}  {'throughput ratio':>16}  {'identical answers':>17}"
+    )
     for clients in args.clients:
         one, many = results[("one at a time", clients)], results[("batched", clients)]
         same = sum(a == b for a, b in zip(one["answers"], many["answers"]))
-        print(f"{clients:>7}  {one['rps']:>6.2f} req/s p50 {one['p50']:>5.2f} s  {many['rps']:>6.2f} req/s p50 {many['p50']:>5.2f} s  "
-              f"{many['rps'] / one['rps']:>15.2f}x  {same:>10}/{len(one['answers'])}")
+        print(
+            f"{clients:>7}  {one['rps']:>6.2f} req/s p50 {one['p50']:>5.2f} s  "
+            f"{many['rps']:>6.2f} req/s p50 {many['p50']:>5.2f} s  "
+            f"{many['rps'] / one['rps']:>15.2f}x  {same:>10}/{len(one['answers'])}"
+        )
         print(f"{'':>7}  {'p95':>12} {one['p95']:>7.2f} s  {'p95':>12} {many['p95']:>7.2f} s")
-    mismatched = sum(a != b for c in args.clients for a, b in zip(results[("one at a time", c)]["answers"], results[("batched", c)]["answers"]))
+    mismatched = sum(
+        a != b
+        for c in args.clients
+        for a, b in zip(results[("one at a time", c)]["answers"], results[("batched", c)]["answers"])
+    )
     if mismatched:
         print(f"\n{mismatched} greedy answers differ between batched and one at a time")
         sys.exit(1)

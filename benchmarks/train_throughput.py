@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUPPORT_SYSTEM = "You are Kestrel Home's support assistant for the Kestrel K2 thermostat. Answer briefly and accurately."
+SUPPORT_SYSTEM = (
+    "You are Kestrel Home's support assistant for the Kestrel K2 thermostat. Answer briefly and accurately."
+)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}  # dense bf16/fp16
 
 
@@ -46,20 +48,32 @@ def mixed_examples(seed: int) -> list[list[dict]]:
     """Short support chats, mid-length review classifications and long KB-grounded answers."""
     rng = random.Random(seed)
     data = REPO / "examples" / "data"
-    chats = [json.loads(line)["messages"] for line in (data / "support" / "conversations.jsonl").read_text().splitlines()]
+    chats = [
+        json.loads(line)["messages"] for line in (data / "support" / "conversations.jsonl").read_text().splitlines()
+    ]
     import csv
 
     with open(data / "reviews" / "reviews.csv", newline="", encoding="utf-8") as fh:
         reviews = [r for r in csv.DictReader(fh) if r["review"].strip() and r["sentiment"]]
-    classify = [[{"role": "system", "content": "Classify the sentiment of the review: positive or negative."},
-                 {"role": "user", "content": r["review"].strip()}, {"role": "assistant", "content": r["sentiment"]}]
-                for r in reviews[:150]]
+    classify = [
+        [
+            {"role": "system", "content": "Classify the sentiment of the review: positive or negative."},
+            {"role": "user", "content": r["review"].strip()},
+            {"role": "assistant", "content": r["sentiment"]},
+        ]
+        for r in reviews[:150]
+    ]
     pages = sorted((data / "support" / "kb").glob("*.md"))
     grounded = []
     for chat in chats[:80]:
         page = rng.choice(pages).read_text()
-        grounded.append([{"role": "system", "content": SUPPORT_SYSTEM},
-                         {"role": "user", "content": f"Context:\n{page}\n\nQuestion: {chat[1]['content']}"}, chat[2]])
+        grounded.append(
+            [
+                {"role": "system", "content": SUPPORT_SYSTEM},
+                {"role": "user", "content": f"Context:\n{page}\n\nQuestion: {chat[1]['content']}"},
+                chat[2],
+            ]
+        )
     examples = chats + classify + grounded
     rng.shuffle(examples)
     return examples
@@ -78,8 +92,16 @@ def tokenized(tokenizer, examples, max_length):
 
 
 SIDES = ("baseline", "trl-packing", "trl-padfree", "tuneforge")
-LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=False)
+LLAMA_8B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 
 
 def load(args):
@@ -126,7 +148,9 @@ def add_lora(model, plan):
 
     if plan.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
 
 
 def child(args) -> dict:
@@ -144,10 +168,23 @@ def child(args) -> dict:
     held_out, train = examples[: args.eval_examples], examples[args.eval_examples :]
     model = add_lora(model, plan)
     common = dict(
-        output_dir=tempfile.mkdtemp(), max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
-        max_grad_norm=1.0, seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=plan.device == "cpu", bf16=plan.dtype == "bfloat16", fp16=plan.dtype == "float16",
-        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False,
+        output_dir=tempfile.mkdtemp(),
+        max_steps=args.steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=plan.device == "cpu",
+        bf16=plan.dtype == "bfloat16",
+        fp16=plan.dtype == "float16",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
     )
     stats = {"real": 0, "padded": 0, "supervised": 0}
 
@@ -158,6 +195,7 @@ def child(args) -> dict:
             stats["real"] += sum(len(f["input_ids"]) for f in features)
             stats["supervised"] += int((batch["labels"][:, 1:] != IGNORE).sum())
             return batch
+
         return wrapped
 
     if args.child == "baseline":
@@ -173,30 +211,51 @@ def child(args) -> dict:
                 ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
             return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-        trainer = Trainer(model=model, args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
-                          train_dataset=Dataset.from_list(rows), data_collator=counting(pad_to_longest))
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
+            train_dataset=Dataset.from_list(rows),
+            data_collator=counting(pad_to_longest),
+        )
     elif args.child.startswith("trl-"):
         from trl import SFTTrainer
 
         rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
         if args.child == "trl-packing":  # rows of about `batch` examples, one row per step, as tuneforge's
             mean_len = sum(len(ids) for ids, _ in train) / len(train)
-            mode = dict(packing=True, packing_strategy="bfd", max_length=max(args.max_length, int(args.batch * mean_len)),
-                        per_device_train_batch_size=1)
+            mode = dict(
+                packing=True,
+                packing_strategy="bfd",
+                max_length=max(args.max_length, int(args.batch * mean_len)),
+                per_device_train_batch_size=1,
+            )
         else:
-            mode = dict(padding_free=True, max_length=None, per_device_train_batch_size=args.batch)  # already cut to --max-length
+            mode = dict(
+                padding_free=True, max_length=None, per_device_train_batch_size=args.batch
+            )  # already cut to --max-length
         config = SFTConfig(**mode, **common)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        )
         trainer.data_collator = counting(trainer.data_collator)
     else:
         mean_len = sum(len(ids) for ids, _ in train) / len(train)
         capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
         packed = build_rows(train, capacity, packing=True, seed=args.seed)
         rows = [{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens} for r in packed]
-        collate = Collator(tokenizer.pad_token_id, attention_mode(plan.attention, True), mask_dtype(plan.device, plan.dtype))
-        config = SFTConfig(per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common)
-        trainer = ForgeTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), data_collator=counting(collate),
-                               processing_class=tokenizer)
+        collate = Collator(
+            tokenizer.pad_token_id, attention_mode(plan.attention, True), mask_dtype(plan.device, plan.dtype)
+        )
+        config = SFTConfig(
+            per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common
+        )
+        trainer = ForgeTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            data_collator=counting(collate),
+            processing_class=tokenizer,
+        )
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -209,13 +268,17 @@ def child(args) -> dict:
         "tokens_per_s": stats["real"] / seconds,
         "padding_share": 1 - stats["real"] / stats["padded"],
         "eval_loss": loss,
-        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if plan.device == "cuda"
+        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20)
+        if plan.device == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": plan.describe(),
     }
     if plan.device == "cuda":
-        matmul = sum(p.numel() * (2 if getattr(p, "quant_type", None) else 1) for n, p in model.named_parameters()
-                     if p.dim() == 2 and "lora_" not in n and "embed" not in n)
+        matmul = sum(
+            p.numel() * (2 if getattr(p, "quant_type", None) else 1)
+            for n, p in model.named_parameters()
+            if p.dim() == 2 and "lora_" not in n and "embed" not in n
+        )
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         result["matmul_params"] = matmul
@@ -243,8 +306,11 @@ def held_out_loss(model, examples, plan) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct",
-                        help="a model reference, or random:llama-3.1-8b (CUDA only) for MFU at 8B scale")
+    parser.add_argument(
+        "--model",
+        default="builtin:smollm2-135m-instruct",
+        help="a model reference, or random:llama-3.1-8b (CUDA only) for MFU at 8B scale",
+    )
     parser.add_argument("--quantization", default="4bit", choices=["none", "4bit", "8bit"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the baseline's batch)")
@@ -267,18 +333,28 @@ def main() -> None:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
     ours = results["tuneforge"]
-    print(f"model {args.model} ({args.quantization}) on {ours['device']}; {args.steps} steps, ~{args.batch} examples per step")
-    print(f"\n{'':<13}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}{'peak MB':>10}{'eval loss':>11}{'seconds':>9}")
+    print(
+        f"model {args.model} ({args.quantization}) on {ours['device']}; "
+        f"{args.steps} steps, ~{args.batch} examples per step"
+    )
+    print(
+        f"\n{'':<13}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}"
+        f"{'peak MB':>10}{'eval loss':>11}{'seconds':>9}"
+    )
     for side, r in results.items():
-        print(f"{side:<13}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
-              f"{r['peak_mb']:>10,.0f}{r['eval_loss']:>11.4f}{r['seconds']:>9.1f}")
+        print(
+            f"{side:<13}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
+            f"{r['peak_mb']:>10,.0f}{r['eval_loss']:>11.4f}{r['seconds']:>9.1f}"
+        )
         if r.get("mfu") is not None:
             print(f"{'':<13}MFU {r['mfu']:.1%} ({r['matmul_params'] / 1e6:.0f}M matmul params, 4·N FLOPs/token)")
     print()
     for side, other in results.items():
         if side != "tuneforge":
-            print(f"vs {side}: peak memory ratio {ours['peak_mb'] / other['peak_mb']:.2f}, "
-                  f"eval loss {(ours['eval_loss'] - other['eval_loss']) / other['eval_loss']:+.2%}")
+            print(
+                f"vs {side}: peak memory ratio {ours['peak_mb'] / other['peak_mb']:.2f}, "
+                f"eval loss {(ours['eval_loss'] - other['eval_loss']) / other['eval_loss']:+.2%}"
+            )
             print(f"speedup vs {side}: {ours['supervised_tokens_per_s'] / other['supervised_tokens_per_s']:.2f}")
 
 

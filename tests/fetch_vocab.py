@@ -20,8 +20,13 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"
-FILES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf",
-         "ggml-vocab-gemma-4.gguf"]
+FILES = [
+    "ggml-vocab-llama-spm.gguf",
+    "ggml-vocab-llama-bpe.gguf",
+    "ggml-vocab-qwen2.gguf",
+    "ggml-vocab-phi-3.gguf",
+    "ggml-vocab-gemma-4.gguf",
+]
 FOLDER = Path(__file__).resolve().parent / ".vocab"
 
 
@@ -51,8 +56,22 @@ def main() -> int:
         return 0
     FOLDER.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={VERSION}", "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={VERSION}",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():

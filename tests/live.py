@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 def free_port() -> int:
@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(args: list[str], workdir: Path, ready: Callable[[], bool], timeout: float = 300, env: dict | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    args: list[str], workdir: Path, ready: Callable[[], bool], timeout: float = 300, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
     """`python -m tuneforge *args` in workdir until `ready()` is true; its output goes to workdir/process.log.
 
     A log file rather than a pipe: nobody reads a pipe while the test runs, and once
@@ -27,13 +29,21 @@ def running(args: list[str], workdir: Path, ready: Callable[[], bool], timeout: 
     """
     log_path = workdir / "process.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *args], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                text=True, env=env if env is not None else os.environ.copy())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", *args],
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env if env is not None else os.environ.copy(),
+        )
         try:
             deadline = time.time() + timeout
             while not ready():
                 assert proc.poll() is None, f"tuneforge {args[0]} exited:\n{log_path.read_text()[-3000:]}"
-                assert time.time() < deadline, f"tuneforge {args[0]} did not come up in {timeout} s:\n{log_path.read_text()[-3000:]}"
+                assert time.time() < deadline, (
+                    f"tuneforge {args[0]} did not come up in {timeout} s:\n{log_path.read_text()[-3000:]}"
+                )
                 time.sleep(0.5)
             yield proc
         finally:

@@ -16,7 +16,9 @@ def checked(model, body: dict[str, Any]):
 
 def checked_page(model, body: dict[str, Any]) -> list:
     """A cursor page (`object: list`, `data`, `has_more`) whose every item is a valid `model`."""
-    assert body["object"] == "list" and isinstance(body["data"], list) and isinstance(body.get("has_more", False), bool), body
+    assert (
+        body["object"] == "list" and isinstance(body["data"], list) and isinstance(body.get("has_more", False), bool)
+    ), body
     return [checked(model, item) for item in body["data"]]
 
 

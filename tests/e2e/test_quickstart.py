@@ -21,9 +21,23 @@ def test_readme_quickstart_command_ends_with_that_run():
     assert block.strip().endswith("tuneforge run configs/quickstart.yaml")
 
 
-def test_quickstart_trains_below_the_base_models_eval_loss_and_beats_base_on_reference_similarity(tmp_path, smollm_location):
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "run", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "qs")],
-                         capture_output=True, text=True, timeout=1500)
+def test_quickstart_trains_below_the_base_models_eval_loss_and_beats_base_on_reference_similarity(
+    tmp_path, smollm_location
+):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "run",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--run-dir",
+            str(tmp_path / "qs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "qs" / "manifest.json").read_text())["train"]
     assert summary["final_eval_loss"] < 0.9 * summary["base_eval_loss"]  # clearly better, not noise

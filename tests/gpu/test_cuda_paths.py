@@ -8,8 +8,14 @@ import pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
-QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
-             "What does a thermostat do?", "Give me a synonym for happy.", "Who wrote Romeo and Juliet?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "How many legs does a spider have?",
+    "What does a thermostat do?",
+    "Give me a synonym for happy.",
+    "Who wrote Romeo and Juliet?",
+]
 
 
 @pytest.fixture(scope="module")

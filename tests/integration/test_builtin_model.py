@@ -54,23 +54,30 @@ def test_4bit_engine_answers_do_not_depend_on_the_batch(smollm_location):
     from tuneforge.config import load_experiment
     from tuneforge.engine.transformers import Engine, Settings
 
-    experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml", ["model.quantization=4bit"])
+    experiment = load_experiment(
+        Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml", ["model.quantization=4bit"]
+    )
     engine = Engine.load(experiment, "base")
-    chats = [[{"role": "user", "content": q}] for q in (
-        "What is the capital of France?",
-        "My Kestrel K2 thermostat shows E3 after I replaced the batteries and rewired the C terminal. What now?",
-        "Name three colours.",
-        "Explain in detail, step by step, how a heat pump heats a house in winter.",
-    )]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "What is the capital of France?",
+            "My Kestrel K2 thermostat shows E3 after I replaced the batteries and rewired the C terminal. What now?",
+            "Name three colours.",
+            "Explain in detail, step by step, how a heat pump heats a house in winter.",
+        )
+    ]
     prompts = [engine.prompt_ids(c) for c in chats]
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), engine.tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
     with torch.no_grad():
         together = engine.model(input_ids=ids, attention_mask=mask).logits[:, -1]
         alone = torch.stack([engine.model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
     assert (together - alone).abs().max() < 1e-3  # bitsandbytes' CPU inference kernel moved these by 0.34
     settings = Settings(max_new_tokens=12)
-    assert [a.text for a in engine.generate(chats, settings, batch_size=4)] == [engine.generate([c], settings)[0].text for c in chats]
+    assert [a.text for a in engine.generate(chats, settings, batch_size=4)] == [
+        engine.generate([c], settings)[0].text for c in chats
+    ]

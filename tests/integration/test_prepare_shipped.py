@@ -38,7 +38,9 @@ def test_shipped_config_prepares(path, tmp_path, tokenizer):
     run = RunDir(experiment, tmp_path / "run").start("prepare")
     from tuneforge.rag.retriever import augment_examples
 
-    report = prepare(experiment, run, tokenizer=tokenizer, progress=False, retrieve=augment_examples if experiment.data.rag else None)
+    report = prepare(
+        experiment, run, tokenizer=tokenizer, progress=False, retrieve=augment_examples if experiment.data.rag else None
+    )
     assert report["counts"]["train"] > 0 and report["counts"]["valid"] > 0
     assert report["problems"]["errors"] == 0
     assert report["tokens"]["train"]["missing_end_of_turn"] == 0

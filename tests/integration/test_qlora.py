@@ -21,7 +21,9 @@ def _first_layer_grad(model, ids):
     model.train()
     model.zero_grad()
     model(input_ids=ids, labels=ids).loss.backward()
-    name, param = next((n, p) for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n)  # A gets no grad while B is zero
+    name, param = next(
+        (n, p) for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n
+    )  # A gets no grad while B is zero
     return param.grad.detach().clone()
 
 
@@ -49,12 +51,20 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
 
     from tuneforge.data.prepare import prepare
     from tuneforge.data.prepared import load_prepared
-    from tuneforge.models import load_tokenizer
     from tuneforge.run import RunDir
     from tuneforge.train.local import train_local
 
-    experiment = load_experiment(REPO / "configs" / "quickstart.yaml", ["train.max_steps=6", "train.lr=1e-3", "train.eval_every=6", "data.sample=48", "data.rag=false",
-                                                                           "model.quantization=4bit"])
+    experiment = load_experiment(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            "train.max_steps=6",
+            "train.lr=1e-3",
+            "train.eval_every=6",
+            "data.sample=48",
+            "data.rag=false",
+            "model.quantization=4bit",
+        ],
+    )
     run = RunDir(experiment, tmp_path / "run").start("train")
     prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     summary = train_local(experiment, run, progress=False)
@@ -92,4 +102,7 @@ def test_short_qlora_run_learns_and_adapter_round_trips(tmp_path, smollm_locatio
     assert report["probes"] == 8 and report["mismatches"] == []
     merged = run.sub("merged")
     assert list(merged.glob("*.safetensors")) and (merged / "chat_template.jinja").exists()
-    assert not any("lora" in k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(next(merged.glob("*.safetensors"))))
+    assert not any(
+        "lora" in k
+        for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(next(merged.glob("*.safetensors")))
+    )

@@ -24,11 +24,13 @@ LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
     "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
     "{% for m in turns %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
-    "{% if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}{{ m['content'] + ' [/INST]' }}"
+    "{% if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}"
+    "{{ m['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 LLAMA31 = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 # Mistral-7B-Instruct v0.3's: the system prompt joins the *last* user turn only, so a rendered training conversation
@@ -37,7 +39,8 @@ MISTRAL = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
     "{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %}"
     "{% if loop.last and system is defined %}{{ '[INST] ' + system + '\\n\\n' + m['content'] + '[/INST]' }}"
-    "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}"
+    "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}"
 )
 # Gemma 2 / 3's layout, which has no system role (the system prompt opens the first user turn), with the turn
 # markers of the Gemma vocabulary at hand (Gemma 4's)
@@ -69,7 +72,7 @@ CHAT = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(name):
     from transformers import AutoTokenizer
 
@@ -101,11 +104,19 @@ def test_every_inference_prompt_is_a_token_prefix_of_a_training_sequence(encoder
     tokenizer = encoder.tokenizer
     for turn in (2, 4):  # each assistant turn: what inference sends before it
         encoded = _sequence_of_turn(sequences, turn)
-        prompt = tokenizer(encoder.render(CHAT[:turn], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        assert encoded.input_ids[: len(prompt)] == prompt, tokenizer.convert_ids_to_tokens(encoded.input_ids[len(prompt) - 3 : len(prompt) + 3])
-        assert not encoded.supervised[len(prompt) - 1] and encoded.supervised[len(prompt)]  # the prompt is given, not learned
+        prompt = tokenizer(encoder.render(CHAT[:turn], add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert encoded.input_ids[: len(prompt)] == prompt, tokenizer.convert_ids_to_tokens(
+            encoded.input_ids[len(prompt) - 3 : len(prompt) + 3]
+        )
+        assert (
+            not encoded.supervised[len(prompt) - 1] and encoded.supervised[len(prompt)]
+        )  # the prompt is given, not learned
     texts = [text for text, _ in encoder.units(CHAT)]
-    assert [s.input_ids for s in sequences] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # one tokenization, as inference
+    assert [s.input_ids for s in sequences] == [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts
+    ]  # one tokenization, as inference
 
 
 def test_the_mask_covers_exactly_each_answer_and_its_end_of_turn(encoder):
@@ -157,26 +168,38 @@ QWEN25_TOOLS = (
     "{% if loop.last or turns[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
     "{% elif m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + (m['content'] or '') }}"
     "{% for c in m.get('tool_calls') or [] %}{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
-    "{{ '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": ' + (c['function']['arguments'] | tojson) + '}\\n</tool_call>' }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": ' "
+    "+ (c['function']['arguments'] | tojson) + '}\\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 TOOL_CHAT = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [CALL]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
     {"role": "assistant", "content": "It is 21 degrees."},
 ]
 
 
 def test_a_tools_template_gets_decoded_arguments_masks_and_prefixes():
-    from tuneforge.data.tools import parse_tool_calls, same_call
-
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(VOCAB / Path(CASES["qwen2"][0]).stem))  # its own copy: another template
+    from tuneforge.data.tools import parse_tool_calls, same_call
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(VOCAB / Path(CASES["qwen2"][0]).stem)
+    )  # its own copy: another template
     tokenizer.chat_template = QWEN25_TOOLS
     encoder = ChatEncoder(tokenizer)
     assert encoder.native_tools
@@ -187,7 +210,9 @@ def test_a_tools_template_gets_decoded_arguments_masks_and_prefixes():
     assert len(runs) == 2 and runs[0].strip().startswith("<tool_call>") and "<tool_response>" not in "".join(runs)
     assert runs[1] == "It is 21 degrees.<|im_end|>"
     for turn in (1, 3):
-        prompt = tokenizer(encoder.render(TOOL_CHAT[:turn], add_generation_prompt=True, tools=TOOLS), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(
+            encoder.render(TOOL_CHAT[:turn], add_generation_prompt=True, tools=TOOLS), add_special_tokens=False
+        )["input_ids"]
         assert encoded.input_ids[: len(prompt)] == prompt
     content, calls = parse_tool_calls(runs[0].removesuffix("<|im_end|>"))
     assert content is None and same_call(calls[0], CALL) == (True, True)

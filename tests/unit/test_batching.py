@@ -36,14 +36,17 @@ def test_collator_positions_labels_and_padding():
 def test_block_mask_is_causal_and_block_diagonal():
     segments = torch.tensor([[0, 0, 1, 1, 1, -1]])
     allowed = block_causal_mask(segments, torch.float32)[0, 0] == 0
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(allowed, expected)
 
 
@@ -55,7 +58,9 @@ def test_packed_logits_equal_logits_alone(tiny_llama, attention):
     rows = build_rows([(x.tolist(), x.tolist()) for x in (a, b, c)], capacity=16, packing=True, seed=0)
     batch = Collator(pad_id=2, mode="block_mask")([r.__dict__ for r in rows])
     with torch.no_grad():
-        packed = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        packed = tiny_llama(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
         naive = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         for r, row in enumerate(rows):
             start = 0
@@ -106,7 +111,9 @@ def test_flat_row_logits_equal_logits_alone(tiny_llama):
         for row in rows:
             for length in row.seq_lens:
                 ids = batch["input_ids"][0, start : start + length]
-                assert torch.allclose(flat[start : start + length], tiny_llama(input_ids=ids[None]).logits[0], atol=1e-5)
+                assert torch.allclose(
+                    flat[start : start + length], tiny_llama(input_ids=ids[None]).logits[0], atol=1e-5
+                )
                 start += length
 
 

@@ -47,8 +47,11 @@ def test_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, tmp_path):
     assert "(answer stopped" in stdout.getvalue()
     assert fake.closed == 2  # the interrupted stream was closed, so its generation ends
     # the second question went out with the history, the stopped answer as far as it was shown
-    assert fake.asked[1] == [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "Hel"},
-                             {"role": "user", "content": "and then?"}]
+    assert fake.asked[1] == [
+        {"role": "user", "content": "tell me"},
+        {"role": "assistant", "content": "Hel"},
+        {"role": "user", "content": "and then?"},
+    ]
     assert stdout.getvalue().rstrip().endswith("you>")
 
 
@@ -59,7 +62,11 @@ class CallingSystems(FakeSystems):
         self.asked.append([dict(m) for m in messages])
         self.settings = settings
         if len(self.asked) == 1:
-            call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+            call = {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
             yield "<tool_call>"  # raw text of a call: not shown
             yield Answer("", 5, 9, "tool_calls", tool_calls=[call])
         else:
@@ -72,14 +79,16 @@ def test_a_tool_call_in_chat_asks_for_its_result_and_the_model_answers_from_it(m
 
     monkeypatch.setattr(tuneforge.systems, "Systems", CallingSystems)
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    stdin = io.StringIO("weather in Paris?\n{\"temp_c\": 21}\n/exit\n")
+    stdin = io.StringIO('weather in Paris?\n{"temp_c": 21}\n/exit\n')
     stdout = io.StringIO()
     experiment = type("E", (), {"eval": type("V", (), {"max_new_tokens": 8})(), "seed": 0})()
     assert chatting.chat_loop(experiment, None, "base", stdin=stdin, stdout=stdout, system_prompt="", tools=tools) == 0
     fake = CallingSystems.last
     assert fake.settings.tools == tools
     out = stdout.getvalue()
-    assert '(tool call) get_weather({"city": "Paris"})' in out and "<tool_call>" not in out and "It is 21 degrees." in out
+    assert (
+        '(tool call) get_weather({"city": "Paris"})' in out and "<tool_call>" not in out and "It is 21 degrees." in out
+    )
     second = fake.asked[1]
     assert second[1]["tool_calls"][0]["id"] == "call_1"
-    assert second[2] == {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"}
+    assert second[2] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.masks import supervised_runs
 from tuneforge.data.chat import ChatEncoder
 
 from ..conftest import CHATML, make_tokenizer
-from tests.masks import supervised_runs
 
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}"
@@ -27,11 +27,33 @@ GEMMA = (
 )
 
 STYLES = {
-    "chatml": dict(template=CHATML, bos="<|im_start|>", eos="<|im_end|>", specials=(), eot="<|im_end|>", single_bos=False),
-    "llama3": dict(template=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>",
-                   specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), eot="<|eot_id|>", single_bos=True),
-    "mistral": dict(template=MISTRAL, bos="<s>", eos="</s>", specials=("<s>", "</s>", "[INST]", "[/INST]"), eot="</s>", single_bos=True),
-    "gemma": dict(template=GEMMA, bos="<bos>", eos="<eos>", specials=("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), eot="<end_of_turn>", single_bos=True),
+    "chatml": dict(
+        template=CHATML, bos="<|im_start|>", eos="<|im_end|>", specials=(), eot="<|im_end|>", single_bos=False
+    ),
+    "llama3": dict(
+        template=LLAMA3,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        eot="<|eot_id|>",
+        single_bos=True,
+    ),
+    "mistral": dict(
+        template=MISTRAL,
+        bos="<s>",
+        eos="</s>",
+        specials=("<s>", "</s>", "[INST]", "[/INST]"),
+        eot="</s>",
+        single_bos=True,
+    ),
+    "gemma": dict(
+        template=GEMMA,
+        bos="<bos>",
+        eos="<eos>",
+        specials=("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
+        eot="<end_of_turn>",
+        single_bos=True,
+    ),
 }
 
 CONVERSATION = [
@@ -63,14 +85,17 @@ def test_supervised_positions_are_assistant_content_and_end_of_turn(style):
         if turn == 1:
             assert not any(encoded.supervised[: len(prompt_ids)])
     labels = encoded.labels()
-    assert [t for t, l in zip(encoded.input_ids, labels) if l != -100] == [t for t, k in zip(encoded.input_ids, encoded.supervised) if k]
+    assert [t for t, label in zip(encoded.input_ids, labels) if label != -100] == [
+        t for t, k in zip(encoded.input_ids, encoded.supervised) if k
+    ]
 
 
 # Mistral-7B-Instruct's published template, in short: the system prompt goes into the last user turn only
 MISTRAL_FOLDING = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
     "{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}{% for m in turns %}"
-    "{% if m['role'] == 'user' %}{% if loop.last and system is defined %}{{ '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
+    "{% if m['role'] == 'user' %}{% if loop.last and system is defined %}"
+    "{{ '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
     "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
     "{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}"
 )
@@ -78,7 +103,9 @@ WITH_SYSTEM = [{"role": "system", "content": "Be brief."}] + CONVERSATION
 
 
 def _prompt_ids(tokenizer, messages):
-    return tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    return tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
 
 
 def test_a_template_that_folds_the_system_prompt_trains_one_sequence_per_turn():
@@ -113,15 +140,25 @@ def test_weight_zero_answers_are_context_not_targets():
 def test_weights_other_than_zero_or_one_and_on_other_roles_are_named():
     from tuneforge.data.validate import check_record
 
-    record = {"messages": [{"role": "user", "content": "hi", "weight": 1}, {"role": "assistant", "content": "yo", "weight": 0.5}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "hi", "weight": 1},
+            {"role": "assistant", "content": "yo", "weight": 0.5},
+        ]
+    }
     problems = check_record(record, "train.jsonl:3")
     assert [(p.code, p.where) for p in problems] == [("invalid_weight", "train.jsonl:3")] * 2
     assert "message 1 (user)" in problems[0].message and "weight 0.5" in problems[1].message
-    assert not check_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]}, "x")
+    assert not check_record(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]}, "x"
+    )
 
 
 def test_template_whose_answer_cannot_be_found_is_refused():
-    shifting = "{% for m in messages %}{{ m['role'] + (loop.length|string) + ': ' + m['content']|upper + '<|im_end|>' }}{% endfor %}"
+    shifting = (
+        "{% for m in messages %}{{ m['role'] + (loop.length|string) + ': ' + m['content']|upper + '<|im_end|>' }}"
+        "{% endfor %}"
+    )
     encoder = ChatEncoder(make_tokenizer(shifting))
     with pytest.raises(Exception, match="does not write assistant message 2's content"):
         encoder.encode(CONVERSATION)

@@ -20,10 +20,26 @@ PACKAGE = SRC / "tuneforge"
 
 # bottom to top, one directory (or top-level module) per layer; a module may import its own layer or lower ones,
 # never a higher one. A directory is never split across layers: every tuneforge.<dir>.* module has its directory's rank.
-VERBS = ("tuneforge.chat", "tuneforge.merge", "tuneforge.generate", "tuneforge.compare", "tuneforge.serve", "tuneforge.demo")
+VERBS = (
+    "tuneforge.chat",
+    "tuneforge.merge",
+    "tuneforge.generate",
+    "tuneforge.compare",
+    "tuneforge.serve",
+    "tuneforge.demo",
+)
 LAYERS: list[tuple[str, ...]] = [
-    ("tuneforge", "tuneforge.errors", "tuneforge.atomic", "tuneforge.home", "tuneforge.config_errors",
-     "tuneforge.config", "tuneforge.explain", "tuneforge.run", "tuneforge.hosted"),
+    (
+        "tuneforge",
+        "tuneforge.errors",
+        "tuneforge.atomic",
+        "tuneforge.home",
+        "tuneforge.config_errors",
+        "tuneforge.config",
+        "tuneforge.explain",
+        "tuneforge.run",
+        "tuneforge.hosted",
+    ),
     ("tuneforge.data",),
     ("tuneforge.feedback",),
     ("tuneforge.models",),
@@ -39,8 +55,13 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # modules that run one verb or recipe end to end; they never import one another (the CLI and the sweep, above
 # them, compose them)
-RECIPES = ("tuneforge.data.prepare", "tuneforge.train.local", "tuneforge.train.dpo", "tuneforge.train.openai_backend",
-           "tuneforge.eval.harness")
+RECIPES = (
+    "tuneforge.data.prepare",
+    "tuneforge.train.local",
+    "tuneforge.train.dpo",
+    "tuneforge.train.openai_backend",
+    "tuneforge.eval.harness",
+)
 RANK = {prefix: rank for rank, names in enumerate(LAYERS) for prefix in names}
 
 
@@ -157,7 +178,9 @@ def _cycles() -> list[list[str]]:
 
 def test_the_layer_check_fails_on_an_upward_import(monkeypatch):
     """The check itself: an import of a higher layer is reported (data importing train, sideways verbs)."""
-    monkeypatch.setitem(GRAPH, "tuneforge.data.records", {**GRAPH["tuneforge.data.records"], "tuneforge.train.local": 1})
+    monkeypatch.setitem(
+        GRAPH, "tuneforge.data.records", {**GRAPH["tuneforge.data.records"], "tuneforge.train.local": 1}
+    )
     with pytest.raises(AssertionError, match="tuneforge.data.records -> tuneforge.train.local"):
         test_no_module_imports_a_higher_layer()
     monkeypatch.setitem(GRAPH, "tuneforge.chat", {**GRAPH["tuneforge.chat"], "tuneforge.merge": 1})
@@ -181,8 +204,12 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_a_higher_layer():
-    upward = [f"{_where(a, b)}: layer {_rank(a)} imports layer {_rank(b)}"
-              for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if _rank(b) > _rank(a)]
+    upward = [
+        f"{_where(a, b)}: layer {_rank(a)} imports layer {_rank(b)}"
+        for a in sorted(GRAPH)
+        for b in sorted(GRAPH[a])
+        if _rank(b) > _rank(a)
+    ]
     assert upward == [], "\n".join(upward)
 
 
@@ -198,22 +225,39 @@ def test_each_directory_is_one_layer():
 
 
 def test_verbs_never_import_one_another():
-    sideways = [_where(a, b) for a in sorted(GRAPH) for b in sorted(GRAPH[a])
-                if _rank(a) == _rank(b) == RANK[VERBS[0]] and _unit(a) != _unit(b)]
+    sideways = [
+        _where(a, b)
+        for a in sorted(GRAPH)
+        for b in sorted(GRAPH[a])
+        if _rank(a) == _rank(b) == RANK[VERBS[0]] and _unit(a) != _unit(b)
+    ]
     sideways += [_where(a, b) for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if a in RECIPES and b in RECIPES]
     assert sideways == [], "\n".join(sideways)
 
 
 def test_data_never_reaches_into_train():
-    assert [_where(a, b) for a in sorted(GRAPH) if a.startswith("tuneforge.data")
-            for b in sorted(GRAPH[a]) if b.startswith("tuneforge.train")] == []
+    assert [
+        _where(a, b)
+        for a in sorted(GRAPH)
+        if a.startswith("tuneforge.data")
+        for b in sorted(GRAPH[a])
+        if b.startswith("tuneforge.train")
+    ] == []
 
 
 @pytest.mark.parametrize("modules", ["tuneforge.systems, tuneforge.data.prepare, tuneforge.config"])
 def test_config_data_and_systems_import_without_torch(modules):
     """Checking a config, preparing data and naming systems must not pay for torch (the engine loads it when a
     model is loaded)."""
-    code = f"import sys\nimport {modules}\nprint(sorted(m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}  # this tree
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=SRC.parent, env=env)
+    code = (
+        f"import sys\nimport {modules}\n"
+        "print(sorted(m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules))"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+    }  # this tree
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=SRC.parent, env=env
+    )
     assert out.stdout.strip() == "[]", f"import {modules} loaded {out.stdout.strip()}"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tuneforge.errors import TuneforgeError
 from tuneforge import merge as merging
+from tuneforge.errors import TuneforgeError
 from tuneforge.merge import export_gguf, gguf_converter
 
 
@@ -43,7 +43,9 @@ def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
     path.write_text("name: m\ndata: {train: x.jsonl}\n")
     experiment = load_experiment(path)
     run = RunDir(experiment, tmp_path / "run")
-    peft = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        copy.deepcopy(tiny_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft.save_pretrained(run.sub("adapter"))
     tiny_tokenizer.save_pretrained(run.sub("adapter"))
     loads = []

@@ -78,7 +78,6 @@ def test_ampere_gets_bf16(fake_gpu):
     fake_gpu(8, 0, "A100")
     plan = plan_device(ModelSection())
     assert plan.dtype == "bfloat16"
-    import importlib.util
 
     from tuneforge.models import flash_attn_problem
 
@@ -88,7 +87,9 @@ def test_ampere_gets_bf16(fake_gpu):
 def test_a_flash_attn_that_does_not_import_is_not_used(fake_gpu, tmp_path, monkeypatch):
     broken = tmp_path / "flash_attn"
     broken.mkdir()
-    (broken / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+    (broken / "__init__.py").write_text(
+        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(__import__("sys").modules, "flash_attn", raising=False)
     fake_gpu(8, 0, "A100")
@@ -122,7 +123,9 @@ def test_local_dir_loads_plain_and_in_4bit(tiny_model_dir, tiny_llama):
 
 def _strip_template(folder):
     """The saved tokenizer without its chat template, as a base model ships."""
-    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"'))
+    (folder / "tokenizer_config.json").write_text(
+        (folder / "tokenizer_config.json").read_text().replace('"chat_template"', '"unused_template"')
+    )
     for extra in folder.glob("chat_template.*"):
         extra.unlink()
 
@@ -144,8 +147,11 @@ def test_a_base_model_trains_on_chatml_ended_by_its_own_eos(tiny_model_dir):
     assert len(tok) == len(plain)  # nothing added to the vocabulary
     encoder = ChatEncoder(tok)
     assert encoder.end_of_turn == tok.eos_token and encoder.stop_ids == [tok.eos_token_id]
-    chat = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "The capital of France?"},
-            {"role": "assistant", "content": "Paris."}]
+    chat = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "The capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
     encoded = encoder.encode(chat)
     answer = [i for i, keep in zip(encoded.input_ids, encoded.supervised) if keep]
     assert tok.decode(answer) == "Paris." + tok.eos_token and not encoded.missing_eot
@@ -155,15 +161,24 @@ def test_a_base_model_trains_on_chatml_ended_by_its_own_eos(tiny_model_dir):
 
 
 def test_chat_template_in_jinja_replaces_the_models_own(tiny_model_dir):
-    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     tok = load_tokenizer(ModelSection(ref=str(tiny_model_dir), chat_template=template))
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == "[user] hi<|im_end|>[assistant] "
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "[user] hi<|im_end|>[assistant] "
+    )
 
 
-@pytest.mark.parametrize(("value", "says"), [
-    ("chatlm", "is neither chatml nor a Jinja template"),
-    ("{% for m in messages %}{{ m['content'] }}", "does not parse"),
-])
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("chatlm", "is neither chatml nor a Jinja template"),
+        ("{% for m in messages %}{{ m['content'] }}", "does not parse"),
+    ],
+)
 def test_a_chat_template_that_cannot_work_is_refused_at_load(value, says):
     from pydantic import ValidationError
 

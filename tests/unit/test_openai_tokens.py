@@ -13,8 +13,11 @@ from tuneforge.data import openai_tokens
 from tuneforge.data.records import Example
 from tuneforge.data.report import openai_estimate
 
-CONVERSATION = [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": "Quelle est la capitale du Japon ?"},
-                {"role": "assistant", "content": "Tokyo."}]
+CONVERSATION = [
+    {"role": "system", "content": "Réponds brièvement."},
+    {"role": "user", "content": "Quelle est la capitale du Japon ?"},
+    {"role": "assistant", "content": "Tokyo."},
+]
 
 
 @pytest.fixture
@@ -31,10 +34,17 @@ def offline(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("model, name", [
-    ("gpt-4o-mini-2024-07-18", "o200k_base"), ("gpt-4.1-2025-04-14", "o200k_base"), ("ft:gpt-4o-2024-08-06:acme::abc123", "o200k_base"),
-    ("gpt-3.5-turbo-0125", "cl100k_base"), ("davinci-002", "cl100k_base"), ("a-model-tiktoken-does-not-know", "o200k_base"),
-])
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("gpt-4.1-2025-04-14", "o200k_base"),
+        ("ft:gpt-4o-2024-08-06:acme::abc123", "o200k_base"),
+        ("gpt-3.5-turbo-0125", "cl100k_base"),
+        ("davinci-002", "cl100k_base"),
+        ("a-model-tiktoken-does-not-know", "o200k_base"),
+    ],
+)
 def test_each_hosted_model_is_counted_with_its_own_encoding(model, name):
     assert openai_tokens.encoding_name(model) == name
 
@@ -68,12 +78,19 @@ def test_a_corrupt_local_copy_is_refused_and_the_estimate_says_how_it_counted(of
 
 def test_tools_tool_calls_and_preference_pairs_are_counted(offline):
     encoding, _ = openai_tokens.encoding_for("gpt-4o-mini-2024-07-18")
-    call = {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
-                                                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    call = {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    ]
     plain = openai_tokens.example_tokens(encoding, CONVERSATION[:2] + [call])
     assert plain > openai_tokens.example_tokens(encoding, CONVERSATION[:2] + [{"role": "assistant", "content": ""}])
     assert openai_tokens.example_tokens(encoding, CONVERSATION[:2] + [call], tools) > plain
     rejected = {"role": "assistant", "content": "Kyoto, I believe."}
-    assert (openai_tokens.example_tokens(encoding, CONVERSATION, rejected=rejected)
-            == openai_tokens.example_tokens(encoding, CONVERSATION) + openai_tokens.message_tokens(encoding, rejected))
+    assert openai_tokens.example_tokens(encoding, CONVERSATION, rejected=rejected) == openai_tokens.example_tokens(
+        encoding, CONVERSATION
+    ) + openai_tokens.message_tokens(encoding, rejected)
