@@ -33,7 +33,8 @@ def _umask() -> int:
 
 
 def _as_if_created(path: Path, directory: bool) -> None:
-    """mkstemp / mkdtemp make 0600 files and 0700 folders; give them what open() / mkdir() would under the user's umask."""
+    """mkstemp / mkdtemp make 0600 files and 0700 folders; give them what open() / mkdir() would under the user's
+    umask."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 

@@ -66,7 +66,8 @@ def chat_loop(
     stdout.write(f"(system prompt, {origin}: {system_prompt!r})\n" if system_prompt else "(no system prompt)\n")
     if tools:
         stdout.write(
-            f"(tools the model may call: {', '.join(t['function']['name'] for t in tools)}; you type each call's result)\n"
+            f"(tools the model may call: {', '.join(t['function']['name'] for t in tools)}; "
+            "you type each call's result)\n"
         )
     while True:
         stdout.write("you> ")

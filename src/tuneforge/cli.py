@@ -155,7 +155,8 @@ def _say_system_prompt(systems, name: str) -> None:
     if prompt:
         origin = "--system-prompt" if systems.system_prompt_override else "the run's training data"
         print(
-            f"conversations without a system message get the system prompt from {origin}: {prompt!r} (--system-prompt '' for none)",
+            f"conversations without a system message get the system prompt from {origin}: {prompt!r} "
+            "(--system-prompt '' for none)",
             file=sys.stderr,
         )
 
@@ -206,8 +207,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
             print(f"  {m['prompt'][:60]!r}: adapter {m['adapter'][:60]!r} vs merged {m['merged'][:60]!r}")
         if report["dtype"] != "float32":
             print(
-                f"in {report['dtype']} the adapter's update can fall below the weights' rounding step: `tuneforge merge "
-                f"--dtype float32` keeps it (twice the size), or serve the adapter on its base (finetuned, vLLM LoRA)"
+                f"in {report['dtype']} the adapter's update can fall below the weights' rounding step: "
+                f"`tuneforge merge --dtype float32` keeps it (twice the size), "
+                f"or serve the adapter on its base (finetuned, vLLM LoRA)"
             )
         return 1
     print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
@@ -287,11 +289,12 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         result = export(records, run.sub("feedback", "export"))
         for kind, found in result.items():
             print(
-                f"{kind}: {found['lines']} lines -> {found['path']} ({found['duplicates']} duplicates, {found['invalid']} invalid left out)"
+                f"{kind}: {found['lines']} lines -> {found['path']} "
+                f"({found['duplicates']} duplicates, {found['invalid']} invalid left out)"
             )
         print(
-            "train on them: data.train: <that file> (with train.method: dpo and data.format: preference for the pairs), "
-            "or data.feedback: true"
+            "train on them: data.train: <that file> (with train.method: dpo and data.format: preference "
+            "for the pairs), or data.feedback: true"
         )
         return 0
     summary = summarise(records)
@@ -313,8 +316,8 @@ def cmd_rag(args: argparse.Namespace) -> int:
     if args.action == "build":
         summary = rag.build(experiment, run)
         print(
-            f"indexed {summary['count']} chunks of {summary['documents']} documents ({summary['index']}, dim {summary['dim']}) "
-            f"in {run.sub('rag')}"
+            f"indexed {summary['count']} chunks of {summary['documents']} documents "
+            f"({summary['index']}, dim {summary['dim']}) in {run.sub('rag')}"
         )
         return 0
     if args.action == "query":
@@ -343,12 +346,13 @@ def cmd_rag(args: argparse.Namespace) -> int:
     follow = report["multi_turn"]
     if follow["questions"]:
         print(
-            f"  of which {follow['questions']} in conversations (retrieved with their earlier turns): recall@1 {follow['recall@1']:.3f}, "
-            f"recall@{k} {follow[f'recall@{k}']:.3f}"
+            f"  of which {follow['questions']} in conversations (retrieved with their earlier turns): "
+            f"recall@1 {follow['recall@1']:.3f}, recall@{k} {follow[f'recall@{k}']:.3f}"
         )
     for miss in report["misses"]:
         print(
-            f"  missed: {miss['question'][:70]!r} wants {miss['expected']}, got {', '.join(dict.fromkeys(miss['retrieved'])) or 'nothing'}"
+            f"  missed: {miss['question'][:70]!r} wants {miss['expected']}, "
+            f"got {', '.join(dict.fromkeys(miss['retrieved'])) or 'nothing'}"
         )
     print(f"details in {run.sub('rag', 'eval.json')}")
     return 0

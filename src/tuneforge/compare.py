@@ -350,7 +350,8 @@ def metrics_chart(summary: dict) -> bytes | None:
         ax.axvline(base.pop(), color="crimson", linestyle="--", linewidth=1, label="base")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(
-        f"{summary['metric']} ({'higher' if summary['goal'] == 'max' else 'lower'} is better; 95% interval where eval gives one)"
+        f"{summary['metric']} ({'higher' if summary['goal'] == 'max' else 'lower'} is better; "
+        "95% interval where eval gives one)"
     )
     ax.set_title("Eval metric by run (best in green)")
     return _png(figure)
@@ -490,7 +491,8 @@ def _notes(summary: dict) -> list[str]:
         )
     if summary["best"]:
         notes.append(
-            f"Best by {summary['metric']} ({summary['goal']}): {summary['best']['run']} ({summary['best']['value']:.4g}); "
+            f"Best by {summary['metric']} ({summary['goal']}): {summary['best']['run']} "
+            f"({summary['best']['value']:.4g}); "
             "its experiment is in best.yaml: tuneforge run best.yaml"
         )
     else:
@@ -532,12 +534,15 @@ def page(summary: dict, charts: dict[str, bytes]) -> str:
                 for name, png in charts.items()
             ]
     style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}tr.best td{background:#e6f4ea;font-weight:bold}"
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}"
+        "tr.best td{background:#e6f4ea;font-weight:bold}"
         "img{max-width:100%;margin:0.5em 0}"
     )
     return (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>tuneforge compare</title><style>{style}</style></head>'
+        '<!doctype html><html><head><meta charset="utf-8"><title>tuneforge compare</title>'
+        f"<style>{style}</style></head>"
         f"<body>{''.join(parts)}</body></html>\n"
     )
 

@@ -7,5 +7,6 @@ from pathlib import Path
 
 
 def cache_home() -> Path:
-    """What tuneforge keeps across runs (converted models, tokenizer files): $TUNEFORGE_HOME, else ~/.cache/tuneforge."""
+    """What tuneforge keeps across runs (converted models, tokenizer files): $TUNEFORGE_HOME, else
+    ~/.cache/tuneforge."""
     return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".cache" / "tuneforge")

@@ -72,7 +72,8 @@ def merge(
     if merge_device(materialize(resolve(experiment.model.ref)), width) == "cpu":
         cpu_dtype = "bfloat16" if dtype == "auto" else dtype
         print(
-            f"the GPU cannot hold the {8 * width}-bit base beside the merge: merging on the CPU in {cpu_dtype} (slower, same result)",
+            f"the GPU cannot hold the {8 * width}-bit base beside the merge: "
+            f"merging on the CPU in {cpu_dtype} (slower, same result)",
             flush=True,
         )
         experiment = experiment.model_copy(
@@ -155,8 +156,10 @@ def gguf_converter() -> str:
     script = next((c for c in candidates if c and Path(c).exists()), None)
     if script is None:
         raise TuneforgeError(
-            "merge --gguf needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, `pip install -r requirements.txt` there, "
-            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); nothing was merged (drop --gguf for safetensors only)"
+            "merge --gguf needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, "
+            "`pip install -r requirements.txt` there, "
+            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); "
+            "nothing was merged (drop --gguf for safetensors only)"
         )
     return script
 

@@ -116,7 +116,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     )
     if unexpected or missing:
         raise TuneforgeError(
-            f"{gguf.name}: weights did not map onto the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{gguf.name}: weights did not map onto the rebuilt model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     rebuilt.generation_config = loaded.generation_config
     with atomic_dir(target) as tmp:
@@ -168,7 +169,8 @@ def plan_device(section: ModelSection) -> DevicePlan:
         dtype = "float32" if device == "cpu" else ("bfloat16" if bf16_ok else "float16")
     if dtype == "bfloat16" and not bf16_ok:
         raise TuneforgeError(
-            f"model.dtype: bfloat16 needs an Ampere or newer GPU (compute capability 8.0); {name} lacks it. Use float16 or auto"
+            f"model.dtype: bfloat16 needs an Ampere or newer GPU (compute capability 8.0); "
+            f"{name} lacks it. Use float16 or auto"
         )
     if dtype == "float16" and device == "cpu":
         raise TuneforgeError("model.dtype: float16 is a GPU dtype; on CPU use float32 (or bfloat16)")
@@ -221,7 +223,10 @@ def flash_attn_problem() -> str | None:
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
     except Exception as exc:  # ImportError, OSError from a mismatched binary, ...
-        return f"it is installed but cannot be imported ({type(exc).__name__}: {str(exc)[:200]}); reinstall it for this torch and CUDA"
+        return (
+            f"it is installed but cannot be imported ({type(exc).__name__}: {str(exc)[:200]}); "
+            "reinstall it for this torch and CUDA"
+        )
     return None
 
 
@@ -251,7 +256,8 @@ def load_tokenizer(section: ModelSection, location: str | None = None):
         )
     elif not tokenizer.chat_template:
         raise TuneforgeError(
-            f"model {section.ref}: its tokenizer has no chat template (a base model?), so chat examples cannot be rendered; "
+            f"model {section.ref}: its tokenizer has no chat template (a base model?), "
+            "so chat examples cannot be rendered; "
             "set model.chat_template: chatml, or a Jinja template in the format you will serve it with"
         )
     return tokenizer
@@ -264,13 +270,18 @@ def chatml_template(tokenizer, ref: str) -> str:
     token where the tokenizer puts one before plain text (Llama-2 and Gemma read badly without it)."""
     if not tokenizer.eos_token:
         raise TuneforgeError(
-            f"model {ref}: model.chat_template: chatml ends each turn with the end-of-sequence token, and this tokenizer has none; give a Jinja template"
+            f"model {ref}: model.chat_template: chatml ends each turn with the end-of-sequence token, "
+            "and this tokenizer has none; give a Jinja template"
         )
     bos = tokenizer.bos_token
     opens_with_bos = bool(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     return (
         ("{{ bos_token }}" if opens_with_bos else "")
-        + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + eos_token + '\\n' }}{% endfor %}"
+        + (
+            "{% for message in messages %}"
+            "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + eos_token + '\\n' }}"
+            "{% endfor %}"
+        )
         + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
 

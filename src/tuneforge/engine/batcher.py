@@ -96,7 +96,8 @@ class Row:
 
 
 class RowStreamer:
-    """transformers' streamer protocol for a whole batch: put() gets the prompt once, then one token per row per step."""
+    """transformers' streamer protocol for a whole batch: put() gets the prompt once, then one token per row per
+    step."""
 
     def __init__(self, rows: list[Row]):
         self.rows = rows

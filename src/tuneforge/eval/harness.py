@@ -64,7 +64,8 @@ class Outcome:
 
 
 def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
-    """eval.data mapped like prepare maps data (template, label), else the run's prepared valid split; sampled with the seed."""
+    """eval.data mapped like prepare maps data (template, label), else the run's prepared valid split; sampled with
+    the seed."""
     from tuneforge.data.prepared import load_prepared
     from tuneforge.data.split import sample
 
@@ -409,8 +410,9 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
     if judged:
         for pair in judged["pairs"]:
             print(
-                f"judge {judged['model']}: {pair['first']} vs {pair['second']}: {pair['wins']} wins, {pair['ties']} ties, "
-                f"{pair['losses']} losses (win rate {pair['win_rate']:.2f}, 95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})"
+                f"judge {judged['model']}: {pair['first']} vs {pair['second']}: "
+                f"{pair['wins']} wins, {pair['ties']} ties, {pair['losses']} losses (win rate {pair['win_rate']:.2f}, "
+                f"95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})"
             )
     print(f"eval report: {folder / 'report.html'} (metrics.json, predictions.csv, report.md beside it)")
     return 0

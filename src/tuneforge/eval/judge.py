@@ -30,7 +30,8 @@ def judge_prompt(rubric: str, question: str, reference: str | None, first: str, 
         {"role": "system", "content": SYSTEM_PROMPT},
         {
             "role": "user",
-            "content": f"{rubric}\n\n[Question]\n{question}\n\n{reference_part}[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
+            "content": f"{rubric}\n\n[Question]\n{question}\n\n{reference_part}"
+            f"[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
             'End your reply with one line: "Verdict: A" if answer A is better, "Verdict: B" if answer B is '
             'better, or "Verdict: tie".',
         },

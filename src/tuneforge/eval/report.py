@@ -286,11 +286,13 @@ def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list
 def _explanation(classification: bool) -> str:
     if classification:
         return (
-            "Local systems answer with the label of highest likelihood given the prompt; hosted ones answer and the answer "
-            "is read as a label. Brackets: 95% bootstrap interval. ROC-AUC uses the label probabilities (one-vs-rest for more than two labels)."
+            "Local systems answer with the label of highest likelihood given the prompt; "
+            "hosted ones answer and the answer is read as a label. Brackets: 95% bootstrap interval. "
+            "ROC-AUC uses the label probabilities (one-vs-rest for more than two labels)."
         )
     return (
-        "similarity: cosine of the answer's and the reference's embeddings; quality: answer-to-question similarity on 0-100; "
+        "similarity: cosine of the answer's and the reference's embeddings; "
+        "quality: answer-to-question similarity on 0-100; "
         "ROUGE-L and BLEU against the reference; perplexity: of the reference answer under the system, per token "
         "(per word for ngram, so not comparable with the models). Brackets: 95% bootstrap interval."
     )
@@ -389,8 +391,15 @@ def _html(experiment: Experiment, items, outcomes, table, judged, charts, classi
     parts.append("<h2>Examples</h2>")
     for index, item in enumerate(items[:SIDE_BY_SIDE]):
         parts.append(
-            f"<h3>{esc(item.id)}</h3><p><b>Question:</b> {esc(item.question)}</p><p><b>Reference:</b> {esc(item.reference or item.label or '')}</p>"
+            f"<h3>{esc(item.id)}</h3><p><b>Question:</b> {esc(item.question)}</p>"
+            f"<p><b>Reference:</b> {esc(item.reference or item.label or '')}</p>"
         )
         parts.append(grid([o.name for o in outcomes], [[o.answers[index] for o in outcomes]]))
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:100%;margin:0.5em 0}"
-    return f'<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(experiment.name)}</title><style>{style}</style></head><body>{"".join(parts)}</body></html>\n'
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:100%;margin:0.5em 0}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(experiment.name)}</title>'
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )

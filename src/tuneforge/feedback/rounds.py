@@ -45,7 +45,8 @@ def feedback_data(experiment: Experiment, run: RunDir):
     if not found["lines"]:
         counts = ", ".join(f"{k}: {v['lines']}" for k, v in result.items())
         raise TuneforgeError(
-            f"data.feedback: the feedback holds no {kind} examples for train.method {experiment.train.method} ({counts})"
+            f"data.feedback: the feedback holds no {kind} examples for train.method {experiment.train.method} "
+            f"({counts})"
         )
     if experiment.data.train is not None:
         print(

@@ -209,7 +209,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Feedback: {summary['records']} records",
         "",
-        f"{kinds['thumb']} thumbs, {kinds['correction']} corrections, {kinds['vote']} votes, {kinds['contribution']} contributed examples"
+        f"{kinds['thumb']} thumbs, {kinds['correction']} corrections, {kinds['vote']} votes, "
+        f"{kinds['contribution']} contributed examples"
         + (f"; from {len(summary['logins'])} logins" if summary["logins"] else ""),
         "",
     ]
@@ -254,7 +255,8 @@ def markdown(summary: dict[str, Any]) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['prompt'][:80].replace('|', '/')} | {r['a']} | {r['b']} | {r['votes']} | {r['a_wins']} / {r['ties']} / {r['b_wins']} |"
+            f"| {r['prompt'][:80].replace('|', '/')} | {r['a']} | {r['b']} | {r['votes']} | "
+            f"{r['a_wins']} / {r['ties']} / {r['b_wins']} |"
             for r in summary["disagreement"]
         ]
     return "\n".join(lines) + "\n"

@@ -67,7 +67,8 @@ def build(
     limit = embedder.model.max_seq_length - 2  # room for the embedder's [CLS] and [SEP]
     if rag.chunk_tokens > limit:
         raise TuneforgeError(
-            f"rag.chunk_tokens {rag.chunk_tokens} is longer than {rag.embedder} reads ({limit} tokens); the rest would be ignored"
+            f"rag.chunk_tokens {rag.chunk_tokens} is longer than {rag.embedder} reads ({limit} tokens); "
+            "the rest would be ignored"
         )
     chunks = store.chunk_documents(docs, embedder.tokenizer, rag.chunk_tokens, rag.chunk_overlap)
     if not chunks:

@@ -199,7 +199,8 @@ def load(folder: Path, embedder_ref: str):
     sidecar = json.loads(sidecar_path.read_text())
     if sidecar.get("embedder") != embedder_ref:
         raise TuneforgeError(
-            f"{folder}: the index was built with {sidecar.get('embedder')!r} but rag.embedder is {embedder_ref!r}; rebuild it"
+            f"{folder}: the index was built with {sidecar.get('embedder')!r} "
+            f"but rag.embedder is {embedder_ref!r}; rebuild it"
         )
     try:
         index = faiss.read_index(str(folder / "index.faiss"))

@@ -98,7 +98,10 @@ class Store:
 
     def files(self, project: str, purpose: str | None = None, newest_first: bool = True) -> list[dict]:
         order = "DESC" if newest_first else "ASC"
-        sql = f"SELECT obj FROM files WHERE project = ?{' AND purpose = ?' if purpose else ''} ORDER BY created_at {order}, rowid {order}"
+        sql = (
+            f"SELECT obj FROM files WHERE project = ?{' AND purpose = ?' if purpose else ''} "
+            f"ORDER BY created_at {order}, rowid {order}"
+        )
         return [json.loads(r[0]) for r in self._rows(sql, (project, purpose) if purpose else (project,))]
 
     def delete_file(self, file_id: str, in_use: Callable[[sqlite3.Connection], str | None]) -> str | None:

@@ -122,10 +122,12 @@ def short_model_name(ref: str) -> str:
 def local_train_section(
     train, hyperparameters: dict[str, Any], has_validation: bool, method: str = "supervised"
 ) -> dict[str, Any]:
-    """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the experiment's value).
+    """The server experiment's local train section with a job's hyperparameters applied ("auto" keeps the
+    experiment's value).
 
     n_epochs -> epochs, batch_size -> batch_size (examples per optimizer step, as OpenAI counts it),
-    learning_rate_multiplier -> train.lr_multiplier (a multiple of train.lr, or of the auto rate), beta -> train.dpo.beta.
+    learning_rate_multiplier -> train.lr_multiplier (a multiple of train.lr, or of the auto rate),
+    beta -> train.dpo.beta.
     A server started with train.max_steps keeps it: every job then runs that many steps (it overrides epochs).
     """
     section = train.model_dump()

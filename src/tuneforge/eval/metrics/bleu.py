@@ -9,7 +9,9 @@ class Bleu(evaluate.Metric):
 
     def _info(self):
         return evaluate.MetricInfo(
-            description="sacreBLEU corpus BLEU (13a tokenizer) and exponentially smoothed sentence BLEU, one reference each.",
+            description=(
+                "sacreBLEU corpus BLEU (13a tokenizer) and exponentially smoothed sentence BLEU, one reference each."
+            ),
             citation="Post, A Call for Clarity in Reporting BLEU Scores, 2018.",
             inputs_description="predictions: list of str; references: list of str",
             features=datasets.Features(
