@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from tuneforge.engine.batcher import Batcher
 from tuneforge.engine.transformers import Answer, Engine, Settings
 
 
@@ -57,8 +60,6 @@ def test_sampling_is_seeded(engine):
 
 def _concurrently(calls):
     """Run the callables on threads started together; results in order."""
-    import threading
-
     results: list = [None] * len(calls)
     start = threading.Barrier(len(calls))
 
@@ -74,56 +75,94 @@ def _concurrently(calls):
     return results
 
 
-def test_concurrent_callers_share_batches_and_get_their_own_answers(engine):
+def _first_batch_waits_for(monkeypatch, count: int) -> None:
+    """The batcher's first batch starts only once `count` requests are queued, so callers started together share it
+    however slowly their threads reach the queue on a busy machine (the batcher's own wait is 20-100 ms). Patched before
+    `engine.batcher()` starts the worker thread; the batcher's own grouping then decides what goes together."""
+    original = Batcher._next_batch
+    first = [True]
+
+    def gated(self):
+        if first[0]:
+            with self.ready:
+                self.ready.wait_for(lambda: len(self.waiting) >= count, timeout=60)  # submit() notifies on each request
+            first[0] = False
+        return original(self)
+
+    monkeypatch.setattr(Batcher, "_next_batch", gated)
+
+
+def _finishes(call, seconds: float = 60):
+    """call() on a thread; fails if it has not returned within `seconds` (a deadlock), else its result or its error."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised here, on the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s: a deadlock"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_answers(engine, monkeypatch):
     budgets = [12, 3, 7, 12] * 2
     chats = CHATS * 2
     alone = [engine.generate([c], Settings(max_new_tokens=b), batch_size=1)[0] for c, b in zip(chats, budgets)]
+    _first_batch_waits_for(monkeypatch, len(chats))
     batcher = engine.batcher()
-    batcher.window_s = 0.2  # the eight threads arrive together
-    before = batcher.batches
     together = _concurrently([lambda c=c, b=b: engine.answer(c, Settings(max_new_tokens=b)) for c, b in zip(chats, budgets)])
-    assert batcher.batches - before < len(chats)  # some generate calls were shared
+    assert batcher.batches == 1  # all eight greedy requests, with their different budgets, in one generate call
     assert [a.text for a in together] == [a.text for a in alone]  # greedy: batching changes no answer
     assert [a.completion_tokens for a in together] == [a.completion_tokens for a in alone]
     assert [a.finish_reason for a in together] == [a.finish_reason for a in alone]
 
 
-def test_concurrent_streams_each_add_up_to_their_answer(engine):
+def test_concurrent_streams_each_add_up_to_their_answer(engine, monkeypatch):
+    _first_batch_waits_for(monkeypatch, len(CHATS))
     batcher = engine.batcher()
-    batcher.window_s = 0.2
-    before = batcher.batches
     streams = _concurrently([lambda c=c: list(engine.stream(c, Settings(max_new_tokens=10))) for c in CHATS])
-    assert batcher.batches - before == 1
+    assert batcher.batches == 1  # the four streams shared one generate call
     for chat, pieces in zip(CHATS, streams):
         assert isinstance(pieces[-1], Answer) and all(isinstance(p, str) for p in pieces[:-1])
         assert "".join(pieces[:-1]).strip() == pieces[-1].text
         assert pieces[-1].text == engine.generate([chat], Settings(max_new_tokens=10), batch_size=1)[0].text
 
 
-def test_a_stop_string_ends_its_row_only_and_is_never_streamed(engine):
+def test_a_stop_string_ends_its_row_only_and_is_never_streamed(engine, monkeypatch):
     free = engine.generate([CHATS[0]], Settings(max_new_tokens=12))[0].text
     stop = free.split()[1] if len(free.split()) > 1 else free[2:4]
+    _first_batch_waits_for(monkeypatch, 2)
     batcher = engine.batcher()
-    batcher.window_s = 0.2
     stopped, other = _concurrently([lambda: list(engine.stream(CHATS[0], Settings(max_new_tokens=12, stop=(stop,)))),
                                     lambda: engine.answer(CHATS[2], Settings(max_new_tokens=12))])
+    assert batcher.batches == 1  # one batch: the stop string ended one row of it, not the generate call
     assert stopped[-1].finish_reason == "stop" and stop not in "".join(stopped[:-1])
     assert "".join(stopped[:-1]).strip() == stopped[-1].text == free[: free.index(stop)].strip()
     assert other.text == engine.generate([CHATS[2]], Settings(max_new_tokens=12))[0].text
 
 
 def test_a_caller_that_leaves_ends_its_row_and_an_error_reaches_every_caller(engine, monkeypatch):
+    expected = {n: engine.generate([CHATS[2]], Settings(max_new_tokens=n))[0] for n in (3, 4)}  # before anything can hang
     stream = engine.stream(CHATS[0], Settings(max_new_tokens=200))
     first = next(stream)
     assert isinstance(first, str)
     stream.close()  # the client hung up
-    assert engine.answer(CHATS[2], Settings(max_new_tokens=4)).completion_tokens <= 4  # the model is free again
+    answer = _finishes(lambda: engine.answer(CHATS[2], Settings(max_new_tokens=4)))  # the model is free again...
+    assert (answer.text, answer.completion_tokens) == (expected[4].text, expected[4].completion_tokens)  # ...and answers
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(engine.model, "generate", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        list(engine.stream(CHATS[0], Settings(max_new_tokens=5)))  # ends with the error instead of hanging
+        _finishes(lambda: list(engine.stream(CHATS[0], Settings(max_new_tokens=5))))  # ends with the error, not hanging
     monkeypatch.undo()
-    assert engine.answer(CHATS[2], Settings(max_new_tokens=3)).completion_tokens <= 3  # and the lock was released
+    answer = _finishes(lambda: engine.answer(CHATS[2], Settings(max_new_tokens=3)))  # and the lock was released
+    assert (answer.text, answer.completion_tokens) == (expected[3].text, expected[3].completion_tokens)
