@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from tqdm.auto import tqdm
 
@@ -19,6 +19,11 @@ from tuneforge.data.preference import fit_pair, pair_sides, read_pair
 from tuneforge.data.tools import from_legacy
 from tuneforge.data.validate import check_record
 from tuneforge.errors import ConfigError, TuneforgeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tuneforge.config import Experiment
 
 RECORD_EXTRAS = ("tools", "parallel_tool_calls")  # record-level keys carried into the prepared file as given
 ENCODE_BATCH = 256
@@ -51,7 +56,7 @@ class Collected:
 
 
 class Preparer:
-    def __init__(self, experiment, tokenizer, progress: bool = True):
+    def __init__(self, experiment: Experiment, tokenizer, progress: bool = True):
         self.experiment = experiment
         self.data = experiment.data
         self.encoder = ChatEncoder(tokenizer)
@@ -123,70 +128,51 @@ class Preparer:
     def _tables(self, key: str, files: list[tuple], out: Collected, sample: int | None) -> None:
         """files: (name, chunks) or (name, chunks, TableFile) per file."""
         clean = self.data.clean
-        counts = tables.TableCounts()
         deduper = tables.Deduper() if clean.dedupe else None
-        sampler = tables.Sampler(sample, self.experiment.seed)
-        after_dedupe = 0
-        names: dict[int, str] = {}
-        encodings: dict[str, str] = {}
-        ragged_rows = 0
+        state = _TableState(tables.TableCounts(), deduper, tables.Sampler(sample, self.experiment.seed))
         with tqdm(desc=f"reading {key}", unit=" rows", disable=not self.progress, unit_scale=True) as bar:
             for file_index, (name, chunks, *info) in enumerate(files):
-                names[file_index] = name
                 table = info[0] if info else None
+                state.names[file_index] = name
                 if table is not None and table.text:
-                    encodings[name] = table.note()
+                    state.encodings[name] = table.note()
                 for chunk in chunks:
                     bar.update(len(chunk))
-                    if table is not None and table.ragged:
-                        ragged = chunk[tables.ROW].isin(table.ragged.keys()).to_numpy()
-                        for record in chunk[ragged].to_dict("records"):
-                            line, fields = table.ragged[record[tables.ROW]]
-                            where = f"{name} row {record[tables.ROW]}"
-                            problem = Problem(where, "ragged_row", f"line {line} has {fields} field{'s' if fields != 1 else ''} where the header has {table.header_fields}; quote the cell that holds the delimiter")
-                            out.reject(where, [problem], {k: v for k, v in record.items() if not k.startswith("__")})
-                        ragged_rows += int(ragged.sum())
-                        counts.rows_read += int(ragged.sum())
-                        chunk = chunk[~ragged]
-                    chunk = tables.clean_chunk(chunk, clean, counts)
-                    if deduper is not None:
-                        chunk = deduper(chunk, counts)
-                    after_dedupe += len(chunk)
-                    chunk = chunk.assign(__file__=file_index)
-                    sampler.add(chunk)
-        out.stage("read", counts.rows_read)
-        running = counts.rows_read
-        if ragged_rows:
-            running -= ragged_rows
-            out.stage("ragged rows (rejected)", running)
-        for column, dropped in counts.dropped_empty.items():
-            running -= dropped
-            out.stage(f"empty {column} (dropped)", running)
-        if deduper is not None:
-            out.stage("exact duplicates", after_dedupe)
-        rows = sampler.rows()
+                    self._read_chunk(chunk, file_index, table, state, out)
+        _table_stages(state, out)
+        rows = state.sampler.rows()
         if sample is not None:
             out.stage(f"seeded sample of {sample}", len(rows))
-        out.cleaning = {
-            **({"encoding": encodings} if encodings else {}),
-            "html_entities_unescaped": counts.unescaped,
-            "whitespace_normalised": counts.whitespace_fixed,
-            "empty_cells": dict(counts.emptied),
-            "empty_cells_filled": dict(counts.filled),
-        }
-        template = self.data.template
+        out.cleaning = _cleaning(state)
+        self._table_examples(rows, state.names, out)
+
+    def _read_chunk(
+        self, chunk: pd.DataFrame, file_index: int, table: tables.TableFile | None, state: _TableState, out: Collected
+    ) -> None:
+        """Clean, dedupe and offer one chunk to the sample; a file's ragged rows are rejected first."""
+        if table is not None and table.ragged:
+            chunk = _reject_ragged(chunk, state.names[file_index], table, state, out)
+        chunk = tables.clean_chunk(chunk, self.data.clean, state.counts)
+        if state.deduper is not None:
+            chunk = state.deduper(chunk, state.counts)
+        state.after_dedupe += len(chunk)
+        state.sampler.add(chunk.assign(__file__=file_index))
+
+    def _table_examples(self, rows: pd.DataFrame, names: dict[int, str], out: Collected) -> None:
+        """The sampled rows through the template into chat examples; a row that renders invalid is rejected."""
         for record in rows.to_dict("records"):
-            where = f"{names[record['__file__']]} row {record[tables.ROW]}"
-            messages = convert.render_row(template, record)
+            name = names[record["__file__"]]
+            where = f"{name} row {record[tables.ROW]}"
+            messages = convert.render_row(self.data.template, record)
             problems = check_record({"messages": messages}, where)
             if any(p.severity == "error" for p in problems):
-                hint = " (add the column to data.clean.drop_empty or fill_empty)" if any(p.code == "missing_content" for p in problems) else ""
-                for p in problems:
-                    p.message += hint
-                out.reject(where, problems, {k: v for k, v in record.items() if not k.startswith("__")})
+                if any(p.code == "missing_content" for p in problems):
+                    for p in problems:
+                        p.message += " (add the column to data.clean.drop_empty or fill_empty)"
+                out.reject(where, problems, _visible(record))
                 continue
             label = record.get(self.data.label) if self.data.label else None
-            out.examples.append(Example(messages, f"{Path(names[record['__file__']]).stem}:row{record[tables.ROW]}", where, label))
+            out.examples.append(Example(messages, f"{Path(name).stem}:row{record[tables.ROW]}", where, label))
         out.stage("valid chat examples", len(out.examples))
 
     def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:
@@ -258,42 +244,127 @@ class Preparer:
             out.stage(f"answer shorter than {data.clean.min_chars} chars", len(out.examples))
         kept: list[Example] = []
         too_long = 0
-        batches = range(0, len(out.examples), ENCODE_BATCH)
         with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
-            for start in batches:
+            for start in range(0, len(out.examples), ENCODE_BATCH):
                 batch = out.examples[start : start + ENCODE_BATCH]
                 for example, sequences in zip(batch, self._encode(batch)):
-                    longest = max((len(s.input_ids) for s in sequences), default=0)
-                    if longest > data.max_length:
+                    fitted = self._fit_length(example, sequences, out)
+                    if fitted is None:
                         if data.overflow == "drop":
                             too_long += 1
-                            continue
-                        if data.overflow == "error":
-                            out.reject(example.where, [Problem(example.where, "too_long", f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)")], example.openai_record())
-                            continue
-                        if example.rejected is not None:
-                            prompt, sequences = fit_pair(self.encoder, example.messages, example.rejected, data.max_length, "truncate",
-                                                         example.extra.get("tools"))
-                            example.messages = [*prompt, example.messages[-1]]
-                        else:
-                            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate",
-                                                                           example.extra.get("tools"))
-                    sequences = [s for s in sequences if s.n_trainable]
-                    if not sequences:
-                        out.reject(example.where, [Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")], example.openai_record())
-                        continue
-                    example.sequences = [(len(s.input_ids), s.n_trainable) for s in sequences]
-                    example.n_tokens = max(n for n, _ in example.sequences)
-                    example.n_trainable = sum(n for _, n in example.sequences)
-                    example.truncated = any(s.truncated for s in sequences)
-                    example.missing_eot = any(s.missing_eot for s in sequences)
-                    kept.append(example)
+                    elif _count_tokens(example, fitted, out):
+                        kept.append(example)
                 bar.update(len(batch))
         out.examples = kept
-        label = {"drop": "longer than max_length (dropped)", "error": "longer than max_length (error)", "truncate": "fits max_length"}[data.overflow]
+        label = {
+            "drop": "longer than max_length (dropped)",
+            "error": "longer than max_length (error)",
+            "truncate": "fits max_length",
+        }[data.overflow]
         out.stage(label, len(out.examples))
         if too_long:
-            out.problems.append(Problem("data", "too_long_dropped", f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)", "warning"))
+            message = f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)"
+            out.problems.append(Problem("data", "too_long_dropped", message, "warning"))
+
+    def _fit_length(self, example: Example, sequences: list, out: Collected) -> list | None:
+        """The example's sequences within data.max_length, truncated if need be; None when overflow drops or
+        rejects the example."""
+        data = self.data
+        longest = max((len(s.input_ids) for s in sequences), default=0)
+        if longest <= data.max_length:
+            return sequences
+        if data.overflow == "drop":
+            return None
+        if data.overflow == "error":
+            message = f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)"
+            out.reject(example.where, [Problem(example.where, "too_long", message)], example.openai_record())
+            return None
+        tools = example.extra.get("tools")
+        if example.rejected is not None:
+            prompt, sequences = fit_pair(
+                self.encoder, example.messages, example.rejected, data.max_length, "truncate", tools
+            )
+            example.messages = [*prompt, example.messages[-1]]
+        else:
+            example.messages, sequences = self.encoder.fit(example.messages, data.max_length, "truncate", tools)
+        return sequences
+
+
+@dataclass
+class _TableState:
+    """What reading one source's tables gathers for its stages and its report."""
+
+    counts: tables.TableCounts
+    deduper: tables.Deduper | None
+    sampler: tables.Sampler
+    names: dict[int, str] = field(default_factory=dict)  # file index -> file name
+    encodings: dict[str, str] = field(default_factory=dict)  # file name -> how its encoding was settled
+    after_dedupe: int = 0
+    ragged_rows: int = 0
+
+
+def _reject_ragged(
+    chunk: pd.DataFrame, name: str, table: tables.TableFile, state: _TableState, out: Collected
+) -> pd.DataFrame:
+    """Reject the rows whose line has more or fewer fields than the header: their cells cannot be told apart."""
+    ragged = chunk[tables.ROW].isin(table.ragged.keys()).to_numpy()
+    for record in chunk[ragged].to_dict("records"):
+        line, fields = table.ragged[record[tables.ROW]]
+        where = f"{name} row {record[tables.ROW]}"
+        message = (
+            f"line {line} has {fields} field{'s' if fields != 1 else ''} where the header has {table.header_fields}; "
+            "quote the cell that holds the delimiter"
+        )
+        out.reject(where, [Problem(where, "ragged_row", message)], _visible(record))
+    state.ragged_rows += int(ragged.sum())
+    state.counts.rows_read += int(ragged.sum())  # clean_chunk counts the rows it sees, and these never reach it
+    return chunk[~ragged]
+
+
+def _table_stages(state: _TableState, out: Collected) -> None:
+    """The reading stages' counts: the rows read, then what each cleaning rule took away."""
+    counts = state.counts
+    out.stage("read", counts.rows_read)
+    running = counts.rows_read
+    if state.ragged_rows:
+        running -= state.ragged_rows
+        out.stage("ragged rows (rejected)", running)
+    for column, dropped in counts.dropped_empty.items():
+        running -= dropped
+        out.stage(f"empty {column} (dropped)", running)
+    if state.deduper is not None:
+        out.stage("exact duplicates", state.after_dedupe)
+
+
+def _cleaning(state: _TableState) -> dict[str, Any]:
+    counts = state.counts
+    return {
+        **({"encoding": state.encodings} if state.encodings else {}),
+        "html_entities_unescaped": counts.unescaped,
+        "whitespace_normalised": counts.whitespace_fixed,
+        "empty_cells": dict(counts.emptied),
+        "empty_cells_filled": dict(counts.filled),
+    }
+
+
+def _count_tokens(example: Example, sequences: list, out: Collected) -> bool:
+    """Record the example's token counts; False (and rejected) when no token is left to learn from."""
+    sequences = [s for s in sequences if s.n_trainable]
+    if not sequences:
+        problem = Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")
+        out.reject(example.where, [problem], example.openai_record())
+        return False
+    example.sequences = [(len(s.input_ids), s.n_trainable) for s in sequences]
+    example.n_tokens = max(n for n, _ in example.sequences)
+    example.n_trainable = sum(n for _, n in example.sequences)
+    example.truncated = any(s.truncated for s in sequences)
+    example.missing_eot = any(s.missing_eot for s in sequences)
+    return True
+
+
+def _visible(record: dict[str, Any]) -> dict[str, Any]:
+    """A table row as rejected.jsonl shows it: without the internal __row__ and __file__ columns."""
+    return {k: v for k, v in record.items() if not k.startswith("__")}
 
 
 def _last_answer(example: Example) -> str:
