@@ -1,48 +1,43 @@
 """The training plan: every `auto` knob of `train` chosen from the prepared data, each with its reason.
 
-On small data, what decides whether fine-tuning learns is the number of optimizer
-updates, not the number of passes. Measured on 480 real medication reviews (3
-labels, builtin SmolLM2, QLoRA, 2 epochs each): 26 steps gave 0.64 accuracy, 50
-gave 0.71, 120 gave 0.83; 204 steps (batch 4) and 406 steps (batch 2) both gave 0.787 on one held-out split.
-So the plan keeps the passes a dataset needs and makes the batch small enough to
-reach a minimum number of steps; a large dataset gets a larger batch and fewer
-passes instead. An explicit value in the experiment file always wins, and a plan
-that gives too few steps to learn is named with the keys that change it.
+On small data, what decides whether fine-tuning learns is the number of optimizer updates, not the number of
+passes. So the plan keeps the passes a dataset needs and makes the batch small enough to reach a minimum number of
+steps; a large dataset gets a larger batch and fewer passes instead. Answers of a label's length also need a higher
+rate, as each example teaches about one token. An explicit value in the experiment file always wins, and a plan
+that gives too few steps to learn is named with the keys that change it. The measurements behind each constant
+below are in docs/defaults.md.
 
-Answers of a label's length also need a higher rate: each example teaches about one
-token, and at LoRA's usual 2e-4 the builtin still sat near the label prior's
-entropy on its training reviews after two epochs (held-out 0.78). At 1e-3 over
-three epochs it fit them and reached 0.83 on the same held-out split (README).
-
-prepare computes the plan for its report and train computes it again from the
-same prepared data, so the two always agree.
+prepare computes the plan for its report and train computes it again from the same prepared data, so the two
+always agree.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.data.packing import pack
+
+if TYPE_CHECKING:
+    from tuneforge.config import LocalTrain
 
 # Examples whose answers are this short (a label, a number, a yes/no) carry about one
 # informative token each, so the number of updates is what they learn from.
 SHORT_ANSWER_TOKENS = 16
-MIN_STEPS_SHORT = 200  # short answers: on real reviews 26 steps gave 0.64, 50 gave 0.71, 120-204 gave 0.79-0.83, 406 no more (README)
-MIN_STEPS_LONG = 60  # long answers carry hundreds of supervised tokens a step: the support quickstart's eval loss flattens within 81 one-row steps
+MIN_STEPS_SHORT = 200  # short answers: fewer steps scored lower on real reviews, more scored no higher
+MIN_STEPS_LONG = 60  # long answers: the support quickstart's eval loss flattens within 81 one-row steps
 WARN_FRACTION = 0.5  # an explicit plan under half the minimum is warned about (26 and 50 steps both lost to TF-IDF)
-TARGET_EPOCHS = 3.0  # OpenAI's auto too; on real reviews the third pass still raised held-out accuracy (0.82 -> 0.83 at lr 1e-3)
+TARGET_EPOCHS = 3.0  # OpenAI's auto too; on real reviews the third pass still raised held-out accuracy
 MAX_EPOCHS = 10.0  # a tiny file is repeated to reach the minimum steps, but not without end
-MAX_EXAMPLE_PASSES = 25_000  # past this many example passes a large file gets fewer epochs (OpenAI's auto caps there too)
+MAX_EXAMPLE_PASSES = 25_000  # past this many example passes, fewer epochs (OpenAI's auto caps there too)
 MAX_BATCH = 32  # LoRA learns well at 8-32; larger batches only cut the number of updates
-MICRO_BATCH_TOKENS = 8_192  # tokens per forward pass that fit a 16 GB GPU with an 8B 4-bit base, and a CPU's cache-friendly size
+MICRO_BATCH_TOKENS = 8_192  # fits a 16 GB GPU with an 8B 4-bit base, and is a CPU's cache-friendly size
 EVALS_PER_RUN = 5  # enough points to see a curve and pick the best checkpoint; each costs a pass over the valid split
 LORA_LR = 2e-4  # long answers: hundreds of supervised tokens a step (the support quickstart's eval loss falls steadily)
-SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 epochs (0.78 held-out); 5e-4 gave 0.82, 1e-3 0.83
+SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 epochs, 1e-3 fit them
 FULL_FINETUNE_LR = 2e-5  # every weight moves: ten times lower than LoRA's adapters
 DPO_LORA_LR = 5e-5  # preference tuning starts from a policy that already answers well: a quarter of SFT's rate
-
 
 @dataclass
 class TrainingPlan:
@@ -83,102 +78,164 @@ def _pow2_floor(value: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(value, 1)))))
 
 
-def plan_training(train, lengths: list[int], trainable: list[int], labelled: bool, max_length: int, seed: int,
-                  world_size: int = 1) -> TrainingPlan:
-    """Resolve `train`'s auto values for examples of these token lengths and supervised-token counts."""
-    reasons: dict[str, str] = {}
-    set_in_file = "set in the experiment file"
-    n = max(len(lengths), 1)
-    median_length = sorted(lengths)[len(lengths) // 2] if lengths else 0
-    median_trainable = sorted(trainable)[len(trainable) // 2] if trainable else 0
+SET_IN_FILE = "set in the experiment file"
 
-    if getattr(train, "method", "sft") == "dpo":
-        packing, reasons["packing"] = False, "preference pairs: each row is one pair, preferred and non-preferred side by side"
-    elif train.packing != "auto":
-        packing, reasons["packing"] = bool(train.packing), set_in_file
-    elif labelled:
-        packing, reasons["packing"] = False, "labelled data: one example per row, so each step's batch counts examples"
-    elif median_length > max_length / 2:
-        packing, reasons["packing"] = False, f"the median example ({median_length} tokens) fills over half of max_length {max_length}"
-    else:
-        packing, reasons["packing"] = True, f"short examples (median {median_length} tokens) share rows of {max_length}"
+
+def plan_training(
+    train: LocalTrain,
+    lengths: list[int],
+    trainable: list[int],
+    labelled: bool,
+    max_length: int,
+    seed: int,
+    world_size: int = 1,
+) -> TrainingPlan:
+    """Resolve `train`'s auto values for examples of these token lengths and supervised-token counts."""
+    n = max(len(lengths), 1)
+    median_trainable = sorted(trainable)[len(trainable) // 2] if trainable else 0
+    reasons: dict[str, str] = {}
+    packing, reasons["packing"] = _packing(train, lengths, labelled, max_length)
     rows = max(1, len(pack(lengths, max_length, seed))) if packing and lengths else n
 
     short = median_trainable <= SHORT_ANSWER_TOKENS
     min_steps = MIN_STEPS_SHORT if short else MIN_STEPS_LONG
     answers = f"{'short' if short else 'long'} answers (median {median_trainable} supervised tokens)"
 
-    if train.epochs != "auto":
-        epochs, reasons["epochs"] = float(train.epochs), set_in_file
-    elif n * TARGET_EPOCHS > MAX_EXAMPLE_PASSES:
-        epochs = max(1.0, round(MAX_EXAMPLE_PASSES / n, 2))
-        reasons["epochs"] = f"{n} examples: capped at about {MAX_EXAMPLE_PASSES:,} example passes"
-    elif rows * TARGET_EPOCHS < min_steps:
-        epochs = min(MAX_EPOCHS, float(math.ceil(min_steps / rows)))
-        reasons["epochs"] = f"only {rows} rows: repeated to reach {min_steps} steps at batch 1 (at most {MAX_EPOCHS:g} epochs)"
-    else:
-        epochs, reasons["epochs"] = TARGET_EPOCHS, f"{TARGET_EPOCHS:g} passes (the default for {n} examples)"
-
-    micro_explicit = train.micro_batch_size != "auto"
-    accum_explicit = train.grad_accum != "auto"
-    if train.batch_size != "auto":
-        batch, reasons["batch_size"] = int(train.batch_size), set_in_file
-    elif micro_explicit and accum_explicit:
-        batch, reasons["batch_size"] = int(train.micro_batch_size) * int(train.grad_accum) * world_size, "micro_batch_size x grad_accum, both set in the file"
-    elif micro_explicit and int(train.micro_batch_size) * world_size >= _auto_batch(rows, epochs, min_steps):
-        batch = int(train.micro_batch_size) * world_size
-        reasons["batch_size"] = "one micro-batch of the size set in the file"
-    else:
-        batch = _auto_batch(rows, epochs, min_steps)
-        reasons["batch_size"] = (f"{answers}: the largest power of two up to {MAX_BATCH} that still gives at least "
-                                 f"{min_steps} steps")
-    batch = max(batch, world_size)
-
-    if micro_explicit:
-        micro = int(train.micro_batch_size)
-    else:
-        per_process = max(1, batch // world_size)
-        fits = _pow2_floor(MICRO_BATCH_TOKENS / max(max(lengths, default=1) if not packing else max_length, 1))
-        # the largest micro-batch that fits and divides the batch, so the batch that runs is the one planned
-        micro = max(d for d in range(1, min(per_process, fits) + 1) if per_process % d == 0) if not accum_explicit \
-            else max(1, per_process // int(train.grad_accum))
-    accum = int(train.grad_accum) if accum_explicit else max(1, math.ceil(batch / (micro * world_size)))
+    epochs, reasons["epochs"] = _epochs(train, n, rows, min_steps)
+    batch, reasons["batch_size"] = _batch(train, rows, epochs, min_steps, answers, world_size)
+    longest = max_length if packing else max(lengths, default=1)
+    micro, accum = _micro_batches(train, batch, longest, world_size)
     batch = micro * accum * world_size  # what really runs
-
     steps_per_epoch = max(1, math.ceil(math.ceil(rows / (micro * world_size)) / accum))
     steps = train.max_steps or max(1, math.ceil(steps_per_epoch * epochs))
 
+    lr, reasons["lr"] = _lr(train, short, answers)
+    prompt_loss, reasons["prompt_loss_weight"] = _prompt_loss(train)
+    (eval_every, save_every), reasons["eval_every"] = _evaluations(train, steps)
+    warnings = _warnings(steps, min_steps, answers)
+    return TrainingPlan(
+        examples=n,
+        rows=rows,
+        packing=packing,
+        epochs=epochs,
+        batch_size=batch,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        steps=steps,
+        lr=lr,
+        prompt_loss_weight=prompt_loss,
+        eval_every=eval_every,
+        save_every=save_every,
+        min_steps=min_steps,
+        reasons=reasons,
+        warnings=warnings,
+    )
+
+
+def _packing(train: LocalTrain, lengths: list[int], labelled: bool, max_length: int) -> tuple[bool, str]:
+    median_length = sorted(lengths)[len(lengths) // 2] if lengths else 0
+    if getattr(train, "method", "sft") == "dpo":
+        return False, "preference pairs: each row is one pair, preferred and non-preferred side by side"
+    if train.packing != "auto":
+        return bool(train.packing), SET_IN_FILE
+    if labelled:
+        return False, "labelled data: one example per row, so each step's batch counts examples"
+    if median_length > max_length / 2:
+        return False, f"the median example ({median_length} tokens) fills over half of max_length {max_length}"
+    return True, f"short examples (median {median_length} tokens) share rows of {max_length}"
+
+
+def _epochs(train: LocalTrain, n: int, rows: int, min_steps: int) -> tuple[float, str]:
+    if train.epochs != "auto":
+        return float(train.epochs), SET_IN_FILE
+    if n * TARGET_EPOCHS > MAX_EXAMPLE_PASSES:
+        epochs = max(1.0, round(MAX_EXAMPLE_PASSES / n, 2))
+        return epochs, f"{n} examples: capped at about {MAX_EXAMPLE_PASSES:,} example passes"
+    if rows * TARGET_EPOCHS < min_steps:
+        epochs = min(MAX_EPOCHS, float(math.ceil(min_steps / rows)))
+        repeated = f"repeated to reach {min_steps} steps at batch 1 (at most {MAX_EPOCHS:g} epochs)"
+        return epochs, f"only {rows} rows: {repeated}"
+    return TARGET_EPOCHS, f"{TARGET_EPOCHS:g} passes (the default for {n} examples)"
+
+
+def _batch(
+    train: LocalTrain, rows: int, epochs: float, min_steps: int, answers: str, world_size: int
+) -> tuple[int, str]:
+    """Rows per optimizer step over all processes, before the micro-batches round it; at least one per process."""
+    micro_explicit = train.micro_batch_size != "auto"
+    if train.batch_size != "auto":
+        batch, reason = int(train.batch_size), SET_IN_FILE
+    elif micro_explicit and train.grad_accum != "auto":
+        batch = int(train.micro_batch_size) * int(train.grad_accum) * world_size
+        reason = "micro_batch_size x grad_accum, both set in the file"
+    elif micro_explicit and int(train.micro_batch_size) * world_size >= _auto_batch(rows, epochs, min_steps):
+        batch, reason = int(train.micro_batch_size) * world_size, "one micro-batch of the size set in the file"
+    else:
+        batch = _auto_batch(rows, epochs, min_steps)
+        reason = f"{answers}: the largest power of two up to {MAX_BATCH} that still gives at least {min_steps} steps"
+    return max(batch, world_size), reason
+
+
+def _micro_batches(train: LocalTrain, batch: int, longest: int, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) for the batch, with micro-batches of `longest`-token rows."""
+    accum_explicit = train.grad_accum != "auto"
+    if train.micro_batch_size != "auto":
+        micro = int(train.micro_batch_size)
+    elif accum_explicit:
+        micro = max(1, max(1, batch // world_size) // int(train.grad_accum))
+    else:
+        per_process = max(1, batch // world_size)
+        fits = _pow2_floor(MICRO_BATCH_TOKENS / max(longest, 1))
+        # the largest micro-batch that fits and divides the batch, so the batch that runs is the one planned
+        micro = max(d for d in range(1, min(per_process, fits) + 1) if per_process % d == 0)
+    accum = int(train.grad_accum) if accum_explicit else max(1, math.ceil(batch / (micro * world_size)))
+    return micro, accum
+
+
+def _lr(train: LocalTrain, short: bool, answers: str) -> tuple[float, str]:
     if train.lr != "auto":
-        lr, reasons["lr"] = float(train.lr), set_in_file
+        lr, reason = float(train.lr), SET_IN_FILE
     else:
         lr = auto_lr(train, short)
-        reasons["lr"] = ("full fine-tuning moves every weight: ten times below LoRA's rate" if train.full_finetune
-                         else "DPO on LoRA: a quarter of SFT's rate, as it starts from a policy that already answers"
-                         if getattr(train, "method", "sft") == "dpo" else
-                         f"LoRA's rate for {answers}, with warmup, cosine decay and clipping")
+        if train.full_finetune:
+            reason = "full fine-tuning moves every weight: ten times below LoRA's rate"
+        elif getattr(train, "method", "sft") == "dpo":
+            reason = "DPO on LoRA: a quarter of SFT's rate, as it starts from a policy that already answers"
+        else:
+            reason = f"LoRA's rate for {answers}, with warmup, cosine decay and clipping"
     multiplier = getattr(train, "lr_multiplier", 1.0)
     if multiplier != 1.0:
         lr *= multiplier
-        reasons["lr"] += f", times lr_multiplier {multiplier:g}"
+        reason += f", times lr_multiplier {multiplier:g}"
+    return lr, reason
 
-    prompt_loss = float(getattr(train, "prompt_loss_weight", 0.0))
-    reasons["prompt_loss_weight"] = set_in_file if prompt_loss else (
-        "off: the answer's tokens alone are learnt (at 0.1 on three splits of real reviews: 0.784 mean accuracy against "
-        "0.789 without, at 1.31x the time a step)")
 
+def _prompt_loss(train: LocalTrain) -> tuple[float, str]:
+    weight = float(getattr(train, "prompt_loss_weight", 0.0))
+    if weight:
+        return weight, SET_IN_FILE
+    return weight, "off: the answer's tokens alone are learnt (a loss on the prompt as well measured no better, and slower)"
+
+
+def _evaluations(train: LocalTrain, steps: int) -> tuple[tuple[int, int], str]:
+    """(eval_every, save_every): a checkpoint at each evaluation, so the best one can be kept."""
     eval_every = int(train.eval_every) if train.eval_every != "auto" else max(1, math.ceil(steps / EVALS_PER_RUN))
     save_every = int(train.save_every) if train.save_every != "auto" else eval_every
-    reasons["eval_every"] = set_in_file if train.eval_every != "auto" and train.save_every != "auto" else (
-        f"{EVALS_PER_RUN} evaluations a run, a checkpoint at each so the best one can be kept")
+    if train.eval_every != "auto" and train.save_every != "auto":
+        return (eval_every, save_every), SET_IN_FILE
+    reason = f"{EVALS_PER_RUN} evaluations a run, a checkpoint at each so the best one can be kept"
+    return (eval_every, save_every), reason
 
-    warnings = []
-    if steps < WARN_FRACTION * min_steps:
-        warnings.append(
-            f"only {steps} optimizer steps: {answers} learn from the number of updates, and under {min_steps} they barely do "
-            f"(on real reviews 26 steps scored below always answering the majority label). Lower train.batch_size "
-            f"(or micro_batch_size / grad_accum), raise train.epochs or train.max_steps, or set them to auto")
-    return TrainingPlan(n, rows, packing, epochs, batch, micro, accum, steps, lr, prompt_loss, eval_every, save_every, min_steps,
-                        reasons, warnings)
+
+def _warnings(steps: int, min_steps: int, answers: str) -> list[str]:
+    if steps >= WARN_FRACTION * min_steps:
+        return []
+    return [
+        f"only {steps} optimizer steps: {answers} learn from the number of updates, and under {min_steps} they "
+        "barely do (on real reviews 26 steps scored below always answering the majority label). Lower "
+        "train.batch_size (or micro_batch_size / grad_accum), raise train.epochs or train.max_steps, or set them "
+        "to auto"
+    ]
 
 
 def auto_lr(train, short_answers: bool = False) -> float:
