@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tuneforge.data.records import Example
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
 
 # OpenAI's documented defaults for choosing n_epochs when it is "auto": aim at
 # about 3 epochs, but at least 100 and at most 25,000 example passes in total.
@@ -49,19 +52,35 @@ def openai_epochs(n_examples: int) -> int:
     return epochs
 
 
-def local_plan(train: list[Example], experiment) -> dict[str, Any]:
+def local_plan(train: list[Example], experiment: Experiment) -> dict[str, Any]:
     """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
     from tuneforge.data.plan import plan_training
 
-    # what one row of training holds: a sequence, or a preference pair (both answers side by side)
-    sequences = [(sum(n for n, _ in e.sequences), e.n_trainable) if e.rejected is not None else s
-                 for e in train for s in ([None] if e.rejected is not None else (e.sequences or [(e.n_tokens, e.n_trainable)]))]
-    plan = plan_training(experiment.train, [n for n, _ in sequences], [t for _, t in sequences],
-                         experiment.data.label is not None, experiment.data.max_length, experiment.seed)
+    rows = _training_rows(train)
+    plan = plan_training(
+        experiment.train,
+        [n for n, _ in rows],
+        [t for _, t in rows],
+        experiment.data.label is not None,
+        experiment.data.max_length,
+        experiment.seed,
+    )
     return plan.to_json()
 
 
-def openai_estimate(train: list[Example], experiment) -> dict[str, Any]:
+def _training_rows(train: list[Example]) -> list[tuple[int, int]]:
+    """(tokens, trainable tokens) of each row training iterates: every sequence of an example, or a preference
+    pair whole, as its two answers train side by side."""
+    rows: list[tuple[int, int]] = []
+    for example in train:
+        if example.rejected is not None:
+            rows.append((sum(n for n, _ in example.sequences), example.n_trainable))
+        else:
+            rows.extend(example.sequences or [(example.n_tokens, example.n_trainable)])
+    return rows
+
+
+def openai_estimate(train: list[Example], experiment: Experiment) -> dict[str, Any]:
     """Billed tokens and cost of the hosted job, counted with the hosted model's tiktoken encoding when it is at hand."""
     from tuneforge.data.openai_tokens import encoding_for, example_tokens
 
@@ -115,57 +134,120 @@ def histogram(path: Path, lengths: dict[str, list[int]], max_length: int) -> Non
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Data report: {report['name']}", ""]
-    lines += ["## Stages", "", "| split | stage | examples | removed |", "| --- | --- | ---: | ---: |"]
+    for section in (_stages_md, _cleaning_md, _tokens_md, _labels_md, _rag_md, _problems_md, _plan_md, _openai_md):
+        lines += section(report)
+    lines += ["", "![token lengths](token_lengths.png)", ""]
+    return "\n".join(lines)
+
+
+def _stages_md(report: dict[str, Any]) -> list[str]:
+    lines = ["## Stages", "", "| split | stage | examples | removed |", "| --- | --- | ---: | ---: |"]
     for split_name, stages in report["stages"].items():
         for stage in stages:
             lines.append(f"| {split_name} | {stage['stage']} | {stage['count']} | {stage.get('removed', '')} |")
+    return lines
+
+
+def _cleaning_md(report: dict[str, Any]) -> list[str]:
     cleaning = report.get("cleaning")
-    if cleaning:
-        lines += ["", "## Cleaning", ""]
-        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in cleaning.items()]
+    if not cleaning:
+        return []
+    return ["", "## Cleaning", "", *(f"- {key.replace('_', ' ')}: {value}" for key, value in cleaning.items())]
+
+
+def _tokens_md(report: dict[str, Any]) -> list[str]:
+    lines = []
     pairs = any(s.get("pairs") for s in report["tokens"].values())
     if pairs:
-        lines += ["", "Preference pairs: the lengths are of the longer side (prompt + answer); the trainable share counts both answers."]
-    lines += ["", "## Tokens per " + ("pair" if pairs else "example"), "", "| split | examples | min | median | p95 | max | trainable share | truncated | no end-of-turn |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Preference pairs: the lengths are of the longer side (prompt + answer); the trainable share counts both "
+            "answers.",
+        ]
+    lines += [
+        "",
+        "## Tokens per " + ("pair" if pairs else "example"),
+        "",
+        "| split | examples | min | median | p95 | max | trainable share | truncated | no end-of-turn |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for split_name, s in report["tokens"].items():
         if s.get("examples"):
             lines.append(
                 f"| {split_name} | {s['examples']} | {s['min']} | {s['median']:.0f} | {s['p95']:.0f} | {s['max']} | "
                 f"{s['trainable_share']:.1%} | {s['truncated']} | {s['missing_end_of_turn']} |"
             )
-    if report.get("labels"):
-        lines += ["", "## Labels", "", "Always answering the most common label is the floor a classifier has to beat.", "",
-                  "| split | " + " | ".join(_all_labels(report["labels"])) + " | majority-class accuracy |",
-                  "| --- |" + " ---: |" * (len(_all_labels(report["labels"])) + 1)]
-        for split_name, summary_ in report["labels"].items():
-            total = sum(summary_["counts"].values())
-            cells = [f"{summary_['counts'].get(k, 0)} ({summary_['counts'].get(k, 0) / total:.0%})" for k in _all_labels(report["labels"])]
-            lines.append(f"| {split_name} | " + " | ".join(cells) + f" | {summary_['majority_accuracy']:.3f} ({summary_['majority_label']}) |")
-    if report.get("rag"):
-        rag = report["rag"]
-        lines += ["", "## Retrieval-augmented examples (data.rag)", "",
-                  f"{rag['augmented']} examples carry the top {rag['k']} passages from {rag['corpus']} in their last user turn; "
-                  f"{rag['no_passages']} got none.", ""]
-        lines += [f"- {source}: retrieved {n} times" for source, n in rag["most_retrieved"].items()]
-    problems = report["problems"]
-    lines += ["", "## Problems", "", f"{problems['errors']} errors, {problems['warnings']} warnings"]
-    lines += [f"- `{code}`: {n}" for code, n in problems["by_code"].items()]
-    if "local" in report:
-        from tuneforge.data.plan import TrainingPlan
+    return lines
 
-        plan = TrainingPlan(**report["local"])
-        lines += ["", "## Training plan (local)", "", "Values marked auto in the experiment file were chosen from this data:", ""]
-        lines += [f"- {line}" for line in plan.describe()]
-        lines += [f"- **warning:** {w}" for w in plan.warnings]
-    if "openai" in report:
-        oa = report["openai"]
-        lines += ["", "## OpenAI fine-tuning estimate", "",
-                  f"- model: {oa['model']}", f"- n_epochs: {oa['n_epochs']} ({oa['n_epochs_source']})",
-                  f"- billed tokens: {oa['billed_tokens']:,}",
-                  f"- estimated cost: ${oa['estimated_cost_usd']:.2f} at ${oa['price_per_1m_tokens']}/1M tokens", f"- {oa['note']}"]
-    lines += ["", "![token lengths](token_lengths.png)", ""]
-    return "\n".join(lines)
+
+def _labels_md(report: dict[str, Any]) -> list[str]:
+    if not report.get("labels"):
+        return []
+    labels = _all_labels(report["labels"])
+    lines = [
+        "",
+        "## Labels",
+        "",
+        "Always answering the most common label is the floor a classifier has to beat.",
+        "",
+        "| split | " + " | ".join(labels) + " | majority-class accuracy |",
+        "| --- |" + " ---: |" * (len(labels) + 1),
+    ]
+    for split_name, summary_ in report["labels"].items():
+        counts = summary_["counts"]
+        total = sum(counts.values())
+        cells = [f"{counts.get(k, 0)} ({counts.get(k, 0) / total:.0%})" for k in labels]
+        majority = f"{summary_['majority_accuracy']:.3f} ({summary_['majority_label']})"
+        lines.append(f"| {split_name} | " + " | ".join(cells) + f" | {majority} |")
+    return lines
+
+
+def _rag_md(report: dict[str, Any]) -> list[str]:
+    rag = report.get("rag")
+    if not rag:
+        return []
+    lines = [
+        "",
+        "## Retrieval-augmented examples (data.rag)",
+        "",
+        f"{rag['augmented']} examples carry the top {rag['k']} passages from {rag['corpus']} in their last user turn; "
+        f"{rag['no_passages']} got none.",
+        "",
+    ]
+    return lines + [f"- {source}: retrieved {n} times" for source, n in rag["most_retrieved"].items()]
+
+
+def _problems_md(report: dict[str, Any]) -> list[str]:
+    problems = report["problems"]
+    lines = ["", "## Problems", "", f"{problems['errors']} errors, {problems['warnings']} warnings"]
+    return lines + [f"- `{code}`: {n}" for code, n in problems["by_code"].items()]
+
+
+def _plan_md(report: dict[str, Any]) -> list[str]:
+    if "local" not in report:
+        return []
+    from tuneforge.data.plan import TrainingPlan
+
+    plan = TrainingPlan(**report["local"])
+    lines = ["", "## Training plan (local)", "", "Values marked auto in the experiment file were chosen from this data:", ""]
+    lines += [f"- {line}" for line in plan.describe()]
+    return lines + [f"- **warning:** {w}" for w in plan.warnings]
+
+
+def _openai_md(report: dict[str, Any]) -> list[str]:
+    if "openai" not in report:
+        return []
+    oa = report["openai"]
+    return [
+        "",
+        "## OpenAI fine-tuning estimate",
+        "",
+        f"- model: {oa['model']}",
+        f"- n_epochs: {oa['n_epochs']} ({oa['n_epochs_source']})",
+        f"- billed tokens: {oa['billed_tokens']:,}",
+        f"- estimated cost: ${oa['estimated_cost_usd']:.2f} at ${oa['price_per_1m_tokens']}/1M tokens",
+        f"- {oa['note']}",
+    ]
 
 
 def _all_labels(labels: dict[str, Any]) -> list[str]:

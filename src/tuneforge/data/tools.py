@@ -43,55 +43,80 @@ CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 def check_tools(record: dict, where: str) -> list[Problem]:
     """OpenAI's rules for tools, tool calls and tool messages in one record (messages already well-formed)."""
-    problems = []
-    tools = record.get("tools")
-    names: set[str] | None = None
-    if "tools" in record:
-        if not isinstance(tools, list):
-            problems.append(Problem(where, "tools_invalid", "'tools' must be a list of {type: function, function: {...}}"))
-        else:
-            names = set()
-            for i, tool in enumerate(tools, 1):
-                function = tool.get("function") if isinstance(tool, dict) else None
-                if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-                    problems.append(Problem(where, "tools_invalid", f"tools item {i} must be {{'type': 'function', 'function': {{...}}}}"))
-                    continue
-                if not isinstance(function.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", function["name"]):
-                    problems.append(Problem(where, "tools_invalid", f"tools item {i} needs a name of letters, digits, _ or - (at most 64)"))
-                    continue
-                names.add(function["name"])
-                parameters = function.get("parameters")
-                if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
-                    problems.append(Problem(where, "tools_invalid", f"tools item {i} ({function['name']}): 'parameters' must be a JSON schema of type object"))
+    problems, names = _tool_list_problems(record, where)
     parallel = record.get("parallel_tool_calls")
     if "parallel_tool_calls" in record and not isinstance(parallel, bool):
         problems.append(Problem(where, "parallel_tool_calls_invalid", "'parallel_tool_calls' must be true or false"))
-    open_calls: set[str] = set()
+    open_calls: set[str] = set()  # ids of the calls made so far: a tool message must answer one of them
     for i, message in enumerate(record.get("messages") or [], 1):
         if not isinstance(message, dict):
             continue
         at = f"message {i}"
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if message.get("role") != "assistant":
-                problems.append(Problem(where, "tool_call_invalid", f"{at} ({message.get('role')}) has tool_calls; only the assistant calls tools"))
-                continue
-            if not isinstance(calls, list) or not calls:
-                problems.append(Problem(where, "tool_call_invalid", f"{at}: tool_calls must be a non-empty list"))
-                continue
-            if parallel is False and len(calls) > 1:
-                problems.append(Problem(where, "tool_call_invalid", f"{at} makes {len(calls)} calls but parallel_tool_calls is false"))
-            for j, call in enumerate(calls, 1):
-                problems += _call_problems(call, f"{at} call {j}", names, where)
-                if isinstance(call, dict) and isinstance(call.get("id"), str):
-                    open_calls.add(call["id"])
-        if message.get("role") == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str):
-                problems.append(Problem(where, "tool_call_id_missing", f"{at} (tool) has no tool_call_id naming the call it answers"))
-            elif call_id not in open_calls:
-                problems.append(Problem(where, "tool_call_id_unknown", f"{at} answers tool call {call_id!r}, which no earlier assistant message made"))
+        if message.get("tool_calls") is not None:
+            problems += _calls_problems(message, at, names, parallel, open_calls, where)
+        elif message.get("role") == "tool":
+            problems += _answer_problems(message, at, open_calls, where)
     return problems
+
+
+def _tool_list_problems(record: dict, where: str) -> tuple[list[Problem], set[str] | None]:
+    """The problems of the record's `tools` and the names of its functions; None when it lists no tools."""
+    if "tools" not in record:
+        return [], None
+    tools = record["tools"]
+    if not isinstance(tools, list):
+        return [Problem(where, "tools_invalid", "'tools' must be a list of {type: function, function: {...}}")], None
+    problems: list[Problem] = []
+    names: set[str] = set()
+    for i, tool in enumerate(tools, 1):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            text = f"tools item {i} must be {{'type': 'function', 'function': {{...}}}}"
+            problems.append(Problem(where, "tools_invalid", text))
+            continue
+        if not isinstance(function.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", function["name"]):
+            text = f"tools item {i} needs a name of letters, digits, _ or - (at most 64)"
+            problems.append(Problem(where, "tools_invalid", text))
+            continue
+        names.add(function["name"])
+        parameters = function.get("parameters")
+        if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
+            text = f"tools item {i} ({function['name']}): 'parameters' must be a JSON schema of type object"
+            problems.append(Problem(where, "tools_invalid", text))
+    return problems, names
+
+
+def _calls_problems(
+    message: dict, at: str, names: set[str] | None, parallel: Any, open_calls: set[str], where: str
+) -> list[Problem]:
+    """An assistant message's tool_calls; the ids of the calls it makes join open_calls."""
+    calls = message["tool_calls"]
+    if message.get("role") != "assistant":
+        text = f"{at} ({message.get('role')}) has tool_calls; only the assistant calls tools"
+        return [Problem(where, "tool_call_invalid", text)]
+    if not isinstance(calls, list) or not calls:
+        return [Problem(where, "tool_call_invalid", f"{at}: tool_calls must be a non-empty list")]
+    problems = []
+    if parallel is False and len(calls) > 1:
+        text = f"{at} makes {len(calls)} calls but parallel_tool_calls is false"
+        problems.append(Problem(where, "tool_call_invalid", text))
+    for j, call in enumerate(calls, 1):
+        problems += _call_problems(call, f"{at} call {j}", names, where)
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            open_calls.add(call["id"])
+    return problems
+
+
+def _answer_problems(message: dict, at: str, open_calls: set[str], where: str) -> list[Problem]:
+    """A tool message must name, by tool_call_id, a call an earlier assistant message made."""
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str):
+        text = f"{at} (tool) has no tool_call_id naming the call it answers"
+        return [Problem(where, "tool_call_id_missing", text)]
+    if call_id not in open_calls:
+        text = f"{at} answers tool call {call_id!r}, which no earlier assistant message made"
+        return [Problem(where, "tool_call_id_unknown", text)]
+    return []
 
 
 def _call_problems(call: Any, at: str, names: set[str] | None, where: str) -> list[Problem]:
