@@ -26,6 +26,7 @@ def server(tmp_path_factory, smollm_location):
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+OPEN_QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]  # many likely answers: samples differ
 
 
 def test_lists_models(server):
@@ -76,10 +77,20 @@ def test_streamed_usage_and_rag_sources(server):
 
 
 def test_stop_and_seed(server):
-    reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, stop=["Paris"])
-    assert "Paris" not in reply.choices[0].message.content
-    kwargs = dict(model="base", messages=QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-    assert server.chat.completions.create(**kwargs).choices[0].message.content == server.chat.completions.create(**kwargs).choices[0].message.content
+    free = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24).choices[0]
+    assert "Paris" in free.message.content  # without a stop string this prompt is answered with Paris...
+    stopped = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24, stop=["Paris"]).choices[0]
+    assert "Paris" not in stopped.message.content  # ...so here the stop string is what keeps it out
+    assert stopped.message.content == free.message.content[: free.message.content.index("Paris")].strip()
+    assert stopped.finish_reason == "stop"
+
+    def sample(seed: int) -> str:
+        reply = server.chat.completions.create(model="base", messages=OPEN_QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=seed)
+        return reply.choices[0].message.content
+
+    first = sample(7)
+    assert sample(7) == first  # the same seed, the same sample
+    assert sample(8) != first  # the seed, not a fixed (greedy) path, decides the sample
 
 
 def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
