@@ -57,7 +57,10 @@ class ModelSection(Section):
         if value is None or value == "chatml":
             return value
         if "{{" not in value and "{%" not in value:
-            raise ValueError(f"{value[:60]!r} is neither chatml nor a Jinja template (one writes the turns with {{{{ ... }}}} and {{% ... %}})")
+            raise ValueError(
+                f"{value[:60]!r} is neither chatml nor a Jinja template "
+                "(one writes the turns with {{ ... }} and {% ... %})"
+            )
         import jinja2
 
         try:
@@ -69,7 +72,10 @@ class ModelSection(Section):
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> ModelSection:
         if self.trust_remote_code and not self.revision:
-            raise ValueError("trust_remote_code: true needs model.revision pinned to a commit, so the code that runs is the code you reviewed")
+            raise ValueError(
+                "trust_remote_code: true needs model.revision pinned to a commit, "
+                "so the code that runs is the code you reviewed"
+            )
         return self
 
 
@@ -140,7 +146,9 @@ class DataSection(Section):
         try:
             return codecs.lookup(name).name
         except LookupError:
-            raise ValueError(f"unknown text encoding {name!r}; use auto or a codec name such as utf-8, cp1252, latin-1, utf-16") from None
+            raise ValueError(
+                f"unknown text encoding {name!r}; use auto or a codec name such as utf-8, cp1252, latin-1, utf-16"
+            ) from None
 
 
 # --------------------------------------------------------------------------- lora
@@ -320,7 +328,9 @@ class RagSection(Section):
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RagSection:
         if self.chunk_overlap >= self.chunk_tokens:
-            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})"
+            )
         return self
 
 
@@ -335,8 +345,12 @@ class JudgeSection(Section):
     @classmethod
     def _judge_is_a_model(cls, model: str) -> str:
         if model in ("tfidf", "ngram", "majority") or model.endswith("+rag") or not SYSTEM_NAME.match(model):
-            raise ValueError(f"the judge must be a model (base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>), not {model!r}")
+            raise ValueError(
+                "the judge must be a model (base, finetuned, adapter:<dir>, merged:<dir> or openai:<model>), "
+                f"not {model!r}"
+            )
         return model
+
     rubric: str = "Which answer is more helpful, correct and faithful to the question?"
     """What the judge is asked to compare."""
 
@@ -362,7 +376,10 @@ class EvalSection(Section):
     def _known_systems(cls, systems: list[str]) -> list[str]:
         bad = [s for s in systems if not SYSTEM_NAME.match(s)]
         if bad:
-            raise ValueError(f"unknown system(s) {bad}; allowed: base, finetuned, base+rag, finetuned+rag, openai:<model>, tfidf, ngram, majority, adapter:<dir>, merged:<dir>")
+            raise ValueError(
+                f"unknown system(s) {bad}; allowed: base, finetuned, base+rag, finetuned+rag, openai:<model>, "
+                "tfidf, ngram, majority, adapter:<dir>, merged:<dir>"
+            )
         return systems
 
 
@@ -427,7 +444,7 @@ class SweepSection(Section):
     @classmethod
     def _params_usable(cls, params: dict) -> dict:
         if not params:
-            raise ValueError("needs at least one key, e.g. {\"train.lr\": [1e-4, 2e-4]}")
+            raise ValueError('needs at least one key, e.g. {"train.lr": [1e-4, 2e-4]}')
         problems = []
         for key, values in params.items():
             if key.split(".")[0] in ("sweep", "name"):
@@ -487,23 +504,39 @@ class Experiment(Section):
             problems.append("eval.systems names a +rag system but the experiment has no rag section")
         for classifier in ("tfidf", "majority"):
             if classifier in self.eval.systems and self.data.label is None:
-                problems.append(f"eval.systems names {classifier}, a classifier, but data.label is unset ({classifier} needs a label to learn)")
+                problems.append(
+                    f"eval.systems names {classifier}, a classifier, but data.label is unset "
+                    f"({classifier} needs a label to learn)"
+                )
         if self.data.rag and self.rag is None:
             problems.append("data.rag is true but the experiment has no rag section")
         if self.data.rag and self.rag is not None and self.rag.corpus == "train":
-            problems.append("data.rag with rag.corpus: train would retrieve each training example's own answer into its prompt; "
-                            "point rag.corpus at separate documents")
+            problems.append(
+                "data.rag with rag.corpus: train would retrieve each training example's own answer into its prompt; "
+                "point rag.corpus at separate documents"
+            )
         if isinstance(self.train, LocalTrain) and self.train.full_finetune:
             if self.model.quantization == "auto":
                 self.model.quantization = "none"  # every weight trains: nothing to quantize
             elif self.model.quantization != "none":
-                problems.append("train.full_finetune needs model.quantization: none (quantized weights cannot be trained directly)")
+                problems.append(
+                    "train.full_finetune needs model.quantization: none (quantized weights cannot be trained directly)"
+                )
         if self.train.method == "dpo" and self.data.format not in ("auto", "preference"):
-            problems.append(f"train.method: dpo trains on preference pairs, but data.format is {self.data.format}; use preference (or auto)")
+            problems.append(
+                f"train.method: dpo trains on preference pairs, but data.format is {self.data.format}; "
+                "use preference (or auto)"
+            )
         if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.full_finetune:
-            problems.append("train.method: dpo trains LoRA adapters (the reference is the policy with its adapter off); set train.full_finetune: false")
+            problems.append(
+                "train.method: dpo trains LoRA adapters (the reference is the policy with its adapter off); "
+                "set train.full_finetune: false"
+            )
         if self.train.method == "dpo" and isinstance(self.train, LocalTrain) and self.train.prompt_loss_weight:
-            problems.append("train.prompt_loss_weight is an SFT loss on the prompt; DPO compares two answers to one prompt. Remove it")
+            problems.append(
+                "train.prompt_loss_weight is an SFT loss on the prompt; DPO compares two answers to one prompt. "
+                "Remove it"
+            )
         if self.train.method == "dpo" and self.data.label is not None:
             problems.append("train.method: dpo has no use for data.label (pairs are not classes); remove data.label")
         if problems:
@@ -608,7 +641,9 @@ def _duplicate_keys(text: str) -> list[str]:
     return found
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (), point: dict[str, Any] | None = None) -> Experiment:
+def load_experiment(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), point: dict[str, Any] | None = None
+) -> Experiment:
     """Read, override and validate an experiment file; raise ConfigError listing every problem.
 
     `point`: one sweep point's dotted keys and values, set after the overrides; the sweep section is dropped,

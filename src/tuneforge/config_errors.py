@@ -77,10 +77,15 @@ def _looks_like_key(item: str) -> bool:
     return not any(ch in item for ch in "[]'(")
 
 
-def describe_errors(exc: ValidationError, root: type[BaseModel], lines: dict[tuple[str, ...], int],
-                    overridden: dict[tuple[str, ...], str]) -> list[str]:
+def describe_errors(
+    exc: ValidationError,
+    root: type[BaseModel],
+    lines: dict[tuple[str, ...], int],
+    overridden: dict[tuple[str, ...], str],
+) -> list[str]:
     """One line per problem: where, the dotted key, the value, what is allowed, a did-you-mean.
-    `overridden`: keys set from outside the file's text, each with the words that say where (an override, a sweep point)."""
+    `overridden`: keys set from outside the file's text, each with the words that say where (an override, a sweep
+    point)."""
     details: dict[str, list[str]] = {}
     values: dict[str, str] = {}
     where: dict[str, str] = {}

@@ -19,7 +19,8 @@ def _type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args if a is not type(None)) + (" | null" if type(None) in args else "")
+        names = " | ".join(_type_name(a) for a in args if a is not type(None))
+        return names + (" | null" if type(None) in args else "")
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     return getattr(annotation, "__name__", str(annotation))
@@ -30,9 +31,9 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sections = models_in(field.annotation)
+        default = "(required)" if field.default is PydanticUndefined else repr(field.default)
         if sections and typing.get_origin(field.annotation) is dict:  # sweep.params: any key, each a list or a range
-            rows.append((key, "mapping of dotted key -> list | range", "(required)" if field.default is PydanticUndefined
-                         else repr(field.default), field.description or ""))
+            rows.append((key, "mapping of dotted key -> list | range", default, field.description or ""))
             rows.extend(_rows(sections[0], f"{key}.<key>."))
             continue
         if sections:
@@ -46,7 +47,6 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
                     rows.append((f"{key}  [backend: {backend_tag(variant)}]", "", "", ""))
                     rows.extend(_rows(variant, key + "."))
             continue
-        default = "(required)" if field.default is PydanticUndefined else repr(field.default)
         rows.append((key, _type_name(field.annotation), default, field.description or ""))
     return rows
 

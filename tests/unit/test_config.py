@@ -99,7 +99,12 @@ def test_cross_section_rules(tmp_path):
     assert "own answer" in problem
     (problem,) = _problems(_write(tmp_path, "name: x\ntrain: {method: dpo, prompt_loss_weight: 0.1}\n"))
     assert "prompt_loss_weight" in problem and "DPO" in problem
-    assert load_experiment(_write(tmp_path, "name: x\ntrain: {method: dpo, prompt_loss_weight: 0}\n")).train.prompt_loss_weight == 0
+    assert (
+        load_experiment(
+            _write(tmp_path, "name: x\ntrain: {method: dpo, prompt_loss_weight: 0}\n")
+        ).train.prompt_loss_weight
+        == 0
+    )
 
 
 def test_unknown_eval_system_is_named(tmp_path):
@@ -159,4 +164,7 @@ def test_every_field_is_documented_and_schema_is_json():
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     path = _write(tmp_path, "name: x\nseed: 1\ntrain:\n  lr: 1.0e-4\n  lr: 2.0e-4\nseed: 2\n")
     problems = _problems(path)
-    assert problems == ["line 5: train.lr: given twice (lines 4 and 5); keep one", "line 6: seed: given twice (lines 2 and 6); keep one"]
+    assert problems == [
+        "line 5: train.lr: given twice (lines 4 and 5); keep one",
+        "line 6: seed: given twice (lines 2 and 6); keep one",
+    ]

@@ -34,11 +34,14 @@ def test_explicit_values_win_and_a_plan_with_too_few_steps_names_the_keys():
     lengths, trainable = classification(480)
     train = LocalTrain(epochs=2, micro_batch_size=8, grad_accum=2, lr=1e-4, packing=True)
     plan = plan_training(train, lengths, trainable, labelled=True, max_length=384, seed=0)
-    assert (plan.epochs, plan.micro_batch_size, plan.grad_accum, plan.batch_size, plan.lr, plan.packing) == (2, 8, 2, 16, 1e-4, True)
+    planned = (plan.epochs, plan.micro_batch_size, plan.grad_accum, plan.batch_size, plan.lr, plan.packing)
+    assert planned == (2, 8, 2, 16, 1e-4, True)
     assert plan.reasons["epochs"] == plan.reasons["lr"] == plan.reasons["packing"] == "set in the experiment file"
     assert plan.steps < rules.WARN_FRACTION * rules.MIN_STEPS_SHORT
     (warning,) = plan.warnings
-    assert f"only {plan.steps} optimizer steps" in warning and "train.batch_size" in warning and "train.epochs" in warning
+    assert (
+        f"only {plan.steps} optimizer steps" in warning and "train.batch_size" in warning and "train.epochs" in warning
+    )
     # the same file with the batch left to auto gets enough steps and no warning
     auto = plan_training(LocalTrain(epochs=2), lengths, trainable, labelled=True, max_length=384, seed=0)
     assert auto.steps >= rules.MIN_STEPS_SHORT and not auto.warnings
@@ -48,7 +51,9 @@ def test_batch_size_set_alone_is_split_into_micro_batches_that_fit():
     lengths, trainable = generation(4000, length=2048)
     plan = plan_training(LocalTrain(batch_size=16), lengths, trainable, labelled=False, max_length=2048, seed=0)
     assert plan.batch_size == 16 and plan.micro_batch_size == rules.MICRO_BATCH_TOKENS // 2048 and plan.grad_accum == 4
-    two_gpus = plan_training(LocalTrain(batch_size=16), lengths, trainable, labelled=False, max_length=2048, seed=0, world_size=2)
+    two_gpus = plan_training(
+        LocalTrain(batch_size=16), lengths, trainable, labelled=False, max_length=2048, seed=0, world_size=2
+    )
     assert two_gpus.batch_size == 16 and two_gpus.micro_batch_size * two_gpus.grad_accum * 2 == 16
     assert two_gpus.steps == pytest.approx(plan.steps, abs=1)
 
@@ -63,7 +68,10 @@ def test_a_large_file_does_not_waste_passes_and_a_tiny_one_is_repeated():
     assert tiny.batch_size == 1 and tiny.steps >= rules.MIN_STEPS_SHORT and tiny.epochs == 4  # 50 x 4 = 200 steps
     assert "repeated" in tiny.reasons["epochs"]
     lengths, trainable = classification(5)
-    assert plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0).epochs == rules.MAX_EPOCHS
+    assert (
+        plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=512, seed=0).epochs
+        == rules.MAX_EPOCHS
+    )
 
 
 def test_packing_is_chosen_from_the_lengths_and_long_answers_need_fewer_steps():
@@ -97,7 +105,9 @@ def test_an_explicit_batch_that_is_no_power_of_two_runs_as_set():
 
 def test_lr_multiplier_scales_the_auto_rate_and_a_set_one():
     lengths, trainable = classification(500)
-    assert plan_training(LocalTrain(lr_multiplier=0.5), lengths, trainable, True, 512, 0).lr == pytest.approx(rules.SHORT_ANSWER_LORA_LR / 2)
+    assert plan_training(LocalTrain(lr_multiplier=0.5), lengths, trainable, True, 512, 0).lr == pytest.approx(
+        rules.SHORT_ANSWER_LORA_LR / 2
+    )
     scaled = plan_training(LocalTrain(lr=1e-4, lr_multiplier=2.0), lengths, trainable, True, 512, 0)
     assert scaled.lr == pytest.approx(2e-4) and "lr_multiplier 2" in scaled.reasons["lr"]
 

@@ -43,19 +43,28 @@ def write_lines(path, lines):
 
 def test_each_broken_line_is_named_with_its_code_and_nothing_is_written(tmp_path, tiny_tokenizer):
     lines = [
-        chat(),                                                             # 1 fine
-        '{"messages": [',                                                   # 2 invalid JSON
-        b'{"messages": "\xff\xfe"}',                                        # 3 bad UTF-8
-        '["not", "an", "object"]',                                          # 4 not an object
-        {"prompt": "hi", "completion": "there"},                            # 5 no messages list (+ unknown keys, warnings)
-        {"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]},               # 6 message missing role
-        {"messages": [{"role": "user", "content": "hi", "mood": "x"}, {"role": "assistant", "content": "yo"}]},  # 7 unrecognised key
-        {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},              # 8 unrecognised role
-        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "yo"}]},                # 9 missing content
-        {"messages": [{"role": "user", "content": "hi"}]},                                                     # 10 no assistant
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},  # 11 order
-        chat("fine again"),                                                 # 12 fine
-        "",                                                                  # 13 blank: skipped
+        chat(),  # 1 fine
+        '{"messages": [',  # 2 invalid JSON
+        b'{"messages": "\xff\xfe"}',  # 3 bad UTF-8
+        '["not", "an", "object"]',  # 4 not an object
+        {"prompt": "hi", "completion": "there"},  # 5 no messages list (+ unknown keys, warnings)
+        {"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]},  # 6 message missing role
+        # 7 unrecognised key
+        {"messages": [{"role": "user", "content": "hi", "mood": "x"}, {"role": "assistant", "content": "yo"}]},
+        # 8 unrecognised role
+        {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "yo"}]},  # 9 missing content
+        {"messages": [{"role": "user", "content": "hi"}]},  # 10 no assistant
+        # 11 order
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        },
+        chat("fine again"),  # 12 fine
+        "",  # 13 blank: skipped
     ]
     path = write_lines(tmp_path / "broken.jsonl", lines)
     exp, run = experiment(tmp_path, f"  train: {path}")
@@ -63,8 +72,15 @@ def test_each_broken_line_is_named_with_its_code_and_nothing_is_written(tmp_path
         prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
     text = str(info.value)
     expected = {
-        2: "invalid_json", 3: "bad_utf8", 4: "data_type", 5: "missing_messages_list", 6: "message_missing_key",
-        7: "message_unrecognized_key", 8: "unrecognized_role", 9: "missing_content", 10: "example_missing_assistant_message",
+        2: "invalid_json",
+        3: "bad_utf8",
+        4: "data_type",
+        5: "missing_messages_list",
+        6: "message_missing_key",
+        7: "message_unrecognized_key",
+        8: "unrecognized_role",
+        9: "missing_content",
+        10: "example_missing_assistant_message",
         11: "role_order",
     }
     named = {}
@@ -79,7 +95,14 @@ def test_each_broken_line_is_named_with_its_code_and_nothing_is_written(tmp_path
 
 
 def test_warnings_keep_the_record(tmp_path, tiny_tokenizer):
-    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"}], "extra": 1}
+    rec = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "and?"},
+        ],
+        "extra": 1,
+    }
     path = write_lines(tmp_path / "w.jsonl", [rec, chat(), chat("b"), chat("c")])
     report, _ = run_prepare(tmp_path, tiny_tokenizer, f"  train: {path}\n  valid_split: 0")
     assert report["counts"]["train"] == 4
@@ -96,12 +119,26 @@ def test_drop_invalid_writes_rejected_with_reasons(tmp_path, tiny_tokenizer):
 
 
 def test_alpaca_sharegpt_and_json_array_become_the_same_messages(tmp_path, tiny_tokenizer):
-    alpaca = write_lines(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 2", "output": "4"}, {"instruction": "Say hi", "output": "hi"}])
-    share = write_lines(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "Add\n\n2 and 2"}, {"from": "gpt", "value": "4"}]},
-                                               {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}])
+    alpaca = write_lines(
+        tmp_path / "a.jsonl",
+        [{"instruction": "Add", "input": "2 and 2", "output": "4"}, {"instruction": "Say hi", "output": "hi"}],
+    )
+    share = write_lines(
+        tmp_path / "s.jsonl",
+        [
+            {"conversations": [{"from": "human", "value": "Add\n\n2 and 2"}, {"from": "gpt", "value": "4"}]},
+            {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]},
+        ],
+    )
     array = tmp_path / "m.json"
-    array.write_text(json.dumps([{"messages": [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]},
-                                 {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}]))
+    array.write_text(
+        json.dumps(
+            [
+                {"messages": [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]},
+                {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+            ]
+        )
+    )
     outputs = []
     for i, path in enumerate([alpaca, share, array]):
         sub = tmp_path / f"case{i}"
@@ -113,11 +150,11 @@ def test_alpaca_sharegpt_and_json_array_become_the_same_messages(tmp_path, tiny_
 
 
 MESSY = (
-    ',product,review ,rating\n'
+    ",product,review ,rating\n"
     '0,  Kettle ,"Boils fast, &amp; quiet. It&#039;s great",5\n'
     '1,Kettle,"Spans\ntwo lines",4\n'
-    '2,Lamp,,1\n'                      # empty review: dropped
-    '3,Lamp,"Too  dim\tat night",\n'   # empty rating: filled
+    "2,Lamp,,1\n"  # empty review: dropped
+    '3,Lamp,"Too  dim\tat night",\n'  # empty rating: filled
     '4,Kettle,"Spans\ntwo lines",4\n'  # duplicate of row 2 (index differs)
     '5,Fan,"Loud ""rattle"" noise",2\n'
 )
@@ -149,7 +186,12 @@ def test_messy_table_loads_without_hand_editing(tmp_path, tiny_tokenizer):
     assert users[2] == "Product: Lamp\nReview: Too dim at night"
     assert users[3] == 'Product: Fan\nReview: Loud "rattle" noise'
     assert [e.label for e in examples] == ["5", "4", "unknown", "2"]
-    assert [e.where for e in examples] == ["reviews.csv row 1", "reviews.csv row 2", "reviews.csv row 4", "reviews.csv row 6"]
+    assert [e.where for e in examples] == [
+        "reviews.csv row 1",
+        "reviews.csv row 2",
+        "reviews.csv row 4",
+        "reviews.csv row 6",
+    ]
 
 
 def test_template_column_typo_is_named(tmp_path, tiny_tokenizer):
@@ -179,7 +221,9 @@ def test_length_policies(tmp_path, tiny_tokenizer):
     assert report["counts"]["train"] == 1 and report["problems"]["by_code"] == {"too_long_dropped": 1}
 
     (tmp_path / "t").mkdir()
-    report, run = run_prepare(tmp_path / "t", tiny_tokenizer, f"  train: {path}\n  valid_split: 0\n  max_length: 64\n  overflow: truncate")
+    report, run = run_prepare(
+        tmp_path / "t", tiny_tokenizer, f"  train: {path}\n  valid_split: 0\n  max_length: 64\n  overflow: truncate"
+    )
     assert report["counts"]["train"] == 2 and report["tokens"]["train"]["truncated"] == 1
     assert report["tokens"]["train"]["max"] <= 64 and report["tokens"]["train"]["missing_end_of_turn"] == 0
     shortened = load_prepared(run.sub("data"), "train")[0]
@@ -194,7 +238,13 @@ def test_length_policies(tmp_path, tiny_tokenizer):
 
 def test_zero_trainable_tokens_is_rejected(tmp_path, tiny_tokenizer):
     # Nothing in the prompt is long enough to shorten, so truncation cuts the answer away entirely.
-    short = {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    short = {
+        "messages": [
+            {"role": "system", "content": "x"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+        ]
+    }
     path = write_lines(tmp_path / "z.jsonl", [short])
     exp, run = experiment(tmp_path, f"  train: {path}\n  max_length: 9\n  overflow: truncate")
     with pytest.raises(DataError, match=r"z.jsonl line 1: \[no_trainable_tokens\]"):
@@ -202,7 +252,10 @@ def test_zero_trainable_tokens_is_rejected(tmp_path, tiny_tokenizer):
 
 
 def test_split_is_seeded_and_stratified(tmp_path, tiny_tokenizer):
-    records = [dict(chat(f"review {i}", "positive" if i % 4 else "negative"), label="positive" if i % 4 else "negative") for i in range(40)]
+    records = [
+        dict(chat(f"review {i}", "positive" if i % 4 else "negative"), label="positive" if i % 4 else "negative")
+        for i in range(40)
+    ]
     path = write_lines(tmp_path / "s.jsonl", records)
     first, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {path}\n  valid_split: 0.25")
     valid_a = run.sub("data", "valid.meta.jsonl").read_text()
@@ -216,10 +269,17 @@ def test_split_is_seeded_and_stratified(tmp_path, tiny_tokenizer):
 
 def test_report_counts_tokens_and_estimates(tmp_path, tiny_tokenizer):
     path = write_lines(tmp_path / "r.jsonl", [chat(f"q{i}", "Four.") for i in range(20)])
-    report, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {path}\n  valid_split: 0",
-                              extra="train: {backend: openai, price_per_1m_tokens: 10.0}\n")
+    report, run = run_prepare(
+        tmp_path,
+        tiny_tokenizer,
+        f"  train: {path}\n  valid_split: 0",
+        extra="train: {backend: openai, price_per_1m_tokens: 10.0}\n",
+    )
     tokens = report["tokens"]["train"]
-    encoded = [len(tiny_tokenizer.apply_chat_template(chat(f"q{i}")["messages"], tokenize=True)["input_ids"]) for i in range(20)]
+    encoded = [
+        len(tiny_tokenizer.apply_chat_template(chat(f"q{i}")["messages"], tokenize=True)["input_ids"])
+        for i in range(20)
+    ]
     assert tokens["total"] == sum(encoded) and tokens["max"] == max(encoded)
     assert 0 < tokens["trainable_share"] < 0.5
     openai = report["openai"]
@@ -228,8 +288,10 @@ def test_report_counts_tokens_and_estimates(tmp_path, tiny_tokenizer):
     import tiktoken
 
     o200k = tiktoken.get_encoding("o200k_base")  # the estimate above put it in tiktoken's cache, offline
-    hosted = [sum(3 + len(o200k.encode(m["role"])) + len(o200k.encode(m["content"])) for m in chat(f"q{i}")["messages"]) + 3
-              for i in range(20)]
+    hosted = [
+        sum(3 + len(o200k.encode(m["role"])) + len(o200k.encode(m["content"])) for m in chat(f"q{i}")["messages"]) + 3
+        for i in range(20)
+    ]
     assert openai["tokenizer"] == "o200k_base" and sum(hosted) != sum(encoded)
     assert openai["billed_tokens"] == 5 * sum(hosted)
     assert openai["estimated_cost_usd"] == pytest.approx(5 * sum(hosted) / 1e6 * 10.0, rel=1e-3)
@@ -244,8 +306,11 @@ def test_step_estimate_counts_the_rows_the_trainer_packs(tmp_path):
     from tuneforge.data.records import Example
     from tuneforge.data.report import local_plan
 
-    exp, _ = experiment(tmp_path, "  train: x.jsonl\n  max_length: 100",
-                        extra="train: {micro_batch_size: 2, grad_accum: 1, epochs: 3, packing: true}\n")
+    exp, _ = experiment(
+        tmp_path,
+        "  train: x.jsonl\n  max_length: 100",
+        extra="train: {micro_batch_size: 2, grad_accum: 1, epochs: 3, packing: true}\n",
+    )
     lengths = [60] * 9 + [30, 25]  # two 60s never share a row: dividing total tokens by 100 would say 7 rows
     examples = [Example(messages=[], id=str(i), where="", n_tokens=n, n_trainable=20) for i, n in enumerate(lengths)]
     rows = build_rows([([0] * n, [0] * n) for n in lengths], 100, packing=True, seed=exp.seed)
@@ -277,7 +342,11 @@ def test_hub_name_offline_is_a_clear_error(tmp_path, tiny_tokenizer, monkeypatch
 def test_json_errors_name_the_right_column(tmp_path):
     from tuneforge.data.sources import read_json_records
 
-    lines = ['{"messages": [{"role": "user", "content": "hi"}]}', '{"messages": [{"role": "user"', '{"messages": [{"role": "user", "content": "cut}]}']
+    lines = [
+        '{"messages": [{"role": "user", "content": "hi"}]}',
+        '{"messages": [{"role": "user"',
+        '{"messages": [{"role": "user", "content": "cut}]}',
+    ]
     path = tmp_path / "cut.jsonl"
     path.write_text("\n".join(lines) + "\n")
     problems = [str(r.problem) for r in read_json_records(path) if r.problem]
@@ -288,17 +357,25 @@ def test_json_errors_name_the_right_column(tmp_path):
         except json.JSONDecodeError as exc:
             expected.append((number, exc.colno))
     assert [(2, 30), (3, 43)] == expected
-    assert problems == ["cut.jsonl line 2: [invalid_json] Expecting ',' delimiter at column 30",
-                        "cut.jsonl line 3: [invalid_json] Unterminated string starting at column 43"]
+    assert problems == [
+        "cut.jsonl line 2: [invalid_json] Expecting ',' delimiter at column 30",
+        "cut.jsonl line 3: [invalid_json] Unterminated string starting at column 43",
+    ]
 
 
 def test_prompts_get_the_message_checks_of_training_data():
     from tuneforge.data.validate import check_prompt, text_content
 
     assert check_prompt([{"role": "user", "content": "hi"}], "x") == []
-    assert [p.code for p in check_prompt([{"role": "human", "content": "hi"}], "p.jsonl line 1")] == ["unrecognized_role"]
-    assert [p.code for p in check_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "x")] == ["role_order"]
-    parts = text_content([{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    assert [p.code for p in check_prompt([{"role": "human", "content": "hi"}], "p.jsonl line 1")] == [
+        "unrecognized_role"
+    ]
+    assert [
+        p.code for p in check_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "x")
+    ] == ["role_order"]
+    parts = text_content(
+        [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    )
     assert parts == [{"role": "user", "content": "Hello there"}] and check_prompt(parts, "x") == []
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert [p.code for p in check_prompt(text_content(image), "x")] == ["missing_content"]
@@ -310,9 +387,17 @@ LATIN = "question,answer\nWhat is a café?,A place for coffee. Très bien.\nNaï
 def test_a_latin1_table_is_detected_read_right_and_reported(tmp_path, tiny_tokenizer):
     table = tmp_path / "excel.csv"
     table.write_bytes(LATIN.encode("cp1252"))  # what Excel writes in Western locales
-    report, run = run_prepare(tmp_path, tiny_tokenizer, f"  train: {table}\n  valid_split: 0\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}")
+    report, run = run_prepare(
+        tmp_path,
+        tiny_tokenizer,
+        f"  train: {table}\n  valid_split: 0\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}",
+    )
     rows = [json.loads(line) for line in run.sub("data", "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert {r["messages"][-1]["content"] for r in rows} == {"A place for coffee. Très bien.", "Yes — très naïve.", "Straße."}
+    assert {r["messages"][-1]["content"] for r in rows} == {
+        "A place for coffee. Très bien.",
+        "Yes — très naïve.",
+        "Straße.",
+    }
     note = report["cleaning"]["encoding"]["excel.csv"]
     assert note.startswith("cp1252 ") and "line 2, column 14, byte 29" in note  # the first non-UTF-8 byte: 'é' of café
 
@@ -320,7 +405,9 @@ def test_a_latin1_table_is_detected_read_right_and_reported(tmp_path, tiny_token
 def test_a_wrong_explicit_encoding_names_line_and_column(tmp_path, tiny_tokenizer):
     table = tmp_path / "excel.csv"
     table.write_bytes(LATIN.encode("cp1252"))
-    exp, run = experiment(tmp_path, f"  train: {table}\n  encoding: utf-8\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}")
+    exp, run = experiment(
+        tmp_path, f"  train: {table}\n  encoding: utf-8\n  template: {{user: '{{question}}', assistant: '{{answer}}'}}"
+    )
     with pytest.raises(Exception) as info:
         prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
     assert "excel.csv is not utf-8 text at line 2, column 14, byte 29" in str(info.value)
@@ -331,14 +418,16 @@ def test_utf8_past_the_first_block_and_a_bom_stay_utf8(tmp_path):
     from tuneforge.data import tables
 
     big = tmp_path / "big.csv"
-    big.write_text("q,a\n" + "plain,row\n" * 200_000 + "naïve,é\n", encoding="utf-8")  # the first non-ASCII byte is past 1 MiB
+    big.write_text(
+        "q,a\n" + "plain,row\n" * 200_000 + "naïve,é\n", encoding="utf-8"
+    )  # the first non-ASCII byte is past 1 MiB
     assert tables.detect_encoding(big)[0] == "utf-8"
     late = tmp_path / "late.csv"
     late.write_bytes(("q,a\n" + "plain,row\n" * 200_000).encode() + "naïve,é\n".encode("cp1252"))
     codec, found = tables.detect_encoding(late)
     assert codec == "cp1252" and "line 200002, column 3" in found
     bom = tmp_path / "bom.csv"
-    bom.write_bytes(b"\xef\xbb\xbf" + "q,a\nx,y\n".encode())
+    bom.write_bytes(b"\xef\xbb\xbf" + b"q,a\nx,y\n")
     assert tables.detect_encoding(bom)[0] == "utf-8-sig"
 
 
@@ -351,7 +440,11 @@ def test_ragged_rows_are_reported_not_silently_padded(tmp_path, tiny_tokenizer):
         prepare(exp, run, tokenizer=tiny_tokenizer, progress=False)
     text = str(info.value)
     assert "ragged.csv row 2: [ragged_row] line 3 has 3 fields where the header has 2" in text
-    assert "ragged.csv row 4: [ragged_row] line 6 has 1 field where the header has 2" in text  # the blank line is not a row
+    assert (
+        "ragged.csv row 4: [ragged_row] line 6 has 1 field where the header has 2" in text
+    )  # the blank line is not a row
     assert "row 3" not in text  # a quoted delimiter is one field
-    report, run = run_prepare(tmp_path, tiny_tokenizer, data.replace("valid_split: 0", "valid_split: 0\n  on_invalid: drop"))
+    report, run = run_prepare(
+        tmp_path, tiny_tokenizer, data.replace("valid_split: 0", "valid_split: 0\n  on_invalid: drop")
+    )
     assert report["counts"]["train"] == 3 and report["counts"]["rejected"] == 2

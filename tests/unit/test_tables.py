@@ -15,10 +15,12 @@ from tuneforge.data import tables
 @pytest.fixture()
 def table(tmp_path):
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({
-        "text": [f"  row {i} &amp; more  " if i % 7 else "" for i in range(1000)],
-        "label": rng.choice(["a", "b"], size=1000),
-    })
+    frame = pd.DataFrame(
+        {
+            "text": [f"  row {i} &amp; more  " if i % 7 else "" for i in range(1000)],
+            "label": rng.choice(["a", "b"], size=1000),
+        }
+    )
     frame.loc[500:510, ["text", "label"]] = ["dup", "a"]  # 11 identical rows (504 was an empty one)
     path = tmp_path / "t.csv"
     frame.to_csv(path)

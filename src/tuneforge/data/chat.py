@@ -73,12 +73,18 @@ class ChatEncoder:
         """The template's text; tool calls, tool answers and `tools` through the template when it knows tools,
         else written in the `<tool_call>` convention (`data.tools`)."""
         if not uses_tools(messages, tools):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         if self.native_tools:
-            return self.tokenizer.apply_chat_template(native_view(messages), tools=tools or None, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.apply_chat_template(convention_view(messages, tools, self._tool_role()), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                native_view(messages), tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return self.tokenizer.apply_chat_template(
+            convention_view(messages, tools, self._tool_role()),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
 
     def call_prefix(self, tools: list | None, tool_choice) -> str:
         """The start of a tool call as this template writes it, to put after the generation prompt when a call is
@@ -94,13 +100,17 @@ class ChatEncoder:
 
     def _probe_call_prefix(self, tools: list, tool_choice) -> str:
         probe_name = "tuneforge_probe_function"
-        call = {"id": "call_probe", "type": "function", "function": {"name": probe_name, "arguments": '{"tuneforge_probe": 1}'}}
+        call = {
+            "id": "call_probe",
+            "type": "function",
+            "function": {"name": probe_name, "arguments": '{"tuneforge_probe": 1}'},
+        }
         prompt = [{"role": "user", "content": "hi"}]
         head = self.render(prompt, add_generation_prompt=True, tools=tools)
         turn = self.render(prompt + [{"role": "assistant", "content": None, "tool_calls": [call]}], tools=tools)
         if not turn.startswith(head) or probe_name not in turn:
             return ""
-        turn = turn[len(head):]
+        turn = turn[len(head) :]
         at = turn.index(probe_name)
         if tool_choice == "required":
             return turn[:at]
@@ -112,7 +122,11 @@ class ChatEncoder:
     def _tool_role(self) -> str:
         """`tool` where the template writes that role's turns, else `user`."""
         if self._tool_role_found is None:
-            probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "tool", "content": PROBE_CONTENT}]
+            probe = [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"},
+                {"role": "tool", "content": PROBE_CONTENT},
+            ]
             try:
                 found = PROBE_CONTENT in self.tokenizer.apply_chat_template(probe, tokenize=False)
             except Exception:  # the template refuses the role (raise_exception)
@@ -128,7 +142,9 @@ class ChatEncoder:
         if at < 0:  # the template rewrites answers; `units` names the problem when it meets one
             return None
         tail = text[at + len(PROBE_CONTENT) :].lstrip(" ")
-        specials = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True)
+        specials = sorted(
+            set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True
+        )
         for token in specials:
             if token and tail.startswith(token):
                 return token
@@ -178,8 +194,10 @@ class ChatEncoder:
             content = messages[i].get("content")
             at = upto.rfind(content.strip()) if isinstance(content, str) and content.strip() else -1
             if at < 0:
-                raise TuneforgeError(f"the chat template does not write assistant message {i + 1}'s content where it can be found, "
-                                     "so its inference prompt cannot be matched; use a template that renders each turn as a prefix")
+                raise TuneforgeError(
+                    f"the chat template does not write assistant message {i + 1}'s content where it can be found, "
+                    "so its inference prompt cannot be matched; use a template that renders each turn as a prefix"
+                )
             while at > 0 and upto[at - 1] in " \t" and not prompt.endswith((" ", "\t")):
                 at -= 1  # the space some templates write between the prompt and the answer ("[/INST] Paris.")
             upto = prompt + upto[at:]
@@ -219,7 +237,9 @@ class ChatEncoder:
         batch = self.tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
-            mask = [any(begin < end and max(stop, begin + 1) > start for start, end, _ in spans) for begin, stop in offsets]
+            mask = [
+                any(begin < end and max(stop, begin + 1) > start for start, end, _ in spans) for begin, stop in offsets
+            ]
             out.append(Encoded(list(ids), mask, missing_eot=any(not has_eot for _, _, has_eot in spans)))
         return out
 
@@ -251,7 +271,9 @@ class ChatEncoder:
             out.append(Encoded(ids, mask, missing_eot=no_eot))
         return out
 
-    def fit(self, messages: list[dict], max_length: int, policy: str, tools: list | None = None) -> tuple[list[dict], list[Encoded]]:
+    def fit(
+        self, messages: list[dict], max_length: int, policy: str, tools: list | None = None
+    ) -> tuple[list[dict], list[Encoded]]:
         """Encode one example's training sequences, shortening by `policy` when one is longer than max_length.
 
         truncate: shorten the longest non-assistant message first (a long review, a long
@@ -279,8 +301,11 @@ class ChatEncoder:
         out = []
         for sequence in encoded:
             if len(sequence.input_ids) > max_length:
-                sequence = Encoded(sequence.input_ids[:max_length], sequence.supervised[:max_length],
-                                   missing_eot=sequence.missing_eot or self._cut_eot(sequence, max_length))
+                sequence = Encoded(
+                    sequence.input_ids[:max_length],
+                    sequence.supervised[:max_length],
+                    missing_eot=sequence.missing_eot or self._cut_eot(sequence, max_length),
+                )
             sequence.truncated = True
             out.append(sequence)
         return messages, out

@@ -5,17 +5,19 @@ length policy)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from tuneforge.config_errors import did_you_mean
-from tuneforge.data import convert, sources, split as splitting, tables
+from tuneforge.data import convert, sources, tables
+from tuneforge.data import split as splitting
 from tuneforge.data.chat import ChatEncoder
-from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
+from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.tools import from_legacy
 from tuneforge.data.validate import check_record
 from tuneforge.errors import ConfigError, TuneforgeError
@@ -52,7 +54,9 @@ class Collected:
 
     def reject(self, where: str, problems: list[Problem], record: Any = None) -> None:
         self.problems.extend(problems)
-        self.rejected.append({"where": where, "problems": [{"code": p.code, "message": p.message} for p in problems], "record": record})
+        self.rejected.append(
+            {"where": where, "problems": [{"code": p.code, "message": p.message} for p in problems], "record": record}
+        )
 
 
 class Preparer:
@@ -69,7 +73,11 @@ class Preparer:
         located = sources.locate(spec, self.experiment.base_dir, key)
         if isinstance(located, str):
             rows = sources.load_hub(located, key)
-            fmt = self.data.format if self.data.format != "auto" else sources.detect_format(None, rows[0] if rows else None, self.data.template is not None, key)
+            fmt = (
+                self.data.format
+                if self.data.format != "auto"
+                else sources.detect_format(None, rows[0] if rows else None, self.data.template is not None, key)
+            )
             if fmt == "table":
                 import pandas as pd
 
@@ -101,7 +109,13 @@ class Preparer:
     def _table_columns(self, key: str, files: list[tables.TableFile]) -> list[str]:
         """The columns the experiment names, checked against every file's header."""
         if self.data.template is None:
-            raise ConfigError(key, [f"data.template is needed to map the columns of {files[0].path.name} into chat messages (columns: {', '.join(tables.columns_of(files[0]))})"])
+            raise ConfigError(
+                key,
+                [
+                    f"data.template is needed to map the columns of {files[0].path.name} into chat messages "
+                    f"(columns: {', '.join(tables.columns_of(files[0]))})"
+                ],
+            )
         template = self.data.template
         named: dict[str, str] = {}
         for part in ("system", "user", "assistant"):
@@ -120,7 +134,10 @@ class Preparer:
             for column, where in named.items():
                 if column not in header:
                     hint = did_you_mean(column, header)
-                    problems.append(f"{where} names column {column!r}, which {table.path.name} does not have{hint} (columns: {', '.join(header)})")
+                    problems.append(
+                        f"{where} names column {column!r}, which {table.path.name} does not have{hint} "
+                        f"(columns: {', '.join(header)})"
+                    )
         if problems:
             raise ConfigError(str(self.experiment._source or key), problems)
         return list(named)
@@ -205,8 +222,17 @@ class Preparer:
             messages = [{k: v for k, v in m.items()} for m in record["messages"]]
             rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
             extra = {k: record[k] for k in RECORD_EXTRAS if k in record}
-            out.examples.append(Example(messages, rid, raw.where, None if label is None else str(label), meta,
-                                        rejected=record.get("rejected"), extra=extra))
+            out.examples.append(
+                Example(
+                    messages,
+                    rid,
+                    raw.where,
+                    None if label is None else str(label),
+                    meta,
+                    rejected=record.get("rejected"),
+                    extra=extra,
+                )
+            )
         out.stage("read", read)
         out.stage("valid chat examples", len(out.examples))
         if self.data.clean.dedupe:
@@ -230,11 +256,19 @@ class Preparer:
         if not any(e.rejected is not None for e in batch):
             return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
         pairs = [e for e in batch if e.rejected is not None]
-        flat = iter(self.encoder.encode_many([s for e in pairs for s in pair_sides(e.messages, e.rejected)],
-                                             [e.extra.get("tools") for e in pairs for _ in range(2)]))
+        flat = iter(
+            self.encoder.encode_many(
+                [s for e in pairs for s in pair_sides(e.messages, e.rejected)],
+                [e.extra.get("tools") for e in pairs for _ in range(2)],
+            )
+        )
         # one batched tokenizer call for both sides of every pair; any other example as its own sequences
-        return [[next(flat), next(flat)] if e.rejected is not None
-                else self.encoder.encode_examples([e.messages], [e.extra.get("tools")])[0] for e in batch]
+        return [
+            [next(flat), next(flat)]
+            if e.rejected is not None
+            else self.encoder.encode_examples([e.messages], [e.extra.get("tools")])[0]
+            for e in batch
+        ]
 
     def measure(self, out: Collected) -> None:
         """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""

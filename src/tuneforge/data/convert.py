@@ -7,8 +7,17 @@ from typing import Any
 
 from tuneforge.data.records import Problem
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+}
 
 
 def from_alpaca(record: Any, where: str) -> tuple[dict | None, Problem | None]:
@@ -16,7 +25,9 @@ def from_alpaca(record: Any, where: str) -> tuple[dict | None, Problem | None]:
         return None, Problem(where, "data_type", f"record is {type(record).__name__}, not an object")
     missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
     if missing:
-        return None, Problem(where, "alpaca_missing_field", f"alpaca record lacks text in {', '.join(repr(m) for m in missing)}")
+        return None, Problem(
+            where, "alpaca_missing_field", f"alpaca record lacks text in {', '.join(repr(m) for m in missing)}"
+        )
     user = record["instruction"].strip()
     extra = record.get("input")
     if isinstance(extra, str) and extra.strip():
@@ -42,7 +53,11 @@ def from_sharegpt(record: Any, where: str) -> tuple[dict | None, Problem | None]
             return None, Problem(where, "sharegpt_bad_turn", f"turn {i} needs 'from' and 'value'")
         role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
-            return None, Problem(where, "unrecognized_role", f"turn {i} is from {turn['from']!r}; known: {', '.join(sorted(SHAREGPT_ROLES))}")
+            return None, Problem(
+                where,
+                "unrecognized_role",
+                f"turn {i} is from {turn['from']!r}; known: {', '.join(sorted(SHAREGPT_ROLES))}",
+            )
         messages.append({"role": role, "content": turn["value"]})
     return {"messages": messages, **_passthrough(record)}, None
 

@@ -30,7 +30,10 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply starts with <|start|>assistant<|message|>
 DEFAULT_ENCODING = "o200k_base"  # a model tiktoken does not know is counted as the current hosted models are
 
-_URLS = {name: f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken" for name in ("o200k_base", "cl100k_base")}
+_URLS = {
+    name: f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+    for name in ("o200k_base", "cl100k_base")
+}
 
 
 def encoding_name(model: str) -> str:
@@ -55,7 +58,11 @@ def local_copies(name: str) -> list[Path]:
 def _cache_dir() -> str:
     import tempfile
 
-    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return (
+        os.environ.get("TIKTOKEN_CACHE_DIR")
+        or os.environ.get("DATA_GYM_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    )
 
 
 @contextmanager
@@ -74,7 +81,9 @@ def _seeded_cache(name: str):
 
     seeded = cache_home() / "tiktoken" / "cache"
     data = copies[0].read_bytes()
-    atomic_write_bytes(seeded / hashlib.sha1(url.encode()).hexdigest(), gzip.decompress(data) if copies[0].suffix == ".gz" else data)
+    atomic_write_bytes(
+        seeded / hashlib.sha1(url.encode()).hexdigest(), gzip.decompress(data) if copies[0].suffix == ".gz" else data
+    )
     before = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = str(seeded)
     try:
@@ -97,8 +106,10 @@ def encoding_for(model: str):
         with _seeded_cache(name):
             return tiktoken.get_encoding(name), None
     except Exception as exc:  # offline without a local copy, or a copy whose hash tiktoken refused
-        return None, (f"tiktoken's {name} is not available here ({type(exc).__name__}); put {name}.tiktoken in "
-                      f"{cache_home() / 'tiktoken'} or install bpe-openai")
+        return None, (
+            f"tiktoken's {name} is not available here ({type(exc).__name__}); put {name}.tiktoken in "
+            f"{cache_home() / 'tiktoken'} or install bpe-openai"
+        )
 
 
 def _text(content: Any) -> str:
@@ -110,7 +121,11 @@ def _text(content: Any) -> str:
 
 
 def message_tokens(encoding, message: dict[str, Any]) -> int:
-    count = TOKENS_PER_MESSAGE + len(encoding.encode(message.get("role", ""))) + len(encoding.encode(_text(message.get("content"))))
+    count = (
+        TOKENS_PER_MESSAGE
+        + len(encoding.encode(message.get("role", "")))
+        + len(encoding.encode(_text(message.get("content"))))
+    )
     if message.get("name"):
         count += TOKENS_PER_NAME + len(encoding.encode(message["name"]))
     for call in message.get("tool_calls") or []:
@@ -119,7 +134,9 @@ def message_tokens(encoding, message: dict[str, Any]) -> int:
     return count
 
 
-def example_tokens(encoding, messages: list[dict[str, Any]], tools: list | None = None, rejected: dict[str, Any] | None = None) -> int:
+def example_tokens(
+    encoding, messages: list[dict[str, Any]], tools: list | None = None, rejected: dict[str, Any] | None = None
+) -> int:
     """Tokens of one training example: the conversation (a preference pair counts its prompt once and both answers)."""
     count = sum(message_tokens(encoding, m) for m in messages) + REPLY_PRIMING
     if rejected is not None:

@@ -43,8 +43,13 @@ def pack(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
     return rows
 
 
-def build_rows(examples: list[tuple[list[int], list[int]]], capacity: int, packing: bool, seed: int,
-               weights: list[float] | None = None) -> list[Row]:
+def build_rows(
+    examples: list[tuple[list[int], list[int]]],
+    capacity: int,
+    packing: bool,
+    seed: int,
+    weights: list[float] | None = None,
+) -> list[Row]:
     """Rows for the trainer: packed when asked, else one example per row; `weights` are per example."""
     groups = pack([len(ids) for ids, _ in examples], capacity, seed) if packing else [[i] for i in range(len(examples))]
     rows = []
@@ -54,5 +59,12 @@ def build_rows(examples: list[tuple[list[int], list[int]]], capacity: int, packi
         for i in members:
             ids += examples[i][0]
             labels += examples[i][1]
-        rows.append(Row(ids, labels, [len(examples[i][0]) for i in members], None if weights is None else [weights[i] for i in members]))
+        rows.append(
+            Row(
+                ids,
+                labels,
+                [len(examples[i][0]) for i in members],
+                None if weights is None else [weights[i] for i in members],
+            )
+        )
     return rows

@@ -39,6 +39,7 @@ SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 
 FULL_FINETUNE_LR = 2e-5  # every weight moves: ten times lower than LoRA's adapters
 DPO_LORA_LR = 5e-5  # preference tuning starts from a policy that already answers well: a quarter of SFT's rate
 
+
 @dataclass
 class TrainingPlan:
     examples: int
@@ -66,7 +67,8 @@ class TrainingPlan:
         return [
             f"packing {'on' if self.packing else 'off'}: {self.reasons['packing']}",
             f"epochs {self.epochs:g}: {self.reasons['epochs']}",
-            f"batch_size {self.batch_size} {unit} per step (micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum}): {self.reasons['batch_size']}",
+            f"batch_size {self.batch_size} {unit} per step (micro_batch_size {self.micro_batch_size} "
+            f"x grad_accum {self.grad_accum}): {self.reasons['batch_size']}",
             f"lr {self.lr:g}: {self.reasons['lr']}",
             f"prompt_loss_weight {self.prompt_loss_weight:g}: {self.reasons['prompt_loss_weight']}",
             f"eval_every {self.eval_every}, save_every {self.save_every}: {self.reasons['eval_every']}",
@@ -214,7 +216,10 @@ def _prompt_loss(train: LocalTrain) -> tuple[float, str]:
     weight = float(getattr(train, "prompt_loss_weight", 0.0))
     if weight:
         return weight, SET_IN_FILE
-    return weight, "off: the answer's tokens alone are learnt (a loss on the prompt as well measured no better, and slower)"
+    return (
+        weight,
+        "off: the answer's tokens alone are learnt (a loss on the prompt as well measured no better, and slower)",
+    )
 
 
 def _evaluations(train: LocalTrain, steps: int) -> tuple[tuple[int, int], str]:

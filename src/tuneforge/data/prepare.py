@@ -10,12 +10,14 @@ records); the whole data folder is replaced at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_sha256
-from tuneforge.data import report as reporting, split as splitting
+from tuneforge.data import report as reporting
+from tuneforge.data import split as splitting
 from tuneforge.data.collect import Collected, DataError, Preparer
 from tuneforge.data.records import Example, Problem, label_summary
 from tuneforge.errors import ConfigError, TuneforgeError
@@ -44,7 +46,9 @@ def _fail_listing(problems: list[Problem]) -> str:
 
     errors = [p for p in problems if p.severity == "error"]
     codes = Counter(p.code for p in errors)
-    lines = [f"{len(errors)} invalid records ({', '.join(f'{c} {n}' for c, n in codes.most_common())}); nothing was written"]
+    lines = [
+        f"{len(errors)} invalid records ({', '.join(f'{c} {n}' for c, n in codes.most_common())}); nothing was written"
+    ]
     lines += [f"  {p}" for p in errors[:SHOWN_PROBLEMS]]
     if len(errors) > SHOWN_PROBLEMS:
         lines.append(f"  ... and {len(errors) - SHOWN_PROBLEMS} more")
@@ -68,7 +72,10 @@ def prepare(
     read_done = time.perf_counter()
     retrieval = _retrieve(preparer, run, retrieve, train, valid)
     _measure(preparer, train, valid)
-    seconds = {"read_clean_sample": round(read_done - started, 3), "tokenize": round(time.perf_counter() - read_done, 3)}
+    seconds = {
+        "read_clean_sample": round(read_done - started, 3),
+        "tokenize": round(time.perf_counter() - read_done, 3),
+    }
     _check(experiment.data, train, valid)
     split = _split(experiment, train, valid)
     report = _report(experiment, preparer, train, valid, split, seconds, retrieval)
@@ -100,7 +107,8 @@ def _retrieve(
         return None
     if retrieve is None:
         raise TuneforgeError(
-            "data.rag: prepare needs the retrieval step: prepare(..., retrieve=tuneforge.rag.retriever.augment_examples)"
+            "data.rag: prepare needs the retrieval step: "
+            "prepare(..., retrieve=tuneforge.rag.retriever.augment_examples)"
         )
     special = tuple(preparer.encoder.tokenizer.all_special_tokens)
     return retrieve(preparer.experiment, run, _present(train, valid), special, preparer.progress)

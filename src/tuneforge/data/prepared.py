@@ -18,5 +18,7 @@ def load_prepared(folder: Path, split: str) -> list[Example]:
     with open(messages_path, encoding="utf-8") as fm, open(meta_path, encoding="utf-8") as fmeta:
         for line, meta_line in zip(fm, fmeta):
             record, meta = json.loads(line), json.loads(meta_line)
-            examples.append(Example.from_openai(record, meta["id"], meta["source"], meta.get("label"), meta.get("meta", {})))
+            examples.append(
+                Example.from_openai(record, meta["id"], meta["source"], meta.get("label"), meta.get("meta", {}))
+            )
     return examples

@@ -50,8 +50,9 @@ class Example:
         return {"messages": self.messages, **self.extra}
 
     @classmethod
-    def from_openai(cls, record: dict[str, Any], id: str, where: str, label: str | None = None,
-                    meta: dict[str, Any] | None = None) -> Example:
+    def from_openai(
+        cls, record: dict[str, Any], id: str, where: str, label: str | None = None, meta: dict[str, Any] | None = None
+    ) -> Example:
         """An example back from `openai_record`'s format (a prepared split)."""
         if "input" in record:
             source = dict(record["input"])
@@ -73,8 +74,11 @@ def common_system_prompt(conversations) -> str | None:
     """The system prompt most training conversations open with (None when none has one)."""
     from collections import Counter
 
-    found = Counter(m[0]["content"] for m in conversations
-                    if m and m[0].get("role") == "system" and isinstance(m[0].get("content"), str) and m[0]["content"].strip())
+    found = Counter(
+        m[0]["content"]
+        for m in conversations
+        if m and m[0].get("role") == "system" and isinstance(m[0].get("content"), str) and m[0]["content"].strip()
+    )
     return found.most_common(1)[0][0] if found else None
 
 
@@ -98,4 +102,8 @@ def label_summary(examples: list[Example]) -> dict[str, Any] | None:
     if not counts:
         return None
     majority = max(counts, key=lambda k: (counts[k], k))
-    return {"counts": counts, "majority_label": majority, "majority_accuracy": round(counts[majority] / sum(counts.values()), 4)}
+    return {
+        "counts": counts,
+        "majority_label": majority,
+        "majority_accuracy": round(counts[majority] / sum(counts.values()), 4),
+    }

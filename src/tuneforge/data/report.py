@@ -81,7 +81,8 @@ def _training_rows(train: list[Example]) -> list[tuple[int, int]]:
 
 
 def openai_estimate(train: list[Example], experiment: Experiment) -> dict[str, Any]:
-    """Billed tokens and cost of the hosted job, counted with the hosted model's tiktoken encoding when it is at hand."""
+    """Billed tokens and cost of the hosted job, counted with the hosted model's tiktoken encoding when it is at
+    hand."""
     from tuneforge.data.openai_tokens import encoding_for, example_tokens
 
     t = experiment.train
@@ -92,7 +93,10 @@ def openai_estimate(train: list[Example], experiment: Experiment) -> dict[str, A
         note = f"tokens counted with {encoding.name} (tiktoken), the encoding {t.model} uses"
     else:
         tokens_per_epoch = sum(e.n_tokens for e in train)
-        note = f"tokens counted with the experiment model's tokenizer, as {unavailable}; OpenAI's own count differs by a few percent"
+        note = (
+            f"tokens counted with the experiment model's tokenizer, as {unavailable}; "
+            "OpenAI's own count differs by a few percent"
+        )
     billed = tokens_per_epoch * epochs
     return {
         "model": t.model,
@@ -229,7 +233,13 @@ def _plan_md(report: dict[str, Any]) -> list[str]:
     from tuneforge.data.plan import TrainingPlan
 
     plan = TrainingPlan(**report["local"])
-    lines = ["", "## Training plan (local)", "", "Values marked auto in the experiment file were chosen from this data:", ""]
+    lines = [
+        "",
+        "## Training plan (local)",
+        "",
+        "Values marked auto in the experiment file were chosen from this data:",
+        "",
+    ]
     lines += [f"- {line}" for line in plan.describe()]
     return lines + [f"- **warning:** {w}" for w in plan.warnings]
 
@@ -263,21 +273,28 @@ def summary(report: dict[str, Any]) -> str:
         if not note.startswith(("utf-8 ", "utf-8-sig ")):  # say so whenever a file was not read as UTF-8
             out.append(f"{name} read as {note}; set data.encoding to override")
     if tok.get("examples"):
+        per = "pair (longer answer)" if tok.get("pairs") else "example"
         out.append(
-            f"tokens/{'pair (longer answer)' if tok.get('pairs') else 'example'}: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
-            f"trainable share {tok['trainable_share']:.1%}; truncated {tok['truncated']}; no end-of-turn {tok['missing_end_of_turn']}"
+            f"tokens/{per}: min {tok['min']}, median {tok['median']:.0f}, p95 {tok['p95']:.0f}, max {tok['max']}; "
+            f"trainable share {tok['trainable_share']:.1%}; truncated {tok['truncated']}; "
+            f"no end-of-turn {tok['missing_end_of_turn']}"
         )
     problems = report["problems"]
-    out.append(f"problems: {problems['errors']} errors, {problems['warnings']} warnings, {report['counts']['rejected']} rejected")
+    rejected = report["counts"]["rejected"]
+    out.append(f"problems: {problems['errors']} errors, {problems['warnings']} warnings, {rejected} rejected")
     if report.get("labels"):
         floor = report["labels"].get("valid") or report["labels"]["train"]
-        out.append(f"majority-class accuracy {floor['majority_accuracy']:.3f} (always {floor['majority_label']!r}): the floor to beat")
+        majority = f"{floor['majority_accuracy']:.3f} (always {floor['majority_label']!r})"
+        out.append(f"majority-class accuracy {majority}: the floor to beat")
     if "local" in report:
         plan = report["local"]
-        out.append(f"local training plan: {plan['steps']} optimizer steps ({plan['epochs']:g} epochs, batch {plan['batch_size']}, "
-                   f"lr {plan['lr']:g}, packing {'on' if plan['packing'] else 'off'})")
+        out.append(
+            f"local training plan: {plan['steps']} optimizer steps ({plan['epochs']:g} epochs, "
+            f"batch {plan['batch_size']}, lr {plan['lr']:g}, packing {'on' if plan['packing'] else 'off'})"
+        )
         out += [f"warning: {w}" for w in plan["warnings"]]
     if "openai" in report:
         oa = report["openai"]
-        out.append(f"openai: {oa['n_epochs']} epochs, {oa['billed_tokens']:,} billed tokens, about ${oa['estimated_cost_usd']:.2f}")
+        cost = f"about ${oa['estimated_cost_usd']:.2f}"
+        out.append(f"openai: {oa['n_epochs']} epochs, {oa['billed_tokens']:,} billed tokens, {cost}")
     return "\n".join(out)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tuneforge.data.preference import looks_like_pair
 from tuneforge.data.records import Problem, Raw
@@ -47,7 +47,10 @@ def load_hub(name: str, key: str) -> list[dict]:
 
         dataset = datasets.load_dataset(name, split="train")
     except Exception as exc:  # network errors, missing datasets and auth failures all end here
-        raise TuneforgeError(f"{key}: {name!r} is not a local file or folder, and loading it from the hub failed: {str(exc).splitlines()[0]}") from None
+        raise TuneforgeError(
+            f"{key}: {name!r} is not a local file or folder, "
+            f"and loading it from the hub failed: {str(exc).splitlines()[0]}"
+        ) from None
     return [dict(row) for row in dataset]
 
 
@@ -83,7 +86,9 @@ def read_json_records(path: Path, name: str | None = None) -> Iterator[Raw]:
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as exc:
-            yield Raw(f"{name} byte {exc.start}", problem=Problem(f"{name} byte {exc.start}", "bad_utf8", "not UTF-8 text"))
+            yield Raw(
+                f"{name} byte {exc.start}", problem=Problem(f"{name} byte {exc.start}", "bad_utf8", "not UTF-8 text")
+            )
             return
         except json.JSONDecodeError as exc:
             where = f"{name} line {exc.lineno}"
@@ -114,8 +119,8 @@ def read_json_records(path: Path, name: str | None = None) -> Iterator[Raw]:
 
 
 def json_error(exc: json.JSONDecodeError) -> str:
-    """"Expecting ',' delimiter at column 15"; Python's messages that end in "at" ("Unterminated string starting at")
-    take the column directly."""
+    """The decoder's message with its column ("Expecting ',' delimiter at column 15"); Python's messages that end
+    in "at" ("Unterminated string starting at") take the column directly."""
     return f"{exc.msg}{'' if exc.msg.endswith(' at') else ' at'} column {exc.colno}"
 
 

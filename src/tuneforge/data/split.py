@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,7 +19,9 @@ def sample(items: Sequence[T], k: int | None, seed: int) -> list[T]:
     return [items[i] for i in sorted(chosen.tolist())]
 
 
-def split(items: Sequence[T], share: float, seed: int, labels: Sequence[str | None] | None = None) -> tuple[list[T], list[T]]:
+def split(
+    items: Sequence[T], share: float, seed: int, labels: Sequence[str | None] | None = None
+) -> tuple[list[T], list[T]]:
     """(train, valid) with `share` of the items in valid, per label when labels are given.
 
     Every label with at least two items gets at least one in each side, so a

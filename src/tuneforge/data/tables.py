@@ -11,9 +11,9 @@ import codecs
 import csv
 import html
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,9 +39,26 @@ class TableCounts:
 
 BLOCK = 1 << 20
 # When a legacy file's bytes fit several code pages equally well, the one most files are written in wins.
-COMMON_ENCODINGS = ("cp1252", "cp1251", "cp1250", "cp932", "gb18030", "big5", "cp949", "cp1253", "cp1254", "cp1256", "cp1255")
-BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+COMMON_ENCODINGS = (
+    "cp1252",
+    "cp1251",
+    "cp1250",
+    "cp932",
+    "gb18030",
+    "big5",
+    "cp949",
+    "cp1253",
+    "cp1254",
+    "cp1256",
+    "cp1255",
+)
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 @dataclass
@@ -89,7 +106,8 @@ def _place(path: Path, byte: int, encoding: str) -> Undecodable:
 
 
 def detect_encoding(path: Path) -> tuple[str, str]:
-    """(codec, how it was found) for a text table: a BOM, UTF-8 when every byte is, else the best-fitting legacy code page."""
+    """(codec, how it was found) for a text table: a BOM, UTF-8 when every byte is, else the best-fitting legacy
+    code page."""
     with open(path, "rb") as fh:
         head = fh.read(4)
     for bom, name in BOMS:
@@ -147,7 +165,10 @@ def open_table(path: Path, encoding: str = "auto", where: str = "data") -> Table
     else:
         bad = first_undecodable(path, encoding)
         if bad is not None:
-            raise TuneforgeError(f"{where}: {path.name} is not {encoding} text at {bad}; set data.encoding to the file's encoding (or auto to detect it)")
+            raise TuneforgeError(
+                f"{where}: {path.name} is not {encoding} text at {bad}; "
+                "set data.encoding to the file's encoding (or auto to detect it)"
+            )
         table.encoding, table.found = encoding, "data.encoding"
     table.sep = sep_for(path, table.encoding)
     _find_ragged(table)
@@ -200,7 +221,9 @@ def columns_of(path: Path | TableFile) -> list[str]:
     try:
         header = pd.read_csv(table.path, sep=sep_for(table.path, table.encoding), nrows=0, encoding=table.encoding)
     except UnicodeDecodeError as exc:
-        raise TuneforgeError(f"{table.path}: not {table.encoding} text (byte {exc.start} of the header); set data.encoding") from None
+        raise TuneforgeError(
+            f"{table.path}: not {table.encoding} text (byte {exc.start} of the header); set data.encoding"
+        ) from None
     return [str(c).strip() for c in header.columns]
 
 
@@ -241,7 +264,9 @@ def _csv_chunks(table: TableFile, columns: list[str], chunk_rows: int) -> Iterat
             yield chunk
     except UnicodeDecodeError:
         bad = first_undecodable(table.path, table.encoding)
-        raise TuneforgeError(f"{table.path.name}: not {table.encoding} text at {bad}; set data.encoding to the file's encoding (or auto)") from None
+        raise TuneforgeError(
+            f"{table.path.name}: not {table.encoding} text at {bad}; set data.encoding to the file's encoding (or auto)"
+        ) from None
     except pd.errors.ParserError as exc:
         raise TuneforgeError(f"{table.path}: {str(exc).strip()}") from None
 
@@ -270,7 +295,9 @@ def _json_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
 
 
 def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.apply(lambda col: col.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)))
+    return frame.apply(
+        lambda col: col.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    )
 
 
 # Plain strings, not compiled patterns: on Arrow-backed text pandas then runs them in C++ (RE2).
@@ -295,10 +322,7 @@ def clean_chunk(chunk: pd.DataFrame, clean, counts: TableCounts) -> pd.DataFrame
             messy = (series.str.strip() != series) | series.str.contains(_INNER_MESS)
             if messy.any():
                 fixed = (
-                    series[messy]
-                    .str.replace("\r\n", "\n", regex=False)
-                    .str.replace(_RUNS, " ", regex=True)
-                    .str.strip()
+                    series[messy].str.replace("\r\n", "\n", regex=False).str.replace(_RUNS, " ", regex=True).str.strip()
                 )
                 counts.whitespace_fixed += int((fixed != series[messy]).sum())
                 series = series.copy()

@@ -32,9 +32,11 @@ from typing import Any
 
 from tuneforge.data.records import Problem
 
-TOOLS_HEADER = ("# Tools\n\nYou can call the functions below. To call one, answer with "
-                '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>, '
-                "one block per call. Each result comes back inside <tool_response></tool_response>.\n<tools>\n")
+TOOLS_HEADER = (
+    "# Tools\n\nYou can call the functions below. To call one, answer with "
+    '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>, '
+    "one block per call. Each result comes back inside <tool_response></tool_response>.\n<tools>\n"
+)
 CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
@@ -80,7 +82,9 @@ def _tool_list_problems(record: dict, where: str) -> tuple[list[Problem], set[st
             continue
         names.add(function["name"])
         parameters = function.get("parameters")
-        if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
+        if parameters is not None and (
+            not isinstance(parameters, dict) or parameters.get("type", "object") != "object"
+        ):
             text = f"tools item {i} ({function['name']}): 'parameters' must be a JSON schema of type object"
             problems.append(Problem(where, "tools_invalid", text))
     return problems, names
@@ -120,8 +124,14 @@ def _answer_problems(message: dict, at: str, open_calls: set[str], where: str) -
 
 
 def _call_problems(call: Any, at: str, names: set[str] | None, where: str) -> list[Problem]:
-    if not isinstance(call, dict) or call.get("type", "function") != "function" or not isinstance(call.get("function"), dict):
-        return [Problem(where, "tool_call_invalid", f"{at} must be {{id, type: 'function', function: {{name, arguments}}}}")]
+    if (
+        not isinstance(call, dict)
+        or call.get("type", "function") != "function"
+        or not isinstance(call.get("function"), dict)
+    ):
+        return [
+            Problem(where, "tool_call_invalid", f"{at} must be {{id, type: 'function', function: {{name, arguments}}}}")
+        ]
     problems = []
     if not isinstance(call.get("id"), str) or not call["id"]:
         problems.append(Problem(where, "tool_call_invalid", f"{at} has no id"))
@@ -130,23 +140,45 @@ def _call_problems(call: Any, at: str, names: set[str] | None, where: str) -> li
     if not isinstance(name, str) or not name:
         problems.append(Problem(where, "tool_call_invalid", f"{at} has no function name"))
     elif names is not None and name not in names:
-        problems.append(Problem(where, "tool_call_unknown_function", f"{at} calls {name!r}, which 'tools' does not list ({', '.join(sorted(names)) or 'none'})"))
+        problems.append(
+            Problem(
+                where,
+                "tool_call_unknown_function",
+                f"{at} calls {name!r}, which 'tools' does not list ({', '.join(sorted(names)) or 'none'})",
+            )
+        )
     arguments = function.get("arguments")
     if not isinstance(arguments, str):
-        problems.append(Problem(where, "tool_call_arguments_not_json", f"{at}: arguments must be a JSON string (OpenAI's format), not {type(arguments).__name__}"))
+        problems.append(
+            Problem(
+                where,
+                "tool_call_arguments_not_json",
+                f"{at}: arguments must be a JSON string (OpenAI's format), not {type(arguments).__name__}",
+            )
+        )
     else:
         try:
             if not isinstance(json.loads(arguments), dict):
-                problems.append(Problem(where, "tool_call_arguments_not_json", f"{at}: arguments must encode a JSON object"))
+                problems.append(
+                    Problem(where, "tool_call_arguments_not_json", f"{at}: arguments must encode a JSON object")
+                )
         except json.JSONDecodeError as exc:
-            problems.append(Problem(where, "tool_call_arguments_not_json", f"{at}: arguments are not JSON ({exc.msg} at column {exc.colno})"))
+            problems.append(
+                Problem(
+                    where,
+                    "tool_call_arguments_not_json",
+                    f"{at}: arguments are not JSON ({exc.msg} at column {exc.colno})",
+                )
+            )
     return problems
 
 
 def from_legacy(record: dict) -> dict:
     """OpenAI's older function-calling form (`functions`, `function_call`, role `function`) in today's shape."""
-    if "functions" not in record and not any(isinstance(m, dict) and ("function_call" in m or m.get("role") == "function")
-                                             for m in record.get("messages") or []):
+    if "functions" not in record and not any(
+        isinstance(m, dict) and ("function_call" in m or m.get("role") == "function")
+        for m in record.get("messages") or []
+    ):
         return record
     out = {k: v for k, v in record.items() if k != "functions"}
     if isinstance(record.get("functions"), list):
@@ -167,8 +199,11 @@ def from_legacy(record: dict) -> dict:
             if not message.get("content"):
                 message["content"] = None
         elif message.get("role") == "function":
-            message = {"role": "tool", "tool_call_id": last_call.get(message.get("name"), "call_unknown"),
-                       "content": message.get("content")}
+            message = {
+                "role": "tool",
+                "tool_call_id": last_call.get(message.get("name"), "call_unknown"),
+                "content": message.get("content"),
+            }
         messages.append(message)
     out["messages"] = messages
     return out
@@ -208,7 +243,11 @@ def convention_view(messages: list[dict], tools: list | None, tool_role: str = "
     """For a template without tools: tools, calls and results written into the messages' text."""
     out = [dict(m) for m in messages]
     if tools:
-        listing = TOOLS_HEADER + "".join(json.dumps(t.get("function", t), ensure_ascii=False) + "\n" for t in tools) + "</tools>"
+        listing = (
+            TOOLS_HEADER
+            + "".join(json.dumps(t.get("function", t), ensure_ascii=False) + "\n" for t in tools)
+            + "</tools>"
+        )
         if out and out[0].get("role") == "system":
             out[0]["content"] = f"{out[0].get('content') or ''}\n\n{listing}".lstrip()
         else:
@@ -226,7 +265,11 @@ def convention_view(messages: list[dict], tools: list | None, tool_role: str = "
 
 def call_block(call: dict) -> str:
     function = _decoded(call)["function"]
-    return "<tool_call>\n" + json.dumps({"name": function.get("name"), "arguments": function.get("arguments")}, ensure_ascii=False) + "\n</tool_call>"
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": function.get("name"), "arguments": function.get("arguments")}, ensure_ascii=False)
+        + "\n</tool_call>"
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -245,10 +288,12 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
         return (rest or None), calls
     if stripped.startswith("[TOOL_CALLS]"):
         try:
-            items = json.loads(stripped[len("[TOOL_CALLS]"):].strip())
+            items = json.loads(stripped[len("[TOOL_CALLS]") :].strip())
         except json.JSONDecodeError:
             return text, []
-        calls = [c for c in (_call_from_json(json.dumps(i)) for i in (items if isinstance(items, list) else [items])) if c]
+        calls = [
+            c for c in (_call_from_json(json.dumps(i)) for i in (items if isinstance(items, list) else [items])) if c
+        ]
         return None, calls
     if stripped.startswith("{") and '"name"' in stripped:
         found = _call_from_json(stripped.removeprefix("<|python_tag|>"))
@@ -270,8 +315,11 @@ def _call_from_json(body: str) -> dict | None:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             pass
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def same_call(a: dict, b: dict) -> tuple[bool, bool]:

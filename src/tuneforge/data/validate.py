@@ -39,7 +39,8 @@ def check_record(record: Any, where: str) -> list[Problem]:
         if order:
             problems.append(Problem(where, "role_order", order))
         if roles[-1] != "assistant":
-            problems.append(Problem(where, "last_not_assistant", f"the last message is from {roles[-1]!r}, so it is never learned", "warning"))
+            never = f"the last message is from {roles[-1]!r}, so it is never learned"
+            problems.append(Problem(where, "last_not_assistant", never, "warning"))
     return problems
 
 
@@ -61,7 +62,11 @@ def text_content(messages: list[Any]) -> list[Any]:
     out = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        if (
+            isinstance(content, list)
+            and content
+            and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+        ):
             message = {**message, "content": "".join(p["text"] for p in content)}
         out.append(message)
     return out
@@ -82,15 +87,24 @@ def _message_problems(messages: list[Any], where: str) -> list[Problem]:
                 problems.append(Problem(where, "message_unrecognized_key", f"{at} has unrecognised key {key!r}"))
         role = message.get("role")
         if "role" in message and role not in ROLES:
-            problems.append(Problem(where, "unrecognized_role", f"{at} has role {role!r}; allowed: {', '.join(sorted(ROLES))}"))
+            problems.append(
+                Problem(where, "unrecognized_role", f"{at} has role {role!r}; allowed: {', '.join(sorted(ROLES))}")
+            )
         if "weight" in message:
             weight = message["weight"]
             if role != "assistant":
-                problems.append(Problem(where, "invalid_weight", f"{at} ({role}) has a weight; only assistant messages take one"))
+                problems.append(
+                    Problem(where, "invalid_weight", f"{at} ({role}) has a weight; only assistant messages take one")
+                )
             elif isinstance(weight, bool) or weight not in (0, 1):
-                problems.append(Problem(where, "invalid_weight", f"{at} has weight {weight!r}; it must be 0 (context only) or 1 (trained)"))
+                allowed = f"{at} has weight {weight!r}; it must be 0 (context only) or 1 (trained)"
+                problems.append(Problem(where, "invalid_weight", allowed))
         content = message.get("content")
-        if "content" in message and (not isinstance(content, str) or not content.strip()) and not message.get("tool_calls"):
+        if (
+            "content" in message
+            and (not isinstance(content, str) or not content.strip())
+            and not message.get("tool_calls")
+        ):
             problems.append(Problem(where, "missing_content", f"{at} ({role}) has empty or non-text content"))
     return problems
 
@@ -112,7 +126,10 @@ def _role_order_problem(roles: list[Any], calls: list[bool]) -> str | None:
             if role == "tool":
                 return f"tool message at position {position} does not follow an assistant message that calls a tool"
             wanted = " or ".join(repr(r) for r in expected)
-            return f"message {position} is from {role!r} where {wanted} was expected (turns must alternate, starting with user)"
+            return (
+                f"message {position} is from {role!r} where {wanted} was expected "
+                "(turns must alternate, starting with user)"
+            )
         if role == "user":
             expected = ("assistant",)
         elif role == "assistant":
