@@ -43,7 +43,13 @@ def test_right_page_first_and_recall_on_shipped_questions(built):
     records = [json.loads(l) for l in (REPO / "examples/data/support/eval.jsonl").read_text().splitlines()]
     pairs = [([m["content"] for m in r["messages"] if m["role"] == "user"], r["meta"]["source"]) for r in records]
     report = rag.evaluate(retriever, pairs, k=4)
-    assert report["recall@4"] >= 0.9 and report["mrr"] > 0.7 and report["recall@1"] <= report["recall@4"]
+    assert report["recall@4"] >= 0.9 and report["mrr"] > 0.7
+    # recall@1 is the share of questions whose first hit is their page, searched here on its own (as a +rag system
+    # does, the conversation's turns together); the builtin embedder puts 44 of the 52 first
+    first = [hits[0].source for hits in retriever.search_conversations([turns for turns, _ in pairs], 1)]
+    assert report["recall@1"] == pytest.approx(sum(f == s for f, (_, s) in zip(first, pairs)) / len(pairs), abs=1e-4)
+    assert report["recall@1"] >= 0.8
+    assert len(report["misses"]) == round((1 - report["recall@4"]) * len(pairs))  # each question not in the top 4
     assert report["multi_turn"]["questions"] == sum(len(t) > 1 for t, _ in pairs) >= 12
     assert all(set(m) == {"question", "earlier_turns", "expected", "retrieved"} for m in report["misses"])
 
