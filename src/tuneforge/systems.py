@@ -185,14 +185,13 @@ class HostedSystem(System):
             reply = self._request(messages, settings, stream=False)
             choice = reply.choices[0]
             usage = reply.usage
-            calls = [c.model_dump(exclude_none=True) for c in choice.message.tool_calls or []] or None
             answers.append(
-                Answer(
-                    (choice.message.content or "").strip(),
+                _hosted_answer(
+                    choice.message.content or "",
                     getattr(usage, "prompt_tokens", 0) or 0,
                     getattr(usage, "completion_tokens", 0) or 0,
                     choice.finish_reason or "stop",
-                    tool_calls=calls,
+                    [c.model_dump(exclude_none=True) for c in choice.message.tool_calls or []],
                 )
             )
         return answers
@@ -200,6 +199,7 @@ class HostedSystem(System):
     def _stream(self, messages, settings):
         stream = self._request(messages, settings, stream=True)
         text, finish = "", "stop"
+        calls: dict[int, dict] = {}
         try:
             for chunk in stream:
                 if not chunk.choices:
@@ -209,10 +209,35 @@ class HostedSystem(System):
                 if piece:
                     text += piece
                     yield piece
+                _add_call_pieces(calls, choice.delta.tool_calls)
                 finish = choice.finish_reason or finish
         finally:
             stream.close()
-        yield Answer(text.strip(), 0, 0, finish)
+        yield _hosted_answer(text, 0, 0, finish, [calls[i] for i in sorted(calls)])
+
+
+def _add_call_pieces(calls: dict[int, dict], pieces) -> None:
+    """Adds a chunk's tool-call deltas to the calls so far. OpenAI streams each call in pieces keyed by its index:
+    the first carries the id, type and function name, the later ones only more of the arguments (JSON cut
+    anywhere), so nothing is a call until the stream ends."""
+    for piece in pieces or ():
+        call = calls.setdefault(piece.index, {"type": "function", "function": {"arguments": ""}})
+        if piece.id:
+            call.setdefault("id", piece.id)
+        if piece.type:
+            call["type"] = piece.type
+        if piece.function is not None:
+            if piece.function.name:
+                call["function"].setdefault("name", piece.function.name)
+            call["function"]["arguments"] += piece.function.arguments or ""
+
+
+def _hosted_answer(text: str, prompt_tokens: int, completion_tokens: int, finish: str, calls: list[dict]) -> Answer:
+    """A hosted reply as an Answer, the same whether it was streamed or not. Made calls end it with finish reason
+    tool_calls even where an OpenAI-compatible server says stop, as a local engine's parsed calls do."""
+    if calls and finish == "stop":
+        finish = "tool_calls"
+    return Answer(text.strip(), prompt_tokens, completion_tokens, finish, tool_calls=calls or None)
 
 
 def training_system_prompt(run: RunDir, spec: Spec | None = None) -> str | None:
