@@ -83,22 +83,40 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     if experiment.train.backend == "openai":
-        from tuneforge.train.openai_backend import train_openai
+        from tuneforge.train.openai_backend import make_client, train_openai
 
-        return train_openai(experiment, _run_dir(args, experiment, "train"), yes=args.yes, cancel=args.cancel)
+        run = _run_dir(args, experiment, "train")
+        if args.cancel:
+            return train_openai(experiment, run, None, cancel=True)
+        from tuneforge.data.prepare import prepare
+        from tuneforge.models import load_tokenizer
+        from tuneforge.rag.retriever import augment_examples
+
+        make_client(experiment)  # a missing API key is refused before anything is prepared
+        # prepared again each time: cheap next to a hosted job, and the upload never lags the config
+        print("preparing the data (so the upload matches this config)", flush=True)
+        has_data = experiment.data.train is not None
+        tokenizer = load_tokenizer(experiment.model) if has_data else None  # None: prepare says why
+        report = prepare(experiment, run, tokenizer, retrieve=augment_examples)
+        return train_openai(experiment, run, report, yes=args.yes)
     if args.cancel:
         raise TuneforgeError("--cancel is for train.backend: openai jobs; stop a local run with Ctrl-C")
-    from tuneforge.train.local import is_main_process, train_local
+    from tuneforge.train.common import is_main_process
 
     run = _run_dir(args, experiment, "train") if is_main_process() else _run_dir_quiet(args, experiment)
     if experiment.data.feedback and is_main_process():
         from tuneforge.feedback.rounds import continue_from_current
 
         experiment = continue_from_current(experiment, run)
-    summary = train_local(experiment, run, resume=getattr(args, "resume", False))
+    if experiment.train.method == "dpo":
+        from tuneforge.train.dpo import train_dpo as train
+    else:
+        from tuneforge.train.local import train_local as train
+    summary = train(experiment, run, resume=getattr(args, "resume", False))
     if is_main_process() and summary.get("already_trained"):
         print(
-            f"nothing to resume: this run already finished its {summary['steps']} steps, and its adapter is in {run.sub('adapter')}. "
+            f"nothing to resume: this run already finished its {summary['steps']} steps, "
+            f"and its adapter is in {run.sub('adapter')}. "
             "To train again, use a new --run-dir (or delete this run's checkpoints/)"
         )
     elif is_main_process():
@@ -453,7 +471,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "run")
     print(f"run directory: {run.path}")
-    # the openai backend prepares and checks the data itself before uploading
+    # with the openai backend, train prepares the data itself, just before it uploads it
     verbs = ("train", "eval") if experiment.train.backend == "openai" else ("prepare", "train", "eval")
     for verb in verbs:
         code = VERBS[verb][0](args)

@@ -278,3 +278,25 @@ def test_prepared_preference_pairs_pass_the_upload_check_and_broken_ones_are_nam
     run.sub("data", "train.jsonl").write_text(json.dumps({**pair, "non_preferred_output": []}) + "\n")
     with pytest.raises(TuneforgeError, match=r"train.jsonl line 1: \[preference_output_count\]"):
         backend.check_prepared(run)
+
+
+def test_train_uploads_from_the_report_it_is_given_and_never_prepares(tmp_path, monkeypatch, capsys):
+    """The CLI prepares and hands the report in (recipes never run one another): a job recorded for that report's data
+    is re-attached to and watched; cancelling needs no report."""
+    from tuneforge.run import RunDir
+
+    experiment = _experiment(poll_seconds=1)
+    run = RunDir(experiment, tmp_path / "run")
+    for name in ("train.jsonl", "valid.jsonl"):
+        (run.sub("data") / name).parent.mkdir(parents=True, exist_ok=True)
+        run.sub("data", name).write_text("")
+    report = {"sha256": DATA, "openai": ESTIMATE}
+    backend.write_state(run, {"key": backend.job_key(experiment, DATA), "job_id": "ftjob-1"})
+    client, calls = _flaky_api(failures=0)
+    monkeypatch.setattr(backend, "make_client", lambda experiment: client)
+    assert backend.train_openai(experiment, run, report) == 0
+    out = capsys.readouterr().out
+    assert "re-attached to job ftjob-1 (already succeeded)" in out and "preparing" not in out
+    assert calls["job"] == 2  # found by the key of the report's data, then watched
+    with pytest.raises(TuneforgeError, match="nothing to cancel"):
+        backend.train_openai(experiment, RunDir(experiment, tmp_path / "other"), None, cancel=True)

@@ -1,6 +1,7 @@
 """`tuneforge train` with `train.backend: openai`: a hosted fine-tuning job, started and watched from here.
 
-check   prepare the run's data, re-check every line in OpenAI's chat format, confirm the cost estimate
+check   re-check every line of the prepared data (the `train` verb prepares it first) in OpenAI's chat format,
+        confirm the cost estimate
 submit  upload train/valid (purpose fine-tune) and create the job, tagged with a key of config + data,
         so running `train` again re-attaches to the job instead of starting a second one
 watch   events to the console, metrics to metrics.jsonl, ids and status to openai_job.json;
@@ -17,10 +18,14 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_write_json, atomic_write_jsonl, read_jsonl
 from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 STATE = "openai_job.json"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -38,14 +43,14 @@ class NeedsConfirmation(TuneforgeError):
     exit_code = 2
 
 
-def job_key(experiment, data_sha256: dict[str, str]) -> str:
+def job_key(experiment: Experiment, data_sha256: dict[str, str]) -> str:
     """What makes two `train` runs the same job: the model, the train section, the seed and the data."""
     train = experiment.train.model_dump(mode="json", exclude={"poll_seconds", "price_per_1m_tokens"})  # watching and estimating only
     payload = {"model": experiment.model.ref, "train": train, "seed": experiment.seed, "data": data_sha256}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def job_request(experiment, key: str, training_file: str, validation_file: str | None) -> dict[str, Any]:
+def job_request(experiment: Experiment, key: str, training_file: str, validation_file: str | None) -> dict[str, Any]:
     """The keyword arguments of `fine_tuning.jobs.create` for this experiment."""
     t = experiment.train
     hyperparameters = {"n_epochs": t.epochs, "batch_size": t.batch_size, "learning_rate_multiplier": t.lr_multiplier}
@@ -66,7 +71,7 @@ def job_request(experiment, key: str, training_file: str, validation_file: str |
     return request
 
 
-def make_client(experiment):
+def make_client(experiment: Experiment):
     """An OpenAI client for train.base_url; the key comes from the environment and nowhere else."""
     try:
         import openai
@@ -83,7 +88,7 @@ def make_client(experiment):
     return openai.OpenAI(api_key=key, base_url=base_url, max_retries=5, timeout=120)
 
 
-def check_prepared(run) -> None:
+def check_prepared(run: RunDir) -> None:
     """Every line of the prepared files in OpenAI's chat format, or an error naming each bad file and line."""
     from tuneforge.data.preference import looks_like_pair, read_pair
     from tuneforge.data.sources import read_json_records
@@ -119,29 +124,25 @@ def confirm(estimate: dict[str, Any], yes: bool, stdin=None) -> None:
         raise TuneforgeError("not confirmed; nothing was uploaded")
 
 
-def read_state(run) -> dict[str, Any]:
+def read_state(run: RunDir) -> dict[str, Any]:
     try:
         return json.loads(run.sub(STATE).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def write_state(run, state: dict[str, Any]) -> None:
+def write_state(run: RunDir, state: dict[str, Any]) -> None:
     state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(run.sub(STATE), state)
 
 
-def train_openai(experiment, run, yes: bool = False, cancel: bool = False) -> int:
+def train_openai(experiment: Experiment, run: RunDir, report: dict[str, Any] | None, yes: bool = False,
+                 cancel: bool = False) -> int:
+    """Start this config's job, or re-attach to it, and watch it; the exit code. `report`: prepare's, of the data the
+    caller has just prepared into `run` (None to cancel, which needs no data)."""
     client = make_client(experiment)
     if cancel:
         return cancel_job(client, run)
-    from tuneforge.data.prepare import prepare
-    from tuneforge.models import load_tokenizer
-    from tuneforge.rag.retriever import augment_examples
-
-    print("preparing the data (so the upload matches this config)", flush=True)
-    tokenizer = load_tokenizer(experiment.model) if experiment.data.train is not None else None  # None: prepare says why
-    report = prepare(experiment, run, tokenizer, retrieve=augment_examples)  # cheap next to a hosted job, and never stale
     check_prepared(run)
     key = job_key(experiment, report["sha256"])
     state = read_state(run)
@@ -176,7 +177,7 @@ def find_job(client, state: dict[str, Any], key: str):
     return None
 
 
-def submit(client, experiment, run, key: str, report: dict[str, Any]) -> dict[str, Any]:
+def submit(client, experiment: Experiment, run: RunDir, key: str, report: dict[str, Any]) -> dict[str, Any]:
     files = {}
     for split in ("train", "valid"):
         path = run.sub("data", f"{split}.jsonl")
@@ -202,7 +203,7 @@ def _update(state: dict[str, Any], job) -> None:
                  error=job.error.model_dump() if job.error and job.error.code else None)
 
 
-def watch(client, experiment, run, state: dict[str, Any]) -> int:
+def watch(client, experiment: Experiment, run: RunDir, state: dict[str, Any]) -> int:
     import openai
 
     job_id, poll = state["job_id"], experiment.train.poll_seconds
@@ -255,7 +256,7 @@ def new_events(client, job_id: str, last_seen: str | None) -> list:
     return fresh[::-1]
 
 
-def finish(client, experiment, run, state: dict[str, Any], job) -> int:
+def finish(client, experiment: Experiment, run: RunDir, state: dict[str, Any], job) -> int:
     import openai
 
     try:
@@ -281,7 +282,7 @@ def finish(client, experiment, run, state: dict[str, Any], job) -> int:
     return 1
 
 
-def cancel_job(client, run) -> int:
+def cancel_job(client, run: RunDir) -> int:
     state = read_state(run)
     if not state.get("job_id"):
         raise TuneforgeError(f"no OpenAI job is recorded in {run.sub(STATE)}; nothing to cancel")
