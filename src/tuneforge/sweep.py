@@ -14,6 +14,7 @@ Points run one after another, or as Ray tasks (`--executor ray`), one GPU each w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -190,60 +191,14 @@ def prepare_key(experiment: Experiment) -> str:
 # --------------------------------------------------------------------------- one point
 
 
-class MedianStop:
-    """The median stopping rule as a trainer callback (built lazily: transformers is imported by the trainer)."""
-
-    def __new__(cls, root: Path, me: str, labelled: bool, margin: float):
-        from transformers import TrainerCallback
-
-        class _MedianStop(TrainerCallback):
-            def __init__(self):
-                self.key, self.higher = ("eval_accuracy", True) if labelled else ("eval_loss", False)
-                self.mine: list[tuple[float, float]] = []
-                self.reason: str | None = None
-
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                value = (metrics or {}).get(self.key)
-                epoch = state.epoch or 0.0
-                if value is None or epoch <= 0:
-                    return  # the base model's evaluation before the first step
-                self.mine.append((epoch, float(value)))
-                if len(self.mine) < 2:
-                    return
-                peers = [b for b in (_best_until(r, self.key, self.higher, epoch) for r in _finished_curves(root, me)) if b is not None]
-                if len(peers) < 2:
-                    return
-                peers.sort()
-                median = (peers[(len(peers) - 1) // 2] + peers[len(peers) // 2]) / 2
-                best = max(v for _, v in self.mine) if self.higher else min(v for _, v in self.mine)
-                behind = (median - best > margin) if self.higher else (best - median > margin * abs(median))
-                if behind:
-                    name = self.key.removeprefix("eval_")
-                    self.reason = (f"valid {name} {best:.4f} at epoch {epoch:.2f} is behind the median {median:.4f} of "
-                                   f"{len(peers)} finished points by more than {margin:g}{'' if self.higher else ' (relative)'}")
-                    print(f"early stop: {self.reason}", flush=True)
-                    control.should_training_stop = True
-
-        return _MedianStop()
-
-
-def _finished_curves(root: Path, me: str) -> list[list[dict]]:
+def finished_curves(root: Path, me: str) -> list[list[dict]]:
+    """The metrics.jsonl records of every point under `root` but `me` that has finished (done or stopped)."""
     curves = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != me):
         status = _read_json(folder / POINT).get("status")
         if status in FINAL and (folder / "metrics.jsonl").exists():
             curves.append(read_jsonl(folder / "metrics.jsonl"))
     return curves
-
-
-def _best_until(records: list[dict], key: str, higher: bool, epoch: float) -> float | None:
-    """A finished point's best value up to this epoch; None when it never got this far (it stopped early)."""
-    if not records or max(r.get("epoch", 0.0) for r in records) < epoch - 1e-6:
-        return None
-    values = [r[key] for r in records if key in r and 0 < r.get("epoch", 0.0) <= epoch + 1e-6]
-    if not values:
-        return None
-    return max(values) if higher else min(values)
 
 
 def _read_json(path: Path) -> dict:
@@ -276,7 +231,6 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
     from tuneforge.eval.harness import run_eval
     from tuneforge.run import RunDir
     from tuneforge.train import callbacks as cb
-    from tuneforge.train.local import train_local
 
     experiment = load_experiment(source, overrides, point=values)
     run = RunDir(experiment, folder)
@@ -293,11 +247,16 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
                 run.record(section, shared_manifest[section])
         stopper = None
         if early_stop is not None:
-            stopper = MedianStop(run.path.parent, run.path.name, experiment.data.label is not None, early_stop)
+            finished = functools.partial(finished_curves, run.path.parent, run.path.name)
+            stopper = cb.MedianStop(finished, experiment.data.label is not None, early_stop)
         checkpoint = cb.latest_complete_checkpoint(run.sub("checkpoints"))
         if checkpoint is not None:
             print(f"point {run.path.name}: resuming its interrupted training from {checkpoint.name}", flush=True)
-        summary = train_local(experiment, run, resume=checkpoint is not None, callbacks=[stopper] if stopper else None)
+        if experiment.train.method == "dpo":
+            from tuneforge.train.dpo import train_dpo as train
+        else:
+            from tuneforge.train.local import train_local as train
+        summary = train(experiment, run, resume=checkpoint is not None, callbacks=[stopper] if stopper else None)
         if stopper is not None and stopper.reason:
             record.update(status="stopped", reason=stopper.reason, steps=summary.get("steps"))
         else:

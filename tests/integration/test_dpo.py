@@ -53,13 +53,13 @@ def test_dpo_raises_the_margin_and_a_started_run_is_referenced_to_its_start(tmp_
     from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_model, load_tokenizer, plan_device
     from tuneforge.run import RunDir
-    from tuneforge.train.local import train_local
+    from tuneforge.train.dpo import train_dpo
 
     experiment = _experiment(tmp_path, "dpo", "train.max_steps=6")
     run = RunDir(experiment, tmp_path / "run").start("train")
     tokenizer = load_tokenizer(experiment.model)
     prepare(experiment, run, tokenizer, progress=False)
-    summary = train_local(experiment, run, progress=False)
+    summary = train_dpo(experiment, run, progress=False)
     assert summary["method"] == "dpo" and summary["steps"] == 6
 
     records = [json.loads(x) for x in run.sub("metrics.jsonl").read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_dpo_raises_the_margin_and_a_started_run_is_referenced_to_its_start(tmp_
     second = _experiment(tmp_path, "dpo2", "train.max_steps=1", f"train.init_adapter={run.path}")
     run2 = RunDir(second, tmp_path / "run2").start("train")
     prepare(second, run2, tokenizer, progress=False)
-    summary2 = train_local(second, run2, progress=False)
+    summary2 = train_dpo(second, run2, progress=False)
     assert summary2["init_adapter"] == str(run.sub("adapter"))
     first = [json.loads(x) for x in run2.sub("metrics.jsonl").read_text().splitlines()][0]
     assert abs(first["reward_margin"]) < 1e-4, first

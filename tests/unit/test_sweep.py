@@ -15,7 +15,7 @@ from tuneforge.compare import compare_runs, differing, load_runs
 from tuneforge.config import load_experiment
 from tuneforge.errors import ConfigError
 from tuneforge.eval.cache import Cache
-from tuneforge.sweep import MedianStop, draw, metric_of, plan, prepare_key, slug
+from tuneforge.sweep import draw, finished_curves, metric_of, plan, prepare_key, slug
 
 BASE = """name: s
 seed: 4
@@ -115,17 +115,20 @@ def _evaluate(stopper, epoch, value):
 
 
 def test_median_rule_stops_a_point_clearly_behind_finished_ones_at_the_same_epoch(tmp_path):
+    from tuneforge.train.callbacks import MedianStop
+
     for name, values in (("a", [0.6, 0.8, 0.9]), ("b", [0.5, 0.7, 0.85]), ("c", [0.4, 0.6, 0.8])):
         _finished(tmp_path, name, [{"step": 0, "epoch": 0.0, "eval_accuracy": 0.3}]
                   + [{"step": i + 1, "epoch": (i + 1) / 3, "eval_accuracy": v} for i, v in enumerate(values)])
-    behind = MedianStop(tmp_path, "me", labelled=True, margin=0.02)
+    behind = MedianStop(lambda: finished_curves(tmp_path, "me"), labelled=True, margin=0.02)
     assert not _evaluate(behind, 0.0, 0.3)  # the base model's evaluation does not count
     assert not _evaluate(behind, 1 / 3, 0.3)  # never on the first evaluation
     assert _evaluate(behind, 2 / 3, 0.6)  # best 0.6 vs median 0.7 at this epoch
     assert "median 0.7000 of 3 finished points" in behind.reason
-    close = MedianStop(tmp_path, "me", labelled=True, margin=0.02)
+    close = MedianStop(lambda: finished_curves(tmp_path, "me"), labelled=True, margin=0.02)
     assert not _evaluate(close, 1 / 3, 0.5) and not _evaluate(close, 2 / 3, 0.69)  # within the margin
-    alone = MedianStop(tmp_path / "a", "me", labelled=True, margin=0.02)  # no finished peers: nothing to compare with
+    # no finished peers: nothing to compare with
+    alone = MedianStop(lambda: finished_curves(tmp_path / "a", "me"), labelled=True, margin=0.02)
     (tmp_path / "a" / "x").mkdir()
     assert not _evaluate(alone, 1 / 3, 0.1) and not _evaluate(alone, 2 / 3, 0.1)
 

@@ -16,7 +16,7 @@ their project alone.
 
 A worker thread takes queued jobs one at a time (`Store.claim_job`, so several
 server processes over one run folder never train the same job). A job runs
-`train_local` in its own run folder (api/jobs/<id>/) with the uploaded file as its
+`train_local` (`train_dpo` for method dpo) in its own run folder (api/jobs/<id>/) with the uploaded file as its
 prepared data, the server experiment's model and LoRA settings, and the job's
 hyperparameters mapped onto the local trainer (`local_train_section`). Each
 checkpoint the trainer writes becomes `ft:...:ckpt-step-N`, a model chat can use.
@@ -28,6 +28,7 @@ killed mid-job continues that job from its newest checkpoint when it starts agai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -37,7 +38,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from starlette.requests import Request
 
@@ -48,6 +49,10 @@ from tuneforge.serve.wire import (MIN_EXAMPLES, TERMINAL, JobFailed, JobRequest,
 from tuneforge.serve.keys import ApiKeys
 from tuneforge.serve.keys import project_of
 from tuneforge.serve.store import Store
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.run import RunDir
 
 # OpenAI's fine-tunable base models, dated or not (gpt-4o-mini-2024-07-18, gpt-4.1-2025-04-14, gpt-3.5-turbo-0125...)
 OPENAI_BASES = re.compile(r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$")
@@ -67,7 +72,7 @@ class JobPaused(Exception):
         self.step = step
 
 
-def fine_tuning_router(experiment, run, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED) -> list:
+def fine_tuning_router(experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED) -> list:
     """The fine-tuning API's FastAPI routers for a server's Served systems (server.serve's `routers`)."""
     return [Platform(experiment, run, served, keys, max_unfinished).router()]
 
@@ -75,7 +80,7 @@ def fine_tuning_router(experiment, run, served, keys: ApiKeys | None = None, max
 class Platform:
     """The files and jobs of one run folder, the worker that trains them, and the HTTP routes over both."""
 
-    def __init__(self, experiment, run, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED,
+    def __init__(self, experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED,
                  worker: bool = True):
         self.experiment, self.run, self.served = experiment, run, served
         self.root = run.sub("api")
@@ -186,7 +191,7 @@ class Platform:
             finally:
                 gc.collect()  # the trainer and its model go now, before the next job loads its own
 
-    def _job_experiment(self, row: dict):
+    def _job_experiment(self, row: dict) -> Experiment:
         from tuneforge.config import Experiment, LocalTrain
 
         obj, extra = row["obj"], row["extra"]
@@ -206,8 +211,7 @@ class Platform:
 
     def _train(self, job_id: str) -> None:
         from tuneforge.run import RunDir
-        from tuneforge.train.callbacks import latest_complete_checkpoint
-        from tuneforge.train.local import train_local
+        from tuneforge.train.callbacks import JobProgress, latest_complete_checkpoint
 
         row = self.store.job_row(job_id)
         obj, project, model_id = row["obj"], row["project"], row["extra"]["model_id"]
@@ -231,9 +235,13 @@ class Platform:
         t = experiment.train
         self._event(job_id, f"Training {experiment.model.ref} ({obj['method']['type']}) with epochs={t.epochs}, batch_size={t.batch_size}, "
                             f"lr={t.lr}" + (f", max_steps={t.max_steps} (the server's step count)" if t.max_steps else ""))
-        progress = JobProgress(self, job_id, model_id, project, run.sub("checkpoints"))
+        if experiment.train.method == "dpo":
+            from tuneforge.train.dpo import train_dpo as train
+        else:
+            from tuneforge.train.local import train_local as train
+        progress = JobProgress(_TrainingJob(self, job_id, model_id, project), run.sub("checkpoints"))
         with _wandb(self, job_id, obj):
-            summary = train_local(experiment, run, resume=resume_from is not None, progress=False, callbacks=[progress])
+            summary = train(experiment, run, resume=resume_from is not None, progress=False, callbacks=[progress])
 
         if self.store.request_of(job_id) == "cancel":
             raise JobCancelled
@@ -545,66 +553,30 @@ def _wandb(platform: Platform, job_id: str, obj: dict):
                 os.environ[key] = value
 
 
-def _progress_callback_class():
-    from transformers import TrainerCallback
+@dataclasses.dataclass
+class _TrainingJob:
+    """One job as its training callback (train.callbacks.JobProgress) sees it: the callback stops the training by
+    raising this module's exceptions, which `Platform._work` catches."""
 
-    class JobProgress(TrainerCallback):
-        """Training logs become `metrics` events and each checkpoint an API checkpoint; cancel stops at the next step,
-        pause at the checkpoint it asks for there; the estimated finish follows the mean step time."""
+    platform: Platform
+    job_id: str
+    model_id: str
+    project: str
 
-        def __init__(self, platform: Platform, job_id: str, model_id: str, project: str, checkpoints: Path):
-            self.platform, self.job_id, self.model_id, self.project, self.checkpoints = platform, job_id, model_id, project, checkpoints
-            self.pausing = False
-            self.latest: dict[str, float] = {}
+    def request(self) -> str | None:
+        return self.platform.store.request_of(self.job_id)
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started, self.first_step = time.monotonic(), state.global_step
+    def stop_cancelled(self) -> NoReturn:
+        raise JobCancelled
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self.platform.store.request_of(self.job_id) == "cancel":
-                raise JobCancelled
+    def stop_paused(self, step: int) -> NoReturn:
+        raise JobPaused(step)
 
-        def on_step_end(self, args, state, control, **kwargs):
-            store = self.platform.store
-            done = state.global_step - self.first_step
-            if done > 0 and state.max_steps:  # the mean step time so far, times the steps left
-                left = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step)
-                store.update_job(self.job_id, {"estimated_finish": int(time.time() + left)}, only=("running",))
-            if store.request_of(self.job_id) == "pause" and state.global_step < state.max_steps:
-                control.should_save = True  # the checkpoint that resume continues from
-                self.pausing = True
+    def estimate(self, finish: int) -> None:
+        self.platform.store.update_job(self.job_id, {"estimated_finish": finish}, only=("running",))
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps}
-            if "loss" in logs:
-                data["train_loss"] = float(logs["loss"])
-                if "mean_token_accuracy" in logs:
-                    data["train_mean_token_accuracy"] = float(logs["mean_token_accuracy"])
-            if "eval_loss" in logs:
-                data["valid_loss"] = float(logs["eval_loss"])
-                if "eval_mean_token_accuracy" in logs:
-                    data["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
-            if len(data) > 2:
-                self.latest.update({k: v for k, v in data.items() if k not in ("step", "total_steps")})
-                losses = ", ".join(f"{k.replace('_', ' ')}={v:.4f}" for k, v in data.items() if k.endswith("loss"))
-                where = f"Step {state.global_step}/{state.max_steps}" if state.max_steps else "Before training"  # the base model's eval
-                self.platform._event(self.job_id, f"{where}: {losses}", data=data, kind="metrics")
+    def metrics(self, message: str, data: dict[str, Any]) -> None:
+        self.platform._event(self.job_id, message, data=data, kind="metrics")
 
-        def on_save(self, args, state, control, **kwargs):
-            # after the marker callback: the trainer's checkpoint is complete by now
-            source = self.checkpoints / f"checkpoint-{state.global_step}"
-            if source.is_dir():
-                metrics = {k: self.latest[k] for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy") if k in self.latest}
-                if "valid_loss" in metrics:
-                    metrics["full_valid_loss"] = metrics["valid_loss"]
-                self.platform._add_checkpoint(self.job_id, self.model_id, self.project, state.global_step, source, metrics)
-            if self.pausing:
-                raise JobPaused(state.global_step)
-
-    return JobProgress
-
-
-def JobProgress(*args, **kwargs):
-    """The job's trainer callback (its class is built on first use, so this module loads without transformers)."""
-    return _progress_callback_class()(*args, **kwargs)
+    def checkpoint(self, step: int, folder: Path, metrics: dict[str, float]) -> None:
+        self.platform._add_checkpoint(self.job_id, self.model_id, self.project, step, folder, metrics)

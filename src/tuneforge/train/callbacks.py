@@ -1,4 +1,5 @@
-"""Trainer callbacks: metrics.jsonl, the non-finite guard, complete-checkpoint markers, disk check."""
+"""Trainer callbacks: metrics.jsonl, the non-finite guard, complete-checkpoint markers, disk check; a sweep's median
+stopping rule and a fine-tuning job's progress (serve/finetuning.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import torch
 from transformers import TrainerCallback
@@ -58,9 +60,10 @@ class MetricsLog(TrainerCallback):
     before anything is saved.
     """
 
-    def __init__(self, path: Path, trainer_ref: dict, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
-        self.trainer_ref = trainer_ref  # {"trainer": ForgeTrainer}, filled once the trainer exists
+        # the trainer counts the supervised tokens; it is built after its callbacks, so the recipe sets it here
+        self.trainer = None
         self.records: list[dict[str, Any]] = []
         if resume_step and path.exists():  # keep what the resumed checkpoint had seen
             self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step]
@@ -69,7 +72,7 @@ class MetricsLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
-        self._last_tokens = sum_over_ranks(self.trainer_ref["trainer"].supervised_tokens)
+        self._last_tokens = sum_over_ranks(self.trainer.supervised_tokens)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -81,7 +84,7 @@ class MetricsLog(TrainerCallback):
                     f"the loss became {loss} at step {state.global_step}; training stopped before saving anything from that step. "
                     "Lower train.lr, keep train.max_grad_norm on, or look for broken examples"
                 )
-            tokens = sum_over_ranks(self.trainer_ref["trainer"].supervised_tokens)  # every process's share of the batch
+            tokens = sum_over_ranks(self.trainer.supervised_tokens)  # every process's share of the batch
             now = time.perf_counter()
             record.update(
                 loss=loss,
@@ -157,3 +160,130 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
     changed = [f"{key}: was {saved.get(key)!r}, now {value!r}" for key, value in fingerprint.items() if saved.get(key) != value]
     if changed:
         raise TuneforgeError(f"cannot resume from {checkpoint.name}: " + "; ".join(changed) + ". Start a fresh run (without --resume) or restore the old settings")
+
+
+class MedianStop(TrainerCallback):
+    """The median stopping rule of a sweep's points: stop once this point's best valid metric so far is behind the
+    median of the finished points' best by the same epoch, by more than `margin` (relative for a loss).
+
+    `finished` gives the finished points' metrics.jsonl records; it is read at each evaluation, since points running
+    beside this one finish meanwhile."""
+
+    def __init__(self, finished: Callable[[], list[list[dict]]], labelled: bool, margin: float):
+        self.finished, self.margin = finished, margin
+        self.key, self.higher = ("eval_accuracy", True) if labelled else ("eval_loss", False)
+        self.mine: list[tuple[float, float]] = []
+        self.reason: str | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.key)
+        epoch = state.epoch or 0.0
+        if value is None or epoch <= 0:
+            return  # the base model's evaluation before the first step
+        self.mine.append((epoch, float(value)))
+        if len(self.mine) < 2:
+            return
+        peers = [b for b in (_best_until(r, self.key, self.higher, epoch) for r in self.finished()) if b is not None]
+        if len(peers) < 2:
+            return
+        peers.sort()
+        median = (peers[(len(peers) - 1) // 2] + peers[len(peers) // 2]) / 2
+        best = max(v for _, v in self.mine) if self.higher else min(v for _, v in self.mine)
+        behind = (median - best > self.margin) if self.higher else (best - median > self.margin * abs(median))
+        if behind:
+            name = self.key.removeprefix("eval_")
+            self.reason = (
+                f"valid {name} {best:.4f} at epoch {epoch:.2f} is behind the median {median:.4f} of "
+                f"{len(peers)} finished points by more than {self.margin:g}{'' if self.higher else ' (relative)'}"
+            )
+            print(f"early stop: {self.reason}", flush=True)
+            control.should_training_stop = True
+
+
+def _best_until(records: list[dict], key: str, higher: bool, epoch: float) -> float | None:
+    """A finished point's best value up to this epoch; None when it never got this far (it stopped early)."""
+    if not records or max(r.get("epoch", 0.0) for r in records) < epoch - 1e-6:
+        return None
+    values = [r[key] for r in records if key in r and 0 < r.get("epoch", 0.0) <= epoch + 1e-6]
+    if not values:
+        return None
+    return max(values) if higher else min(values)
+
+
+class TrainingJob(Protocol):
+    """One job of the fine-tuning API (serve/finetuning.py), as JobProgress sees it. Its stops raise the API's own
+    exceptions, which the job's worker catches."""
+
+    def request(self) -> str | None:
+        """What the API asked of the job and it has not done yet: "cancel", "pause" or None."""
+
+    def stop_cancelled(self) -> NoReturn:
+        """Stop the training now: the job was cancelled."""
+
+    def stop_paused(self, step: int) -> NoReturn:
+        """Stop the training, its checkpoint at `step` saved: the job was paused."""
+
+    def estimate(self, finish: int) -> None:
+        """Record when the job should finish (Unix time)."""
+
+    def metrics(self, message: str, data: dict[str, Any]) -> None:
+        """Add a metrics event."""
+
+    def checkpoint(self, step: int, folder: Path, metrics: dict[str, float]) -> None:
+        """Publish the trainer's complete checkpoint of `step` as an API checkpoint."""
+
+
+class JobProgress(TrainerCallback):
+    """Training logs become a job's `metrics` events and each checkpoint an API checkpoint; cancel stops at the next
+    step, pause at the checkpoint it asks for there; the estimated finish follows the mean step time."""
+
+    def __init__(self, job: TrainingJob, checkpoints: Path):
+        self.job, self.checkpoints = job, checkpoints
+        self.pausing = False
+        self.latest: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.job.request() == "cancel":
+            self.job.stop_cancelled()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.first_step
+        if done > 0 and state.max_steps:  # the mean step time so far, times the steps left
+            left = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step)
+            self.job.estimate(int(time.time() + left))
+        if self.job.request() == "pause" and state.global_step < state.max_steps:
+            control.should_save = True  # the checkpoint that resume continues from
+            self.pausing = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        data: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps}
+        if "loss" in logs:
+            data["train_loss"] = float(logs["loss"])
+            if "mean_token_accuracy" in logs:
+                data["train_mean_token_accuracy"] = float(logs["mean_token_accuracy"])
+        if "eval_loss" in logs:
+            data["valid_loss"] = float(logs["eval_loss"])
+            if "eval_mean_token_accuracy" in logs:
+                data["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
+        if len(data) > 2:
+            self.latest.update({k: v for k, v in data.items() if k not in ("step", "total_steps")})
+            losses = ", ".join(f"{k.replace('_', ' ')}={v:.4f}" for k, v in data.items() if k.endswith("loss"))
+            # before the first step: the base model's evaluation
+            where = f"Step {state.global_step}/{state.max_steps}" if state.max_steps else "Before training"
+            self.job.metrics(f"{where}: {losses}", data)
+
+    def on_save(self, args, state, control, **kwargs):
+        # after the marker callback: the trainer's checkpoint is complete by now
+        source = self.checkpoints / f"checkpoint-{state.global_step}"
+        if source.is_dir():
+            kept = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+            metrics = {k: self.latest[k] for k in kept if k in self.latest}
+            if "valid_loss" in metrics:
+                metrics["full_valid_loss"] = metrics["valid_loss"]
+            self.job.checkpoint(state.global_step, source, metrics)
+        if self.pausing:
+            self.job.stop_paused(state.global_step)

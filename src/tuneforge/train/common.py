@@ -1,14 +1,114 @@
-"""What the SFT and DPO trainers share: processes, trainer arguments, adapters, resume fingerprints, the kept adapter."""
+"""What the SFT and DPO recipes share: the setup (checked settings, prepared data, tokenizer, the model with its
+adapters), processes, trainer arguments, resume fingerprints, the timed training and the kept adapter."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.errors import TuneforgeError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.data.chat import ChatEncoder
+    from tuneforge.data.plan import TrainingPlan
+    from tuneforge.models import DevicePlan
+    from tuneforge.run import RunDir
+
+
+@dataclass
+class Setup:
+    """Where a recipe starts, before it reads its data: the device plan, the prepared data folder, the adapter it
+    continues (train.init_adapter), the base model's files, and the tokenizer with its chat encoder."""
+
+    experiment: Experiment
+    run: RunDir
+    plan: DevicePlan
+    data_dir: Path
+    start_adapter: Path | None
+    location: str
+    tokenizer: Any
+    encoder: ChatEncoder
+
+    def fingerprint(self, training: TrainingPlan, **method: Any) -> dict[str, Any]:
+        """What a checkpoint of this run depends on: `data_fingerprint`, the method's own settings, the start."""
+        return {
+            **data_fingerprint(self.experiment, self.run, training, self.plan.quantization),
+            **method,
+            "init_adapter": str(self.start_adapter) if self.start_adapter else None,
+        }
+
+    def load_model(self):
+        """The base model with adapters added (or every weight trainable), seeded so the adapters start the same."""
+        import torch
+
+        from tuneforge.models import load_model
+
+        torch.manual_seed(self.experiment.seed)
+        model = load_model(self.experiment.model, self.plan, self.location)
+        model.config.use_cache = False
+        return add_adapters(model, self.experiment, self.plan, self.start_adapter)
+
+
+def set_up(experiment: Experiment, run: RunDir) -> Setup:
+    """Refusals before anything loads, then the base model's files and the tokenizer (the starting adapter's when
+    there is one: it was saved with the chat template that adapter learned)."""
+    from tuneforge.data.chat import ChatEncoder
+    from tuneforge.models import load_tokenizer, materialize, plan_device, resolve
+
+    plan = plan_device(experiment.model)
+    data_dir = check_can_train(experiment, plan, run)
+    start_adapter = init_adapter_folder(experiment)  # continue an earlier run's adapter
+    location = materialize(resolve(experiment.model.ref))
+    tokenizer = load_tokenizer(experiment.model, start_adapter or location)
+    return Setup(experiment, run, plan, data_dir, start_adapter, location, tokenizer, ChatEncoder(tokenizer))
+
+
+def init_adapter_folder(experiment: Experiment) -> Path | None:
+    """train.init_adapter as an adapter folder: the folder itself, or a run directory's adapter/."""
+    value = experiment.train.init_adapter
+    if not value:
+        return None
+    path = experiment.resolve_path(value)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise TuneforgeError(
+        f"train.init_adapter: no adapter in {path} (nor in {path / 'adapter'}); point it at an adapter folder "
+        "or at the run directory of an SFT run"
+    )
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Trained:
+    """What one `trainer.train` call leaves for the summary."""
+
+    trainer: Any
+    training_loss: float
+    seconds: float
+    base_metrics: dict[str, float] | None  # the base model's valid metrics before the first step; None on a resume
+    resume_from: Path | None
+
+
+def run_training(trainer, run: RunDir, resume_from: Path | None, has_valid: bool, identity: dict[str, Any] | None) -> Trained:
+    """The base model's valid metrics, logged as step 0 (a resumed run's log has them already), then the timed
+    training. `identity`: see `base_evaluation`."""
+    prepare_for_fsdp_evaluation(trainer)
+    base_metrics = base_evaluation(trainer, run, identity) if resume_from is None and has_valid else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return Trained(trainer, result.training_loss, time.perf_counter() - started, base_metrics, resume_from)
 
 
 def _checkpointing_args(config_class, enabled: bool) -> dict[str, Any]:
@@ -26,7 +126,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def trainer_arguments(experiment, run, plan, training, labelled: bool, has_valid: bool, config_class,
+def trainer_arguments(experiment: Experiment, run: RunDir, plan, training, labelled: bool, has_valid: bool, config_class,
                       specific: dict[str, Any]) -> dict[str, Any]:
     """What SFT and DPO configurations share (schedule, batching, evaluation, checkpoints, precision), then the
     method's `specific` settings, then `train.extra_args`, checked against `config_class`'s fields."""
@@ -80,7 +180,7 @@ def trainer_arguments(experiment, run, plan, training, labelled: bool, has_valid
     return {**base, **specific, **t.extra_args}
 
 
-def data_fingerprint(experiment, run, training, quantization: str = "none") -> dict[str, Any]:
+def data_fingerprint(experiment: Experiment, run: RunDir, training, quantization: str = "none") -> dict[str, Any]:
     """What a checkpoint depends on: resuming with any of it changed would not continue the same run
     (the data and its batching, the optimizer's schedule, the adapter's shape, the base's weights)."""
     from tuneforge.atomic import file_sha256
@@ -108,7 +208,30 @@ def data_fingerprint(experiment, run, training, quantization: str = "none") -> d
     }
 
 
-def base_evaluation(trainer, run, identity: dict[str, Any] | None) -> dict[str, float]:
+def base_eval_identity(setup: Setup, fingerprint: dict[str, Any], training: TrainingPlan, eval_batch: int,
+                       labels: list[str] | None) -> dict[str, Any] | None:
+    """What the base model's valid metrics at step 0 depend on (`base_evaluation`'s cache key): the model, how it is
+    loaded, the valid split and how it is batched and scored. None when training continues an earlier adapter: its
+    step 0 is that adapter's, not the base's."""
+    if setup.start_adapter:
+        return None
+    experiment = setup.experiment
+    return {
+        "model": experiment.model.model_dump(mode="json"),
+        "quantization": setup.plan.quantization,
+        "dtype": setup.plan.dtype,
+        "valid_sha256": fingerprint["valid_sha256"],
+        "max_length": experiment.data.max_length,
+        "packing": training.packing,
+        "eval_batch": eval_batch,
+        "labels": labels,
+        "dora": experiment.lora.dora,
+        "full_finetune": experiment.train.full_finetune,
+        "world_size": world_size(),
+    }
+
+
+def base_evaluation(trainer, run: RunDir, identity: dict[str, Any] | None) -> dict[str, float]:
     """The base model's valid metrics before the first step, logged as step 0.
 
     A sweep's points share them (run.base_eval_cache): a fresh LoRA adapter changes nothing at step 0, so points
@@ -116,7 +239,7 @@ def base_evaluation(trainer, run, identity: dict[str, Any] | None) -> dict[str, 
     None (training from an earlier adapter) always evaluates."""
     import hashlib
 
-    folder = getattr(run, "base_eval_cache", None)
+    folder = run.base_eval_cache
     if folder is None or identity is None:
         return trainer.evaluate()
     path = Path(folder) / f"step0-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
@@ -134,7 +257,7 @@ def base_evaluation(trainer, run, identity: dict[str, Any] | None) -> dict[str, 
     return metrics
 
 
-def add_adapters(model, experiment, plan, start: Path | None = None):
+def add_adapters(model, experiment: Experiment, plan, start: Path | None = None):
     """LoRA adapters on the base (or the full model, with full_finetune); `start`: continue training that adapter."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -216,7 +339,7 @@ def prepare_for_fsdp_evaluation(trainer) -> None:
     trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
 
 
-def finished_run(run, checkpoint: Path) -> dict[str, Any] | None:
+def finished_run(run: RunDir, checkpoint: Path) -> dict[str, Any] | None:
     """The recorded summary, marked `already_trained`, when the run already trained every step its checkpoints
     planned and saved its adapter: a resume then has nothing to do, and says so instead of training again."""
     try:
@@ -250,7 +373,7 @@ def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
         kept_record = trainer.evaluate()
     out: dict[str, Any] = {"kept_step": kept, "kept_because": why, "final_eval_loss": kept_record["eval_loss"]}
     if label_eval is not None:
-        base = _from_log(records, 0, "eval_accuracy")
+        base = logged_value(records, 0, "eval_accuracy")
         out.update(valid_accuracy=kept_record.get("eval_accuracy"), valid_macro_f1=kept_record.get("eval_macro_f1"),
                    base_valid_accuracy=base, majority_accuracy=label_eval.majority_accuracy, majority_label=label_eval.majority_label)
         if out["valid_accuracy"] is not None and out["valid_accuracy"] <= label_eval.majority_accuracy:
@@ -264,12 +387,13 @@ def _step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
 
 
-def _from_log(records: list[dict], step: int, key: str) -> float | None:
+def logged_value(records: list[dict], step: int, key: str) -> float | None:
+    """`key` as metrics.jsonl logged it at `step`, or None."""
     found = next((r for r in records if r.get("step") == step and key in r), None)
     return found[key] if found else None
 
 
-def check_can_train(experiment, plan, run) -> Path:
+def check_can_train(experiment: Experiment, plan, run: RunDir) -> Path:
     """Refusals before anything loads: an optimizer the device cannot run, no prepared data. The data folder."""
     if experiment.train.optimizer == "paged_adamw_8bit" and plan.device != "cuda":
         raise TuneforgeError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
@@ -279,7 +403,7 @@ def check_can_train(experiment, plan, run) -> Path:
     return data_dir
 
 
-def resume_point(run, train, resume: bool, fingerprint: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+def resume_point(run: RunDir, train, resume: bool, fingerprint: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
     """(the checkpoint to resume from, or None; the finished run's summary when there is nothing left to train)."""
     from tuneforge.train import callbacks as cb
 
@@ -295,16 +419,18 @@ def resume_point(run, train, resume: bool, fingerprint: dict[str, Any]) -> tuple
     return resume_from, finished_run(run, resume_from)
 
 
-def training_callbacks(run, train, fingerprint: dict[str, Any], trainable: int, resume_from: Path | None, extra: list | None):
-    """(trainer_ref, MetricsLog, every callback): metrics.jsonl, the finite guard, checkpoint markers with a disk
-    check, TensorBoard on the main process, and W&B with train.wandb_project."""
+def training_callbacks(run: RunDir, train, fingerprint: dict[str, Any], trainable: int, resume_from: Path | None,
+                       extra: list | None):
+    """(MetricsLog, every callback): metrics.jsonl, the finite guard, checkpoint markers with a disk check,
+    TensorBoard on the main process, and W&B with train.wandb_project. The MetricsLog needs its `trainer` set once
+    the trainer exists."""
     from transformers.integrations import TensorBoardCallback
 
     from tuneforge.train import callbacks as cb
 
-    trainer_ref: dict[str, Any] = {}
-    metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), trainer_ref, resume_step=_step_of(resume_from))
-    bytes_needed = trainable * 4 * 4 * (train.keep_checkpoints + 1) + (64 << 20)  # weights + Adam moments, per checkpoint kept (and the best)
+    metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), resume_step=_step_of(resume_from))
+    # weights + Adam moments, per checkpoint kept (and the best)
+    bytes_needed = trainable * 4 * 4 * (train.keep_checkpoints + 1) + (64 << 20)
     found = [metrics_cb, cb.FiniteWeights(), cb.CheckpointMarker(run.sub("checkpoints"), fingerprint, bytes_needed), *(extra or [])]
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -317,10 +443,11 @@ def training_callbacks(run, train, fingerprint: dict[str, Any], trainable: int, 
             raise TuneforgeError("train.wandb_project needs the wandb package (pip install wandb)") from None
         os.environ.setdefault("WANDB_PROJECT", train.wandb_project)
         found.append(WandbCallback())
-    return trainer_ref, metrics_cb, found
+    return metrics_cb, found
 
 
-def print_plan(headline: str, training) -> None:
+def print_plan(headline: str, training: TrainingPlan, notes: list[str] | tuple[str, ...] = ()) -> None:
+    """On the main process: the headline, the training plan with its reasons and warnings, then the recipe's notes."""
     if is_main_process():
         print(headline)
         print("training plan (auto values chosen from the data; prepare's report.md says the same):")
@@ -328,3 +455,5 @@ def print_plan(headline: str, training) -> None:
             print(f"  {line}")
         for warning in training.warnings:
             print(f"warning: {warning}")
+        for note in notes:
+            print(f"  {note}")

@@ -3,15 +3,60 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from tuneforge.train.common import full_weights, is_main_process, logged_value
+
+if TYPE_CHECKING:
+    from tuneforge.config import Experiment
+    from tuneforge.data.plan import TrainingPlan
+    from tuneforge.train.common import Setup, Trained
 
 
-def finish(trainer, tokenizer, encoder, experiment, run, summary: dict[str, Any], records: list[dict], quantization: str,
-           weights: dict | None = None) -> None:
-    """On the main process. `weights`: the full state dict when the model is sharded (FSDP), which every process
-    gathered beforehand (`common.full_weights`); else the model's own parameters are saved."""
+def summarize(trained: Trained, setup: Setup, training: TrainingPlan, records: list[dict], params: tuple[int, int],
+              attention_mode: str, examples: list) -> dict[str, Any]:
+    """The run's summary as SFT and DPO both record it (DPO adds its own keys; both add the kept adapter's): steps,
+    losses, speed, parameters, device. `params`: (trainable, total); `examples`: the training examples."""
+    from tuneforge.data.records import common_system_prompt
+    from tuneforge.train.callbacks import sum_over_ranks
+
+    trainer = trained.trainer
+    supervised = sum_over_ranks(trainer.supervised_tokens)  # each process counted its own share
+    base = trained.base_metrics
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 3),
+        "plan": training.to_json(),
+        "train_loss": trained.training_loss,
+        "base_eval_loss": base["eval_loss"] if base else logged_value(records, 0, "eval_loss"),
+        "final_eval_loss": None,  # the kept adapter's, when there is a valid split
+        "seconds": round(trained.seconds, 1),
+        "supervised_tokens": supervised,
+        "supervised_tokens_per_s": round(supervised / max(trained.seconds, 1e-9), 1),
+        "trainable_params": params[0],
+        "total_params": params[1],
+        "device": setup.plan.describe(),
+        "attention_mode": attention_mode,
+        "resumed_from": trained.resume_from.name if trained.resume_from else None,
+        "system_prompt": common_system_prompt([e.messages for e in examples]),
+    }
+
+
+def finish(trainer, setup: Setup, summary: dict[str, Any], records: list[dict]) -> dict[str, Any]:
+    """Save the model, plot the training and record the summary, which it returns. Every process calls it: under
+    FSDP the weights are sharded, and all of them take part in gathering them before the main process saves."""
+    weights = full_weights(trainer)
+    if is_main_process():
+        _save_and_record(trainer, setup, summary, records, weights)
+    return summary
+
+
+def _save_and_record(trainer, setup: Setup, summary: dict[str, Any], records: list[dict], weights: dict | None) -> None:
+    """On the main process. `weights`: the full state dict when the model is sharded (FSDP); else the model's own
+    parameters are saved."""
+    experiment, run, quantization = setup.experiment, setup.run, setup.plan.quantization
+    tokenizer, encoder = setup.tokenizer, setup.encoder
     model = trainer.accelerator.unwrap_model(trainer.model)  # the model itself, not its DDP / FSDP wrapper
     if experiment.train.full_finetune:
         # every weight trained: a whole model, in merged/ where every verb looks for one (`finetuned` falls back to
@@ -45,7 +90,7 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def save_adapter(model, tokenizer, encoder, experiment, folder: Path, summary: dict[str, Any], quantization: str,
+def save_adapter(model, tokenizer, encoder, experiment: Experiment, folder: Path, summary: dict[str, Any], quantization: str,
                  weights: dict | None = None) -> None:
     """The adapter (or, fully fine-tuned, the whole model) as safetensors, the tokenizer, the exact chat template,
     and a generation config that stops at end-of-turn."""
