@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,6 +34,7 @@ def _tuneforge(*args, cwd):
     return [sys.executable, "-m", "tuneforge", *args]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = _experiment(tmp_path, tiny_model_dir, "straight")

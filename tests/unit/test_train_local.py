@@ -53,6 +53,7 @@ def labelled_run(tmp_path, model_dir, rows: int, cycle: list[str], text, train: 
     return experiment, run, prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
 
 
+@pytest.mark.slow
 def test_loss_falls_only_adapters_change_and_adapter_is_complete(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -88,6 +89,7 @@ def test_loss_falls_only_adapters_change_and_adapter_is_complete(tmp_path, tiny_
     assert json.loads(run.manifest_path.read_text())["train"]["steps"] == 30
 
 
+@pytest.mark.slow
 def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, tiny_model_dir):
     from transformers import TrainerCallback
 
@@ -95,6 +97,7 @@ def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, tiny
 
     experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 3")
     before: dict[str, torch.Tensor] = {}
+    compared: list[str] = []  # filled by on_train_end: a hook that never ran must not pass silently
 
     class Snapshot(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -104,8 +107,11 @@ def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, tiny
             for name, param in model.named_parameters():
                 moved = not torch.equal(before[name], param.detach())
                 assert moved == param.requires_grad, name
+                compared.append(name)
 
     local.train_local(experiment, run, progress=False, callbacks=[Snapshot()])
+    assert before, "on_train_begin never took the snapshot"
+    assert sorted(compared) == sorted(before), "on_train_end did not compare every parameter"
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma2-softcap"])
@@ -154,6 +160,7 @@ def test_bad_extra_args_and_missing_data_are_refused_before_loading(tmp_path, ti
         train_local(experiment, run, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_batch_settings(tmp_path, tiny_model_dir):
     from tuneforge.train.local import train_local
 
@@ -170,6 +177,7 @@ def test_resume_refuses_changed_batch_settings(tmp_path, tiny_model_dir):
             train_local(changed, RunDir(changed, run.path), resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):
     from tuneforge.train.callbacks import NonFiniteError
     from tuneforge.train.local import train_local
@@ -185,6 +193,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):
     assert not run.sub("adapter").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dora", "rslora", "full_finetune"])
 def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, variant):
     from tuneforge.train.local import train_local
@@ -217,6 +226,7 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
         assert config["use_dora" if variant == "dora" else "use_rslora"] is True
 
 
+@pytest.mark.slow
 def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_model_dir):
     """Validation says step 10 was best (the callback makes it so): the adapter kept is that checkpoint's, not the last."""
     from safetensors.torch import load_file
@@ -240,6 +250,7 @@ def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_mode
     assert json.loads(run.sub("adapter", "tuneforge.json").read_text())["training"]["kept_step"] == 10
 
 
+@pytest.mark.slow
 def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path, tiny_model_dir):
     from tuneforge.train.local import train_local
 
@@ -300,6 +311,7 @@ def test_a_later_evaluation_is_kept_unless_an_earlier_one_is_better_beyond_chanc
     assert judge.kept["step"] == 40  # compared with step 20 (kept), not with the rejected step 30
 
 
+@pytest.mark.slow
 def test_a_run_that_degrades_keeps_its_earlier_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     """Scripted valid scores: every label right at step 3, then most wrong. The adapter kept is step 3's."""
     import numpy as np
