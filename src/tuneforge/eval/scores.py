@@ -1,4 +1,4 @@
-"""Metrics over a system's answers: classification, reference overlap and similarity, and bootstrap intervals.
+"""Metrics over a system's answers: classification, reference overlap and similarity, answering, bootstrap intervals.
 
 Every function takes plain lists or arrays, so the harness, the tests and a notebook
 compute the same numbers the same way.
@@ -87,8 +87,29 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def quality_score(answer_vs_question: np.ndarray) -> np.ndarray:
-    """0-100 from answer-to-question cosine: 0 for unrelated or opposite, 100 for the same meaning."""
+    """0-100 from answer-to-question cosine: 0 for unrelated or opposite, 100 for the same meaning.
+
+    It says whether an answer is on the question's topic, not whether it answers: repeating the question scores 100,
+    more than the reference answer does (see answering_score).
+    """
     return np.clip(answer_vs_question, 0.0, 1.0) * 100.0
+
+
+def answering_score(answers: np.ndarray, references: np.ndarray, questions: np.ndarray) -> np.ndarray:
+    """Cosine of each answer with what its reference says beyond its question, from L2-normalised embeddings.
+
+    The reference's embedding minus its component along the question, normalised: an answer that repeats the
+    question scores 0 (where quality gives it 100), an unrelated one about 0, and one that says what the reference
+    adds scores up to sqrt(1 - c^2), c the reference's cosine with the question (the reference itself). An answer is
+    neither rewarded nor punished for restating the question on the way, unlike reference minus question similarity,
+    which puts a right answer that opens by restating the question level with a wrong one. 0 where the reference
+    says nothing but the question.
+    """
+    along = (references * questions).sum(axis=1, keepdims=True)
+    beyond = references - along * questions
+    length = np.linalg.norm(beyond, axis=1, keepdims=True)
+    beyond = np.divide(beyond, length, out=np.zeros_like(beyond), where=length > 1e-6)
+    return np.clip((answers * beyond).sum(axis=1), -1.0, 1.0)
 
 
 def bootstrap_interval(values, seed: int, rounds: int = BOOTSTRAP_ROUNDS, statistic=np.mean) -> tuple[float, float]:
