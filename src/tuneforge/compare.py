@@ -27,7 +27,7 @@ from tuneforge.errors import TuneforgeError
 
 HEADLINE = {
     "classification": ("accuracy", "macro_f1", "roc_auc"),
-    "generation": ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_call"),
+    "generation": ("similarity", "quality", "answering", "rouge_l", "bleu", "perplexity", "tool_call"),
 }
 PATH_KEYS = (
     ("data", "train"),

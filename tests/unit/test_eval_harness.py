@@ -9,8 +9,8 @@ import pytest
 
 from tuneforge.config import load_experiment
 from tuneforge.data.prepare import prepare
-from tuneforge.eval.harness import run_eval
 from tuneforge.engine.transformers import Engine
+from tuneforge.eval.harness import run_eval
 from tuneforge.run import RunDir
 from tuneforge.systems import LocalSystem, parse
 
@@ -53,14 +53,24 @@ def _prepared(experiment, tmp_path, tokenizer):
 
 
 def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_llama, tiny_tokenizer, tiny_model_dir):
-    rows = [{"messages": [{"role": "user", "content": f"What is the capital of France, question {i}?"},
-                          {"role": "assistant", "content": f"The capital of France is Paris, answer {i}."}]} for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is the capital of France, question {i}?"},
+                {"role": "assistant", "content": f"The capital of France is Paris, answer {i}."},
+            ]
+        }
+        for i in range(12)
+    ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     body = "name: tiny\ndata: {train: chats.jsonl, valid_split: 0.34}\neval: {max_new_tokens: 6}\n"
     merged = f"merged:{tiny_model_dir}"
     first = _experiment(tmp_path, body, ["eval.systems=[base, ngram]"])
     run = _prepared(first, tmp_path, tiny_tokenizer)
-    engines = {"base": CountingEngine(tiny_llama, tiny_tokenizer, "base"), merged: CountingEngine(tiny_llama, tiny_tokenizer, "merged")}
+    engines = {
+        "base": CountingEngine(tiny_llama, tiny_tokenizer, "base"),
+        merged: CountingEngine(tiny_llama, tiny_tokenizer, "merged"),
+    }
     systems = TinySystems(engines)
 
     assert run_eval(first, run, systems=systems, progress=False) == 0
@@ -74,7 +84,8 @@ def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_
     assert engines["base"].prompts == n  # every base answer came from the cache
     assert engines[merged].prompts == n
     # and reports what computing them cost, not the 0 s of reading the cache
-    assert json.loads((run.sub("eval", "metrics.json")).read_text())["base"]["seconds"] == pytest.approx(computed, abs=0.02)
+    again = json.loads((run.sub("eval", "metrics.json")).read_text())["base"]["seconds"]
+    assert again == pytest.approx(computed, abs=0.02)
 
     folder = run.sub("eval")
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -87,13 +98,31 @@ def test_second_run_with_one_more_system_generates_only_that_one(tmp_path, tiny_
         # the headline numbers are the means of the per-example scores written beside them
         assert metrics[name]["similarity"] == pytest.approx(sum(float(r["similarity"]) for r in rows) / n, abs=1e-3)
         assert metrics[name]["quality"] == pytest.approx(sum(float(r["quality"]) for r in rows) / n, abs=0.05)
+        assert metrics[name]["answering"] == pytest.approx(sum(float(r["answering"]) for r in rows) / n, abs=1e-3)
+        assert metrics[name]["answering_low"] <= metrics[name]["answering"] <= metrics[name]["answering_high"]
         assert metrics[name]["similarity_low"] <= metrics[name]["similarity"] <= metrics[name]["similarity_high"]
         assert metrics[name]["perplexity"] > 1
-    assert metrics["ngram"]["rouge_l"] > metrics["base"]["rouge_l"]  # a random tiny model is no match for the answers' own words
+    # a random tiny model is no match for the answers' own words
+    assert metrics["ngram"]["rouge_l"] > metrics["base"]["rouge_l"]
     assert len(predictions) == 3 * n
-    assert {"prompt", "answer", "reference", "sources", "similarity", "rouge_l", "bleu", "perplexity"} <= set(predictions[0])
+    assert {
+        "prompt",
+        "answer",
+        "reference",
+        "sources",
+        "similarity",
+        "answering",
+        "rouge_l",
+        "bleu",
+        "perplexity",
+    } <= set(predictions[0])
     html = (folder / "report.html").read_text()
     assert "data:image/png;base64," in html and "Examples" in html
+    markdown = (folder / "report.md").read_text()
+    assert "| system | similarity | quality | answering |" in markdown and "<th>answering</th>" in html
+    # the notes say what quality does not measure, and what answering does
+    assert "not whether it answers it; repeating the question scores 100" in markdown
+    assert "answering: cosine of the answer with what the reference says beyond the question" in markdown
     assert (folder / "metrics.png").stat().st_size > 1000 and "| ngram |" in (folder / "report.md").read_text()
     cached = sorted(p.name for p in folder.glob("cache/*.jsonl"))
     assert len(cached) == 2 and "base.jsonl" in cached  # one file per model system; baselines are not cached
@@ -107,8 +136,10 @@ def test_classification_with_tfidf_beside_a_model(tmp_path, tiny_llama, tiny_tok
         for i in range(20):
             label = "positive" if i % 2 else "negative"
             writer.writerow([f"{words[label]} item number {i}", label])
-    body = ("name: reviews\ndata:\n  train: reviews.csv\n  template: {user: 'Review: {review}', assistant: '{sentiment}'}\n"
-            "  label: sentiment\n  valid_split: 0.3\neval: {systems: [base, tfidf, ngram], max_length: 24}\n")
+    body = (
+        "name: reviews\ndata:\n  train: reviews.csv\n  template: {user: 'Review: {review}', assistant: '{sentiment}'}\n"
+        "  label: sentiment\n  valid_split: 0.3\neval: {systems: [base, tfidf, ngram], max_length: 24}\n"
+    )
     experiment = _experiment(tmp_path, body)
     run = _prepared(experiment, tmp_path, tiny_tokenizer)
     engine = CountingEngine(tiny_llama, tiny_tokenizer, "base")
@@ -157,17 +188,47 @@ def test_tool_calls_are_scored_by_function_and_arguments():
     assert scores["function"] == 0.5 and scores["call"] == 0.25
     # arguments compare as JSON, not as text
     reordered = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"b": 2, "a": 1}'}}
-    item = Item("x", [], "r", None, reference_calls=[{**reordered, "function": {"name": "f", "arguments": '{"a":1,"b":2}'}}])
+    item = Item(
+        "x", [], "r", None, reference_calls=[{**reordered, "function": {"name": "f", "arguments": '{"a":1,"b":2}'}}]
+    )
     assert tool_call_scores([item], Outcome("s", ["a"], tool_calls=[[reordered]]))["call"] == 1.0
 
 
 def test_eval_items_with_tools_generate_with_them_and_report_the_tool_scores(tmp_path, tiny_llama, tiny_tokenizer):
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-    rows = [{"tools": tools, "messages": [{"role": "user", "content": f"Weather in city {i}?"}, {"role": "assistant", "content": None,
-             "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": str(i)})}}]}]}
-            for i in range(6)]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    rows = [
+        {
+            "tools": tools,
+            "messages": [
+                {"role": "user", "content": f"Weather in city {i}?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"c{i}",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": json.dumps({"city": str(i)})},
+                        }
+                    ],
+                },
+            ],
+        }
+        for i in range(6)
+    ]
     (tmp_path / "tools.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    experiment = _experiment(tmp_path, "name: tiny\ndata: {train: tools.jsonl, valid_split: 0.5}\neval: {max_new_tokens: 4, systems: [base]}\n")
+    experiment = _experiment(
+        tmp_path,
+        "name: tiny\ndata: {train: tools.jsonl, valid_split: 0.5}\neval: {max_new_tokens: 4, systems: [base]}\n",
+    )
     run = _prepared(experiment, tmp_path, tiny_tokenizer)
     seen = []
 

@@ -3,7 +3,8 @@
     classification (the data has a label)   local systems pick the most likely label;
                                             hosted ones answer and the answer is read as a label
     generation (reference answers)          ROUGE-L, BLEU, similarity to the reference, quality
-                                            score, perplexity of the reference
+                                            (on topic), answering (says what the reference adds
+                                            to the question), perplexity of the reference
     eval.judge                              pairwise comparison by a judge system, both orders
 
 Writes runs/<name>/eval/: predictions.csv, metrics.json, report.md, report.html and

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SIDE_BY_SIDE = 3  # examples shown answer by answer in the report
 HEADLINE = {
     True: ("accuracy", "macro_f1", "roc_auc"),
-    False: ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call"),
+    False: ("similarity", "quality", "answering", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call"),
 }
 
 
@@ -53,16 +53,19 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
         answer_vectors = embedder.encode(outcome.answers)
         similarity = scores.cosine_rows(answer_vectors, reference_vectors)
         quality = scores.quality_score(scores.cosine_rows(answer_vectors, question_vectors))
+        answering = scores.answering_score(answer_vectors, reference_vectors, question_vectors)
         overlap = scores.rouge_bleu(outcome.answers, references)
         metrics = {
             "examples": len(items),
             "similarity": float(similarity.mean()),
             "quality": float(quality.mean()),
+            "answering": float(answering.mean()),
             "rouge_l": overlap["rouge_l"],
             "bleu": overlap["bleu"],
         }
         metrics["similarity_low"], metrics["similarity_high"] = scores.bootstrap_interval(similarity, seed)
         metrics["quality_low"], metrics["quality_high"] = scores.bootstrap_interval(quality, seed)
+        metrics["answering_low"], metrics["answering_high"] = scores.bootstrap_interval(answering, seed)
         each_ppl = [None] * len(items)
         if outcome.reference_logprob is not None:
             metrics["perplexity"] = scores.perplexity(sum(outcome.reference_logprob), sum(outcome.reference_tokens))
@@ -76,14 +79,16 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
             {
                 "similarity": round(float(s), 4),
                 "quality": round(float(q), 2),
+                "answering": round(float(a), 4),
                 "rouge_l": round(r, 4),
                 "bleu": round(b, 2),
                 "perplexity": None if p is None else round(p, 3),
                 **({"tool_call": c} if c is not None else {}),
             }
-            for s, q, r, b, p, c in zip(
+            for s, q, a, r, b, p, c in zip(
                 similarity,
                 quality,
+                answering,
                 overlap["rouge_l_each"],
                 overlap["bleu_each"],
                 each_ppl,
@@ -213,7 +218,7 @@ def _plt():
 
 def _bars(table: dict, classification: bool) -> bytes:
     plt = _plt()
-    panels = ["accuracy"] if classification else ["similarity", "quality"]
+    panels = ["accuracy"] if classification else ["similarity", "quality", "answering"]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     names = list(table)
     for ax, metric in zip(axes[0], panels):
@@ -291,8 +296,15 @@ def _explanation(classification: bool) -> str:
             "ROC-AUC uses the label probabilities (one-vs-rest for more than two labels)."
         )
     return (
-        "similarity: cosine of the answer's and the reference's embeddings; "
-        "quality: answer-to-question similarity on 0-100; "
+        "similarity: cosine of the answer's and the reference's embeddings. "
+        "quality: the answer's cosine with the question, on 0-100: it measures whether the answer stays on the "
+        "question's topic, not whether it answers it; repeating the question scores 100, more than the reference "
+        "answer does, so a system that echoes the question ranks high on it. "
+        "answering: cosine of the answer with what the reference says beyond the question (the reference's "
+        "embedding less its part along the question): 0 for repeating the question or an unrelated answer, at most "
+        "sqrt(1 - c^2) for the reference itself (c: its cosine with the question); restating the question on the "
+        "way neither adds nor takes off. None of the three checks facts: a wrong figure in a fitting sentence "
+        "scores about as well as the right one. "
         "ROUGE-L and BLEU against the reference; perplexity: of the reference answer under the system, per token "
         "(per word for ngram, so not comparable with the models). Brackets: 95% bootstrap interval."
     )
