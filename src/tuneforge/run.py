@@ -1,7 +1,7 @@
 """The run directory: where every verb of one experiment reads and writes.
 
-    runs/<name>/config.yaml     the resolved experiment (after overrides)
-    runs/<name>/manifest.json   versions, git sha, seed, device, data hashes, summaries
+runs/<name>/config.yaml     the resolved experiment (after overrides)
+runs/<name>/manifest.json   versions, git sha, seed, device, data hashes, summaries
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ from tuneforge.atomic import atomic_write_json, atomic_write_text
 from tuneforge.config import Experiment
 
 TRACKED_PACKAGES = (
-    "tuneforge", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate",
-    "datasets", "tokenizers", "faiss-cpu", "sentence-transformers", "openai", "gradio",
+    "tuneforge",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "faiss-cpu",
+    "sentence-transformers",
+    "openai",
+    "gradio",
 )
 
 

@@ -39,7 +39,14 @@ FINAL = ("done", "stopped")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "precision", "recall", "roc_auc")
 GENERATION_METRICS = ("similarity", "quality", "rouge_l", "bleu", "perplexity", "tool_function", "tool_call")
 # environment a Ray worker needs to find models offline; secrets (OPENAI_API_KEY, ...) are never sent through Ray
-RAY_ENV = ("TUNEFORGE_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "OPENAI_BASE_URL")
+RAY_ENV = (
+    "TUNEFORGE_HOME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "OPENAI_BASE_URL",
+)
 
 
 @dataclass
@@ -134,12 +141,19 @@ def _metric_problems(experiment: Experiment, system: str, metric: str) -> list[s
     problems = []
     if metric not in allowed:
         mode = "classification (data.label is set)" if labelled else "generation (no data.label)"
-        problems.append(f"sweep.metric: {metric!r} is not a metric eval produces for {mode}; allowed: {', '.join(allowed)}")
+        problems.append(
+            f"sweep.metric: {metric!r} is not a metric eval produces for {mode}; allowed: {', '.join(allowed)}"
+        )
     systems = set(experiment.eval.systems) | ({"majority"} if labelled else set())
     if system not in systems:
-        problems.append(f"sweep.metric: system {system!r} is not in eval.systems ({', '.join(experiment.eval.systems)}), so eval never scores it")
+        problems.append(
+            f"sweep.metric: system {system!r} is not in eval.systems ({', '.join(experiment.eval.systems)}), "
+            "so eval never scores it"
+        )
     if metric == "perplexity" and system.startswith("openai:"):
-        problems.append(f"sweep.metric: {system} gives no perplexity (a hosted model returns no log-probabilities of the reference)")
+        problems.append(
+            f"sweep.metric: {system} gives no perplexity (a hosted model returns no log-probabilities of the reference)"
+        )
     return problems
 
 
@@ -148,12 +162,19 @@ def plan(experiment: Experiment, overrides: list[str] | tuple[str, ...] = ()) ->
     sweep = experiment.sweep
     source = str(experiment._source)
     if sweep is None:
-        raise TuneforgeError(f"{source} has no sweep section: add sweep: {{params: {{train.lr: [1e-4, 2e-4]}}}} (see `tuneforge config --explain`)")
+        raise TuneforgeError(
+            f"{source} has no sweep section: add sweep: {{params: {{train.lr: [1e-4, 2e-4]}}}} "
+            "(see `tuneforge config --explain`)"
+        )
     problems: list[str] = []
     if experiment.train.backend != "local":
-        problems.append("sweep: points train locally (train.backend: local); a sweep of hosted jobs would bill every point")
+        problems.append(
+            "sweep: points train locally (train.backend: local); a sweep of hosted jobs would bill every point"
+        )
     if experiment.data.feedback:
-        problems.append("sweep: data.feedback continues one run's adapter round after round; sweep a plain data.train instead")
+        problems.append(
+            "sweep: data.feedback continues one run's adapter round after round; sweep a plain data.train instead"
+        )
     system, metric, _ = metric_of(experiment)
     problems += _metric_problems(experiment, system, metric)
     points: list[Point] = []
@@ -176,7 +197,8 @@ def prepare_key(experiment: Experiment) -> str:
     parts: dict[str, Any] = {
         "data": experiment.data.model_dump(mode="json"),
         "tokenizer": [experiment.model.ref, experiment.model.revision, experiment.model.trust_remote_code],
-        "seed": experiment.seed, "method": experiment.train.method,
+        "seed": experiment.seed,
+        "method": experiment.train.method,
         "rag": experiment.rag.model_dump(mode="json") if experiment.rag else None,
     }
     files = {}
@@ -225,8 +247,16 @@ def link_prepared(shared: Path, point: Path) -> None:
                         shutil.copy2(path, target)
 
 
-def run_point(source: str, overrides: list[str], values: dict, folder: str, shared: str, eval_cache: str,
-              metric: tuple[str, str], early_stop: float | None) -> dict:
+def run_point(
+    source: str,
+    overrides: list[str],
+    values: dict,
+    folder: str,
+    shared: str,
+    eval_cache: str,
+    metric: tuple[str, str],
+    early_stop: float | None,
+) -> dict:
     """Train and evaluate one point in its folder; the same function runs in-process or as a Ray task."""
     from tuneforge.eval.harness import run_eval
     from tuneforge.run import RunDir
@@ -236,11 +266,20 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
     run = RunDir(experiment, folder)
     run.eval_cache = run.base_eval_cache = Path(eval_cache)
     run.start("sweep")
-    record = {"values": values, "status": "running", "started": time.time(), "host": os.uname().nodename, "pid": os.getpid()}
+    record = {
+        "values": values,
+        "status": "running",
+        "started": time.time(),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    }
     atomic_write_json(run.sub(POINT), record)
     try:
         shared_manifest = json.loads((Path(shared) / "manifest.json").read_text(encoding="utf-8"))
-        if _read_json(run.manifest_path).get("data", {}).get("sha256") != shared_manifest["data"]["sha256"] or not run.sub("data").is_dir():
+        if (
+            _read_json(run.manifest_path).get("data", {}).get("sha256") != shared_manifest["data"]["sha256"]
+            or not run.sub("data").is_dir()
+        ):
             link_prepared(Path(shared), run.path)
         for section in ("data", "rag"):
             if section in shared_manifest:
@@ -262,7 +301,9 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
         else:
             run_eval(experiment, run)
             metrics = _read_json(run.sub("eval", "metrics.json"))
-            record.update(status="done", value=(metrics.get(metric[0]) or {}).get(metric[1]), steps=summary.get("steps"))
+            record.update(
+                status="done", value=(metrics.get(metric[0]) or {}).get(metric[1]), steps=summary.get("steps")
+            )
     except TuneforgeError as exc:
         record.update(status="failed", error=str(exc))
     except Exception as exc:  # out of memory at a large rank, a library fault: this point fails, the others still run
@@ -278,8 +319,13 @@ def run_point(source: str, overrides: list[str], values: dict, folder: str, shar
 # --------------------------------------------------------------------------- the sweep
 
 
-def run_sweep(experiment: Experiment, root: Path, overrides: list[str] | tuple[str, ...] = (), executor: str = "local",
-              ray_address: str | None = None) -> dict:
+def run_sweep(
+    experiment: Experiment,
+    root: Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> dict:
     """Run every point not yet finished; returns {"points": [...], "best": ..., "compare": folder}."""
     from tuneforge.compare import compare_runs
 
@@ -289,24 +335,48 @@ def run_sweep(experiment: Experiment, root: Path, overrides: list[str] | tuple[s
     _refuse_changed(root, points)
     keys = {p.slug: prepare_key(p.experiment) for p in points}  # hashes the data files once
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / STATE, {
-        "source": str(experiment._source), "overrides": list(overrides), "metric": f"{system}.{metric}", "goal": goal,
-        "executor": executor, "early_stop": experiment.sweep.early_stop,
-        "points": [{"slug": p.slug, "values": p.values, "prepared": keys[p.slug]} for p in points],
-    })
+    atomic_write_json(
+        root / STATE,
+        {
+            "source": str(experiment._source),
+            "overrides": list(overrides),
+            "metric": f"{system}.{metric}",
+            "goal": goal,
+            "executor": executor,
+            "early_stop": experiment.sweep.early_stop,
+            "points": [{"slug": p.slug, "values": p.values, "prepared": keys[p.slug]} for p in points],
+        },
+    )
     todo = [p for p in points if _read_json(root / p.slug / POINT).get("status") not in FINAL]
     done = len(points) - len(todo)
-    print(f"sweep: {len(points)} points ({'random' if experiment.sweep.random else 'grid'} over {', '.join(experiment.sweep.params)}), "
-          f"ranked by {system}.{metric} ({goal}); {done} finished before, {len(todo)} to run, in {root}", flush=True)
+    print(
+        f"sweep: {len(points)} points ({'random' if experiment.sweep.random else 'grid'} "
+        f"over {', '.join(experiment.sweep.params)}), "
+        f"ranked by {system}.{metric} ({goal}); {done} finished before, {len(todo)} to run, in {root}",
+        flush=True,
+    )
     shared = _prepare_shared(root, todo, keys)
-    jobs = [dict(source=str(experiment._source), overrides=list(overrides), values=p.values, folder=str(root / p.slug),
-                 shared=str(shared[keys[p.slug]]), eval_cache=str(root / "eval-cache"), metric=(system, metric),
-                 early_stop=experiment.sweep.early_stop_margin if experiment.sweep.early_stop else None) for p in todo]
+    jobs = [
+        dict(
+            source=str(experiment._source),
+            overrides=list(overrides),
+            values=p.values,
+            folder=str(root / p.slug),
+            shared=str(shared[keys[p.slug]]),
+            eval_cache=str(root / "eval-cache"),
+            metric=(system, metric),
+            early_stop=experiment.sweep.early_stop_margin if experiment.sweep.early_stop else None,
+        )
+        for p in todo
+    ]
     if executor == "ray":
         _run_on_ray(jobs, ray_address, any(p.experiment.model.device != "cpu" for p in todo))
     else:
         for n, (point, job) in enumerate(zip(todo, jobs), done + 1):
-            print(f"\n[{n}/{len(points)}] {point.slug}: " + ", ".join(f"{k}={v!r}" for k, v in point.values.items()), flush=True)
+            print(
+                f"\n[{n}/{len(points)}] {point.slug}: " + ", ".join(f"{k}={v!r}" for k, v in point.values.items()),
+                flush=True,
+            )
             result = run_point(**job)
             _say(point.slug, result, metric)
     results = [{"slug": p.slug, **_read_json(root / p.slug / POINT)} for p in points]
@@ -343,8 +413,11 @@ def _refuse_changed(root: Path, points: list[Point]) -> None:
         if keys:
             changed.append(f"{point.slug} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
     if changed:
-        raise TuneforgeError(f"the experiment changed since these finished points ran: {'; '.join(changed)}. "
-                             f"Their results would not compare with new ones: sweep into a new --run-dir, or delete those folders under {root}")
+        raise TuneforgeError(
+            f"the experiment changed since these finished points ran: {'; '.join(changed)}. "
+            "Their results would not compare with new ones: sweep into a new --run-dir, "
+            f"or delete those folders under {root}"
+        )
 
 
 def _prepare_shared(root: Path, todo: list[Point], keys: dict[str, str]) -> dict[str, Path]:
@@ -377,7 +450,9 @@ def _run_on_ray(jobs: list[dict], address: str | None, want_gpu: bool) -> None:
     try:
         import ray
     except ImportError:
-        raise TuneforgeError("--executor ray needs Ray: pip install 'ray[default]' (on every machine of the cluster)") from None
+        raise TuneforgeError(
+            "--executor ray needs Ray: pip install 'ray[default]' (on every machine of the cluster)"
+        ) from None
     env = {k: os.environ[k] for k in RAY_ENV if k in os.environ}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -385,12 +460,17 @@ def _run_on_ray(jobs: list[dict], address: str | None, want_gpu: bool) -> None:
         print(f"ray: connected to the cluster at {address}", flush=True)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
-        print(f"ray: no --ray-address or RAY_ADDRESS: started a local Ray instance with {os.cpu_count()} CPUs", flush=True)
+        print(
+            f"ray: no --ray-address or RAY_ADDRESS: started a local Ray instance with {os.cpu_count()} CPUs", flush=True
+        )
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         per_point = {"num_gpus": 1} if want_gpu and gpus else {"num_cpus": 1}
-        print(f"ray: {len(jobs)} points as tasks with {per_point} each "
-              f"({gpus:g} GPUs, {ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)", flush=True)
+        print(
+            f"ray: {len(jobs)} points as tasks with {per_point} each "
+            f"({gpus:g} GPUs, {ray.cluster_resources().get('CPU', 0):g} CPUs in the cluster)",
+            flush=True,
+        )
         task = ray.remote(max_retries=0, **per_point)(run_point)
         pending = {task.remote(**job): job for job in jobs}
         while pending:
@@ -400,7 +480,10 @@ def _run_on_ray(jobs: list[dict], address: str | None, want_gpu: bool) -> None:
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # the task died (out of memory, a lost node): the point stays resumable
-                    result = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                    result = {
+                        "status": "failed",
+                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    }
                 _say(Path(job["folder"]).name, result, job["metric"][1])
     finally:
         ray.shutdown()

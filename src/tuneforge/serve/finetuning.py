@@ -44,22 +44,41 @@ from starlette.requests import Request
 
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_jsonl
 from tuneforge.serve.errors import ApiError
-from tuneforge.serve.wire import (MIN_EXAMPLES, TERMINAL, JobFailed, JobRequest, local_train_section, new_id, page,
-                                           read_examples, short_model_name, step_metrics_csv, upload_name)
-from tuneforge.serve.keys import ApiKeys
-from tuneforge.serve.keys import project_of
+from tuneforge.serve.keys import ApiKeys, project_of
 from tuneforge.serve.store import Store
+from tuneforge.serve.wire import (
+    MIN_EXAMPLES,
+    TERMINAL,
+    JobFailed,
+    JobRequest,
+    local_train_section,
+    new_id,
+    page,
+    read_examples,
+    short_model_name,
+    step_metrics_csv,
+    upload_name,
+)
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
     from tuneforge.run import RunDir
 
 # OpenAI's fine-tunable base models, dated or not (gpt-4o-mini-2024-07-18, gpt-4.1-2025-04-14, gpt-3.5-turbo-0125...)
-OPENAI_BASES = re.compile(r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$")
+OPENAI_BASES = re.compile(
+    r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$"
+)
 ACTIVE = ("validating_files", "queued", "running", "paused")
 MAX_UNFINISHED = 16  # jobs a project may have waiting or training at once; more get 429
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
 class JobCancelled(Exception):
@@ -72,7 +91,9 @@ class JobPaused(Exception):
         self.step = step
 
 
-def fine_tuning_router(experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED) -> list:
+def fine_tuning_router(
+    experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED
+) -> list:
     """The fine-tuning API's FastAPI routers for a server's Served systems (server.serve's `routers`)."""
     return [Platform(experiment, run, served, keys, max_unfinished).router()]
 
@@ -80,8 +101,15 @@ def fine_tuning_router(experiment: Experiment, run: RunDir, served, keys: ApiKey
 class Platform:
     """The files and jobs of one run folder, the worker that trains them, and the HTTP routes over both."""
 
-    def __init__(self, experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED,
-                 worker: bool = True):
+    def __init__(
+        self,
+        experiment: Experiment,
+        run: RunDir,
+        served,
+        keys: ApiKeys | None = None,
+        max_unfinished: int = MAX_UNFINISHED,
+        worker: bool = True,
+    ):
         self.experiment, self.run, self.served = experiment, run, served
         self.root = run.sub("api")
         self.store = Store(self.root / "platform.sqlite3")
@@ -104,12 +132,25 @@ class Platform:
 
     # ------------------------------------------------------------------ job state
 
-    def _event(self, job_id: str, message: str, level: str = "info", data: dict | None = None, kind: str = "message") -> None:
-        self.store.add_event(job_id, {"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
-                                      "level": level, "message": message, "data": data or {}, "type": kind})
+    def _event(
+        self, job_id: str, message: str, level: str = "info", data: dict | None = None, kind: str = "message"
+    ) -> None:
+        self.store.add_event(
+            job_id,
+            {
+                "id": new_id("ftevent"),
+                "object": "fine_tuning.job.event",
+                "created_at": int(time.time()),
+                "level": level,
+                "message": message,
+                "data": data or {},
+                "type": kind,
+            },
+        )
 
-    def _status(self, job_id: str, status: str, message: str, level: str = "info", request: str | None | bool = False,
-                **changes) -> dict | None:
+    def _status(
+        self, job_id: str, status: str, message: str, level: str = "info", request: str | None | bool = False, **changes
+    ) -> dict | None:
         """Move a job to `status` with an event; a cancelled job stays cancelled whatever the worker was about to say.
         `request` (a pending pause or cancel) is the store's column, not a key of the job object."""
         changes = {"status": status, "estimated_finish": None, **changes}  # only a running job has an estimate
@@ -121,8 +162,13 @@ class Platform:
         return obj
 
     def _fail(self, job_id: str, failure: JobFailed) -> None:
-        self._status(job_id, "failed", f"Fine-tuning job failed: {failure.message}", "error",
-                     error={"code": failure.code, "message": failure.message, "param": failure.param})
+        self._status(
+            job_id,
+            "failed",
+            f"Fine-tuning job failed: {failure.message}",
+            "error",
+            error={"code": failure.code, "message": failure.message, "param": failure.param},
+        )
 
     def _register(self, name: str, adapter: Path, project: str) -> None:
         if (adapter / "adapter_config.json").exists():
@@ -143,9 +189,19 @@ class Platform:
                 threading.Thread(target=self._validate, args=(row["id"],), daemon=True).start()
             elif obj["status"] == "running" and not _alive(row["worker"]):
                 latest = latest_complete_checkpoint(self._job_dir(row["id"]) / "checkpoints")
-                where = f"continues from its checkpoint at step {latest.name.split('-')[-1]}" if latest else "starts again from the beginning"
-                if self.store.update_job(row["id"], {"status": "queued", "estimated_finish": None}, unless=TERMINAL, worker=None):
-                    self._event(row["id"], f"The server stopped while this job was training; it is queued again and {where}", "warn")
+                where = (
+                    f"continues from its checkpoint at step {latest.name.split('-')[-1]}"
+                    if latest
+                    else "starts again from the beginning"
+                )
+                if self.store.update_job(
+                    row["id"], {"status": "queued", "estimated_finish": None}, unless=TERMINAL, worker=None
+                ):
+                    self._event(
+                        row["id"],
+                        f"The server stopped while this job was training; it is queued again and {where}",
+                        "warn",
+                    )
 
     # ------------------------------------------------------------------ the work
 
@@ -161,7 +217,12 @@ class Platform:
                         raise JobFailed("invalid_file", f"{key} {file_id} was deleted", key)
                     examples = read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"])
                     if key == "training_file" and len(examples) < MIN_EXAMPLES:
-                        raise JobFailed("invalid_n_examples", f"Training file has {len(examples)} example(s), but must have at least {MIN_EXAMPLES} examples", key)
+                        raise JobFailed(
+                            "invalid_n_examples",
+                            f"Training file has {len(examples)} example(s), "
+                            f"but must have at least {MIN_EXAMPLES} examples",
+                            key,
+                        )
         except JobFailed as failure:
             self._fail(job_id, failure)
             return
@@ -182,8 +243,12 @@ class Platform:
             except JobCancelled:
                 self._event(job_id, "Training stopped: the job was cancelled")
             except JobPaused as paused:
-                self._status(job_id, "paused", f"Fine-tuning job paused after step {paused.step}; resume continues from its checkpoint",
-                             request=None)
+                self._status(
+                    job_id,
+                    "paused",
+                    f"Fine-tuning job paused after step {paused.step}; resume continues from its checkpoint",
+                    request=None,
+                )
             except JobFailed as failure:
                 self._fail(job_id, failure)
             except Exception as exc:  # one broken job must not stop the worker
@@ -197,7 +262,9 @@ class Platform:
         obj, extra = row["obj"], row["extra"]
         method = obj["method"]["type"]
         base_train = self.experiment.train if isinstance(self.experiment.train, LocalTrain) else LocalTrain()
-        section = local_train_section(base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method)
+        section = local_train_section(
+            base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method
+        )
         if extra.get("init_adapter"):
             section["init_adapter"] = extra["init_adapter"]
         wandb = _wandb_settings(obj)
@@ -223,18 +290,30 @@ class Platform:
             for split, key in (("train", "training_file"), ("valid", "validation_file")):
                 file_id = obj[key]
                 meta = self.store.file(file_id) if file_id else None
-                examples = read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"]) if meta else []
+                examples = (
+                    read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"])
+                    if meta
+                    else []
+                )
                 atomic_write_jsonl(run.sub("data", f"{split}.jsonl"), examples)
-                atomic_write_jsonl(run.sub("data", f"{split}.meta.jsonl"),
-                                   ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)))
+                atomic_write_jsonl(
+                    run.sub("data", f"{split}.meta.jsonl"),
+                    ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)),
+                )
             self._event(job_id, "Fine-tuning job started")
         else:
-            self._event(job_id, f"Fine-tuning job resumed from its checkpoint at step {resume_from.name.split('-')[-1]}")
+            self._event(
+                job_id, f"Fine-tuning job resumed from its checkpoint at step {resume_from.name.split('-')[-1]}"
+            )
         if self.store.request_of(job_id) == "cancel":
             raise JobCancelled
         t = experiment.train
-        self._event(job_id, f"Training {experiment.model.ref} ({obj['method']['type']}) with epochs={t.epochs}, batch_size={t.batch_size}, "
-                            f"lr={t.lr}" + (f", max_steps={t.max_steps} (the server's step count)" if t.max_steps else ""))
+        self._event(
+            job_id,
+            f"Training {experiment.model.ref} ({obj['method']['type']}) with epochs={t.epochs}, "
+            f"batch_size={t.batch_size}, lr={t.lr}"
+            + (f", max_steps={t.max_steps} (the server's step count)" if t.max_steps else ""),
+        )
         if experiment.train.method == "dpo":
             from tuneforge.train.dpo import train_dpo as train
         else:
@@ -245,15 +324,28 @@ class Platform:
 
         if self.store.request_of(job_id) == "cancel":
             raise JobCancelled
-        records = [json.loads(line) for line in run.sub("metrics.jsonl").read_text().splitlines()] if run.sub("metrics.jsonl").exists() else []
+        records = (
+            [json.loads(line) for line in run.sub("metrics.jsonl").read_text().splitlines()]
+            if run.sub("metrics.jsonl").exists()
+            else []
+        )
         result = self._add_file(step_metrics_csv(records), "step_metrics.csv", "fine-tune-results", project)
         self._register(model_id, run.sub("adapter"), project)
         kept = summary.get("kept_step")
         if kept is not None and kept != summary["steps"]:
-            self._event(job_id, f"The model is the checkpoint of step {kept}: {summary.get('kept_because', 'the best evaluation')}")
+            self._event(
+                job_id,
+                f"The model is the checkpoint of step {kept}: {summary.get('kept_because', 'the best evaluation')}",
+            )
         self._event(job_id, f"New fine-tuned model created: {model_id}")
-        self._status(job_id, "succeeded", "The job has successfully completed", fine_tuned_model=model_id,
-                     trained_tokens=summary["supervised_tokens"], result_files=[result["id"]])
+        self._status(
+            job_id,
+            "succeeded",
+            "The job has successfully completed",
+            fine_tuned_model=model_id,
+            trained_tokens=summary["supervised_tokens"],
+            result_files=[result["id"]],
+        )
 
     def _add_checkpoint(self, job_id: str, model_id: str, project: str, step: int, source: Path, metrics: dict) -> None:
         """A trainer checkpoint as an OpenAI checkpoint: its adapter copied beside the job (the trainer rotates its own
@@ -265,9 +357,19 @@ class Platform:
                     if (source / name).exists():
                         shutil.copy2(source / name, tmp / name)
         name = f"{model_id}:ckpt-step-{step}"
-        self.store.add_checkpoint(job_id, {"id": f"ftckpt-{job_id.split('-', 1)[1][:12]}{step:08d}", "object": "fine_tuning.job.checkpoint",
-                                           "created_at": int(time.time()), "fine_tuned_model_checkpoint": name,
-                                           "fine_tuning_job_id": job_id, "metrics": {"step": step, **metrics}, "step_number": step}, target)
+        self.store.add_checkpoint(
+            job_id,
+            {
+                "id": f"ftckpt-{job_id.split('-', 1)[1][:12]}{step:08d}",
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": int(time.time()),
+                "fine_tuned_model_checkpoint": name,
+                "fine_tuning_job_id": job_id,
+                "metrics": {"step": step, **metrics},
+                "step_number": step,
+            },
+            target,
+        )
         self._register(name, target, project)
         self._event(job_id, f"Checkpoint created at step {step}")
 
@@ -280,42 +382,66 @@ class Platform:
     # ------------------------------------------------------------------ requests
 
     def create(self, request: JobRequest, project: str) -> dict:
-        accepted = ("base", self.experiment.model.ref, short_model_name(self.experiment.model.ref))
-        init_adapter = None
-        hosted = bool(OPENAI_BASES.match(request.model))  # client code written for OpenAI, unchanged: trained here on the served model
-        if request.model not in accepted and not hosted:
-            system = self.served.systems.aliases.get(request.model)
-            if not request.model.startswith("ft:") or system is None or self.served.owners.get(request.model) != project:
-                raise ApiError(400, f"Model {request.model} is not available for fine-tuning on this server; use one of "
-                                    f"{', '.join(accepted)} or one of your ft: models", "model", "model_not_available")
-            init_adapter = system.split(":", 1)[1]  # continue from that model's adapter
+        hosted, init_adapter = self._base_of(request, project)
         for key in ("training_file", "validation_file"):
             value = getattr(request, key)
             if value is not None and self.store.file(value, project) is None:
                 raise ApiError(400, f"invalid {key}: {value}", key, "invalid_file_id")
-        method = request.resolved_method()
-        hyperparameters = {k: method[method["type"]]["hyperparameters"][k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         job_id = new_id("ftjob")
-        model_id = ":".join(["ft", short_model_name(self.experiment.model.ref), "tuneforge", request.suffix or "", job_id.split("-", 1)[1][:8]])
-        obj = {
-            "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "error": None,
-            "fine_tuned_model": None, "finished_at": None, "hyperparameters": hyperparameters, "model": request.model,
-            "organization_id": "org-tuneforge", "result_files": [], "seed": self.experiment.seed if request.seed is None else request.seed,
-            "status": "validating_files", "trained_tokens": None, "training_file": request.training_file,
-            "validation_file": request.validation_file, "estimated_finish": None,
-            "integrations": [i.model_dump(exclude_none=True) for i in request.integrations or []], "metadata": request.metadata,
-            "method": method, "user_provided_suffix": request.suffix,
-        }
-        if not self.store.add_job(obj, project, {"model_id": model_id, "init_adapter": init_adapter}, self.max_unfinished):
-            raise ApiError(429, f"This project already has {self.max_unfinished} unfinished fine-tuning jobs; wait for one to "
-                                "finish or cancel one", code="rate_limit_exceeded", kind="rate_limit_error")
+        model_id = ":".join(
+            [
+                "ft",
+                short_model_name(self.experiment.model.ref),
+                "tuneforge",
+                request.suffix or "",
+                job_id.split("-", 1)[1][:8],
+            ]
+        )
+        obj = _job_object(request, job_id, self.experiment.seed if request.seed is None else request.seed)
+        if not self.store.add_job(
+            obj, project, {"model_id": model_id, "init_adapter": init_adapter}, self.max_unfinished
+        ):
+            raise ApiError(
+                429,
+                f"This project already has {self.max_unfinished} unfinished fine-tuning jobs; wait for one to "
+                "finish or cancel one",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            )
         self._event(job_id, f"Created fine-tuning job: {job_id}")
         if hosted:
-            self._event(job_id, f"{request.model} is OpenAI's model: this server fine-tunes {self.experiment.model.ref} in its place")
+            self._event(
+                job_id,
+                f"{request.model} is OpenAI's model: this server fine-tunes {self.experiment.model.ref} in its place",
+            )
         if obj["integrations"] and not _has_wandb():
-            self._event(job_id, "wandb is not installed on this server: the integration is recorded on the job but nothing is logged", "warn")
+            self._event(
+                job_id,
+                "wandb is not installed on this server: the integration is recorded on the job but nothing is logged",
+                "warn",
+            )
         threading.Thread(target=self._validate, args=(job_id,), daemon=True).start()
         return obj
+
+    def _base_of(self, request: JobRequest, project: str) -> tuple[bool, str | None]:
+        """(whether the model asked for is one of OpenAI's, the adapter to start from): the served model, an OpenAI
+        model trained here on the served one in its place, or one of the project's own ft: models, whose adapter
+        training continues; any other model is refused."""
+        accepted = ("base", self.experiment.model.ref, short_model_name(self.experiment.model.ref))
+        # client code written for OpenAI runs unchanged: trained here on the served model
+        hosted = bool(OPENAI_BASES.match(request.model))
+        if request.model in accepted or hosted:
+            return hosted, None
+        system = self.served.systems.aliases.get(request.model)
+        if not request.model.startswith("ft:") or system is None or self.served.owners.get(request.model) != project:
+            raise ApiError(
+                400,
+                f"Model {request.model} is not available for fine-tuning on this server; use one of "
+                f"{', '.join(accepted)} or one of your ft: models",
+                "model",
+                "model_not_available",
+            )
+        return hosted, system.split(":", 1)[1]  # continue from that model's adapter
 
     def cancel(self, job_id: str, project: str) -> dict:
         obj = self._job(job_id, project)
@@ -323,8 +449,12 @@ class Platform:
             raise ApiError(400, f"Job {job_id} has already {obj['status']}", code="invalid_request")
         if obj["status"] == "cancelled":
             return obj
-        changed = self.store.update_job(job_id, {"status": "cancelled", "estimated_finish": None, "finished_at": int(time.time())},
-                                        unless=TERMINAL, request="cancel")
+        changed = self.store.update_job(
+            job_id,
+            {"status": "cancelled", "estimated_finish": None, "finished_at": int(time.time())},
+            unless=TERMINAL,
+            request="cancel",
+        )
         if changed is None:  # it finished meanwhile
             return self._job(job_id, project)
         self._event(job_id, "The job was cancelled")
@@ -333,7 +463,9 @@ class Platform:
     def pause(self, job_id: str, project: str) -> dict:
         obj = self._job(job_id, project)
         if obj["status"] != "running":
-            raise ApiError(400, f"Only a running job can be paused; job {job_id} is {obj['status']}", code="invalid_request")
+            raise ApiError(
+                400, f"Only a running job can be paused; job {job_id} is {obj['status']}", code="invalid_request"
+            )
         changed = self.store.update_job(job_id, {}, only=("running",), request="pause")
         if changed is not None:
             self._event(job_id, "Pause requested: the job stops after a checkpoint at its next step")
@@ -342,9 +474,10 @@ class Platform:
     def resume(self, job_id: str, project: str) -> dict:
         obj = self._job(job_id, project)
         if obj["status"] != "paused":
-            raise ApiError(400, f"Only a paused job can be resumed; job {job_id} is {obj['status']}", code="invalid_request")
-        changed = self.store.update_job(job_id, {"status": "queued"}, only=("paused",),
-                                        request=None)
+            raise ApiError(
+                400, f"Only a paused job can be resumed; job {job_id} is {obj['status']}", code="invalid_request"
+            )
+        changed = self.store.update_job(job_id, {"status": "queued"}, only=("paused",), request=None)
         if changed is not None:
             self._event(job_id, "Fine-tuning job resumed: queued to continue from its checkpoint")
             self.wake.set()
@@ -355,13 +488,21 @@ class Platform:
         self._file(file_id, project)
 
         def in_use(db) -> str | None:
-            row = db.execute("SELECT id FROM jobs WHERE status IN (?, ?, ?, ?) AND (json_extract(obj, '$.training_file') = ? "
-                             "OR json_extract(obj, '$.validation_file') = ?) LIMIT 1", (*ACTIVE, file_id, file_id)).fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE status IN (?, ?, ?, ?) AND (json_extract(obj, '$.training_file') = ? "
+                "OR json_extract(obj, '$.validation_file') = ?) LIMIT 1",
+                (*ACTIVE, file_id, file_id),
+            ).fetchone()
             return row[0] if row else None
 
         user = self.store.delete_file(file_id, in_use)
         if user is not None:
-            raise ApiError(400, f"File {file_id} is in use by fine-tuning job {user}; cancel it or wait for it to finish", "id", "file_in_use")
+            raise ApiError(
+                400,
+                f"File {file_id} is in use by fine-tuning job {user}; cancel it or wait for it to finish",
+                "id",
+                "file_in_use",
+            )
         self._file_path(file_id).unlink(missing_ok=True)  # the row first: a half-deleted file is never listed
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -394,7 +535,9 @@ class Platform:
         @api.get("/v1/files")
         def list_files(request: Request, project: str = Project):
             query = dict(request.query_params)
-            return page(self.store.files(project, query.get("purpose"), query.get("order", "desc") == "desc"), query, 10_000)
+            return page(
+                self.store.files(project, query.get("purpose"), query.get("order", "desc") == "desc"), query, 10_000
+            )
 
         @api.get("/v1/files/{file_id}")
         def get_file(file_id: str, project: str = Project):
@@ -416,7 +559,11 @@ class Platform:
         @api.get("/v1/fine_tuning/jobs")
         def list_jobs(request: Request, project: str = Project):
             query = dict(request.query_params)
-            metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+            metadata = {
+                k[len("metadata[") : -1]: v
+                for k, v in request.query_params.multi_items()
+                if k.startswith("metadata[") and k.endswith("]")
+            }
             jobs = self.store.jobs(project, metadata)
             if query.get("metadata") == "null":
                 jobs = [j for j in jobs if not j.get("metadata")]
@@ -478,10 +625,47 @@ class Platform:
         return obj
 
 
+def _job_object(request: JobRequest, job_id: str, seed: int) -> dict:
+    """A new job as the API shows it, validating its files."""
+    method = request.resolved_method()
+    hyperparameters = {
+        k: method[method["type"]]["hyperparameters"][k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
+    }
+    return {
+        "id": job_id,
+        "object": "fine_tuning.job",
+        "created_at": int(time.time()),
+        "error": None,
+        "fine_tuned_model": None,
+        "finished_at": None,
+        "hyperparameters": hyperparameters,
+        "model": request.model,
+        "organization_id": "org-tuneforge",
+        "result_files": [],
+        "seed": seed,
+        "status": "validating_files",
+        "trained_tokens": None,
+        "training_file": request.training_file,
+        "validation_file": request.validation_file,
+        "estimated_finish": None,
+        "integrations": [i.model_dump(exclude_none=True) for i in request.integrations or []],
+        "metadata": request.metadata,
+        "method": method,
+        "user_provided_suffix": request.suffix,
+    }
+
+
 def _file_object(file_id: str, size: int, filename: str, purpose: str) -> dict:
     """A stored file as the API shows it (no expires_at or status_details: the schema allows them absent, not null)."""
-    return {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": filename,
-            "purpose": purpose, "status": "processed"}
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(time.time()),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+    }
 
 
 def _store_bytes(source, target: Path) -> int:
@@ -533,9 +717,15 @@ def _wandb(platform: Platform, job_id: str, obj: dict):
     if settings is None or not _has_wandb():
         yield
         return
-    values = {"WANDB_PROJECT": settings["project"], "WANDB_NAME": settings.get("name") or job_id, "WANDB_RUN_ID": job_id,
-              "WANDB_RESUME": "allow", "WANDB_ENTITY": settings.get("entity"), "WANDB_TAGS": ",".join(settings.get("tags") or []) or None,
-              "WANDB_LOG_MODEL": "false"}
+    values = {
+        "WANDB_PROJECT": settings["project"],
+        "WANDB_NAME": settings.get("name") or job_id,
+        "WANDB_RUN_ID": job_id,
+        "WANDB_RESUME": "allow",
+        "WANDB_ENTITY": settings.get("entity"),
+        "WANDB_TAGS": ",".join(settings.get("tags") or []) or None,
+        "WANDB_LOG_MODEL": "false",
+    }
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
         if value:

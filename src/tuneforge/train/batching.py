@@ -37,8 +37,14 @@ def attention_mode(attention: str, packing: bool) -> AttentionMode:
 class Collator:
     """Pad a list of rows into tensors for the model, with the mask the attention kernel needs."""
 
-    def __init__(self, pad_id: int, mode: AttentionMode, mask_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 8,
-                 prompt_targets: bool = False):
+    def __init__(
+        self,
+        pad_id: int,
+        mode: AttentionMode,
+        mask_dtype: torch.dtype = torch.float32,
+        pad_to_multiple_of: int = 8,
+        prompt_targets: bool = False,
+    ):
         self.pad_id = pad_id
         self.prompt_targets = prompt_targets  # also mark where the next token is prompt text (train.prompt_loss_weight)
         self.mode = mode
@@ -75,7 +81,9 @@ class Collator:
         if weights is not None:
             out["loss_weights"] = weights
         if self.prompt_targets:  # [batch, width - 1]: the next token is the same example's and not a target
-            out["prompt_targets"] = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] >= 0) & (labels[:, 1:] == IGNORE)
+            out["prompt_targets"] = (
+                (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] >= 0) & (labels[:, 1:] == IGNORE)
+            )
         if self.mode == "padded":
             out["attention_mask"] = (segments >= 0).long()
         elif self.mode == "block_mask":

@@ -18,8 +18,12 @@ from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
 from tuneforge.errors import TuneforgeError
 
 MARKER = "tuneforge_complete.json"
-PREFERENCE_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "preference_accuracy",
-                      "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+PREFERENCE_METRICS = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+}
 
 
 class NonFiniteError(TuneforgeError):
@@ -66,7 +70,9 @@ class MetricsLog(TrainerCallback):
         self.trainer = None
         self.records: list[dict[str, Any]] = []
         if resume_step and path.exists():  # keep what the resumed checkpoint had seen
-            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step]
+            self.records = [
+                r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step
+            ]
         self._last_time = time.perf_counter()
         self._last_tokens = 0
 
@@ -81,7 +87,8 @@ class MetricsLog(TrainerCallback):
             loss = float(logs["loss"])
             if not math.isfinite(loss):
                 raise NonFiniteError(
-                    f"the loss became {loss} at step {state.global_step}; training stopped before saving anything from that step. "
+                    f"the loss became {loss} at step {state.global_step}; "
+                    "training stopped before saving anything from that step. "
                     "Lower train.lr, keep train.max_grad_norm on, or look for broken examples"
                 )
             tokens = sum_over_ranks(self.trainer.supervised_tokens)  # every process's share of the batch
@@ -118,7 +125,9 @@ class FiniteWeights(TrainerCallback):
         if control.should_save or state.global_step == state.max_steps:
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
             if bad:
-                raise NonFiniteError(f"non-finite weights after step {state.global_step} (e.g. {bad[0]}); nothing was saved")
+                raise NonFiniteError(
+                    f"non-finite weights after step {state.global_step} (e.g. {bad[0]}); nothing was saved"
+                )
 
 
 class CheckpointMarker(TrainerCallback):
@@ -134,7 +143,8 @@ class CheckpointMarker(TrainerCallback):
         free = shutil.disk_usage(self.folder).free
         if free < self.bytes_needed:
             raise TuneforgeError(
-                f"only {free / 2**30:.1f} GiB free under {self.folder}; checkpoints need about {self.bytes_needed / 2**30:.1f} GiB"
+                f"only {free / 2**30:.1f} GiB free under {self.folder}; "
+                f"checkpoints need about {self.bytes_needed / 2**30:.1f} GiB"
             )
 
     def on_save(self, args, state, control, **kwargs):
@@ -157,9 +167,15 @@ def latest_complete_checkpoint(folder: Path) -> Path | None:
 def check_resumable(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse a resume whose data or batch settings differ from the checkpoint's."""
     saved = json.loads((checkpoint / MARKER).read_text())
-    changed = [f"{key}: was {saved.get(key)!r}, now {value!r}" for key, value in fingerprint.items() if saved.get(key) != value]
+    changed = [
+        f"{key}: was {saved.get(key)!r}, now {value!r}" for key, value in fingerprint.items() if saved.get(key) != value
+    ]
     if changed:
-        raise TuneforgeError(f"cannot resume from {checkpoint.name}: " + "; ".join(changed) + ". Start a fresh run (without --resume) or restore the old settings")
+        raise TuneforgeError(
+            f"cannot resume from {checkpoint.name}: "
+            + "; ".join(changed)
+            + ". Start a fresh run (without --resume) or restore the old settings"
+        )
 
 
 class MedianStop(TrainerCallback):

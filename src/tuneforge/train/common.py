@@ -101,7 +101,9 @@ class Trained:
     resume_from: Path | None
 
 
-def run_training(trainer, run: RunDir, resume_from: Path | None, has_valid: bool, identity: dict[str, Any] | None) -> Trained:
+def run_training(
+    trainer, run: RunDir, resume_from: Path | None, has_valid: bool, identity: dict[str, Any] | None
+) -> Trained:
     """The base model's valid metrics, logged as step 0 (a resumed run's log has them already), then the timed
     training. `identity`: see `base_evaluation`."""
     prepare_for_fsdp_evaluation(trainer)
@@ -126,14 +128,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def trainer_arguments(experiment: Experiment, run: RunDir, plan, training, labelled: bool, has_valid: bool, config_class,
-                      specific: dict[str, Any]) -> dict[str, Any]:
+def trainer_arguments(
+    experiment: Experiment,
+    run: RunDir,
+    plan,
+    training,
+    labelled: bool,
+    has_valid: bool,
+    config_class,
+    specific: dict[str, Any],
+) -> dict[str, Any]:
     """What SFT and DPO configurations share (schedule, batching, evaluation, checkpoints, precision), then the
     method's `specific` settings, then `train.extra_args`, checked against `config_class`'s fields."""
     t = experiment.train
     if t.keep_best and has_valid and training.save_every % training.eval_every:
-        raise TuneforgeError(f"train.keep_best needs a checkpoint at an evaluation: train.save_every ({training.save_every}) "
-                             f"must be a multiple of train.eval_every ({training.eval_every}); set both to auto, or keep_best: false")
+        raise TuneforgeError(
+            f"train.keep_best needs a checkpoint at an evaluation: train.save_every ({training.save_every}) "
+            f"must be a multiple of train.eval_every ({training.eval_every}); set both to auto, or keep_best: false"
+        )
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.schedule]
     keep_best = t.keep_best and has_valid
     base: dict[str, Any] = dict(
@@ -146,7 +158,9 @@ def trainer_arguments(experiment: Experiment, run: RunDir, plan, training, label
         warmup_steps=math.ceil(t.warmup_ratio * training.steps),
         max_grad_norm=t.max_grad_norm,  # 0 turns clipping off
         weight_decay=t.weight_decay,
-        optim="paged_adamw_8bit" if t.optimizer == "paged_adamw_8bit" else ("adamw_torch_fused" if plan.device == "cuda" else "adamw_torch"),
+        optim="paged_adamw_8bit"
+        if t.optimizer == "paged_adamw_8bit"
+        else ("adamw_torch_fused" if plan.device == "cuda" else "adamw_torch"),
         num_train_epochs=training.epochs,
         max_steps=t.max_steps or -1,
         logging_steps=1,  # every step: metrics.jsonl, and the non-finite guard runs before each save
@@ -175,8 +189,12 @@ def trainer_arguments(experiment: Experiment, run: RunDir, plan, training, label
     if unknown:
         from tuneforge.config_errors import did_you_mean
 
-        raise TuneforgeError("; ".join(f"train.extra_args.{key}: not a {config_class.__name__} option" + did_you_mean(key, fields)
-                                       for key in unknown))
+        raise TuneforgeError(
+            "; ".join(
+                f"train.extra_args.{key}: not a {config_class.__name__} option" + did_you_mean(key, fields)
+                for key in unknown
+            )
+        )
     return {**base, **specific, **t.extra_args}
 
 
@@ -208,8 +226,9 @@ def data_fingerprint(experiment: Experiment, run: RunDir, training, quantization
     }
 
 
-def base_eval_identity(setup: Setup, fingerprint: dict[str, Any], training: TrainingPlan, eval_batch: int,
-                       labels: list[str] | None) -> dict[str, Any] | None:
+def base_eval_identity(
+    setup: Setup, fingerprint: dict[str, Any], training: TrainingPlan, eval_batch: int, labels: list[str] | None
+) -> dict[str, Any] | None:
     """What the base model's valid metrics at step 0 depend on (`base_evaluation`'s cache key): the model, how it is
     loaded, the valid split and how it is batched and scored. None when training continues an earlier adapter: its
     step 0 is that adapter's, not the base's."""
@@ -279,8 +298,11 @@ def add_adapters(model, experiment: Experiment, plan, start: Path | None = None)
                 model.enable_input_require_grads()
         else:
             # fp32 norms and input grads for checkpointing through frozen quantized layers
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=t.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     if start is not None:
         return PeftModel.from_pretrained(model, str(start), is_trainable=True)
     config = LoraConfig(
@@ -348,17 +370,26 @@ def finished_run(run: RunDir, checkpoint: Path) -> dict[str, Any] | None:
         return None
     summary = run.read_manifest().get("train")
     planned = state.get("max_steps") or 0
-    if not summary or not planned or summary.get("steps", 0) < planned or not (run.sub("adapter") / "adapter_config.json").exists():
+    if (
+        not summary
+        or not planned
+        or summary.get("steps", 0) < planned
+        or not (run.sub("adapter") / "adapter_config.json").exists()
+    ):
         return None
     return {**summary, "already_trained": True}
 
 
 def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
-    """Which step's adapter is kept and why, with its valid metrics (the trainer has loaded the best one when keep_best)."""
+    """Which step's adapter is kept and why, with its valid metrics (the trainer has loaded the best one when
+    keep_best)."""
     last_step = trainer.state.global_step
     best = trainer.state.best_global_step if trainer.args.load_best_model_at_end else None
     if best is None or trainer.state.best_model_checkpoint is None:
-        kept, why = last_step, "the last step (train.keep_best is off)" if not trainer.args.load_best_model_at_end else "the last step"
+        kept, why = (
+            last_step,
+            "the last step (train.keep_best is off)" if not trainer.args.load_best_model_at_end else "the last step",
+        )
     else:
         kept = best
         if label_eval is None:
@@ -366,20 +397,30 @@ def kept_adapter(trainer, records: list[dict], label_eval) -> dict[str, Any]:
         elif best == last_step:
             why = "the last evaluation: no earlier one labelled the valid split better beyond chance (sign test, 5%)"
         else:
-            why = (f"its valid accuracy beat every later evaluation's beyond chance (sign test, 5%; "
-                   f"{len([r for r in records if 'eval_accuracy' in r and r['step'] > 0])} evaluations)")
+            why = (
+                f"its valid accuracy beat every later evaluation's beyond chance (sign test, 5%; "
+                f"{len([r for r in records if 'eval_accuracy' in r and r['step'] > 0])} evaluations)"
+            )
     kept_record = next((r for r in records if r.get("step") == kept and "eval_loss" in r), None)
     if kept_record is None:  # no evaluation at the kept step: measure it now
         kept_record = trainer.evaluate()
     out: dict[str, Any] = {"kept_step": kept, "kept_because": why, "final_eval_loss": kept_record["eval_loss"]}
     if label_eval is not None:
         base = logged_value(records, 0, "eval_accuracy")
-        out.update(valid_accuracy=kept_record.get("eval_accuracy"), valid_macro_f1=kept_record.get("eval_macro_f1"),
-                   base_valid_accuracy=base, majority_accuracy=label_eval.majority_accuracy, majority_label=label_eval.majority_label)
+        out.update(
+            valid_accuracy=kept_record.get("eval_accuracy"),
+            valid_macro_f1=kept_record.get("eval_macro_f1"),
+            base_valid_accuracy=base,
+            majority_accuracy=label_eval.majority_accuracy,
+            majority_label=label_eval.majority_label,
+        )
         if out["valid_accuracy"] is not None and out["valid_accuracy"] <= label_eval.majority_accuracy:
-            out["warning"] = (f"valid accuracy {out['valid_accuracy']:.3f} is at or below always answering {label_eval.majority_label!r} "
-                              f"({label_eval.majority_accuracy:.3f}): the model learned little more than how common each label is. "
-                              "Give it more optimizer steps (train.batch_size / epochs: auto) or more examples of the rare labels")
+            out["warning"] = (
+                f"valid accuracy {out['valid_accuracy']:.3f} is at or below "
+                f"always answering {label_eval.majority_label!r} "
+                f"({label_eval.majority_accuracy:.3f}): the model learned little more than how common each label is. "
+                "Give it more optimizer steps (train.batch_size / epochs: auto) or more examples of the rare labels"
+            )
     return out
 
 
@@ -403,7 +444,9 @@ def check_can_train(experiment: Experiment, plan, run: RunDir) -> Path:
     return data_dir
 
 
-def resume_point(run: RunDir, train, resume: bool, fingerprint: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+def resume_point(
+    run: RunDir, train, resume: bool, fingerprint: dict[str, Any]
+) -> tuple[Path | None, dict[str, Any] | None]:
     """(the checkpoint to resume from, or None; the finished run's summary when there is nothing left to train)."""
     from tuneforge.train import callbacks as cb
 
@@ -419,8 +462,9 @@ def resume_point(run: RunDir, train, resume: bool, fingerprint: dict[str, Any]) 
     return resume_from, finished_run(run, resume_from)
 
 
-def training_callbacks(run: RunDir, train, fingerprint: dict[str, Any], trainable: int, resume_from: Path | None,
-                       extra: list | None):
+def training_callbacks(
+    run: RunDir, train, fingerprint: dict[str, Any], trainable: int, resume_from: Path | None, extra: list | None
+):
     """(MetricsLog, every callback): metrics.jsonl, the finite guard, checkpoint markers with a disk check,
     TensorBoard on the main process, and W&B with train.wandb_project. The MetricsLog needs its `trainer` set once
     the trainer exists."""
@@ -431,7 +475,12 @@ def training_callbacks(run: RunDir, train, fingerprint: dict[str, Any], trainabl
     metrics_cb = cb.MetricsLog(run.sub("metrics.jsonl"), resume_step=_step_of(resume_from))
     # weights + Adam moments, per checkpoint kept (and the best)
     bytes_needed = trainable * 4 * 4 * (train.keep_checkpoints + 1) + (64 << 20)
-    found = [metrics_cb, cb.FiniteWeights(), cb.CheckpointMarker(run.sub("checkpoints"), fingerprint, bytes_needed), *(extra or [])]
+    found = [
+        metrics_cb,
+        cb.FiniteWeights(),
+        cb.CheckpointMarker(run.sub("checkpoints"), fingerprint, bytes_needed),
+        *(extra or []),
+    ]
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 REFERENCE = "ref"  # the name TRL gives the frozen copy of a starting adapter
 
 
-def train_dpo(experiment: Experiment, run: RunDir, resume: bool = False, progress: bool = True,
-              callbacks: list | None = None) -> dict[str, Any]:
+def train_dpo(
+    experiment: Experiment, run: RunDir, resume: bool = False, progress: bool = True, callbacks: list | None = None
+) -> dict[str, Any]:
     """Preference tuning: setup (pairs, plan, the model with adapters), train (TRL's DPO trainer), finish (as SFT's).
     The summary it records, or the finished run's."""
     from datasets import Dataset
@@ -79,16 +80,21 @@ def train_dpo(experiment: Experiment, run: RunDir, resume: bool = False, progres
     keep_trainable_fp32(trainer.model, setup.plan.dtype)
     params = parameter_counts(trainer.model)  # the trainer's model holds TRL's frozen copy of a starting adapter too
     reference = f"the starting adapter {setup.start_adapter}" if setup.start_adapter else "the base model (adapter off)"
-    print_plan(f"DPO on {setup.plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, "
-               f"reference {reference}; {params[0]:,} of {params[1]:,} parameters trainable", training)
+    print_plan(
+        f"DPO on {setup.plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, "
+        f"reference {reference}; {params[0]:,} of {params[1]:,} parameters trainable",
+        training,
+    )
 
     # ------------------------------------------------------------------ train
     # step 0: the policy is its own reference (margin 0); identity None: evaluated here, never a sweep's cached metrics
     trained = run_training(trainer, run, resume_from, bool(valid_rows), identity=None)
 
     # ------------------------------------------------------------------ finish
-    summary = {**_dpo_summary(setup, metrics.records),
-               **summarize(trained, setup, training, metrics.records, params, "padded", train_pairs)}
+    summary = {
+        **_dpo_summary(setup, metrics.records),
+        **summarize(trained, setup, training, metrics.records, params, "padded", train_pairs),
+    }
     if valid_rows:
         summary.update(kept_adapter(trainer, metrics.records, None))
         summary.update(_kept_margin(metrics.records, summary["kept_step"]))
@@ -117,16 +123,23 @@ def dpo_plan(experiment: Experiment, rows: list[dict]) -> TrainingPlan:
 
     lengths = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
     answers = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
-    return plan_training(experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed,
-                         world_size())
+    return plan_training(
+        experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed, world_size()
+    )
 
 
 def dpo_config(experiment: Experiment, run: RunDir, plan, training: TrainingPlan, has_valid: bool) -> DPOConfig:
     """The trainer configuration from the resolved plan; `train.extra_args` is checked here, before any model loads."""
     t = experiment.train
-    specific = dict(beta=t.dpo.beta, loss_type=[t.dpo.loss_type], max_length=experiment.data.max_length,
-                    precompute_ref_log_probs=False, padding_free=False, remove_unused_columns=False,
-                    train_sampling_strategy="random")
+    specific = dict(
+        beta=t.dpo.beta,
+        loss_type=[t.dpo.loss_type],
+        max_length=experiment.data.max_length,
+        precompute_ref_log_probs=False,
+        padding_free=False,
+        remove_unused_columns=False,
+        train_sampling_strategy="random",
+    )
     arguments = trainer_arguments(experiment, run, plan, training, False, has_valid, DPOConfig, specific)
     try:
         return DPOConfig(**arguments)
@@ -153,8 +166,10 @@ def _kept_margin(records: list[dict], kept_step: int) -> dict[str, Any]:
     kept = next((r for r in records if r.get("step") == kept_step and "eval_reward_margin" in r), None)
     if kept is None:
         return {}
-    return {"valid_reward_margin": kept["eval_reward_margin"],
-            "valid_preference_accuracy": kept.get("eval_preference_accuracy")}
+    return {
+        "valid_reward_margin": kept["eval_reward_margin"],
+        "valid_preference_accuracy": kept.get("eval_preference_accuracy"),
+    }
 
 
 def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
@@ -164,8 +179,12 @@ def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
     rows, kept = [], []
     for example in examples:
         if example.rejected is None:
-            raise TuneforgeError(f"{example.where}: not a preference pair; train.method: dpo needs data.format: preference")
-        _, encoded = fit_pair(encoder, example.messages, example.rejected, max_length, "truncate", example.extra.get("tools"))
+            raise TuneforgeError(
+                f"{example.where}: not a preference pair; train.method: dpo needs data.format: preference"
+            )
+        _, encoded = fit_pair(
+            encoder, example.messages, example.rejected, max_length, "truncate", example.extra.get("tools")
+        )
         (chosen_start, chosen_end), (rejected_start, rejected_end) = (_answer(e) for e in encoded)
         start = min(chosen_start, rejected_start, _common_prefix(encoded[0].input_ids, encoded[1].input_ids))
         chosen = encoded[0].input_ids[start:chosen_end]

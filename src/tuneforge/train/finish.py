@@ -14,8 +14,15 @@ if TYPE_CHECKING:
     from tuneforge.train.common import Setup, Trained
 
 
-def summarize(trained: Trained, setup: Setup, training: TrainingPlan, records: list[dict], params: tuple[int, int],
-              attention_mode: str, examples: list) -> dict[str, Any]:
+def summarize(
+    trained: Trained,
+    setup: Setup,
+    training: TrainingPlan,
+    records: list[dict],
+    params: tuple[int, int],
+    attention_mode: str,
+    examples: list,
+) -> dict[str, Any]:
     """The run's summary as SFT and DPO both record it (DPO adds its own keys; both add the kept adapter's): steps,
     losses, speed, parameters, device. `params`: (trainable, total); `examples`: the training examples."""
     from tuneforge.data.records import common_system_prompt
@@ -75,12 +82,18 @@ def _save_and_record(trainer, setup: Setup, summary: dict[str, Any], records: li
         what = "adapter"
     plot_training(records, run.sub("plots", "training.png"), summary.get("majority_accuracy"))
     run.record("train", summary)
-    print(f"{what} written to {target}; eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}")
+    print(
+        f"{what} written to {target}; "
+        f"eval loss {_fmt(summary['base_eval_loss'])} -> {_fmt(summary.get('final_eval_loss'))}"
+    )
     if "kept_step" in summary:
         line = f"kept the adapter of step {summary['kept_step']} of {summary['steps']}: {summary['kept_because']}"
         if summary.get("valid_accuracy") is not None:
-            line += (f"; valid accuracy {_fmt(summary.get('base_valid_accuracy'))} -> {_fmt(summary['valid_accuracy'])}, "
-                     f"macro-F1 {_fmt(summary['valid_macro_f1'])} (always {summary['majority_label']!r}: {_fmt(summary['majority_accuracy'])})")
+            line += (
+                f"; valid accuracy {_fmt(summary.get('base_valid_accuracy'))} -> {_fmt(summary['valid_accuracy'])}, "
+                f"macro-F1 {_fmt(summary['valid_macro_f1'])} "
+                f"(always {summary['majority_label']!r}: {_fmt(summary['majority_accuracy'])})"
+            )
         print(line)
     if summary.get("warning"):
         print(f"warning: {summary['warning']}")
@@ -90,8 +103,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def save_adapter(model, tokenizer, encoder, experiment: Experiment, folder: Path, summary: dict[str, Any], quantization: str,
-                 weights: dict | None = None) -> None:
+def save_adapter(
+    model,
+    tokenizer,
+    encoder,
+    experiment: Experiment,
+    folder: Path,
+    summary: dict[str, Any],
+    quantization: str,
+    weights: dict | None = None,
+) -> None:
     """The adapter (or, fully fine-tuned, the whole model) as safetensors, the tokenizer, the exact chat template,
     and a generation config that stops at end-of-turn."""
     import copy
@@ -105,16 +126,19 @@ def save_adapter(model, tokenizer, encoder, experiment: Experiment, folder: Path
             generation.eos_token_id = encoder.stop_ids
             generation.pad_token_id = tokenizer.pad_token_id
             generation.save_pretrained(tmp)
-        atomic_write_json(tmp / "tuneforge.json", {
-            "system_prompt": summary.get("system_prompt"),  # what every verb sends when the user gives none
-            "base_model": experiment.model.ref,
-            "base_revision": experiment.model.revision,
-            "quantization": quantization,  # as resolved on the training machine
-            "end_of_turn": encoder.end_of_turn,
-            "full_finetune": experiment.train.full_finetune,
-            "max_length": experiment.data.max_length,
-            "training": summary,
-        })
+        atomic_write_json(
+            tmp / "tuneforge.json",
+            {
+                "system_prompt": summary.get("system_prompt"),  # what every verb sends when the user gives none
+                "base_model": experiment.model.ref,
+                "base_revision": experiment.model.revision,
+                "quantization": quantization,  # as resolved on the training machine
+                "end_of_turn": encoder.end_of_turn,
+                "full_finetune": experiment.train.full_finetune,
+                "max_length": experiment.data.max_length,
+                "training": summary,
+            },
+        )
 
 
 def plot_training(records: list[dict], path: Path, majority_accuracy: float | None = None) -> None:
@@ -153,7 +177,13 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
         ax.plot(*zip(*accuracy), "o", label="valid accuracy", markersize=6)
         ax.plot(*zip(*f1), "s", label="valid macro-F1", markersize=5)
         if majority_accuracy is not None:
-            ax.axhline(majority_accuracy, color="crimson", linestyle="--", linewidth=1, label=f"always the majority label ({majority_accuracy:.2f})")
+            ax.axhline(
+                majority_accuracy,
+                color="crimson",
+                linestyle="--",
+                linewidth=1,
+                label=f"always the majority label ({majority_accuracy:.2f})",
+            )
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("optimizer step")
         ax.set_title("Valid split, labels scored by likelihood")

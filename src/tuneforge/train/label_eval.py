@@ -78,26 +78,43 @@ class LabelEval:
         if path.exists():
             self.kept = json.loads(path.read_text(encoding="utf-8"))
 
-
     def score(self, model, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Every valid prompt's label log-likelihoods and token counts. In a distributed run each process scores
         every world_size-th prompt and the parts are gathered, so all processes get the whole table for the
         price of their share."""
-        from tuneforge.scoring import label_logprobs
         from tuneforge.models import under_fsdp
+        from tuneforge.scoring import label_logprobs
         from tuneforge.train.callbacks import distributed
 
         dist = distributed()
-        if dist is None or under_fsdp():  # FSDP gathers weights inside every forward: all processes must run the same ones
-            return label_logprobs(model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True)
+        if (
+            dist is None or under_fsdp()
+        ):  # FSDP gathers weights inside every forward: all processes must run the same ones
+            return label_logprobs(
+                model, self.encoder, self.prompts, self.labels, batch_size, self.max_length, return_counts=True
+            )
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = list(range(rank, len(self.prompts), world))
         empty = np.zeros((0, len(self.labels)))
-        part = (label_logprobs(model, self.encoder, [self.prompts[i] for i in mine], self.labels, batch_size, self.max_length,
-                               return_counts=True) if mine else (empty, empty))
+        part = (
+            label_logprobs(
+                model,
+                self.encoder,
+                [self.prompts[i] for i in mine],
+                self.labels,
+                batch_size,
+                self.max_length,
+                return_counts=True,
+            )
+            if mine
+            else (empty, empty)
+        )
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (mine, np.asarray(part[0]), np.asarray(part[1])))
-        scores, counts = np.zeros((len(self.prompts), len(self.labels))), np.zeros((len(self.prompts), len(self.labels)))
+        scores, counts = (
+            np.zeros((len(self.prompts), len(self.labels))),
+            np.zeros((len(self.prompts), len(self.labels))),
+        )
         for rows, part_scores, part_counts in gathered:
             if rows:
                 scores[rows], counts[rows] = part_scores, part_counts
@@ -105,7 +122,8 @@ class LabelEval:
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> float:
-    """Mean F1 over the labels that occur in the truth or the predictions (sklearn's macro average with zero_division=0)."""
+    """Mean F1 over the labels that occur in the truth or the predictions (sklearn's macro average with
+    zero_division=0)."""
     scores = []
     for label in range(n_labels):
         tp = int(((predicted == label) & (truth == label)).sum())
@@ -124,5 +142,5 @@ def kept_is_better(kept: np.ndarray, new: np.ndarray, alpha: float = SIGNIFICANC
     n = wins + losses
     if wins <= losses:
         return False
-    p_value = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    p_value = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
     return p_value < alpha

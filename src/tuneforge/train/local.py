@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from tuneforge.run import RunDir
 
 
-def train_local(experiment: Experiment, run: RunDir, resume: bool = False, progress: bool = True,
-                callbacks: list | None = None) -> dict[str, Any]:
+def train_local(
+    experiment: Experiment, run: RunDir, resume: bool = False, progress: bool = True, callbacks: list | None = None
+) -> dict[str, Any]:
     """SFT: the module docstring's setup, train and finish. The summary it records, or the finished run's."""
     from tuneforge.train.finish import finish, summarize
     from tuneforge.train.trainer import ForgeTrainer
@@ -69,7 +70,10 @@ def train_local(experiment: Experiment, run: RunDir, resume: bool = False, progr
     )
     metrics.trainer = trainer
     keep_trainable_fp32(trainer.model, setup.plan.dtype)
-    headline = f"training on {setup.plan.describe()}: {len(data.train_tokens)} examples, {trainable:,} of {total:,} parameters trainable"
+    headline = (
+        f"training on {setup.plan.describe()}: {len(data.train_tokens)} examples, "
+        f"{trainable:,} of {total:,} parameters trainable"
+    )
     print_plan(headline, training, _label_notes(data, label_eval))
 
     # ------------------------------------------------------------------ train
@@ -78,7 +82,9 @@ def train_local(experiment: Experiment, run: RunDir, resume: bool = False, progr
     trained = run_training(trainer, run, resume_from, bool(data.valid_rows), identity)
 
     # ------------------------------------------------------------------ finish
-    summary = summarize(trained, setup, training, metrics.records, (trainable, total), collator.mode, data.train_examples)
+    summary = summarize(
+        trained, setup, training, metrics.records, (trainable, total), collator.mode, data.train_examples
+    )
     if data.adjustment:
         summary["label_adjustment"] = data.adjustment
     if data.valid_rows:
@@ -120,16 +126,30 @@ def sft_data(setup: Setup) -> SftData:
     valid_rows = build_rows(valid_tokens, max_length, training.packing, experiment.seed)
     tau = experiment.train.label_adjustment
     offsets, adjustment = label_offsets(train_tokens, train_examples, tau) if labelled else (None, "")
-    return SftData(train_tokens, train_examples, valid_examples, train_rows, valid_rows, labels, labelled, training,
-                   offsets, adjustment)
+    return SftData(
+        train_tokens,
+        train_examples,
+        valid_examples,
+        train_rows,
+        valid_rows,
+        labels,
+        labelled,
+        training,
+        offsets,
+        adjustment,
+    )
 
 
 def _collator(setup: Setup, training: TrainingPlan):
     from tuneforge.train.batching import Collator, attention_mode, mask_dtype
 
     plan = setup.plan
-    return Collator(setup.tokenizer.pad_token_id, attention_mode(plan.attention, training.packing),
-                    mask_dtype=mask_dtype(plan.device, plan.dtype), prompt_targets=training.prompt_loss_weight > 0)
+    return Collator(
+        setup.tokenizer.pad_token_id,
+        attention_mode(plan.attention, training.packing),
+        mask_dtype=mask_dtype(plan.device, plan.dtype),
+        prompt_targets=training.prompt_loss_weight > 0,
+    )
 
 
 def _label_eval(setup: Setup, data: SftData, resume_from):
@@ -147,25 +167,37 @@ def _label_eval(setup: Setup, data: SftData, resume_from):
 def _label_notes(data: SftData, label_eval) -> list[str]:
     notes = []
     if label_eval is not None:
-        notes.append(f"each evaluation also scores the {len(data.valid_examples)} valid examples by label likelihood "
-                     f"(majority-class floor {label_eval.majority_accuracy:.3f})")
+        notes.append(
+            f"each evaluation also scores the {len(data.valid_examples)} valid examples by label likelihood "
+            f"(majority-class floor {label_eval.majority_accuracy:.3f})"
+        )
     if data.adjustment:
         notes.append(data.adjustment)
     return notes
 
 
 def sft_config(experiment: Experiment, run: RunDir, plan, training: TrainingPlan, labelled: bool, has_valid: bool):
-    """The trainer configuration from the resolved training plan; `train.extra_args` is checked here, before any model loads."""
+    """The trainer configuration from the resolved training plan; `train.extra_args` is checked here, before any
+    model loads."""
     from trl import SFTConfig
 
-    base = trainer_arguments(experiment, run, plan, training, labelled, has_valid, SFTConfig, dict(
-        # unpacked rows of similar length share a batch, so little compute goes to padding
-        train_sampling_strategy="random" if training.packing else "group_by_length",
-        remove_unused_columns=False,  # the collator needs seq_lens
-        dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenized, masked and packed by tuneforge
-        max_length=experiment.data.max_length,
-        packing=False,
-    ))
+    base = trainer_arguments(
+        experiment,
+        run,
+        plan,
+        training,
+        labelled,
+        has_valid,
+        SFTConfig,
+        dict(
+            # unpacked rows of similar length share a batch, so little compute goes to padding
+            train_sampling_strategy="random" if training.packing else "group_by_length",
+            remove_unused_columns=False,  # the collator needs seq_lens
+            dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenized, masked and packed by tuneforge
+            max_length=experiment.data.max_length,
+            packing=False,
+        ),
+    )
     try:
         return SFTConfig(**base)
     except (TypeError, ValueError) as exc:
@@ -177,7 +209,9 @@ def tokenize(encoder, examples, max_length: int) -> tuple[list[tuple[list[int], 
     with a larger one, and the example each came from (an example is several sequences on a template that renders
     earlier turns differently once later ones follow: `ChatEncoder.units`)."""
     out, kept = [], []
-    for example, sequences in zip(examples, encoder.encode_examples([e.messages for e in examples], [e.extra.get("tools") for e in examples])):
+    for example, sequences in zip(
+        examples, encoder.encode_examples([e.messages for e in examples], [e.extra.get("tools") for e in examples])
+    ):
         if any(len(s.input_ids) > max_length for s in sequences):
             _, sequences = encoder.fit(example.messages, max_length, "truncate", example.extra.get("tools"))
         for encoded in sequences:
@@ -223,13 +257,29 @@ def label_offsets(tokens, examples, tau: float) -> tuple[dict[int, float] | None
 def training_plan(experiment: Experiment, tokens, labelled: bool) -> TrainingPlan:
     from tuneforge.data.plan import plan_training
 
-    return plan_training(experiment.train, [len(ids) for ids, _ in tokens], [sum(x != -100 for x in labels) for _, labels in tokens],
-                         labelled, experiment.data.max_length, experiment.seed, world_size())
+    return plan_training(
+        experiment.train,
+        [len(ids) for ids, _ in tokens],
+        [sum(x != -100 for x in labels) for _, labels in tokens],
+        labelled,
+        experiment.data.max_length,
+        experiment.seed,
+        world_size(),
+    )
 
 
 def _as_dataset(rows):
     from datasets import Dataset
 
-    return Dataset.from_list([{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens, "weights": r.weights,
-                               "length": len(r.input_ids)} for r in rows])
-
+    return Dataset.from_list(
+        [
+            {
+                "input_ids": r.input_ids,
+                "labels": r.labels,
+                "seq_lens": r.seq_lens,
+                "weights": r.weights,
+                "length": len(r.input_ids),
+            }
+            for r in rows
+        ]
+    )

@@ -32,9 +32,14 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 MAX_BACKOFF = 300.0  # seconds between polls when the API keeps failing
 MAX_NETWORK_FAILURES = 20  # in a row, with backoff: well over an hour before giving up on watching
 # event data key -> the metrics.jsonl key the local trainer writes for the same quantity
-METRIC_KEYS = {"train_loss": "loss", "valid_loss": "eval_loss", "train_mean_token_accuracy": "token_accuracy",
-               "valid_mean_token_accuracy": "eval_token_accuracy", "full_valid_loss": "full_eval_loss",
-               "full_valid_mean_token_accuracy": "full_eval_token_accuracy"}
+METRIC_KEYS = {
+    "train_loss": "loss",
+    "valid_loss": "eval_loss",
+    "train_mean_token_accuracy": "token_accuracy",
+    "valid_mean_token_accuracy": "eval_token_accuracy",
+    "full_valid_loss": "full_eval_loss",
+    "full_valid_mean_token_accuracy": "full_eval_token_accuracy",
+}
 
 
 class NeedsConfirmation(TuneforgeError):
@@ -45,7 +50,9 @@ class NeedsConfirmation(TuneforgeError):
 
 def job_key(experiment: Experiment, data_sha256: dict[str, str]) -> str:
     """What makes two `train` runs the same job: the model, the train section, the seed and the data."""
-    train = experiment.train.model_dump(mode="json", exclude={"poll_seconds", "price_per_1m_tokens"})  # watching and estimating only
+    train = experiment.train.model_dump(
+        mode="json", exclude={"poll_seconds", "price_per_1m_tokens"}
+    )  # watching and estimating only
     payload = {"model": experiment.model.ref, "train": train, "seed": experiment.seed, "data": data_sha256}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -57,8 +64,11 @@ def job_request(experiment: Experiment, key: str, training_file: str, validation
     request: dict[str, Any] = {
         "model": t.model,
         "training_file": training_file,
-        "method": ({"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": t.dpo.beta}}} if t.method == "dpo"
-                   else {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}),
+        "method": (
+            {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": t.dpo.beta}}}
+            if t.method == "dpo"
+            else {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+        ),
         "seed": experiment.seed,
         "metadata": {**t.metadata, "tuneforge_experiment": experiment.name, "tuneforge_key": key},
     }
@@ -83,7 +93,9 @@ def make_client(experiment: Experiment):
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
         if base_url is None or "api.openai.com" in base_url:
-            raise TuneforgeError("OPENAI_API_KEY is not set. Export it in your shell; tuneforge reads the key from the environment only")
+            raise TuneforgeError(
+                "OPENAI_API_KEY is not set. Export it in your shell; tuneforge reads the key from the environment only"
+            )
         key = "no-key-set"  # an OpenAI-compatible server of your own may not check it
     return openai.OpenAI(api_key=key, base_url=base_url, max_retries=5, timeout=120)
 
@@ -105,16 +117,24 @@ def check_prepared(run: RunDir) -> None:
                 found = check_record(raw.data, raw.where)
             problems += [str(p) for p in found if p.severity == "error"]
     if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
-        raise TuneforgeError(f"{len(problems)} problems in the prepared data in {run.sub('data')}; nothing was uploaded:\n{shown}")
+        shown = "\n".join(f"  {p}" for p in problems[:30]) + (
+            f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        )
+        raise TuneforgeError(
+            f"{len(problems)} problems in the prepared data in {run.sub('data')}; nothing was uploaded:\n{shown}"
+        )
 
 
 def confirm(estimate: dict[str, Any], yes: bool, stdin=None) -> None:
     """Print the cost estimate and ask y/N; without a terminal only --yes accepts it."""
     stdin = stdin or sys.stdin
-    print(f"OpenAI fine-tuning estimate: {estimate['model']}, {estimate['n_epochs']} epochs ({estimate['n_epochs_source']}), "
-          f"{estimate['billed_tokens']:,} billed tokens, about ${estimate['estimated_cost_usd']:.2f} "
-          f"at ${estimate['price_per_1m_tokens']}/1M tokens ({estimate['note']})", flush=True)
+    print(
+        f"OpenAI fine-tuning estimate: {estimate['model']}, "
+        f"{estimate['n_epochs']} epochs ({estimate['n_epochs_source']}), "
+        f"{estimate['billed_tokens']:,} billed tokens, about ${estimate['estimated_cost_usd']:.2f} "
+        f"at ${estimate['price_per_1m_tokens']}/1M tokens ({estimate['note']})",
+        flush=True,
+    )
     if yes:
         return
     if not stdin.isatty():
@@ -136,8 +156,9 @@ def write_state(run: RunDir, state: dict[str, Any]) -> None:
     atomic_write_json(run.sub(STATE), state)
 
 
-def train_openai(experiment: Experiment, run: RunDir, report: dict[str, Any] | None, yes: bool = False,
-                 cancel: bool = False) -> int:
+def train_openai(
+    experiment: Experiment, run: RunDir, report: dict[str, Any] | None, yes: bool = False, cancel: bool = False
+) -> int:
     """Start this config's job, or re-attach to it, and watch it; the exit code. `report`: prepare's, of the data the
     caller has just prepared into `run` (None to cancel, which needs no data)."""
     client = make_client(experiment)
@@ -183,10 +204,20 @@ def submit(client, experiment: Experiment, run: RunDir, key: str, report: dict[s
         path = run.sub("data", f"{split}.jsonl")
         if path.stat().st_size:
             with open(path, "rb") as fh:
-                files[split] = client.files.create(file=(f"{experiment.name}-{split}.jsonl", fh), purpose="fine-tune").id
+                files[split] = client.files.create(
+                    file=(f"{experiment.name}-{split}.jsonl", fh), purpose="fine-tune"
+                ).id
             print(f"uploaded {path.name} as {files[split]}", flush=True)
-    state = {"key": key, "base_url": str(client.base_url), "model": experiment.train.model, "training_file": files["train"],
-             "validation_file": files.get("valid"), "data_sha256": report["sha256"], "estimate": report["openai"], "job_id": None}
+    state = {
+        "key": key,
+        "base_url": str(client.base_url),
+        "model": experiment.train.model,
+        "training_file": files["train"],
+        "validation_file": files.get("valid"),
+        "data_sha256": report["sha256"],
+        "estimate": report["openai"],
+        "job_id": None,
+    }
     write_state(run, state)  # a create cut short is found again by its key in the job list
     job = client.fine_tuning.jobs.create(**job_request(experiment, key, files["train"], files.get("valid")))
     print(f"created job {job.id} ({job.status})", flush=True)
@@ -198,9 +229,15 @@ def submit(client, experiment: Experiment, run: RunDir, key: str, report: dict[s
 
 
 def _update(state: dict[str, Any], job) -> None:
-    state.update(job_id=job.id, status=job.status, fine_tuned_model=job.fine_tuned_model, trained_tokens=job.trained_tokens,
-                 created_at=job.created_at, finished_at=job.finished_at,
-                 error=job.error.model_dump() if job.error and job.error.code else None)
+    state.update(
+        job_id=job.id,
+        status=job.status,
+        fine_tuned_model=job.fine_tuned_model,
+        trained_tokens=job.trained_tokens,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        error=job.error.model_dump() if job.error and job.error.code else None,
+    )
 
 
 def watch(client, experiment: Experiment, run: RunDir, state: dict[str, Any]) -> int:
@@ -218,10 +255,16 @@ def watch(client, experiment: Experiment, run: RunDir, state: dict[str, Any]) ->
             except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
                 failures += 1
                 if failures > MAX_NETWORK_FAILURES:
-                    raise TuneforgeError(f"lost contact with {client.base_url} ({exc}); the job may still be running: "
-                                         f"run the same `tuneforge train` again to re-attach") from None
-                delay = min(poll * 2 ** failures, MAX_BACKOFF)
-                print(f"cannot reach the API ({type(exc).__name__}); retrying in {delay:.0f} s", file=sys.stderr, flush=True)
+                    raise TuneforgeError(
+                        f"lost contact with {client.base_url} ({exc}); the job may still be running: "
+                        f"run the same `tuneforge train` again to re-attach"
+                    ) from None
+                delay = min(poll * 2**failures, MAX_BACKOFF)
+                print(
+                    f"cannot reach the API ({type(exc).__name__}); retrying in {delay:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(delay)
                 continue
             for event in events:
@@ -241,8 +284,12 @@ def watch(client, experiment: Experiment, run: RunDir, state: dict[str, Any]) ->
     except KeyboardInterrupt:
         write_state(run, state)
         again = f"tuneforge train {experiment._source or '<file>'} --run-dir {run.path}"
-        print(f"\nstopped watching; job {job_id} keeps running on {client.base_url}.\n"
-              f"  re-attach: {again}\n  cancel:    {again} --cancel", file=sys.stderr, flush=True)
+        print(
+            f"\nstopped watching; job {job_id} keeps running on {client.base_url}.\n"
+            f"  re-attach: {again}\n  cancel:    {again} --cancel",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
 
 
@@ -263,20 +310,35 @@ def finish(client, experiment: Experiment, run: RunDir, state: dict[str, Any], j
         checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     except openai.NotFoundError:  # providers without the checkpoints endpoint
         checkpoints = []
-    state["checkpoints"] = [{"id": c.id, "step": c.step_number, "model": c.fine_tuned_model_checkpoint,
-                             "metrics": c.metrics.model_dump(exclude_none=True)} for c in checkpoints]
+    state["checkpoints"] = [
+        {
+            "id": c.id,
+            "step": c.step_number,
+            "model": c.fine_tuned_model_checkpoint,
+            "metrics": c.metrics.model_dump(exclude_none=True),
+        }
+        for c in checkpoints
+    ]
     write_state(run, state)
-    run.record("openai_job", {k: state.get(k) for k in ("job_id", "status", "model", "fine_tuned_model", "trained_tokens", "error")})
+    run.record(
+        "openai_job",
+        {k: state.get(k) for k in ("job_id", "status", "model", "fine_tuned_model", "trained_tokens", "error")},
+    )
     for c in state["checkpoints"]:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in c["metrics"].items() if k.endswith("loss"))
         print(f"checkpoint at step {c['step']}: {c['model']}" + (f" ({losses})" if losses else ""))
     if job.status == "succeeded":
-        print(f"job {job.id} succeeded: fine-tuned model {job.fine_tuned_model} "
-              f"(system openai:{job.fine_tuned_model} in eval, demo and serve); state in {run.sub(STATE)}")
+        print(
+            f"job {job.id} succeeded: fine-tuned model {job.fine_tuned_model} "
+            f"(system openai:{job.fine_tuned_model} in eval, demo and serve); state in {run.sub(STATE)}"
+        )
         return 0
     if job.status == "failed":
         error = state.get("error") or {}
-        print(f"job {job.id} failed: [{error.get('code')}] {error.get('message')} (param: {error.get('param')})", file=sys.stderr)
+        print(
+            f"job {job.id} failed: [{error.get('code')}] {error.get('message')} (param: {error.get('param')})",
+            file=sys.stderr,
+        )
         return 1
     print(f"job {job.id} was cancelled", file=sys.stderr)
     return 1
@@ -295,5 +357,3 @@ def cancel_job(client, run: RunDir) -> int:
     _update(state, job)
     write_state(run, state)
     return 0
-
-

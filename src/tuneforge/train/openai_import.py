@@ -49,7 +49,9 @@ def method_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     method = job.get("method") or {"type": "supervised"}
     kind = method.get("type") or "supervised"
     if kind not in ("supervised", "dpo"):
-        raise TuneforgeError(f"job {job['id']}: method {kind!r} has no local counterpart (tuneforge trains supervised and dpo)")
+        raise TuneforgeError(
+            f"job {job['id']}: method {kind!r} has no local counterpart (tuneforge trains supervised and dpo)"
+        )
     given = ((method.get(kind) or {}).get("hyperparameters")) or job.get("hyperparameters") or {}
     return kind, {k: v for k, v in given.items() if v is not None}
 
@@ -58,13 +60,20 @@ def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
     """The experiment file for a job, with a comment for each mapped setting."""
     kind, hp = method_of(job)
     local = "dpo" if kind == "dpo" else "sft"
-    lines = [f"# Imported from OpenAI fine-tuning job {job['id']} by `tuneforge import-openai`",
-             f"#   hosted: {job.get('model')} -> {job.get('fine_tuned_model') or '(no fine-tuned model: the job ' + str(job.get('status')) + ')'}",
-             f"#   method {kind}, hyperparameters {hp or 'auto'}, trained tokens {job.get('trained_tokens')}",
-             f"name: {experiment_name(job)}",
-             f"seed: {job.get('seed') if job.get('seed') is not None else 42}",
-             "", "model:", f"  ref: {model}", "",
-             "data:", "  train: train.jsonl"]
+    hosted = job.get("fine_tuned_model") or f"(no fine-tuned model: the job {job.get('status')})"
+    lines = [
+        f"# Imported from OpenAI fine-tuning job {job['id']} by `tuneforge import-openai`",
+        f"#   hosted: {job.get('model')} -> {hosted}",
+        f"#   method {kind}, hyperparameters {hp or 'auto'}, trained tokens {job.get('trained_tokens')}",
+        f"name: {experiment_name(job)}",
+        f"seed: {job.get('seed') if job.get('seed') is not None else 42}",
+        "",
+        "model:",
+        f"  ref: {model}",
+        "",
+        "data:",
+        "  train: train.jsonl",
+    ]
     if has_valid:
         lines.append("  valid: valid.jsonl")
     if kind == "dpo":
@@ -73,25 +82,36 @@ def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
     if isinstance(hp.get("n_epochs"), int):
         lines.append(f"  epochs: {hp['n_epochs']}                     # n_epochs")
     if isinstance(hp.get("batch_size"), int):
-        lines.append(f"  batch_size: {hp['batch_size']}                 # batch_size: examples per optimizer step, as OpenAI counts them")
+        lines.append(
+            f"  batch_size: {hp['batch_size']}                 "
+            "# batch_size: examples per optimizer step, as OpenAI counts them"
+        )
     multiplier = hp.get("learning_rate_multiplier")
     if isinstance(multiplier, (int, float)):
-        lines.append(f"  lr_multiplier: {multiplier}              # learning_rate_multiplier: times the LoRA rate tuneforge picks for the data")
+        lines.append(
+            f"  lr_multiplier: {multiplier}              "
+            "# learning_rate_multiplier: times the LoRA rate tuneforge picks for the data"
+        )
     if kind == "dpo" and isinstance(hp.get("beta"), (int, float)):
         lines += ["  dpo:", f"    beta: {hp['beta']}"]
     lines += ["", "eval:"]
     if has_valid and kind != "dpo":
-        lines.append("  data: valid.jsonl               # the job's validation file: the hosted model saw no training on it")
+        lines.append(
+            "  data: valid.jsonl               # the job's validation file: the hosted model saw no training on it"
+        )
     systems = ["base", "finetuned"]
     if job.get("fine_tuned_model") and kind != "dpo":
         systems.append(f"openai:{job['fine_tuned_model']}")
-        lines.append("  # the hosted model answers while it lasts: the report shows whether the local one does the job as well")
+        lines.append(
+            "  # the hosted model answers while it lasts: the report shows whether the local one does the job as well"
+        )
     lines.append(f"  systems: [{', '.join(systems)}]")
     return "\n".join(lines) + "\n"
 
 
-def import_jobs(job_id: str | None, every: bool, out: Path, model: str = BUILTIN, base_url: str | None = None,
-                force: bool = False) -> list[Path]:
+def import_jobs(
+    job_id: str | None, every: bool, out: Path, model: str = BUILTIN, base_url: str | None = None, force: bool = False
+) -> list[Path]:
     """Download each job's files and write its experiment; the experiment files written."""
     import openai
 
@@ -119,9 +139,14 @@ def import_jobs(job_id: str | None, every: bool, out: Path, model: str = BUILTIN
                 if job.get(key):
                     atomic_write_bytes(folder / name, api.files.content(job[key]).read())
         except openai.APIStatusError as exc:
-            raise TuneforgeError(f"job {job['id']}: downloading its files failed ({exc.status_code}: {exc.message})") from None
+            raise TuneforgeError(
+                f"job {job['id']}: downloading its files failed ({exc.status_code}: {exc.message})"
+            ) from None
         atomic_write_text(target, experiment_yaml(job, model, bool(job.get("validation_file"))))
-        print(f"imported {job['id']} ({job.get('status')}, {job.get('fine_tuned_model') or 'no model'}) -> {target}", flush=True)
+        print(
+            f"imported {job['id']} ({job.get('status')}, {job.get('fine_tuned_model') or 'no model'}) -> {target}",
+            flush=True,
+        )
         written.append(target)
     if not written:
         print("no fine-tuning jobs in this account", flush=True)

@@ -63,8 +63,14 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class ForgeTrainer(SFTTrainer):
-    def __init__(self, *args, label_eval=None, label_offsets: dict[int, float] | None = None, prompt_loss_weight: float = 0.0,
-                 **kwargs):
+    def __init__(
+        self,
+        *args,
+        label_eval=None,
+        label_offsets: dict[int, float] | None = None,
+        prompt_loss_weight: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.prompt_loss_weight = prompt_loss_weight
         self.label_eval = label_eval  # train.label_eval.LabelEval when the data has labels
@@ -93,16 +99,23 @@ class ForgeTrainer(SFTTrainer):
         sees the batches an uninterrupted one would (the library's sampler draws from the global RNG, which a
         resume restores to the checkpoint's state, not the epoch's start)."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or "length" not in getattr(dataset, "column_names", ()):
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in getattr(
+            dataset, "column_names", ()
+        ):
             return super()._get_train_sampler(train_dataset)
-        return SeededLengthGroupedSampler(dataset["length"], self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+        return SeededLengthGroupedSampler(
+            dataset["length"], self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """With labels: one scoring pass over the valid prompts gives loss, accuracy and macro-F1; else the usual loop."""
+        """With labels: one scoring pass over the valid prompts gives loss, accuracy and macro-F1; else the usual
+        loop."""
         if self.label_eval is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         started = time.perf_counter()
-        scored = self.label_eval(self.model, batch_size=self.args.per_device_eval_batch_size, step=self.state.global_step)
+        scored = self.label_eval(
+            self.model, batch_size=self.args.per_device_eval_batch_size, step=self.state.global_step
+        )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in scored.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
         self.log(metrics)
@@ -142,13 +155,17 @@ class ForgeTrainer(SFTTrainer):
         prompt_loss = None
         if prompt is not None:
             prompt_logits, logits = logits[prompt[projected]], logits[chosen[projected]]
-            prompt_loss = F.cross_entropy(prompt_logits, inputs["input_ids"][:, 1:][prompt]) if prompt_logits.shape[0] else None
+            prompt_loss = (
+                F.cross_entropy(prompt_logits, inputs["input_ids"][:, 1:][prompt]) if prompt_logits.shape[0] else None
+            )
         if self.label_offsets:  # logit adjustment where an answer (a label) starts: its first target of a run
             starts = chosen & ~F.pad(chosen[:, :-1], (1, 0), value=False)
             logits = logits + starts[chosen].to(logits.dtype)[:, None] * self._offsets(logits)
         targets = shift_labels[chosen]
         if weights is not None:  # train.label_weights: each example's tokens count by its label's weight
-            loss_sum = (F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)).sum()
+            loss_sum = (
+                F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)
+            ).sum()
         else:
             loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         count = int(chosen.sum())
@@ -159,7 +176,11 @@ class ForgeTrainer(SFTTrainer):
             # several processes add up to weight x one mean per step, as the answer loss adds up to one mean
             share = count / denominator if num_items_in_batch is not None else 1.0
             loss = loss + self.prompt_loss_weight * prompt_loss * share
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+        if (
+            num_items_in_batch is not None
+            and self.args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+        ):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed over ranks
 
         mode = "train" if model.training else "eval"
