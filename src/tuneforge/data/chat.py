@@ -20,17 +20,57 @@ Some templates render an earlier turn differently once later turns follow:
 Mistral's moves the system prompt into the last user turn. A conversation there
 cannot be one training sequence, since no turn but the last would match its
 inference prompt; it becomes one sequence per trained assistant turn, each that
-turn's inference prompt followed by its answer (`units`).
+turn's inference prompt followed by its answer (`units`). An answer there is found
+by its text; a tool call has none, so its turn starts where the template's rendering
+of it departs from that of a plain answer in the same place, and the model learns the
+call exactly as the template writes it.
+
+A record the template cannot write (Llama-3.1 takes one call per turn, Mistral
+9-character call ids, Hermes a description on every tool: each says so through
+`raise_exception` or a failing expression) is a `TemplateRefusal` naming the message
+and quoting the template, which prepare reports against that record.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from tuneforge.data.tools import convention_view, native_view, uses_tools
 from tuneforge.errors import TuneforgeError
 
 PROBE_CONTENT = "tuneforge-probe-answer"
+# what a template that writes nothing without tools (Hermes' tool_use) is given to show its turn markers; a
+# description and properties because such templates read both
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "tuneforge_probe_function",
+        "description": "A probe.",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+
+
+class TemplateRefusal(TuneforgeError):
+    """The chat template cannot write one record; `code` is the problem code prepare files it under."""
+
+    def __init__(self, message: str, code: str = "template_refused"):
+        super().__init__(message)
+        self.code = code
+
+
+def _template_fault(exc: Exception) -> bool:
+    """An error the template raised over the data: its own raise_exception (TemplateError), an undefined field
+    (UndefinedError), or an expression over a value it did not expect (TypeError: None + str, iterating None)."""
+    from jinja2 import TemplateError
+
+    return isinstance(exc, (TemplateError, TypeError))
+
+
+def _trained(messages: list[dict]) -> list[int]:
+    """The indices of the assistant turns the model learns (`weight: 0` makes one context)."""
+    return [i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]
 
 
 @dataclass
@@ -137,7 +177,12 @@ class ChatEncoder:
     def _find_end_of_turn(self) -> str | None:
         """The special token the template writes right after an assistant turn (<|im_end|>, <|eot_id|>, </s>...)."""
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_CONTENT}]
-        text = self.render(probe)
+        try:
+            text = self.render(probe)
+        except Exception as exc:
+            if not _template_fault(exc):
+                raise
+            text = self.render(probe, tools=[PROBE_TOOL])  # a tools-only template (Hermes' tool_use)
         at = text.rfind(PROBE_CONTENT)
         if at < 0:  # the template rewrites answers; `units` names the problem when it meets one
             return None
@@ -164,44 +209,101 @@ class ChatEncoder:
         One sequence, the rendered conversation, when each trained turn's inference prompt is a prefix of it.
         Otherwise one per trained turn: that turn's inference prompt followed by the answer as the template
         writes it (Mistral folds the system prompt into the last user turn, Gemma 4 opens an empty thought
-        channel in the generation prompt), so every sequence starts exactly as inference will."""
+        channel in the generation prompt), so every sequence starts exactly as inference will.
+        TemplateRefusal when the template cannot write the record."""
         whole = self._whole(messages, tools)
         if whole is not None:
             return [whole]
-        units = []
-        for i, message in enumerate(messages):
-            if message.get("role") == "assistant" and message.get("weight", 1) != 0:
-                units.append(self._turn_alone(messages, i, tools))
-        return units
+        return [self._turn_alone(messages, i, tools) for i in _trained(messages)]
 
     def _whole(self, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int, bool]]] | None:
-        full = self.render(messages, tools=tools)
+        try:
+            full = self.render(messages, tools=tools)
+        except Exception as exc:
+            if not _template_fault(exc):
+                raise
+            for i in _trained(messages):  # the shorter conversations first: the first refused names its message
+                if i:
+                    self._render_upto(messages, i, tools, prompt=True)
+                self._render_upto(messages, i + 1, tools)
+            raise self._refusal(messages, len(messages), tools, exc) from exc  # refused after the last answer
         spans = []
-        for i, message in enumerate(messages):
-            if message.get("role") != "assistant" or message.get("weight", 1) == 0:
-                continue
-            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i else ""
-            upto = self.render(messages[: i + 1], tools=tools)
+        for i in _trained(messages):
+            prompt = self._render_upto(messages, i, tools, prompt=True) if i else ""
+            upto = self._render_upto(messages, i + 1, tools)
             if not (full.startswith(upto) and upto.startswith(prompt)):
                 return None
             spans.append(self._answer_span(prompt, upto[len(prompt) :]))
         return full, spans
 
     def _turn_alone(self, messages: list[dict], i: int, tools: list | None) -> tuple[str, list[tuple[int, int, bool]]]:
-        prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i else ""
-        upto = self.render(messages[: i + 1], tools=tools)
+        prompt = self._render_upto(messages, i, tools, prompt=True) if i else ""
+        upto = self._render_upto(messages, i + 1, tools)
         if not upto.startswith(prompt):
-            content = messages[i].get("content")
-            at = upto.rfind(content.strip()) if isinstance(content, str) and content.strip() else -1
+            at = self._turn_start(messages, i, tools, upto)
             if at < 0:
-                raise TuneforgeError(
+                raise TemplateRefusal(
                     f"the chat template does not write assistant message {i + 1}'s content where it can be found, "
-                    "so its inference prompt cannot be matched; use a template that renders each turn as a prefix"
+                    "so its inference prompt cannot be matched; use a template that renders each turn as a prefix",
+                    "template_answer_not_found",
                 )
             while at > 0 and upto[at - 1] in " \t" and not prompt.endswith((" ", "\t")):
                 at -= 1  # the space some templates write between the prompt and the answer ("[/INST] Paris.")
             upto = prompt + upto[at:]
         return upto, [self._answer_span(prompt, upto[len(prompt) :])]
+
+    def _turn_start(self, messages: list[dict], i: int, tools: list | None, upto: str) -> int:
+        """Where assistant message i's own text starts in `upto` (the conversation rendered up to it), or -1.
+
+        Found by its content where it has some. A tool call has none: there the template's rendering departs from
+        that of a plain answer in the same place, since both share everything before the turn, and what follows
+        must write each called function's name."""
+        message = messages[i]
+        content = message.get("content")
+        calls = message.get("tool_calls") or []
+        if isinstance(content, str) and content.strip():
+            at = upto.rfind(content.strip())
+            if at >= 0 or not calls:  # Mistral's writes the calls of a message alone, without its content
+                return at
+        if not calls:
+            return -1
+        try:
+            plain = self.render([*messages[:i], {"role": "assistant", "content": PROBE_CONTENT}], tools=tools)
+        except Exception as exc:
+            if not _template_fault(exc):
+                raise
+            return -1
+        at = len(os.path.commonprefix([upto, plain]))
+        names = [str((call.get("function") or {}).get("name")) for call in calls]
+        return at if all(name in upto[at:] for name in names) else -1
+
+    def _render_upto(self, messages: list[dict], k: int, tools: list | None, prompt: bool = False) -> str:
+        """The first k messages rendered, with the generation prompt when `prompt`; where the template refuses
+        them, a TemplateRefusal naming message k, the last it was given."""
+        try:
+            return self.render(messages[:k], add_generation_prompt=prompt, tools=tools)
+        except Exception as exc:
+            if not _template_fault(exc):
+                raise
+            raise self._refusal(messages, k, tools, exc) from exc
+
+    def _refusal(self, messages: list[dict], k: int, tools: list | None, exc: Exception) -> TemplateRefusal:
+        said = f'saying "{exc}"' if str(exc) else f"with {type(exc).__name__}"
+        rule = (
+            "a record trains as the model's chat template writes it, the same template inference uses, so one it "
+            "cannot write cannot be trained: change the record, or the template (model.chat_template)"
+        )
+        try:  # blame the tools list, or the lack of one, where the template cannot write even a single question
+            self.render([{"role": "user", "content": "hi"}], tools=tools)
+        except Exception as probe:
+            if not _template_fault(probe):
+                raise
+            part = "the record's tools list" if tools else "a record without tools (it needs a tools list)"
+            return TemplateRefusal(f"the chat template refuses {part}, {said}; {rule}")
+        message = messages[k - 1]
+        calls = message.get("tool_calls") or []
+        count = f", {len(calls)} tool call{'' if len(calls) == 1 else 's'}" if calls else ""
+        return TemplateRefusal(f"the chat template refuses message {k} ({message.get('role')}{count}), {said}; {rule}")
 
     def _answer_span(self, prompt: str, turn: str) -> tuple[int, int, bool]:
         eot_at = turn.rfind(self.end_of_turn) if self.end_of_turn else -1

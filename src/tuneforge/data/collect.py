@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from tuneforge.config_errors import did_you_mean
 from tuneforge.data import convert, sources, tables
 from tuneforge.data import split as splitting
-from tuneforge.data.chat import ChatEncoder
+from tuneforge.data.chat import ChatEncoder, TemplateRefusal
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
 from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.tools import from_legacy
@@ -251,8 +251,24 @@ class Preparer:
 
     # ------------------------------------------------------------------ tokens
 
-    def _encode(self, batch: list[Example]) -> list[list]:
-        """Per example its training sequences; a preference pair's are its two answers after the shared prompt."""
+    def _encode(self, batch: list[Example], out: Collected) -> list[list | None]:
+        """Per example its training sequences, or None for one the chat template cannot write (rejected into
+        `out` under the template's words); a preference pair's are its two answers after the shared prompt."""
+        try:
+            return self._encode_batch(batch)
+        except TemplateRefusal:
+            pass  # one record the template refuses must not stop the others: each alone, to name the refused
+        encoded: list[list | None] = []
+        for example in batch:
+            try:
+                encoded += self._encode_batch([example])
+            except TemplateRefusal as exc:
+                problem = Problem(example.where, exc.code, str(exc))
+                out.reject(example.where, [problem], example.openai_record())
+                encoded.append(None)
+        return encoded
+
+    def _encode_batch(self, batch: list[Example]) -> list[list]:
         if not any(e.rejected is not None for e in batch):
             return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
         pairs = [e for e in batch if e.rejected is not None]
@@ -281,7 +297,9 @@ class Preparer:
         with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
             for start in range(0, len(out.examples), ENCODE_BATCH):
                 batch = out.examples[start : start + ENCODE_BATCH]
-                for example, sequences in zip(batch, self._encode(batch)):
+                for example, sequences in zip(batch, self._encode(batch, out)):
+                    if sequences is None:
+                        continue
                     fitted = self._fit_length(example, sequences, out)
                     if fitted is None:
                         if data.overflow == "drop":
