@@ -78,6 +78,12 @@ def test_mistral_trains_each_turn_with_the_system_prompt_and_tools_where_inferen
     assert first.endswith(f"[/AVAILABLE_TOOLS][INST]{SYSTEM['content']}\n\nHello[/INST]Hello! How can I help?</s>")
 
 
+def test_a_required_call_is_started_as_each_template_writes_calls():
+    expected = {MISTRAL: '[TOOL_CALLS][{"name": "', LLAMA31: '{"name": "', HERMES3: '<tool_call>\n{"name": "'}
+    for name, start in {**expected, QWEN25: expected[HERMES3]}.items():
+        assert _encoder(name).call_prefix(TOOLS, "required") == start, name
+
+
 def _refused(name: str, messages: list[dict], tools: list | None) -> str:
     with pytest.raises(TemplateRefusal) as info:
         _encoder(name).encode_examples([messages], [tools])

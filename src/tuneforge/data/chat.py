@@ -141,7 +141,7 @@ class ChatEncoder:
     def _probe_call_prefix(self, tools: list, tool_choice) -> str:
         probe_name = "tuneforge_probe_function"
         call = {
-            "id": "call_probe",
+            "id": "probe0001",  # 9 letters and digits: Mistral's template refuses any other call id
             "type": "function",
             "function": {"name": probe_name, "arguments": '{"tuneforge_probe": 1}'},
         }
