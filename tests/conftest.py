@@ -39,7 +39,9 @@ def _offline_and_isolated(tmp_path_factory):
     yield
 
 
-def make_tokenizer(template: str = CHATML, bos: str = "<|im_start|>", eos: str = "<|im_end|>", specials: tuple[str, ...] = ()):
+def make_tokenizer(
+    template: str = CHATML, bos: str = "<|im_start|>", eos: str = "<|im_end|>", specials: tuple[str, ...] = ()
+):
     """A byte-level BPE tokenizer trained in memory, with ChatML (or the given) special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -124,4 +126,3 @@ def smollm_location():
     from tuneforge.models import materialize, resolve
 
     return materialize(resolve("builtin:smollm2-135m-instruct"))
-

@@ -14,12 +14,29 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 # every subcommand of build_parser, in its order
-VERBS = ["prepare", "train", "generate", "chat", "merge", "rag", "eval", "demo", "serve", "run", "sweep", "compare", "config",
-         "feedback", "import-openai"]
+VERBS = [
+    "prepare",
+    "train",
+    "generate",
+    "chat",
+    "merge",
+    "rag",
+    "eval",
+    "demo",
+    "serve",
+    "run",
+    "sweep",
+    "compare",
+    "config",
+    "feedback",
+    "import-openai",
+]
 
 
 def tuneforge(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_help_lists_every_verb():
@@ -75,12 +92,23 @@ def _tiny_experiment(tmp_path, lines):
 
 
 def _chat(i):
-    return {"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
+    return {
+        "messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+    }
 
 
 def test_run_prepares_trains_and_evaluates_into_run_dir_with_config_and_manifest(tmp_path):
     exp = _tiny_experiment(tmp_path, [_chat(i) for i in range(8)])
-    out = tuneforge("run", str(exp), "--run-dir", str(tmp_path / "elsewhere"), "seed=9", "train.max_steps=2", "eval.max_new_tokens=8", cwd=tmp_path)
+    out = tuneforge(
+        "run",
+        str(exp),
+        "--run-dir",
+        str(tmp_path / "elsewhere"),
+        "seed=9",
+        "train.max_steps=2",
+        "eval.max_new_tokens=8",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     run = tmp_path / "elsewhere"
     assert "seed: 9" in (run / "config.yaml").read_text()
@@ -101,7 +129,9 @@ def test_run_prepares_trains_and_evaluates_into_run_dir_with_config_and_manifest
 
 
 def test_prepare_names_broken_lines_and_writes_no_data(tmp_path):
-    exp = _tiny_experiment(tmp_path, [_chat(0), "{not json", _chat(2), {"messages": [{"role": "user", "content": "no answer"}]}])
+    exp = _tiny_experiment(
+        tmp_path, [_chat(0), "{not json", _chat(2), {"messages": [{"role": "user", "content": "no answer"}]}]
+    )
     out = tuneforge("prepare", str(exp), cwd=tmp_path)
     assert out.returncode == 1
     assert "chats.jsonl line 2: [invalid_json]" in out.stderr
@@ -134,7 +164,9 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
     assert out.returncode == 1 and "human.jsonl line 1: [unrecognized_role] message 1 has role 'human'" in out.stderr
 
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
-    out = tuneforge("generate", str(exp), "--input", "prompts.jsonl", "--output", "out.jsonl", "--system", "finetuned", cwd=tmp_path)
+    out = tuneforge(
+        "generate", str(exp), "--input", "prompts.jsonl", "--output", "out.jsonl", "--system", "finetuned", cwd=tmp_path
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"no adapter in {tmp_path / 'runs' / 'lonely' / 'adapter'}" in out.stderr  # says where it looked
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out.jsonl").exists()
@@ -142,13 +174,27 @@ def test_expected_failures_are_one_line_and_a_non_zero_exit(tmp_path):
 
 # every verb with the arguments it needs, run against a file that is not there and a run folder that cannot be made
 VERB_ARGS = {
-    "prepare": [], "train": [], "generate": ["--input", "p.jsonl", "--output", "o.jsonl"], "chat": [], "merge": [],
-    "rag": ["build"], "eval": [], "demo": [], "serve": ["--port", "0"], "run": [], "config": [], "feedback": [], "sweep": [], "compare": [],
+    "prepare": [],
+    "train": [],
+    "generate": ["--input", "p.jsonl", "--output", "o.jsonl"],
+    "chat": [],
+    "merge": [],
+    "rag": ["build"],
+    "eval": [],
+    "demo": [],
+    "serve": ["--port", "0"],
+    "run": [],
+    "config": [],
+    "feedback": [],
+    "sweep": [],
+    "compare": [],
 }
 
 
 def _one_error_line(out, verb):
-    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("Loading weights", "Batches"))]
+    lines = [
+        line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("Loading weights", "Batches"))
+    ]
     assert out.returncode not in (0, None) and "Traceback" not in out.stderr, (verb, out.stderr[-2000:])
     assert lines and lines[-1].startswith(f"tuneforge {verb}"), (verb, out.stderr[-2000:])
     return lines[-1]
@@ -188,9 +234,15 @@ def test_ctrl_c_ends_a_long_running_verb_in_one_line(tmp_path, verb):
     args = ["--port", "0"] if verb == "serve" else ["--system", "base"]
     # SIGINT as a terminal gives it: a runner started in the background (a non-interactive shell's `&`) passes SIGINT
     # on ignored, and Python then installs no KeyboardInterrupt handler at all
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", verb, str(exp), *args], cwd=tmp_path, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", verb, str(exp), *args],
+        cwd=tmp_path,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     ready = "serving " if verb == "serve" else "chatting with"
     deadline = time.time() + 300
     seen = ""

@@ -10,7 +10,6 @@ import pytest
 
 from tests.live import answers_models, free_port, running
 
-
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,12 +20,17 @@ def server(tmp_path_factory, smollm_location):
     workdir = tmp_path_factory.mktemp("serve")
     port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
-    with running(["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")], workdir, answers_models(client)):
+    with running(
+        ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / "run")],
+        workdir,
+        answers_models(client),
+    ):
         yield client
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-OPEN_QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]  # many likely answers: samples differ
+# many likely answers: samples with different seeds differ
+OPEN_QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]
 
 
 def test_lists_models(server):
@@ -60,8 +64,11 @@ def test_streamed_answer(server):
 
 
 def test_streamed_usage_and_rag_sources(server):
-    chunks = list(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=8, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        server.chat.completions.create(
+            model="base", messages=QUESTION, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens > 0 and last.usage.prompt_tokens > 0
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
@@ -72,7 +79,8 @@ def test_streamed_usage_and_rag_sources(server):
     chunks = list(server.chat.completions.create(model="base+rag", messages=question, max_tokens=8, stream=True))
     final = chunks[-1]
     assert final.choices[0].finish_reason in ("stop", "length")
-    assert final.model_extra["sources"][0]["source"] == "product-overview.md"  # a streamed +rag answer names its sources too
+    # a streamed +rag answer names its sources too
+    assert final.model_extra["sources"][0]["source"] == "product-overview.md"
     assert all("sources" not in (c.model_extra or {}) for c in chunks[:-1])
 
 
@@ -85,7 +93,9 @@ def test_stop_and_seed(server):
     assert stopped.finish_reason == "stop"
 
     def sample(seed: int) -> str:
-        reply = server.chat.completions.create(model="base", messages=OPEN_QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=seed)
+        reply = server.chat.completions.create(
+            model="base", messages=OPEN_QUESTION, max_tokens=12, temperature=1.0, top_p=0.9, seed=seed
+        )
         return reply.choices[0].message.content
 
     first = sample(7)
@@ -103,9 +113,12 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
     with pytest.raises(openai.BadRequestError) as info:
         server.chat.completions.create(model="base", messages=[{"role": "human", "content": "hi"}])
     assert "[unrecognized_role]" in info.value.message  # the same check prepare applies to training data
-    assert "Paris" in server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24).choices[0].message.content
-    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]  # as the client may send it
-    assert "Paris" in server.chat.completions.create(model="base", messages=parts, max_tokens=24).choices[0].message.content
+    reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=24)
+    assert "Paris" in reply.choices[0].message.content
+    # the content as a list of parts, as the client may send it
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]
+    reply = server.chat.completions.create(model="base", messages=parts, max_tokens=24)
+    assert "Paris" in reply.choices[0].message.content
 
 
 def test_concurrent_requests_queue_safely(server):
@@ -114,7 +127,8 @@ def test_concurrent_requests_queue_safely(server):
 
     def ask():
         try:
-            results.append(server.chat.completions.create(model="base", messages=QUESTION, max_tokens=16).choices[0].message.content)
+            reply = server.chat.completions.create(model="base", messages=QUESTION, max_tokens=16)
+            results.append(reply.choices[0].message.content)
         except Exception as exc:  # collected and asserted below
             errors.append(exc)
 

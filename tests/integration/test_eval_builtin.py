@@ -21,8 +21,16 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_generation_eval_with_a_local_judge(tmp_path, smollm_location, capsys):
-    experiment = load_experiment(CONFIGS / "quickstart.yaml", ["data.rag=false", "eval.sample=3", "eval.systems=[base, ngram]", "eval.max_new_tokens=24",
-                                                               "eval.judge.model=base"])
+    experiment = load_experiment(
+        CONFIGS / "quickstart.yaml",
+        [
+            "data.rag=false",
+            "eval.sample=3",
+            "eval.systems=[base, ngram]",
+            "eval.max_new_tokens=24",
+            "eval.judge.model=base",
+        ],
+    )
     run = RunDir(experiment, tmp_path / "qs")
     prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     assert run_eval(experiment, run, progress=False) == 0
@@ -42,12 +50,15 @@ def test_generation_eval_with_a_local_judge(tmp_path, smollm_location, capsys):
     # the n-gram baseline's answer to it, which never reads the question (the base model scores 67-94 here, ngram 0-6)
     quality = {name: [float(r["quality"]) for r in rows if r["system"] == name] for name in ("base", "ngram")}
     assert all(b > n for b, n in zip(quality["base"], quality["ngram"])), quality
-    assert metrics["base"]["quality"] > 50 and metrics["base"]["quality"] == pytest.approx(sum(quality["base"]) / 3, abs=0.01)
+    assert metrics["base"]["quality"] == pytest.approx(sum(quality["base"]) / 3, abs=0.01)
+    assert metrics["base"]["quality"] > 50
     assert "judge base: base vs ngram" in capsys.readouterr().out
 
 
 def test_label_scoring_on_real_reviews_survives_truncation(tmp_path, smollm_location):
-    experiment = load_experiment(CONFIGS / "reviews-sentiment.yaml", ["eval.sample=6", "eval.systems=[base, tfidf]", "eval.max_length=48"])
+    experiment = load_experiment(
+        CONFIGS / "reviews-sentiment.yaml", ["eval.sample=6", "eval.systems=[base, tfidf]", "eval.max_length=48"]
+    )
     run = RunDir(experiment, tmp_path / "reviews")
     prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
     assert run_eval(experiment, run, progress=False) == 0  # reviews are cut to 48 tokens from the front, never an error
@@ -60,7 +71,8 @@ def test_label_scoring_on_real_reviews_survives_truncation(tmp_path, smollm_loca
         right = sum(r["predicted"] == r["label"] for r in mine)
         assert metrics[name]["examples"] == len(mine) == 6
         assert metrics[name]["accuracy"] == pytest.approx(right / 6)  # the accuracy of the predictions written
-        assert sum(map(sum, metrics[name]["confusion"])) == 6 and sum(metrics[name]["confusion"][i][i] for i in range(2)) == right
+        assert sum(map(sum, metrics[name]["confusion"])) == 6
+        assert sum(metrics[name]["confusion"][i][i] for i in range(2)) == right
     # both the model and the TF-IDF baseline beat always answering the training set's majority label (on these six:
     # base 5, tfidf 6, majority 2 right), so the label scores carry the reviews' sentiment even cut to 48 tokens
     assert metrics["base"]["accuracy"] > metrics["majority"]["accuracy"]

@@ -40,7 +40,7 @@ def test_right_page_first_and_recall_on_shipped_questions(built):
     experiment, run, _ = built
     retriever = rag.Retriever(experiment, run)
     assert retriever.search(["My thermostat shows E3, what does it mean?"])[0][0].source == "error-codes.md"
-    records = [json.loads(l) for l in (REPO / "examples/data/support/eval.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (REPO / "examples/data/support/eval.jsonl").read_text().splitlines()]
     pairs = [([m["content"] for m in r["messages"] if m["role"] == "user"], r["meta"]["source"]) for r in records]
     report = rag.evaluate(retriever, pairs, k=4)
     assert report["recall@4"] >= 0.9 and report["mrr"] > 0.7
@@ -62,7 +62,8 @@ def test_a_follow_up_is_retrieved_with_its_conversation(built):
     assert alone[0].source != "remote-sensors.md"  # the last turn alone names nothing
     assert retriever.search_conversations([follow_up])[0][0].source == "remote-sensors.md"
     switch = ["How much does Kestrel Plus cost?", "Thanks. How do I connect the thermostat to Alexa?"]
-    assert retriever.search_conversations([switch])[0][0].source == "voice-assistants.md"  # a new topic outweighs the old
+    # a new topic outweighs the old
+    assert retriever.search_conversations([switch])[0][0].source == "voice-assistants.md"
     last_only = experiment.model_copy(update={"rag": experiment.rag.model_copy(update={"history_turns": 0})})
     assert rag.Retriever(last_only, run).search_conversations([follow_up])[0][0].source == alone[0].source
 
@@ -71,8 +72,23 @@ def test_reload_in_a_new_process_gives_identical_hits(built):
     experiment, run, _ = built
     question = "How do I cancel Kestrel Plus?"
     here = [h.to_json() for h in rag.Retriever(experiment, run).search([question])[0]]
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "rag", "query", str(QUICKSTART), "--json", question, "--run-dir", str(run.path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "rag",
+            "query",
+            str(QUICKSTART),
+            "--json",
+            question,
+            "--run-dir",
+            str(run.path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout)
     assert [h["chunk_id"] for h in there] == [h["chunk_id"] for h in here]
@@ -81,8 +97,23 @@ def test_reload_in_a_new_process_gives_identical_hits(built):
 
 
 def test_query_on_a_new_run_builds_the_index_first_and_keeps_stdout_json(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "rag", "query", str(QUICKSTART), "--json", "What does E3 mean?",
-                          "--run-dir", str(tmp_path / "new")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge",
+            "rag",
+            "query",
+            str(QUICKSTART),
+            "--json",
+            "What does E3 mean?",
+            "--run-dir",
+            str(tmp_path / "new"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "building the retriever index" in out.stderr
     assert json.loads(out.stdout)[0]["source"] == "error-codes.md"
@@ -113,11 +144,11 @@ def test_damaged_or_mismatched_files_fail_clearly(built, tmp_path):
 
 def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built, smollm_location):
     """data.rag: prepare puts the passages into the last user turn exactly as a +rag system does when answering."""
+    from types import SimpleNamespace
+
     from tuneforge.data.prepare import prepare
     from tuneforge.data.prepared import load_prepared
     from tuneforge.models import load_tokenizer
-    from types import SimpleNamespace
-
     from tuneforge.systems import LocalSystem, Spec
 
     _, run, _ = built
@@ -133,11 +164,17 @@ def test_rag_training_examples_match_what_a_rag_system_sends_at_inference(built,
     assert all(rag.OPEN not in example.messages[i]["content"] for i in users[:-1])  # history stays plain
     assert len(example.meta["rag_sources"]) == experiment.rag.k
     # the same question through the inference path gives the same user turn
-    originals = [json.loads(line) for line in (REPO / "examples/data/support/conversations.jsonl").read_text().splitlines()]
+    originals = [
+        json.loads(line) for line in (REPO / "examples/data/support/conversations.jsonl").read_text().splitlines()
+    ]
     question = example.messages[users[-1]]["content"].rsplit("Question: ", 1)[1].split("\nAnswer from the passages")[0]
-    source = next(o["messages"] for o in originals if any(m["role"] == "user" and m["content"] == question for m in o["messages"]))
+    source = next(
+        o["messages"] for o in originals if any(m["role"] == "user" and m["content"] == question for m in o["messages"])
+    )
     # a +rag system's own retrieval step; only the engine's tokenizer takes part in it
-    system = LocalSystem(Spec("base+rag", "base", True), SimpleNamespace(tokenizer=tokenizer), rag.Retriever(experiment, run))
+    system = LocalSystem(
+        Spec("base+rag", "base", True), SimpleNamespace(tokenizer=tokenizer), rag.Retriever(experiment, run)
+    )
     upto = max(i for i, m in enumerate(source) if m["role"] == "user" and m["content"] == question)
     (inference,), _ = system.retrieve([source[: upto + 1]])
     assert inference[-1]["content"] == example.messages[users[-1]]["content"]
@@ -155,7 +192,9 @@ def test_index_is_rebuilt_when_the_corpus_changes(tmp_path):
     built_at = run.sub("rag", "index.json").stat().st_mtime_ns
     rag.ensure_index(experiment, run, progress=False)
     assert run.sub("rag", "index.json").stat().st_mtime_ns == built_at  # unchanged corpus: reused
-    (kb / "new-page.md").write_text("# Loyalty points\nEvery Kestrel K2 owner earns 12 loyalty points per month of use.\n")
+    (kb / "new-page.md").write_text(
+        "# Loyalty points\nEvery Kestrel K2 owner earns 12 loyalty points per month of use.\n"
+    )
     hits = rag.ensure_index(experiment, run, progress=False).search(["How many loyalty points do I earn?"])[0]
     assert hits[0].source == "new-page.md"
 

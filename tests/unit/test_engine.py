@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from tuneforge.engine.batcher import Batcher
 from tuneforge.engine.transformers import Answer, Engine, Settings
@@ -18,7 +17,10 @@ def engine(talking_llama, tiny_tokenizer):
 
 CHATS = [
     [{"role": "user", "content": "What is two plus two?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello world to the thermostat schedule"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello world to the thermostat schedule"},
+    ],
     [{"role": "user", "content": "Capital?"}],
     [{"role": "user", "content": "The capital of France is Paris. Classify the sentiment of a review: positive"}],
 ]
@@ -29,7 +31,8 @@ def test_batched_equals_one_at_a_time_and_keeps_order(engine):
     batched = engine.generate(CHATS, settings, batch_size=3)
     single = [engine.generate([chat], settings, batch_size=1)[0] for chat in CHATS]
     assert [a.text for a in batched] == [a.text for a in single]
-    assert len({a.text for a in single}) == len(CHATS) and all(a.text for a in single)  # real, different answers to compare
+    # real, different answers to compare
+    assert len({a.text for a in single}) == len(CHATS) and all(a.text for a in single)
     assert [a.prompt_tokens for a in batched] == [len(engine.prompt_ids(c)) for c in CHATS]
 
 
@@ -38,7 +41,9 @@ def test_stops_at_end_of_turn_and_reports_why(engine):
     answer = engine._answer([5, 6, eot, 7], 10, Settings())
     assert answer.completion_tokens == 2 and answer.finish_reason == "stop"
     assert engine._answer([5, 6, 7], 10, Settings()).finish_reason == "length"
-    cut = engine._answer(engine.tokenizer("hello world", add_special_tokens=False)["input_ids"], 3, Settings(stop=(" world",)))
+    cut = engine._answer(
+        engine.tokenizer("hello world", add_special_tokens=False)["input_ids"], 3, Settings(stop=(" world",))
+    )
     assert cut.text == "hello" and cut.finish_reason == "stop"
 
 
@@ -117,7 +122,9 @@ def test_concurrent_callers_share_batches_and_get_their_own_answers(engine, monk
     alone = [engine.generate([c], Settings(max_new_tokens=b), batch_size=1)[0] for c, b in zip(chats, budgets)]
     _first_batch_waits_for(monkeypatch, len(chats))
     batcher = engine.batcher()
-    together = _concurrently([lambda c=c, b=b: engine.answer(c, Settings(max_new_tokens=b)) for c, b in zip(chats, budgets)])
+    together = _concurrently(
+        [lambda c=c, b=b: engine.answer(c, Settings(max_new_tokens=b)) for c, b in zip(chats, budgets)]
+    )
     assert batcher.batches == 1  # all eight greedy requests, with their different budgets, in one generate call
     assert [a.text for a in together] == [a.text for a in alone]  # greedy: batching changes no answer
     assert [a.completion_tokens for a in together] == [a.completion_tokens for a in alone]
@@ -140,8 +147,12 @@ def test_a_stop_string_ends_its_row_only_and_is_never_streamed(engine, monkeypat
     stop = free.split()[1] if len(free.split()) > 1 else free[2:4]
     _first_batch_waits_for(monkeypatch, 2)
     batcher = engine.batcher()
-    stopped, other = _concurrently([lambda: list(engine.stream(CHATS[0], Settings(max_new_tokens=12, stop=(stop,)))),
-                                    lambda: engine.answer(CHATS[2], Settings(max_new_tokens=12))])
+    stopped, other = _concurrently(
+        [
+            lambda: list(engine.stream(CHATS[0], Settings(max_new_tokens=12, stop=(stop,)))),
+            lambda: engine.answer(CHATS[2], Settings(max_new_tokens=12)),
+        ]
+    )
     assert batcher.batches == 1  # one batch: the stop string ended one row of it, not the generate call
     assert stopped[-1].finish_reason == "stop" and stop not in "".join(stopped[:-1])
     assert "".join(stopped[:-1]).strip() == stopped[-1].text == free[: free.index(stop)].strip()
@@ -149,13 +160,15 @@ def test_a_stop_string_ends_its_row_only_and_is_never_streamed(engine, monkeypat
 
 
 def test_a_caller_that_leaves_ends_its_row_and_an_error_reaches_every_caller(engine, monkeypatch):
-    expected = {n: engine.generate([CHATS[2]], Settings(max_new_tokens=n))[0] for n in (3, 4)}  # before anything can hang
+    # computed before anything can hang
+    expected = {n: engine.generate([CHATS[2]], Settings(max_new_tokens=n))[0] for n in (3, 4)}
     stream = engine.stream(CHATS[0], Settings(max_new_tokens=200))
     first = next(stream)
     assert isinstance(first, str)
     stream.close()  # the client hung up
-    answer = _finishes(lambda: engine.answer(CHATS[2], Settings(max_new_tokens=4)))  # the model is free again...
-    assert (answer.text, answer.completion_tokens) == (expected[4].text, expected[4].completion_tokens)  # ...and answers
+    # the model is free again, and answers as it does alone
+    answer = _finishes(lambda: engine.answer(CHATS[2], Settings(max_new_tokens=4)))
+    assert (answer.text, answer.completion_tokens) == (expected[4].text, expected[4].completion_tokens)
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
