@@ -244,3 +244,68 @@ def test_eval_items_with_tools_generate_with_them_and_report_the_tool_scores(tmp
     assert metrics["tool_function"] == 0.0 and metrics["tool_call"] == 0.0  # a random tiny model calls nothing
     rows = list(csv.DictReader(open(run.sub("eval", "predictions.csv"))))
     assert {r["tool_call"] for r in rows} == {"no call"}
+
+
+class ReferenceJudge:
+    """A judge system that prefers the answer which says the reference's facts (it knows the right answers)."""
+
+    def __init__(self, right: list[str]):
+        self.right = right
+
+    def generate(self, chats, settings, progress=False):
+        from types import SimpleNamespace
+
+        def verdict(chat):
+            text = chat[-1]["content"]
+            first = text.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+            return "Verdict: A" if first in self.right else "Verdict: B"
+
+        return [SimpleNamespace(text=verdict(chat)) for chat in chats]
+
+
+def test_a_judge_pair_says_how_often_each_score_backs_the_judges_winner(tmp_path):
+    from types import SimpleNamespace
+
+    from tuneforge.engine.generation import Settings
+    from tuneforge.eval import report
+    from tuneforge.eval.harness import Item, Outcome, judge_pairs
+
+    support = [  # quickstart eval questions, their references, right answers in other words
+        (
+            "Which colours is the Kestrel K2 available in?",
+            "The K2 comes in three finishes: Graphite, Chalk and Sage.",
+            "You can get it in Graphite, Chalk or Sage.",
+        ),
+        (
+            "How much insulation should I strip off each wire before pushing it in?",
+            "Strip each wire to 6 mm (1/4 inch) of bare copper, then push it into the terminal.",
+            "About a quarter inch (6 mm) of bare copper; push it in until the tab stays down.",
+        ),
+        (
+            "what does it cost to have a pro install it",
+            "A Kestrel Install Partner costs a flat $99 per thermostat in the US, including the PA1 if needed.",
+            "A professional install by a Kestrel Install Partner is a flat $99, booked in the app.",
+        ),
+    ]
+    items = [Item(str(i), [{"role": "user", "content": q}], r, None) for i, (q, r, _) in enumerate(support)]
+    right = [a for _, _, a in support]
+    outcomes = [Outcome("echo", [q for q, _, _ in support], [[]] * 3), Outcome("answers", right, [[]] * 3)]
+    experiment = _experiment(tmp_path, "name: tiny\ndata: {train: chats.jsonl}\neval: {judge: {model: base}}\n")
+    run = RunDir(experiment, tmp_path / "run")
+    evaluation = SimpleNamespace(
+        labels=None,
+        cache_dir=tmp_path,
+        systems=SimpleNamespace(get=lambda name: ReferenceJudge(right)),
+        progress=False,
+        settings=Settings(max_new_tokens=4),
+    )
+    table, per_example = report.generation_metrics(items, outcomes, 0, experiment.eval.embedder)
+    judged = judge_pairs(experiment, run, evaluation, items, outcomes, per_example)
+
+    pair = judged["pairs"][0]
+    assert (pair["first"], pair["second"], pair["losses"]) == ("echo", "answers", 3)  # the judge backs every answer
+    # echoing the question wins on quality every time, so quality never agrees with the judge; answering always does
+    assert pair["agreement"]["quality"] == 0.0 and pair["agreement"]["answering"] == 1.0
+    folder = report.write(tmp_path / "eval", items, None, outcomes, table, per_example, judged, experiment)
+    markdown = (folder / "report.md").read_text()
+    assert "| echo | answers | 0 | 0 | 3 |" in markdown and "quality 0.00, answering 1.00" in markdown

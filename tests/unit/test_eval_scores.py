@@ -133,6 +133,13 @@ def test_answering_is_zero_where_the_reference_only_repeats_the_question():
     assert scores.answering_score(np.array([[0.6, 0.8, 0.0]]), np.array([[0.0, 1.0, 0.0]]), question).tolist() == [0.8]
 
 
+def test_judge_agreement_counts_the_examples_the_judge_decided():
+    # the judge: first wins, ties, loses, wins; the metric puts first ahead, ahead, behind, level
+    assert scores.judge_agreement([1.0, 0.5, 0.0, 1.0], [0.9, 0.8, 0.1, 0.5], [0.2, 0.1, 0.7, 0.5]) == 2.5 / 3
+    assert scores.judge_agreement([0.0, 1.0], [0.9, 0.1], [0.2, 0.7]) == 0.0  # the metric always backs the loser
+    assert scores.judge_agreement([0.5, 0.5], [1.0, 0.0], [0.0, 1.0]) is None  # nothing decided, nothing to agree with
+
+
 def test_read_verdict():
     assert read_verdict("A") == "A" and read_verdict("b.") == "B" and read_verdict("Tie") == "tie"
     assert (

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tuneforge.run import RunDir
 
 GENERATE_BATCH = 16
+AGREEMENT = ("similarity", "quality", "answering")  # the judge-free scores checked against a judge's verdicts
 SCORE_CHUNK = 32  # prompts per progress-bar step when scoring
 
 
@@ -394,7 +395,7 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
         table, per_example = report.generation_metrics(items, outcomes, experiment.seed, experiment.eval.embedder)
     judged = None
     if experiment.eval.judge is not None:
-        judged = judge_pairs(experiment, run, evaluation, items, outcomes)
+        judged = judge_pairs(experiment, run, evaluation, items, outcomes, per_example)
     folder = report.write(run.sub("eval"), items, labels, outcomes, table, per_example, judged, experiment)
     # what was evaluated, so `tuneforge compare` can tell runs scored on the same examples from the rest
     run.record(
@@ -414,15 +415,24 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
                 f"judge {judged['model']}: {pair['first']} vs {pair['second']}: "
                 f"{pair['wins']} wins, {pair['ties']} ties, {pair['losses']} losses (win rate {pair['win_rate']:.2f}, "
                 f"95% CI {pair['win_rate_low']:.2f}-{pair['win_rate_high']:.2f})"
+                + (f"; its winner scored higher by {report.agreement_text(pair)}" if pair.get("agreement") else "")
             )
     print(f"eval report: {folder / 'report.html'} (metrics.json, predictions.csv, report.md beside it)")
     return 0
 
 
 def judge_pairs(
-    experiment: Experiment, run: RunDir, evaluation: Evaluation, items: list[Item], outcomes: list[Outcome]
+    experiment: Experiment,
+    run: RunDir,
+    evaluation: Evaluation,
+    items: list[Item],
+    outcomes: list[Outcome],
+    per_example: dict | None = None,
 ) -> dict | None:
-    """Every pair of systems compared by eval.judge.model in both orders; judge replies are cached like answers."""
+    """Every pair of systems compared by eval.judge.model in both orders; judge replies are cached like answers.
+
+    With the per-example scores, each pair also says how often similarity, quality and answering back the judge's
+    winner (`agreement`), so a judge-free score is measured against the judge on this eval set."""
     from tuneforge.eval.judge import compare
 
     judge = experiment.eval.judge
@@ -451,10 +461,15 @@ def judge_pairs(
     references = [item.reference for item in items]
     pairs = []
     for a, b in itertools.combinations(outcomes, 2):
-        pairs.append(
-            compare(ask, judge.rubric, questions, references, a.name, a.answers, b.name, b.answers).summary(
-                experiment.seed
-            )
-        )
+        result = compare(ask, judge.rubric, questions, references, a.name, a.answers, b.name, b.answers)
+        pair = result.summary(experiment.seed)
+        if per_example:
+            pair["agreement"] = {
+                metric: scores.judge_agreement(
+                    result.outcomes, [r[metric] for r in per_example[a.name]], [r[metric] for r in per_example[b.name]]
+                )
+                for metric in AGREEMENT
+            }
+        pairs.append(pair)
     cache.save()
     return {"model": judge.model, "rubric": judge.rubric, "pairs": pairs}

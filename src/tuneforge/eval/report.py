@@ -319,12 +319,23 @@ def _judge_lines(judged: dict) -> list[list[str]]:
             str(p["ties"]),
             str(p["losses"]),
             f"{p['win_rate']:.2f} [{p['win_rate_low']:.2f}, {p['win_rate_high']:.2f}]",
+            agreement_text(p),
         ]
         for p in judged["pairs"]
     ]
 
 
-JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]"]
+def agreement_text(pair: dict) -> str:
+    """'similarity 0.62, quality 0.40, answering 0.71': how often each score backs the judge's winner."""
+    found = pair.get("agreement") or {}
+    return ", ".join(f"{metric} {_fmt(share) if share is None else f'{share:.2f}'}" for metric, share in found.items())
+
+
+JUDGE_HEADER = ["system", "vs", "wins", "ties", "losses", "win rate [95% CI]", "scores that back its winner"]
+JUDGE_NOTE = (
+    "Each pair asked in both orders; a split verdict is a tie. Scores that back its winner: of the examples the judge "
+    "decided, the share where each judge-free score is higher for the judge's winner (a level score counts half)."
+)
 
 
 def _markdown(experiment: Experiment, items, outcomes, table, judged, charts, classification) -> str:
@@ -347,7 +358,7 @@ def _markdown(experiment: Experiment, items, outcomes, table, judged, charts, cl
             "",
             f"Rubric: {judged['rubric']}",
             "",
-            "Each pair asked in both orders; a split verdict is a tie.",
+            JUDGE_NOTE,
             "",
             "| " + " | ".join(JUDGE_HEADER) + " |",
             "|" + "---|" * len(JUDGE_HEADER),
@@ -397,7 +408,7 @@ def _html(experiment: Experiment, items, outcomes, table, judged, charts, classi
     if judged:
         parts += [
             f"<h2>Judge: {esc(judged['model'])}</h2>",
-            f"<p>Rubric: {esc(judged['rubric'])}. Each pair asked in both orders; a split verdict is a tie.</p>",
+            f"<p>Rubric: {esc(judged['rubric'])}. {esc(JUDGE_NOTE)}</p>",
             grid(JUDGE_HEADER, _judge_lines(judged)),
         ]
     parts.append("<h2>Examples</h2>")

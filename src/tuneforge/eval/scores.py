@@ -112,6 +112,20 @@ def answering_score(answers: np.ndarray, references: np.ndarray, questions: np.n
     return np.clip((answers * beyond).sum(axis=1), -1.0, 1.0)
 
 
+def judge_agreement(outcomes, first, second) -> float | None:
+    """Of the examples a judge decided (outcome 1: `first` won, 0: it lost), the share where a per-example metric
+    scores the judge's winner higher; a tie in the metric counts half. None when the judge decided none.
+
+    How far a judge-free metric can stand in for the judge on this eval set.
+    """
+    outcomes, gap = np.asarray(outcomes, dtype=float), np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
+    decided = outcomes != 0.5
+    if not decided.any():
+        return None
+    winner = np.where(outcomes[decided] == 1.0, 1.0, -1.0)
+    return float(np.mean(np.where(gap[decided] == 0, 0.5, np.sign(gap[decided]) == winner)))
+
+
 def bootstrap_interval(values, seed: int, rounds: int = BOOTSTRAP_ROUNDS, statistic=np.mean) -> tuple[float, float]:
     """95% percentile interval of `statistic` over examples resampled with replacement (seeded)."""
     values = np.asarray(values, dtype=float)
