@@ -13,6 +13,12 @@ A conversation that comes without a system message gets the system prompt the ru
 trained with (`adapter/tuneforge.json`, else the prepared training data): a model
 fine-tuned behind a persona answers off-topic without it, and base and finetuned
 are then compared on the prompt users really send.
+
+A relative `adapter:<dir>` or `merged:<dir>` written in the experiment file (eval.systems,
+eval.judge.model) is read from the file's folder, as every other path in the file is;
+one that exists only from the working directory (the old rule) still works, with a
+warning naming what to write instead. Any other name (a command line's --system, the
+demo's textbox) is read from the working directory, as a path typed in a shell is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import abc
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -64,6 +71,64 @@ def parse(name: str) -> Spec:
     if model in LOCAL_NAMES or (colon and kind in ("adapter", "merged", "openai") and rest):
         return Spec(name, model, rag)
     raise TuneforgeError(f"unknown system {name!r}; {HINT}")
+
+
+FOLDER_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}  # what makes a folder that system
+_warned: set[tuple[str, str]] = set()  # (key, name) warned about, so a name asked for often warns once
+_warned_lock = threading.Lock()
+
+
+def file_keys(experiment: Experiment) -> dict[str, str]:
+    """The adapter:/merged: models the experiment file names, each with the key it is written under."""
+    written = [("eval.systems", n) for n in experiment.eval.systems]
+    if experiment.eval.judge is not None:
+        written.append(("eval.judge.model", experiment.eval.judge.model))
+    keys: dict[str, str] = {}
+    for key, name in written:
+        try:
+            model = parse(name).model
+        except TuneforgeError:  # eval's baselines (tfidf, ngram, majority) are no systems
+            continue
+        if model.partition(":")[0] in FOLDER_MARKERS:
+            keys.setdefault(model, key)
+    return keys
+
+
+def resolve(name: str, experiment: Experiment) -> Spec:
+    """`parse`, with a relative adapter:/merged: folder made absolute: from the experiment file's folder when the
+    file names it (from the working directory when only there, the old rule, with a warning), else from the
+    working directory (a command line's path, as a shell reads it)."""
+    spec = parse(name)
+    kind, _, value = spec.model.partition(":")
+    if kind not in FOLDER_MARKERS:
+        return spec
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        key = file_keys(experiment).get(spec.model)
+        path = Path.cwd() / path if key is None else _from_file(kind, value, experiment, key)
+    return replace(spec, model=f"{kind}:{path}")
+
+
+def _from_file(kind: str, value: str, experiment: Experiment, key: str) -> Path:
+    """A relative folder written in the experiment file: its folder's, or the working directory's with a warning
+    when only that one holds the adapter (or merged model)."""
+    in_file = experiment.resolve_path(value)
+    in_cwd = Path.cwd() / value
+    marker = FOLDER_MARKERS[kind]
+    if (in_file / marker).exists() or not (in_cwd / marker).exists():
+        return in_file  # a folder found nowhere is named by where it should be, in the error that follows
+    with _warned_lock:
+        first = (key, f"{kind}:{in_cwd}") not in _warned
+        _warned.add((key, f"{kind}:{in_cwd}"))
+    if first:
+        instead = os.path.relpath(in_cwd.resolve(), experiment.base_dir.resolve())
+        print(
+            f"warning: {key}: {kind}:{value} is read from the working directory ({Path.cwd()}), the old rule; "
+            f"paths in the experiment file are read from its folder ({experiment.base_dir}): write "
+            f"{kind}:{instead} (or {kind}:{in_cwd.resolve()}) instead",
+            file=sys.stderr,
+        )
+    return in_cwd
 
 
 def with_system_prompt(conversations: list[list[dict]], system_prompt: str | None) -> list[list[dict]]:
@@ -309,10 +374,14 @@ class Systems:
             names += [f"{n}{RAG_SUFFIX}" for n in list(names)]
         return names + [a for a in self.aliases if a not in names]
 
+    def spec(self, name: str) -> Spec:
+        """The system a name (or alias) stands for, its adapter:/merged: folder absolute (see `resolve`)."""
+        return resolve(self.aliases.get(name, name), self.experiment)
+
     def get(self, name: str) -> System:
         with self.lock:
             if name not in self.systems:
-                spec = parse(self.aliases.get(name, name))
+                spec = self.spec(name)
                 retriever = self._retriever() if spec.rag else None
                 if spec.hosted:
                     system: System = HostedSystem(spec, openai_base_url(self.experiment), retriever)
@@ -327,14 +396,14 @@ class Systems:
         """What a conversation without a system message gets when `name` answers it."""
         if self.system_prompt_override is not None:
             return self.system_prompt_override or None
-        return training_system_prompt(self.run, parse(self.aliases.get(name, name)))
+        return training_system_prompt(self.run, self.spec(name))
 
     def identity(self, name: str) -> str:
         """Exactly which model answers as `name` now: the sha256 of an adapter's (or merged model's) weights, the
         base model's reference, or a hosted model's id. Feedback keeps it, so two versions of one name never mix."""
         from tuneforge.engine.generation import system_source
 
-        spec = parse(self.aliases.get(name, name))
+        spec = self.spec(name)
         if spec.hosted:
             return spec.model
         if spec.model == "base":
@@ -364,7 +433,7 @@ class Systems:
 
         It is the generating engine itself unless that is vLLM, which only generates.
         """
-        spec = parse(self.aliases.get(name, name))
+        spec = self.spec(name)
         if spec.hosted:
             raise TuneforgeError(f"system {name!r} is hosted; only local systems can be scored token by token")
         with self.lock:
@@ -398,7 +467,12 @@ class Systems:
             from tuneforge.engine.generation import system_source
             from tuneforge.engine.vllm import LORA_RANK_FLOOR, VLLMPool, adapter_rank
 
-            names = {first, *(parse(n).model for n in [*self.available(), *self.planned])}
+            names = {first}
+            for name in [*self.available(), *self.planned]:
+                try:
+                    names.add(self.spec(name).model)
+                except TuneforgeError:  # eval's baselines (tfidf, ngram, majority) plan no engine
+                    continue
             sources = {system_source(m, self.run) for m in names if not m.startswith("openai:")}
             ranks = [LORA_RANK_FLOOR, self.experiment.lora.r] + [
                 adapter_rank(adapter) for adapter, _ in sources if adapter

@@ -227,3 +227,120 @@ def test_with_vllm_every_adapter_on_a_base_shares_one_engine_within_the_memory_b
     assert len(built) == 1
     with pytest.raises(TuneforgeError, match="rank 300 is above"):
         systems._pool.lora_request("big", str(adapter(tmp_path / "big", 300)))
+
+
+def _experiment_in(folder, systems: list[str], init_adapter: str | None = None):
+    """An experiment file in `folder` naming `systems` for eval (and train.init_adapter), loaded as the CLI does."""
+    import json
+
+    from tuneforge.config import load_experiment
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tree = {"name": "paths", "eval": {"systems": systems}}
+    if init_adapter:
+        tree["train"] = {"init_adapter": init_adapter}
+    (folder / "experiment.yaml").write_text(json.dumps(tree))  # JSON is YAML
+    return load_experiment(folder / "experiment.yaml")
+
+
+def _adapter_folder(folder, prompt: str):
+    """A folder that passes for an adapter, remembering the system prompt it was 'trained' with."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    (folder / "tuneforge.json").write_text(json.dumps({"system_prompt": prompt}))
+    return folder
+
+
+def _loaded_models(monkeypatch) -> list[str]:
+    """Stands in for the transformers engine; returns the list of system models it is asked to load."""
+    from types import SimpleNamespace
+
+    from tuneforge.engine.transformers import Engine
+
+    loaded: list[str] = []
+
+    def load(experiment, model, run):
+        loaded.append(model)
+        return SimpleNamespace(tokenizer=SimpleNamespace(all_special_tokens=[]))
+
+    monkeypatch.setattr(Engine, "load", staticmethod(load))
+    return loaded
+
+
+def test_a_relative_adapter_in_the_file_is_read_from_the_files_folder_not_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    from tuneforge.engine.generation import system_source
+    from tuneforge.eval.cache import system_identity
+    from tuneforge.run import RunDir
+    from tuneforge.systems import Systems
+
+    here, there = tmp_path / "A", tmp_path / "B"  # the experiment's folder; where the command runs
+    adapter = _adapter_folder(here / "rel" / "dir", "From A.")
+    experiment = _experiment_in(here, ["base", "adapter:rel/dir"])
+    there.mkdir()
+    monkeypatch.chdir(there)
+    loaded = _loaded_models(monkeypatch)
+    run = RunDir(experiment, there / "run")
+    systems = Systems(experiment, run)
+    system = systems.get("adapter:rel/dir")
+    assert system.name == "adapter:rel/dir" and loaded == [f"adapter:{adapter}"]  # named as written, loaded from A
+    assert systems.spec("adapter:rel/dir+rag").model == f"adapter:{adapter}"  # +rag: the same folder
+    assert system_source(systems.spec("adapter:rel/dir").model, run) == (str(adapter), None)
+    assert systems.system_prompt("adapter:rel/dir") == "From A."
+    assert system_identity("adapter:rel/dir", experiment, run)["system_prompt"] == "From A."  # eval's cache key
+    assert capsys.readouterr().err == ""  # the rule itself warns about nothing
+
+
+def test_the_old_working_directory_form_is_accepted_once_with_a_warning_naming_the_new_path(
+    tmp_path, monkeypatch, capsys
+):
+    from tuneforge.eval.cache import system_identity
+    from tuneforge.run import RunDir
+    from tuneforge.systems import Systems
+
+    here, there = tmp_path / "A", tmp_path / "B"
+    experiment = _experiment_in(here, ["base", "merged:old/merged", "adapter:old/dir"])
+    adapter = _adapter_folder(there / "old" / "dir", "From B.")  # only where the command runs: the old rule
+    monkeypatch.chdir(there)
+    loaded = _loaded_models(monkeypatch)
+    run = RunDir(experiment, there / "run")
+    systems = Systems(experiment, run)
+    systems.get("adapter:old/dir")
+    assert loaded == [f"adapter:{adapter}"] and systems.system_prompt("adapter:old/dir") == "From B."
+    assert system_identity("adapter:old/dir", experiment, run)["system_prompt"] == "From B."
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1  # once, however often the name is asked for
+    assert "eval.systems: adapter:old/dir is read from the working directory" in err
+    assert f"write adapter:../B/old/dir (or adapter:{adapter.resolve()}) instead" in err
+    # found nowhere: named where the file's rule looks, in the error that follows
+    assert systems.spec("merged:old/merged").model == f"merged:{here / 'old' / 'merged'}"
+
+
+def test_command_line_names_keep_the_shells_directory_and_absolute_paths_are_unchanged(tmp_path, monkeypatch, capsys):
+    from tuneforge.run import RunDir
+    from tuneforge.systems import Systems
+
+    here, there = tmp_path / "A", tmp_path / "B"
+    _adapter_folder(here / "typed", "From A.")
+    experiment = _experiment_in(here, ["base", f"adapter:{here / 'typed'}"])
+    typed = _adapter_folder(there / "typed", "From B.")
+    monkeypatch.chdir(there)
+    systems = Systems(experiment, RunDir(experiment, there / "run"))
+    assert systems.spec("adapter:typed").model == f"adapter:{typed}"  # --system adapter:typed, not in the file
+    assert systems.spec(f"adapter:{here / 'typed'}").model == f"adapter:{here / 'typed'}"
+    assert systems.spec("finetuned+rag").model == "finetuned"
+    assert capsys.readouterr().err == ""
+
+
+def test_train_init_adapter_still_resolves_against_the_files_folder(tmp_path, monkeypatch):
+    from tuneforge.train.common import init_adapter_folder
+
+    here, there = tmp_path / "A", tmp_path / "B"
+    adapter = _adapter_folder(here / "rel" / "dir", "From A.")
+    _adapter_folder(there / "rel" / "dir", "From B.")
+    experiment = _experiment_in(here, ["base"], init_adapter="rel/dir")
+    monkeypatch.chdir(there)
+    assert init_adapter_folder(experiment) == adapter

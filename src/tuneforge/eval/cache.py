@@ -29,12 +29,12 @@ def system_identity(name: str, experiment: Experiment, run: RunDir) -> dict:
     """What decides a system's answers, down to the adapter's bytes and the retriever's index."""
     from tuneforge.eval.baselines import BASELINES
     from tuneforge.hosted import openai_base_url
-    from tuneforge.systems import parse, training_system_prompt
+    from tuneforge.systems import resolve, training_system_prompt
 
     if name in BASELINES:
         train = run.sub("data", "train.jsonl")
         return {"name": name, "train": file_sha256(train) if train.exists() else None, "seed": experiment.seed}
-    spec = parse(name)
+    spec = resolve(name, experiment)  # an adapter:/merged: folder as Systems finds it (the file's folder)
     identity: dict[str, Any] = {"name": name, "system_prompt": training_system_prompt(run, spec)}
     if spec.hosted:
         identity["base_url"] = openai_base_url(experiment)
