@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -175,7 +176,7 @@ def _serve(workdir: Path, name: str, *overrides: str) -> Iterator[openai.OpenAI]
         yield client
 
 
-def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_location):
+def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_location, tmp_path):
     # A server without the step cap, and two 50-epoch jobs ahead of ours: the first trains for many minutes and the
     # second waits behind it, so the backend's job stays queued however slow the machine is (with the 3-step cap the
     # jobs ahead could finish before the interrupt and the cancel).
@@ -187,26 +188,35 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         run_dir = workdir / "interrupted"
         # SIGINT as a terminal's Ctrl-C gives it, even when the test runner was started in the background, where a
         # non-interactive shell passes SIGINT on ignored and Python installs no KeyboardInterrupt handler
-        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.time() + 120
-        while not (run_dir / "openai_job.json").exists() or not json.loads((run_dir / "openai_job.json").read_text()).get("job_id"):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        # output to files, read while it runs (a pipe nobody reads can fill and block the process)
+        out_path, err_path = tmp_path / "train.out", tmp_path / "train.err"
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
+                                    stdout=out, stderr=err, text=True, env=_env(),
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # Ctrl-C while it watches the job: the first event it prints comes from inside the watch loop, whose handler
+        # is what leaves the job running (the state file gets the job id a moment before the loop starts)
+        created = re.compile(r"^\[\d\d:\d\d:\d\d\] Created fine-tuning job: (ftjob-\S+)$", re.M)
+        deadline = time.time() + 300
+        while not (watching := created.search(out_path.read_text())):
+            assert proc.poll() is None and time.time() < deadline, (out_path.read_text(), err_path.read_text()[-3000:])
             time.sleep(0.2)
-        time.sleep(1)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        err = err_path.read_text()
         assert proc.returncode in (130, -signal.SIGINT), err  # both are 130 to a shell (see test_cli's Ctrl-C test)
         assert "keeps running" in err and "--cancel" in err
         job_id = json.loads((run_dir / "openai_job.json").read_text())["job_id"]
+        assert job_id == watching.group(1)
         assert held.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued")
         _wait(held, ahead[0].id, ("running",))
-        deadline = time.time() + 120
-        while not (finish := held.fine_tuning.jobs.retrieve(ahead[0].id).estimated_finish):
+        deadline = time.time() + 600  # the estimate comes after its first step: a hang guard, not a pace
+        while (running_job := held.fine_tuning.jobs.retrieve(ahead[0].id)).estimated_finish is None:
             assert time.time() < deadline, "a running job never got an estimated_finish"
             time.sleep(0.5)
-        assert finish > time.time() + 60  # 50 epochs of 190 conversations on CPU: far more than a minute left
+        # a running job's estimate is a time still ahead, not a duration or a time already past (its steps left, at
+        # the pace of those done, after now); the estimate is cleared once it is cancelled, below
+        assert running_job.status == "running" and running_job.estimated_finish > time.time()
         with pytest.raises(openai.BadRequestError, match="in use"):
             held.files.delete(upload.id)
 
@@ -219,7 +229,7 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         for job in reversed(ahead):  # the queued one, then the one training, which stops at its next step
             assert held.fine_tuning.jobs.cancel(job.id).status == "cancelled"
         assert held.fine_tuning.jobs.retrieve(ahead[0].id).estimated_finish is None
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # it stops at its next step, which on a busy CPU can take minutes
         while "Training stopped: the job was cancelled" not in [e.message for e in held.fine_tuning.jobs.list_events(ahead[0].id)]:
             assert time.time() < deadline, "the cancelled job kept training"
             time.sleep(0.5)
