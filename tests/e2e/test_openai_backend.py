@@ -72,12 +72,20 @@ train:
 
 
 def _train(path: Path, run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), *flags],
-                          capture_output=True, text=True, timeout=600, env=_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _jobs_of(client, name: str) -> list:
-    return [j for j in client.fine_tuning.jobs.list(limit=100) if (j.metadata or {}).get("tuneforge_experiment") == name]
+    return [
+        j for j in client.fine_tuning.jobs.list(limit=100) if (j.metadata or {}).get("tuneforge_experiment") == name
+    ]
 
 
 def _wait(client, job_id: str, statuses: tuple[str, ...], seconds: float = 300):
@@ -120,8 +128,9 @@ def test_train_runs_the_job_end_to_end(trained, server):
 def test_the_fine_tuned_model_answers(trained, server):
     model = json.loads((trained[1] / "openai_job.json").read_text())["fine_tuned_model"]
     assert model in [m.id for m in server.models.list().data]
-    reply = server.chat.completions.create(model=model, messages=[{"role": "user", "content": "What comes in the box with the K2?"}],
-                                           max_tokens=24)
+    reply = server.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What comes in the box with the K2?"}], max_tokens=24
+    )
     assert reply.model == model and reply.choices[0].message.content.strip()
 
 
@@ -170,8 +179,17 @@ def test_no_terminal_and_no_yes_is_refused(workdir, server):
 def _serve(workdir: Path, name: str, *overrides: str) -> Iterator[openai.OpenAI]:
     port = free_port()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
-    args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(port), "--run-dir", str(workdir / name),
-            "model.quantization=none", "data.max_length=128", *overrides]
+    args = [
+        "serve",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--port",
+        str(port),
+        "--run-dir",
+        str(workdir / name),
+        "model.quantization=none",
+        "data.max_length=128",
+        *overrides,
+    ]
     with running(args, workdir, answers_models(client), env=_env()):
         yield client
 
@@ -182,8 +200,10 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
     # jobs ahead could finish before the interrupt and the cancel).
     with _serve(workdir, "held-server") as held:
         upload = held.files.create(file=CONVERSATIONS.open("rb"), purpose="fine-tune")
-        ahead = [held.fine_tuning.jobs.create(model="base", training_file=upload.id, hyperparameters={"n_epochs": 50})
-                 for _ in range(2)]
+        ahead = [
+            held.fine_tuning.jobs.create(model="base", training_file=upload.id, hyperparameters={"n_epochs": 50})
+            for _ in range(2)
+        ]
         path = _experiment(workdir, held, "interrupted", seed=7)
         run_dir = workdir / "interrupted"
         # SIGINT as a terminal's Ctrl-C gives it, even when the test runner was started in the background, where a
@@ -191,9 +211,14 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
         # output to files, read while it runs (a pipe nobody reads can fill and block the process)
         out_path, err_path = tmp_path / "train.out", tmp_path / "train.err"
         with open(out_path, "w") as out, open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
-                                    stdout=out, stderr=err, text=True, env=_env(),
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tuneforge", "train", str(path), "--run-dir", str(run_dir), "--yes"],
+                stdout=out,
+                stderr=err,
+                text=True,
+                env=_env(),
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
         # Ctrl-C while it watches the job: the first event it prints comes from inside the watch loop, whose handler
         # is what leaves the job running (the state file gets the job id a moment before the loop starts)
         created = re.compile(r"^\[\d\d:\d\d:\d\d\] Created fine-tuning job: (ftjob-\S+)$", re.M)
@@ -230,7 +255,8 @@ def test_ctrl_c_leaves_the_job_running_and_cancel_cancels_it(workdir, smollm_loc
             assert held.fine_tuning.jobs.cancel(job.id).status == "cancelled"
         assert held.fine_tuning.jobs.retrieve(ahead[0].id).estimated_finish is None
         deadline = time.time() + 600  # it stops at its next step, which on a busy CPU can take minutes
-        while "Training stopped: the job was cancelled" not in [e.message for e in held.fine_tuning.jobs.list_events(ahead[0].id)]:
+        stopped = "Training stopped: the job was cancelled"
+        while stopped not in [e.message for e in held.fine_tuning.jobs.list_events(ahead[0].id)]:
             assert time.time() < deadline, "the cancelled job kept training"
             time.sleep(0.5)
         assert held.files.content(upload.id).read() == CONVERSATIONS.read_bytes()
