@@ -253,12 +253,17 @@ def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server)
 
     line = CONVERSATIONS.read_text().splitlines()[0] + "\n"
 
+    from concurrent.futures import wait
+
+    from tuneforge.serve.server import MAX_WAITING
+
     def chat(n: int):
         try:
             reply = server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": f"Count to {n}"}])
             return 200, reply.choices[0].message.content is not None
-        except openai.APIStatusError as exc:
-            return exc.status_code, set(exc.body) >= {"message", "type", "code"} if isinstance(exc.body, dict) else exc.body
+        except openai.APIStatusError as exc:  # the documented overload answer: OpenAI's rate-limit error
+            body = exc.body if isinstance(exc.body, dict) else {}
+            return exc.status_code, body.get("code") == "rate_limit_exceeded" and body.get("type") == "rate_limit_error" and bool(body.get("message"))
 
     def upload(n: int):
         try:
@@ -269,11 +274,16 @@ def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server)
     with ThreadPoolExecutor(84) as pool:
         chats = [pool.submit(chat, n) for n in range(64)]
         uploads = [pool.submit(upload, n) for n in range(20)]
-        results = [f.result(timeout=600) for f in chats + uploads]
-    assert all(ok is True for status, ok in results if status == 200), results
-    assert all(status in (200, 429, 503) for status, _ in results), results
-    assert [s for s, _ in results[64:]] == [200] * 20  # uploads are not queued behind the model
-    assert sum(s == 200 for s, _ in results[:64]) >= 16  # at least a full batch was answered
+        _, hanging = wait(chats + uploads, timeout=600)
+        assert not hanging, f"{len(hanging)} requests had no answer after 600 s"  # every request is answered, none hangs
+        results = [f.result() for f in chats + uploads]
+    # each chat is answered or refused with the OpenAI-shaped 429 for a full queue; nothing else (no 500, no 503)
+    assert all(status in (200, 429) and ok is True for status, ok in results[:64]), results[:64]
+    assert [r for r in results[64:]] == [(200, True)] * 20  # uploads are not queued behind the model
+    answered = sum(status == 200 for status, _ in results[:64])
+    # a 429 comes only when MAX_WAITING chats are already waiting, and each of those is answered: however the burst
+    # arrives, any refusal means at least MAX_WAITING answers, and no refusal means all 64
+    assert answered == 64 or answered >= MAX_WAITING, answered
     assert server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": "hi"}]).choices
 
 
