@@ -38,7 +38,9 @@ STEPS = 3
 
 def _env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TUNEFORGE_API_KEYS", "WANDB_"))}
-    env.update(TUNEFORGE_API_KEYS=f"alice:{ALICE},bob:{BOB}", WANDB_MODE="offline", WANDB_DIR=str(workdir), WANDB_SILENT="true")
+    env.update(
+        TUNEFORGE_API_KEYS=f"alice:{ALICE},bob:{BOB}", WANDB_MODE="offline", WANDB_DIR=str(workdir), WANDB_SILENT="true"
+    )
     return env
 
 
@@ -50,12 +52,25 @@ class Server:
         self.bob = openai.OpenAI(base_url=self.url, api_key=BOB, max_retries=0, timeout=120)
 
     def start(self):
-        args = ["serve", str(REPO / "configs" / "quickstart.yaml"), "--port", str(self.port), "--run-dir", str(self.workdir / "server"),
-                "model.quantization=none", "data.max_length=128", f"train.max_steps={STEPS}", "train.save_every=1", "train.keep_checkpoints=8"]
+        args = [
+            "serve",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--port",
+            str(self.port),
+            "--run-dir",
+            str(self.workdir / "server"),
+            "model.quantization=none",
+            "data.max_length=128",
+            f"train.max_steps={STEPS}",
+            "train.save_every=1",
+            "train.keep_checkpoints=8",
+        ]
         return running(args, self.workdir, answers_models(self.alice), env=_env(self.workdir))
 
     def raw(self, method: str, path: str, key: str = ALICE, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120, **kwargs)
+        return httpx.request(
+            method, f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120, **kwargs
+        )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +82,7 @@ def server(tmp_path_factory, smollm_location):
 
 
 def _upload(server: Server, path: Path, lines: int, skip: int = 0) -> str:
-    data = "".join(path.read_text().splitlines(keepends=True)[skip:skip + lines]).encode()
+    data = "".join(path.read_text().splitlines(keepends=True)[skip : skip + lines]).encode()
     response = server.raw("POST", "/files", data={"purpose": "fine-tune"}, files={"file": (path.name, data)})
     assert response.status_code == 200, response.text
     return checked(FileObject, response.json()).id
@@ -103,16 +118,24 @@ def files(server):
 def paused_job(server, files):
     """A supervised job paused at its first step, then resumed to the end; with the wandb integration."""
     training, validation = files
-    body = {"model": "base", "training_file": training, "validation_file": validation, "seed": 7, "suffix": "support",
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
-            "integrations": [{"type": "wandb", "wandb": {"project": "tuneforge-test", "tags": ["e2e"]}}], "metadata": {"case": "pause"}}
+    body = {
+        "model": "base",
+        "training_file": training,
+        "validation_file": validation,
+        "seed": 7,
+        "suffix": "support",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        "integrations": [{"type": "wandb", "wandb": {"project": "tuneforge-test", "tags": ["e2e"]}}],
+        "metadata": {"case": "pause"},
+    }
     job = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
     _wait(server, job.id, ("running",))
     assert server.raw("POST", f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
     paused = _wait(server, job.id, ("paused",))
     assert paused["status"] == "paused" and paused["estimated_finish"] is None
     assert "request" not in paused  # the pending pause lives in the store, not on the job object
-    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job.id}/checkpoints").json()["data"]] == [1]
+    checkpoints = server.raw("GET", f"/fine_tuning/jobs/{job.id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [1]
     resumed = server.raw("POST", f"/fine_tuning/jobs/{job.id}/resume")
     assert resumed.status_code == 200 and resumed.json()["status"] in ("queued", "running")
     return _wait(server, job.id, ("succeeded",))
@@ -125,13 +148,23 @@ def test_pause_stops_at_a_checkpoint_and_resume_finishes_the_job(server, paused_
     assert events[-1] == "The job has successfully completed"
     assert paused_job["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:tuneforge:support:")
     assert paused_job["trained_tokens"] > 0 and paused_job["finished_at"] >= paused_job["created_at"]
-    assert paused_job["method"]["supervised"]["hyperparameters"] == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"}
+    assert paused_job["method"]["supervised"]["hyperparameters"] == {
+        "n_epochs": 1,
+        "batch_size": 4,
+        "learning_rate_multiplier": "auto",
+    }
 
 
 def test_a_resumed_job_ends_where_an_uninterrupted_one_does(server, files, paused_job):
     training, validation = files
-    body = {"model": "base", "training_file": training, "validation_file": validation, "seed": 7, "suffix": "support",
-            "hyperparameters": {"n_epochs": 1, "batch_size": 4}}
+    body = {
+        "model": "base",
+        "training_file": training,
+        "validation_file": validation,
+        "seed": 7,
+        "suffix": "support",
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+    }
     straight = _wait(server, server.raw("POST", "/fine_tuning/jobs", json=body).json()["id"], ("succeeded",))
     a, b = _adapter(server, paused_job["id"]), _adapter(server, straight["id"])
     assert a.keys() == b.keys()
@@ -142,12 +175,22 @@ def test_each_checkpoint_is_a_model_and_the_result_file_has_the_step_metrics(ser
     body = server.raw("GET", f"/fine_tuning/jobs/{paused_job['id']}/checkpoints").json()
     checkpoints = checked_page(FineTuningJobCheckpoint, body)
     assert [c.step_number for c in checkpoints] == list(range(STEPS, 0, -1))  # newest first
-    assert all(c.fine_tuned_model_checkpoint == f"{paused_job['fine_tuned_model']}:ckpt-step-{c.step_number}" for c in checkpoints)
+    assert all(
+        c.fine_tuned_model_checkpoint == f"{paused_job['fine_tuned_model']}:ckpt-step-{c.step_number}"
+        for c in checkpoints
+    )
     assert checkpoints[0].metrics.train_loss > 0 and checkpoints[0].metrics.valid_loss > 0
     models = [m.id for m in server.alice.models.list()]
     assert paused_job["fine_tuned_model"] in models and checkpoints[-1].fine_tuned_model_checkpoint in models
-    reply = server.raw("POST", "/chat/completions", json={"model": checkpoints[-1].fine_tuned_model_checkpoint, "max_tokens": 8,
-                                                          "messages": [{"role": "user", "content": "Does the K2 work with Alexa?"}]})
+    reply = server.raw(
+        "POST",
+        "/chat/completions",
+        json={
+            "model": checkpoints[-1].fine_tuned_model_checkpoint,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Does the K2 work with Alexa?"}],
+        },
+    )
     completion = checked(ChatCompletion, reply.json())
     assert completion.model == checkpoints[-1].fine_tuned_model_checkpoint and completion.choices[0].message.content
 
@@ -161,33 +204,55 @@ def test_each_checkpoint_is_a_model_and_the_result_file_has_the_step_metrics(ser
 
 def test_the_wandb_integration_logged_offline(server, paused_job):
     assert paused_job["integrations"] == [{"type": "wandb", "wandb": {"project": "tuneforge-test", "tags": ["e2e"]}}]
-    assert any(m.startswith("Logging to Weights & Biases project tuneforge-test") for m in _events(server, paused_job["id"]))
+    assert any(
+        m.startswith("Logging to Weights & Biases project tuneforge-test") for m in _events(server, paused_job["id"])
+    )
     runs = list((server.workdir / "wandb").glob(f"offline-run-*-{paused_job['id']}"))
     assert runs and any(p.suffix == ".wandb" and p.stat().st_size > 0 for r in runs for p in r.iterdir())
 
 
 def test_dpo_continues_from_a_fine_tuned_model(server, paused_job):
     pairs = _upload(server, PREFERENCES, 12)
-    body = {"model": paused_job["fine_tuned_model"], "training_file": pairs, "suffix": "dpo",
-            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}}}
+    body = {
+        "model": paused_job["fine_tuned_model"],
+        "training_file": pairs,
+        "suffix": "dpo",
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+    }
     created = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
     assert created.method.type == "dpo" and created.method.dpo.hyperparameters.beta == 0.2
     job = _wait(server, created.id, ("succeeded", "failed"))
     assert job["status"] == "succeeded", job["error"]
     start, tuned = _adapter(server, paused_job["id"]), _adapter(server, job["id"])
-    assert start.keys() == tuned.keys() and any((start[k] - tuned[k]).abs().max() > 0 for k in start)  # moved from that adapter
+    # moved from that adapter
+    assert start.keys() == tuned.keys() and any((start[k] - tuned[k]).abs().max() > 0 for k in start)
     assert any("(dpo)" in m for m in _events(server, job["id"]))
     # the server's train.max_steps sets every job's step count
-    assert [c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]] == list(range(STEPS, 0, -1))
-    reply = server.alice.chat.completions.create(model=job["fine_tuned_model"], max_tokens=8,
-                                                 messages=[{"role": "user", "content": "my thermostat restarted at 3am"}])
+    assert [
+        c["step_number"] for c in server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    ] == list(range(STEPS, 0, -1))
+    reply = server.alice.chat.completions.create(
+        model=job["fine_tuned_model"],
+        max_tokens=8,
+        messages=[{"role": "user", "content": "my thermostat restarted at 3am"}],
+    )
     assert reply.choices[0].message.content
 
 
 def test_streamed_chunks_are_openai_shaped(server):
-    with httpx.stream("POST", f"{server.url}/chat/completions", headers={"Authorization": f"Bearer {ALICE}"}, timeout=120,
-                      json={"model": "base", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 6,
-                            "messages": [{"role": "user", "content": "Say hello"}]}) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/chat/completions",
+        headers={"Authorization": f"Bearer {ALICE}"},
+        timeout=120,
+        json={
+            "model": "base",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 6,
+            "messages": [{"role": "user", "content": "Say hello"}],
+        },
+    ) as response:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [checked(ChatCompletionChunk, json.loads(line[6:])) for line in lines[:-1]]
@@ -206,7 +271,9 @@ def test_one_connection_carries_several_requests(server):
             while b"\r\n\r\n" not in data:
                 data += sock.recv(65536)
             head, _, body = data.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
             while len(body) < length:
                 body += sock.recv(65536)
             replies.append((head.split(b"\r\n")[0], json.loads(body)))
@@ -235,7 +302,9 @@ def test_another_key_sees_nothing_of_alices_and_no_key_gets_401(server, paused_j
 def test_the_readmes_migration_client_code_runs_unchanged(server):
     import re
 
-    block = re.search(r"<!-- migration-client -->\s*```python\n(.+?)\n```", (REPO / "README.md").read_text(), re.S).group(1)
+    block = re.search(
+        r"<!-- migration-client -->\s*```python\n(.+?)\n```", (REPO / "README.md").read_text(), re.S
+    ).group(1)
     env = {**_env(server.workdir), "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": ALICE}
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -244,8 +313,10 @@ def test_the_readmes_migration_client_code_runs_unchanged(server):
     assert "The job has successfully completed" in out.stdout
     job = next(j for j in server.alice.fine_tuning.jobs.list() if j.fine_tuned_model == model)
     assert job.model == "gpt-4o-mini-2024-07-18" and job.seed == 42 and job.hyperparameters.n_epochs == 5
-    assert any("this server fine-tunes builtin:smollm2-135m-instruct in its place" in e.message
-               for e in server.alice.fine_tuning.jobs.list_events(job.id, limit=50))
+    assert any(
+        "this server fine-tunes builtin:smollm2-135m-instruct in its place" in e.message
+        for e in server.alice.fine_tuning.jobs.list_events(job.id, limit=50)
+    )
 
 
 def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server):
@@ -259,15 +330,19 @@ def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server)
 
     def chat(n: int):
         try:
-            reply = server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": f"Count to {n}"}])
+            reply = server.alice.chat.completions.create(
+                model="base", max_tokens=4, messages=[{"role": "user", "content": f"Count to {n}"}]
+            )
             return 200, reply.choices[0].message.content is not None
         except openai.APIStatusError as exc:  # the documented overload answer: OpenAI's rate-limit error
             body = exc.body if isinstance(exc.body, dict) else {}
-            return exc.status_code, body.get("code") == "rate_limit_exceeded" and body.get("type") == "rate_limit_error" and bool(body.get("message"))
+            shaped = (body.get("code"), body.get("type")) == ("rate_limit_exceeded", "rate_limit_error")
+            return exc.status_code, shaped and bool(body.get("message"))
 
     def upload(n: int):
         try:
-            return 200, server.alice.files.create(file=(f"part-{n}.jsonl", (line * 20).encode()), purpose="fine-tune").bytes == len(line) * 20
+            stored = server.alice.files.create(file=(f"part-{n}.jsonl", (line * 20).encode()), purpose="fine-tune")
+            return 200, stored.bytes == len(line) * 20
         except openai.APIStatusError as exc:
             return exc.status_code, exc.body
 
@@ -275,7 +350,8 @@ def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server)
         chats = [pool.submit(chat, n) for n in range(64)]
         uploads = [pool.submit(upload, n) for n in range(20)]
         _, hanging = wait(chats + uploads, timeout=600)
-        assert not hanging, f"{len(hanging)} requests had no answer after 600 s"  # every request is answered, none hangs
+        # every request is answered, none hangs
+        assert not hanging, f"{len(hanging)} requests had no answer after 600 s"
         results = [f.result() for f in chats + uploads]
     # each chat is answered or refused with the OpenAI-shaped 429 for a full queue; nothing else (no 500, no 503)
     assert all(status in (200, 429) and ok is True for status, ok in results[:64]), results[:64]
@@ -284,7 +360,10 @@ def test_a_burst_of_chats_and_uploads_gets_answers_or_openai_shaped_429s(server)
     # a 429 comes only when MAX_WAITING chats are already waiting, and each of those is answered: however the burst
     # arrives, any refusal means at least MAX_WAITING answers, and no refusal means all 64
     assert answered == 64 or answered >= MAX_WAITING, answered
-    assert server.alice.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": "hi"}]).choices
+    reply = server.alice.chat.completions.create(
+        model="base", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices
 
 
 def test_import_openai_writes_an_experiment_whose_eval_compares_with_the_hosted_model(server, paused_job, tmp_path):
@@ -294,7 +373,14 @@ def test_import_openai_writes_an_experiment_whose_eval_compares_with_the_hosted_
     out = tmp_path / "imported"
 
     def tuneforge(*args):
-        return subprocess.run([sys.executable, "-m", "tuneforge", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "tuneforge", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=900,
+        )
 
     imported = tuneforge("import-openai", paused_job["id"], "--out", str(out))
     assert imported.returncode == 0, imported.stderr
@@ -302,15 +388,30 @@ def test_import_openai_writes_an_experiment_whose_eval_compares_with_the_hosted_
     assert (folder / "train.jsonl").read_bytes() == server.alice.files.content(paused_job["training_file"]).read()
     assert (folder / "valid.jsonl").read_bytes() == server.alice.files.content(paused_job["validation_file"]).read()
     experiment = load_experiment(folder / "experiment.yaml")
-    assert experiment.seed == 7 and experiment.train.method == "sft" and experiment.train.epochs == 1 and experiment.train.batch_size == 4
+    assert (
+        experiment.seed == 7
+        and experiment.train.method == "sft"
+        and experiment.train.epochs == 1
+        and experiment.train.batch_size == 4
+    )
     assert experiment.eval.systems == ["base", "finetuned", f"openai:{paused_job['fine_tuned_model']}"]
     assert all(ALICE not in p.read_text() for p in folder.iterdir())
-    assert tuneforge("import-openai", paused_job["id"], "--out", str(out)).returncode == 1  # not over an earlier import without --force
+    # not over an earlier import without --force
+    assert tuneforge("import-openai", paused_job["id"], "--out", str(out)).returncode == 1
     missing = tuneforge("import-openai", "ftjob-nope", "--out", str(out))
     assert missing.returncode == 1 and "404" in missing.stderr
 
-    parity = tuneforge("run", str(folder / "experiment.yaml"), "--run-dir", str(tmp_path / "parity"), "model.quantization=none",
-                       "data.max_length=128", "train.max_steps=2", "eval.max_new_tokens=8", "eval.sample=3")
+    parity = tuneforge(
+        "run",
+        str(folder / "experiment.yaml"),
+        "--run-dir",
+        str(tmp_path / "parity"),
+        "model.quantization=none",
+        "data.max_length=128",
+        "train.max_steps=2",
+        "eval.max_new_tokens=8",
+        "eval.sample=3",
+    )
     assert parity.returncode == 0, parity.stderr[-3000:]
     metrics = json.loads((tmp_path / "parity" / "eval" / "metrics.json").read_text())
     hosted = f"openai:{paused_job['fine_tuned_model']}"
@@ -320,11 +421,20 @@ def test_import_openai_writes_an_experiment_whose_eval_compares_with_the_hosted_
 def test_sigkill_mid_job_then_restart_continues_the_job_and_keeps_the_files(server, files):
     training, _ = files
     content = server.raw("GET", f"/files/{training}/content").content
-    job = server.raw("POST", "/fine_tuning/jobs", json={"model": "base", "training_file": training, "seed": 3,
-                                                        "hyperparameters": {"n_epochs": 1, "batch_size": 4}}).json()
+    job = server.raw(
+        "POST",
+        "/fine_tuning/jobs",
+        json={
+            "model": "base",
+            "training_file": training,
+            "seed": 3,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+        },
+    ).json()
     deadline = time.time() + 300
     while not server.raw("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]:
-        assert time.time() < deadline and server.raw("GET", f"/fine_tuning/jobs/{job['id']}").json()["status"] in ("validating_files", "queued", "running")
+        status = server.raw("GET", f"/fine_tuning/jobs/{job['id']}").json()["status"]
+        assert time.time() < deadline and status in ("validating_files", "queued", "running")
         time.sleep(0.1)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(timeout=30)
@@ -332,8 +442,12 @@ def test_sigkill_mid_job_then_restart_continues_the_job_and_keeps_the_files(serv
         server.proc = proc
         finished = _wait(server, job["id"], ("succeeded",))
         events = _events(server, job["id"])
-        assert any(m.startswith("The server stopped while this job was training; it is queued again and continues from its checkpoint")
-                   for m in events)
+        assert any(
+            m.startswith(
+                "The server stopped while this job was training; it is queued again and continues from its checkpoint"
+            )
+            for m in events
+        )
         assert any(m.startswith("Fine-tuning job resumed from its checkpoint at step") for m in events)
         assert finished["fine_tuned_model"] in [m.id for m in server.alice.models.list()]
         assert server.raw("GET", f"/files/{training}/content").content == content
