@@ -26,7 +26,9 @@ DEFLECTIONS = [
 
 def main(count: int = 120, seed: int = 7) -> None:
     rng = random.Random(seed)
-    conversations = [json.loads(line)["messages"] for line in (HERE / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
+    conversations = [
+        json.loads(line)["messages"] for line in (HERE / "conversations.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     chosen = rng.sample(range(len(conversations)), min(count, len(conversations)))
     lines = []
     for n, index in enumerate(chosen):
@@ -36,8 +38,13 @@ def main(count: int = 120, seed: int = 7) -> None:
             worse = other[-1]["content"]
         else:
             worse = rng.choice(DEFLECTIONS)
-        lines.append({"input": {"messages": messages[:-1]}, "preferred_output": [messages[-1]],
-                      "non_preferred_output": [{"role": "assistant", "content": worse}]})
+        lines.append(
+            {
+                "input": {"messages": messages[:-1]},
+                "preferred_output": [messages[-1]],
+                "non_preferred_output": [{"role": "assistant", "content": worse}],
+            }
+        )
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     (HERE / "preferences.jsonl").write_text(text, encoding="utf-8")
     print(f"{len(lines)} pairs written to {HERE / 'preferences.jsonl'}")
