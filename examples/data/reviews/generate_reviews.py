@@ -63,7 +63,8 @@ CATEGORIES = {
             "battery": (
                 [
                     "Battery easily lasts a full work week of commuting between charges.",
-                    "Ten minutes on the charger gives me a couple of hours of music, which has saved me more than once.",
+                    "Ten minutes on the charger gives me a couple of hours of music, "
+                    "which has saved me more than once.",
                     "I charge them maybe once a week and they've never died on me.",
                 ],
                 [
@@ -267,7 +268,8 @@ CATEGORIES = {
             "light": (
                 [
                     "The light is bright and even, with no harsh spots on the desk.",
-                    "I love that I can switch from warm to cool white, reading in the evening is so much easier on the eyes.",
+                    "I love that I can switch from warm to cool white, "
+                    "reading in the evening is so much easier on the eyes.",
                     "Brightness goes really low, which is perfect as a night light for the baby's room.",
                 ],
                 [
