@@ -215,8 +215,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _run_dir(args, experiment, "merge")
-    report = merge(experiment, run, gguf=args.gguf, dtype=args.dtype)
+    gguf = args.gguf or args.gguf_type is not None
+    report = merge(experiment, run, gguf=gguf, dtype=args.dtype, gguf_type=args.gguf_type or "f16")
     print(f"merged model written to {report['merged']} ({report['dtype']})")
+    drift = _print_gguf(report["gguf"], report["probes"]) if gguf else False
     if report["mismatches"]:
         print(
             f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:"
@@ -231,7 +233,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
             )
         return 1
     print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
-    return 0
+    return 1 if drift else 0
+
+
+def _print_gguf(entry: dict, probes: int) -> bool:
+    """The GGUF export's lines; True when the GGUF's answers drift from the merged model's."""
+    print(f"GGUF written to {entry['file']} ({entry['type']}, {entry['bytes'] / 2**20:.0f} MiB, {entry['seconds']} s)")
+    if entry["metadata_fixed"]:
+        print(f"  the converter's metadata did not match the run's; rewritten: {', '.join(entry['metadata_fixed'])}")
+    if entry["modelfile"]:
+        print(f"  for Ollama, in {Path(entry['modelfile']).parent}: ollama create NAME -f Modelfile")
+    else:
+        print(f"  {entry['modelfile_error']}")
+    if "probe_error" in entry:
+        print(f"  {entry['probe_error']}")
+        return False
+    for d in entry["drift"]:
+        print(f"  {d['prompt'][:60]!r}: merged {d['merged'][:60]!r} vs GGUF {d['gguf'][:60]!r}")
+    if entry["drift"]:
+        print(f"{len(entry['drift'])} of {probes} probe answers differ between the merged model and the GGUF")
+    else:
+        print(f"all {probes} probe answers agree between the merged model and the GGUF")
+    return bool(entry["drift"])
 
 
 def _positive_int(text: str) -> int:
@@ -535,8 +558,16 @@ def _chat_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _merge_arguments(sub: argparse.ArgumentParser) -> None:
+    from tuneforge.gguf_export import GGUF_TYPES
+
     _file_arguments(sub)
     sub.add_argument("--gguf", action="store_true", help="also export GGUF with llama.cpp's converter")
+    sub.add_argument(
+        "--gguf-type",
+        choices=GGUF_TYPES,
+        help="the GGUF's weights (implies --gguf; default f16): f32, f16, bf16, q8_0 by the converter, "
+        "the k-quants where llama-quantize is found",
+    )
     sub.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],

@@ -16,13 +16,13 @@ is why the probes exist and why float32 is offered.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.atomic import atomic_dir, atomic_write_json
 from tuneforge.errors import TuneforgeError
+from tuneforge.gguf_export import Tools, export, find_tools, gguf_answers, trained
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -51,7 +51,12 @@ def probe_prompts(run: RunDir, n: int = 8) -> list[list[dict]]:
 
 
 def merge(
-    experiment: Experiment, run: RunDir, max_new_tokens: int = 48, gguf: bool = False, dtype: str = "auto"
+    experiment: Experiment,
+    run: RunDir,
+    max_new_tokens: int = 48,
+    gguf: bool = False,
+    dtype: str = "auto",
+    gguf_type: str = "f16",
 ) -> dict[str, Any]:
     from tuneforge.engine.transformers import Engine, Settings
 
@@ -63,7 +68,7 @@ def merge(
                 "and every verb uses it as `finetuned`; there is no adapter to merge"
             )
         raise TuneforgeError(f"no adapter in {adapter}; run `tuneforge train` first")
-    converter = gguf_converter() if gguf else None  # before minutes of merging, not after
+    tools = find_tools(gguf_type) if gguf else None  # before minutes of merging, not after
     from tuneforge.models import materialize, resolve
 
     if dtype != "auto":
@@ -106,9 +111,11 @@ def merge(
     ]
     report: dict[str, Any] = {"merged": str(target), "dtype": dtype, "probes": len(prompts), "mismatches": mismatches}
     failure = None
-    if converter is not None:
+    if tools is not None:
         try:
-            report["gguf"] = export_gguf(target, run.sub("merged.gguf"), converter)
+            report["gguf"] = _export_gguf(
+                experiment, run, tokenizer, tools, gguf_type, (prompts, after, settings, dtype)
+            )
         except TuneforgeError as exc:
             report["gguf_error"] = failure = str(exc)
     atomic_write_json(run.sub("merge_report.json"), report)  # the merge and its probes are kept whatever GGUF did
@@ -116,6 +123,33 @@ def merge(
     if failure:
         raise TuneforgeError(f"{failure}; the merged safetensors model and merge_report.json are saved")
     return report
+
+
+def _export_gguf(experiment: Experiment, run: RunDir, tokenizer, tools: Tools, gguf_type: str, probe) -> dict:
+    """The merged folder as a GGUF with the trained template and stop token, its Modelfile, and the probe set
+    answered from the file: every answer that differs from the merged model's is listed in `drift`."""
+    from tuneforge.systems import training_system_prompt
+
+    prompts, merged_answers, settings, dtype = probe
+    target = run.sub(f"merged-{gguf_type}.gguf")
+    trained_with = trained(tokenizer, training_system_prompt(run))
+    try:
+        entry = export(run.sub("merged"), target, tools, trained_with, gguf_type, name=experiment.name)
+    except (ValueError, OSError) as exc:  # a file the gguf package cannot read or rewrite
+        raise TuneforgeError(f"GGUF export to {target}: {exc}") from None
+    start = time.perf_counter()
+    try:
+        answers = gguf_answers(target, prompts, settings, dtype=dtype)
+    except (ValueError, KeyError, OSError, NotImplementedError) as exc:  # an architecture transformers cannot read
+        entry["probe_error"] = f"the probe set was not answered from the GGUF: {exc}"
+        return entry
+    entry["probe_seconds"] = round(time.perf_counter() - start, 1)
+    entry["drift"] = [
+        {"prompt": p[-1]["content"], "merged": m.text, "gguf": g.text}
+        for p, m, g in zip(prompts, merged_answers, answers)
+        if m.text != g.text
+    ]
+    return entry
 
 
 def parameter_count(location: str) -> int:
@@ -143,33 +177,3 @@ def merge_device(location: str, width: int = 2, headroom: float = 1.25) -> str |
     params = parameter_count(location)
     free, _ = torch.cuda.mem_get_info()
     return "cpu" if params and width * params * headroom > free else None
-
-
-def gguf_converter() -> str:
-    """llama.cpp's convert_hf_to_gguf.py when the user has it; say how to get it when not."""
-    import os
-
-    candidates = [shutil.which("convert_hf_to_gguf.py"), shutil.which("convert-hf-to-gguf.py")]
-    home = os.environ.get("LLAMA_CPP_DIR")
-    if home:
-        candidates.append(str(Path(home) / "convert_hf_to_gguf.py"))
-    script = next((c for c in candidates if c and Path(c).exists()), None)
-    if script is None:
-        raise TuneforgeError(
-            "merge --gguf needs llama.cpp's convert_hf_to_gguf.py: clone llama.cpp, "
-            "`pip install -r requirements.txt` there, "
-            "and set LLAMA_CPP_DIR to its folder (or put the script on PATH); "
-            "nothing was merged (drop --gguf for safetensors only)"
-        )
-    return script
-
-
-def export_gguf(folder: Path, target: Path, script: str) -> str:
-    """Convert the merged folder with llama.cpp's converter."""
-    result = subprocess.run(
-        [sys.executable, script, str(folder), "--outfile", str(target)], capture_output=True, text=True
-    )
-    if result.returncode:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise TuneforgeError(f"llama.cpp's converter failed (exit {result.returncode}): {tail[0]}")
-    return str(target)

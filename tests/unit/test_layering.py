@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tuneforge.scoring",),
     ("tuneforge.train",),
     ("tuneforge.eval",),
+    ("tuneforge.gguf_export",),  # merge's GGUF export: converter, metadata, Modelfile, probe from the file
     VERBS,
     ("tuneforge.sweep",),
     ("tuneforge.cli", "tuneforge.__main__"),
