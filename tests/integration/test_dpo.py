@@ -24,7 +24,8 @@ def _experiment(tmp_path, name, *overrides):
         f"data: {{train: {PAIRS}, valid_split: 0, sample: 4, max_length: 192}}\n"
         "lora: {r: 8, alpha: 16, dropout: 0.0}\n"
         "train: {method: dpo, batch_size: 2, lr: 1.0e-3, warmup_ratio: 0.0, schedule: constant, keep_best: false}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return load_experiment(path, list(overrides))
 
 
@@ -87,8 +88,9 @@ def test_dpo_raises_the_margin_and_a_started_run_is_referenced_to_its_start(tmp_
     assert summary2["init_adapter"] == str(run.sub("adapter"))
     first = [json.loads(x) for x in run2.sub("metrics.jsonl").read_text().splitlines()][0]
     assert abs(first["reward_margin"]) < 1e-4, first
-    continued = PeftModel.from_pretrained(load_model(experiment.model, plan_device(experiment.model), smollm_location).eval(),
-                                          run2.sub("adapter")).eval()
+    continued = PeftModel.from_pretrained(
+        load_model(experiment.model, plan_device(experiment.model), smollm_location).eval(), run2.sub("adapter")
+    ).eval()
     again = _margins(continued, encoder, pairs)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(again) > (mean(before) + mean(after)) / 2, (before, after, again)  # it went on from the trained adapter

@@ -14,8 +14,15 @@ from tuneforge.serve.wire import JobFailed, local_train_section, page, read_exam
 from tuneforge.train import openai_backend as backend
 
 DATA = {"train.jsonl": "a" * 64, "valid.jsonl": "b" * 64}
-ESTIMATE = {"model": "gpt-4o-mini-2024-07-18", "n_epochs": 3, "n_epochs_source": "auto (OpenAI's rule)", "billed_tokens": 123_000,
-            "price_per_1m_tokens": 3.0, "estimated_cost_usd": 0.369, "note": "tokens counted locally"}
+ESTIMATE = {
+    "model": "gpt-4o-mini-2024-07-18",
+    "n_epochs": 3,
+    "n_epochs_source": "auto (OpenAI's rule)",
+    "billed_tokens": 123_000,
+    "price_per_1m_tokens": 3.0,
+    "estimated_cost_usd": 0.369,
+    "note": "tokens counted locally",
+}
 
 
 def _experiment(**train) -> Experiment:
@@ -34,7 +41,9 @@ def test_the_same_config_and_data_give_the_same_key():
     assert backend.job_key(_experiment(), DATA) == backend.job_key(_experiment(), dict(DATA))
 
 
-@pytest.mark.parametrize("change", [{"epochs": 2}, {"model": "gpt-4.1-mini"}, {"suffix": "v2"}, {"base_url": "http://127.0.0.1:9/v1"}])
+@pytest.mark.parametrize(
+    "change", [{"epochs": 2}, {"model": "gpt-4.1-mini"}, {"suffix": "v2"}, {"base_url": "http://127.0.0.1:9/v1"}]
+)
 def test_a_changed_train_section_gives_a_new_key(change):
     assert backend.job_key(_experiment(**change), DATA) != backend.job_key(_experiment(), DATA)
 
@@ -51,11 +60,19 @@ def test_changed_data_or_seed_gives_a_new_key_but_watching_settings_do_not():
 
 
 def test_job_request_maps_the_train_section():
-    experiment = _experiment(epochs=3, batch_size="auto", lr_multiplier=0.5, suffix="support", wandb_project="ft",
-                             metadata={"team": "support"})
+    experiment = _experiment(
+        epochs=3,
+        batch_size="auto",
+        lr_multiplier=0.5,
+        suffix="support",
+        wandb_project="ft",
+        metadata={"team": "support"},
+    )
     request = backend.job_request(experiment, "k" * 24, "file-train", "file-valid")
-    assert request["method"] == {"type": "supervised", "supervised": {"hyperparameters": {
-        "n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 0.5}}}
+    assert request["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 0.5}},
+    }
     assert request["model"] == "gpt-4o-mini-2024-07-18" and request["seed"] == 42 and request["suffix"] == "support"
     assert request["integrations"] == [{"type": "wandb", "wandb": {"project": "ft"}}]
     assert request["metadata"] == {"team": "support", "tuneforge_experiment": "hosted", "tuneforge_key": "k" * 24}
@@ -65,7 +82,11 @@ def test_job_request_maps_the_train_section():
 def test_job_request_leaves_out_what_is_unset():
     request = backend.job_request(_experiment(), "key", "file-train", None)
     assert not {"validation_file", "suffix", "integrations"} & set(request)
-    assert request["method"]["supervised"]["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    assert request["method"]["supervised"]["hyperparameters"] == {
+        "n_epochs": "auto",
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+    }
 
 
 # --------------------------------------------------------------------------- confirmation
@@ -139,7 +160,9 @@ def test_an_openai_experiment_file_validates(tmp_path):
 
 def test_hyperparameters_map_onto_the_local_trainer():
     train = LocalTrain(epochs=3, batch_size=4, lr=2e-4, max_steps=5)
-    auto = local_train_section(train, {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, True)
+    auto = local_train_section(
+        train, {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, True
+    )
     assert (auto["epochs"], auto["batch_size"], auto["lr"], auto["max_steps"]) == (3, 4, 2e-4, 5)
     assert auto["extra_args"] == {}
     given = local_train_section(train, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5}, False)
@@ -170,7 +193,9 @@ def test_an_invalid_line_fails_with_its_number(tmp_path):
     assert info.value.code == "invalid_file_format" and info.value.param == "training_file"
     assert "t.jsonl line 2" in info.value.message
     with pytest.raises(JobFailed, match="line 1: \\[unrecognized_role\\]"):
-        read_examples(upload(json.dumps({"messages": [{"role": "wizard", "content": "x"}]})), "t.jsonl", "training_file")
+        read_examples(
+            upload(json.dumps({"messages": [{"role": "wizard", "content": "x"}]})), "t.jsonl", "training_file"
+        )
 
 
 def test_pages_follow_the_after_cursor():
@@ -192,18 +217,25 @@ def test_prepared_files_are_checked_line_by_line_before_upload(tmp_path):
     run = RunDir(_experiment(), tmp_path / "run")
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     run.sub("data").mkdir(parents=True)
-    run.sub("data", "train.jsonl").write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    run.sub("data", "train.jsonl").write_text(
+        json.dumps(good) + "\n{not json\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
     run.sub("data", "valid.jsonl").write_text(json.dumps(good) + "\n")
     with pytest.raises(TuneforgeError) as info:
         backend.check_prepared(run)
     message = str(info.value)
     assert message.startswith("2 problems") and "nothing was uploaded" in message
-    assert "train.jsonl line 2" in message and "train.jsonl line 3" in message and "valid.jsonl" not in message.split("\n", 1)[1]
+    assert (
+        "train.jsonl line 2" in message
+        and "train.jsonl line 3" in message
+        and "valid.jsonl" not in message.split("\n", 1)[1]
+    )
     run.sub("data", "train.jsonl").write_text(json.dumps(good) + "\n")
     backend.check_prepared(run)  # clean files pass
 
 
 # --------------------------------------------------------------------------- watching through network trouble
+
 
 def _flaky_api(failures: int):
     """An OpenAI-shaped transport whose job endpoint answers 503 `failures` times, then reports a finished job."""
@@ -215,11 +247,29 @@ def _flaky_api(failures: int):
             calls["job"] += 1
             if calls["job"] <= failures:
                 return httpx.Response(503, json={"error": {"message": "overloaded", "type": "server_error"}})
-            return httpx.Response(200, json={"id": "ftjob-1", "object": "fine_tuning.job", "status": "succeeded", "model": "m",
-                                             "fine_tuned_model": "ft:m:x", "created_at": 1, "finished_at": 2, "trained_tokens": 9})
+            return httpx.Response(
+                200,
+                json={
+                    "id": "ftjob-1",
+                    "object": "fine_tuning.job",
+                    "status": "succeeded",
+                    "model": "m",
+                    "fine_tuned_model": "ft:m:x",
+                    "created_at": 1,
+                    "finished_at": 2,
+                    "trained_tokens": 9,
+                },
+            )
         if path.endswith("/events"):
-            event = {"id": "ev-1", "object": "fine_tuning.job.event", "created_at": 1, "level": "info", "type": "metrics",
-                     "message": "Step 1/1: train loss=1.5", "data": {"step": 1, "train_loss": 1.5}}
+            event = {
+                "id": "ev-1",
+                "object": "fine_tuning.job.event",
+                "created_at": 1,
+                "level": "info",
+                "type": "metrics",
+                "message": "Step 1/1: train loss=1.5",
+                "data": {"step": 1, "train_loss": 1.5},
+            }
             return httpx.Response(200, json={"object": "list", "data": [event], "has_more": False})
         if path.endswith("/checkpoints"):
             return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
@@ -227,8 +277,12 @@ def _flaky_api(failures: int):
 
     import openai
 
-    client = openai.OpenAI(api_key="sk-test", base_url="http://api.test/v1", max_retries=0,
-                           http_client=httpx.Client(transport=httpx.MockTransport(handle)))
+    client = openai.OpenAI(
+        api_key="sk-test",
+        base_url="http://api.test/v1",
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(handle)),
+    )
     return client, calls
 
 
@@ -261,16 +315,23 @@ def test_watching_gives_up_after_too_many_failures_and_says_how_to_reattach(tmp_
 
 def test_a_dpo_experiment_sends_openai_s_dpo_method_with_its_beta():
     request = backend.job_request(_experiment(method="dpo", dpo={"beta": 0.25}, epochs=2), "key", "file-train", None)
-    assert request["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
-        "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "beta": 0.25}}}
+    assert request["method"] == {
+        "type": "dpo",
+        "dpo": {
+            "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "beta": 0.25}
+        },
+    }
 
 
 def test_prepared_preference_pairs_pass_the_upload_check_and_broken_ones_are_named(tmp_path):
     from tuneforge.run import RunDir
 
     run = RunDir(_experiment(method="dpo"), tmp_path / "run")
-    pair = {"input": {"messages": [{"role": "user", "content": "hi"}]}, "preferred_output": [{"role": "assistant", "content": "hello"}],
-            "non_preferred_output": [{"role": "assistant", "content": "go away"}]}
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "hello"}],
+        "non_preferred_output": [{"role": "assistant", "content": "go away"}],
+    }
     run.sub("data").mkdir(parents=True)
     run.sub("data", "train.jsonl").write_text(json.dumps(pair) + "\n")
     run.sub("data", "valid.jsonl").write_text("")

@@ -20,12 +20,12 @@ from openai.types.fine_tuning import FineTuningJobEvent
 from tests.wire import checked, checked_job, checked_page
 from tuneforge.config import Experiment
 from tuneforge.errors import TuneforgeError
+from tuneforge.run import RunDir
 from tuneforge.serve.finetuning import Platform
-from tuneforge.serve.wire import step_metrics_csv, upload_name
 from tuneforge.serve.keys import ApiKeys, bearer, check_binding, load_keys
 from tuneforge.serve.server import Served, create_app
 from tuneforge.serve.store import Store
-from tuneforge.run import RunDir
+from tuneforge.serve.wire import step_metrics_csv, upload_name
 
 ALICE, BOB = "sk-alice-0123456789abcdef", "sk-bob-fedcba9876543210"
 LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
@@ -48,7 +48,9 @@ def _as(key: str) -> dict:
 
 
 def _upload(client, text: str, name: str = "train.jsonl", headers: dict | None = None):
-    return client.post("/v1/files", headers=headers or {}, data={"purpose": "fine-tune"}, files={"file": (name, text.encode())})
+    return client.post(
+        "/v1/files", headers=headers or {}, data={"purpose": "fine-tune"}, files={"file": (name, text.encode())}
+    )
 
 
 def _wait_status(client, job_id: str, status: str, headers: dict | None = None) -> dict:
@@ -66,8 +68,15 @@ def test_files_and_jobs_survive_a_restart_and_every_body_is_openai_shaped(tmp_pa
     uploaded = _upload(client, f"{LINE}\n" * 3, "few.jsonl")
     assert uploaded.status_code == 200
     file = checked(FileObject, uploaded.json())
-    assert file.bytes == len(LINE) * 3 + 3 and "expires_at" not in uploaded.json() and "status_details" not in uploaded.json()
-    job = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file.id, "suffix": "x", "metadata": {"team": "a"}})
+    assert (
+        file.bytes == len(LINE) * 3 + 3
+        and "expires_at" not in uploaded.json()
+        and "status_details" not in uploaded.json()
+    )
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "base", "training_file": file.id, "suffix": "x", "metadata": {"team": "a"}},
+    )
     checked_job(job.json())
     failed = checked_job(_wait_status(client, job.json()["id"], "failed"))  # 3 examples < 10
     assert failed.error.code == "invalid_n_examples" and failed.error.param == "training_file" and failed.finished_at
@@ -97,13 +106,21 @@ def test_keys_are_required_and_each_project_sees_only_its_own(tmp_path):
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert ALICE[:-1] not in wrong.text
     file = _upload(client, f"{LINE}\n" * 12, headers=_as(ALICE)).json()
-    job = client.post("/v1/fine_tuning/jobs", headers=_as(ALICE), json={"model": "base", "training_file": file["id"]}).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs", headers=_as(ALICE), json={"model": "base", "training_file": file["id"]}
+    ).json()
     assert client.get(f"/v1/files/{file['id']}", headers=_as(ALICE)).status_code == 200
 
-    for method, path in [("GET", f"/v1/files/{file['id']}"), ("GET", f"/v1/files/{file['id']}/content"), ("DELETE", f"/v1/files/{file['id']}"),
-                         ("GET", f"/v1/fine_tuning/jobs/{job['id']}"), ("GET", f"/v1/fine_tuning/jobs/{job['id']}/events"),
-                         ("GET", f"/v1/fine_tuning/jobs/{job['id']}/checkpoints"), ("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel"),
-                         ("POST", f"/v1/fine_tuning/jobs/{job['id']}/pause")]:
+    for method, path in [
+        ("GET", f"/v1/files/{file['id']}"),
+        ("GET", f"/v1/files/{file['id']}/content"),
+        ("DELETE", f"/v1/files/{file['id']}"),
+        ("GET", f"/v1/fine_tuning/jobs/{job['id']}"),
+        ("GET", f"/v1/fine_tuning/jobs/{job['id']}/events"),
+        ("GET", f"/v1/fine_tuning/jobs/{job['id']}/checkpoints"),
+        ("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel"),
+        ("POST", f"/v1/fine_tuning/jobs/{job['id']}/pause"),
+    ]:
         assert client.request(method, path, headers=_as(BOB)).status_code == 404, (method, path)
     assert client.get("/v1/files", headers=_as(BOB)).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs", headers=_as(BOB)).json()["data"] == []
@@ -119,24 +136,47 @@ def test_upload_names_cannot_escape_the_store_and_bodies_have_limits(tmp_path):
     sneaky = _upload(client, f"{LINE}\n", "../../escaped.jsonl").json()
     assert sneaky["filename"] == "escaped.jsonl" and not outside.exists()
     assert sorted(p.name for p in (tmp_path / "server" / "api" / "files").iterdir()) == [f"{sneaky['id']}.jsonl"]
-    assert upload_name("..\\..\\x.jsonl") == "x.jsonl" and upload_name("") == "upload.jsonl" and upload_name("a\x00b.jsonl") == "ab.jsonl"
+    assert (
+        upload_name("..\\..\\x.jsonl") == "x.jsonl"
+        and upload_name("") == "upload.jsonl"
+        and upload_name("a\x00b.jsonl") == "ab.jsonl"
+    )
 
     big = _upload(client, f"{LINE}\n" * 200)  # over the 4 KiB upload limit
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    assert len(client.get("/v1/files").json()["data"]) == 1 and len(list((tmp_path / "server" / "api" / "files").iterdir())) == 1
-    huge = client.post("/v1/chat/completions", content=b"{" + b" " * (5 << 20) + b"}", headers={"Content-Type": "application/json"})
+    assert (
+        len(client.get("/v1/files").json()["data"]) == 1
+        and len(list((tmp_path / "server" / "api" / "files").iterdir())) == 1
+    )
+    huge = client.post(
+        "/v1/chat/completions", content=b"{" + b" " * (5 << 20) + b"}", headers={"Content-Type": "application/json"}
+    )
     assert huge.status_code == 413
 
     def chunks(data: bytes):  # no Content-Length: the limit must hold on what arrives
-        yield from (data[i:i + 8192] for i in range(0, len(data), 8192))
+        yield from (data[i : i + 8192] for i in range(0, len(data), 8192))
 
-    streamed = client.post("/v1/chat/completions", content=chunks(b"{" + b" " * (5 << 20) + b"}"), headers={"Content-Type": "application/json"})
+    streamed = client.post(
+        "/v1/chat/completions",
+        content=chunks(b"{" + b" " * (5 << 20) + b"}"),
+        headers={"Content-Type": "application/json"},
+    )
     assert streamed.status_code == 413 and "content-length" not in {k.lower() for k in streamed.request.headers}
-    small = client.post("/v1/chat/completions", content=chunks(json.dumps({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}).encode()),
-                        headers={"Content-Type": "application/json"})
+    small = client.post(
+        "/v1/chat/completions",
+        content=chunks(json.dumps({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}).encode()),
+        headers={"Content-Type": "application/json"},
+    )
     assert small.status_code == 404  # read whole and answered as usual
-    request = httpx.Request("POST", "http://x/v1/files", data={"purpose": "fine-tune"}, files={"file": ("big.jsonl", f"{LINE}\n".encode() * 200)})
-    streamed_upload = client.post("/v1/files", content=chunks(request.read()), headers={"Content-Type": request.headers["content-type"]})
+    request = httpx.Request(
+        "POST",
+        "http://x/v1/files",
+        data={"purpose": "fine-tune"},
+        files={"file": ("big.jsonl", f"{LINE}\n".encode() * 200)},
+    )
+    streamed_upload = client.post(
+        "/v1/files", content=chunks(request.read()), headers={"Content-Type": request.headers["content-type"]}
+    )
     assert streamed_upload.status_code == 413
     assert len(list((tmp_path / "server" / "api" / "files").iterdir())) == 1  # nothing of it was stored
     not_multipart = client.post("/v1/files", json={"purpose": "fine-tune"})
@@ -145,18 +185,24 @@ def test_upload_names_cannot_escape_the_store_and_bodies_have_limits(tmp_path):
     assert wrong_purpose.status_code == 400 and wrong_purpose.json()["error"]["param"] == "purpose"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, "method.supervised.hyperparameters.n_epochs"),
-    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
-    ({"method": {"type": "reinforcement"}}, "method.type"),
-    ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
-    ({"suffix": "a:b"}, "suffix"),
-    ({"seed": "7"}, "seed"),
-    ({"metadata": {f"k{i}": "v" for i in range(17)}}, None),
-    ({"integrations": [{"type": "wandb", "wandb": {}}]}, "integrations.0.wandb.project"),
-    ({"learning_rate": 3}, "learning_rate"),
-    ({"model": None}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
+        ({"suffix": "a:b"}, "suffix"),
+        ({"seed": "7"}, "seed"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, None),
+        ({"integrations": [{"type": "wandb", "wandb": {}}]}, "integrations.0.wandb.project"),
+        ({"learning_rate": 3}, "learning_rate"),
+        ({"model": None}, "model"),
+    ],
+)
 def test_job_requests_are_validated_naming_the_parameter(tmp_path, body, param):
     client, _ = _app(tmp_path)
     file = _upload(client, f"{LINE}\n" * 12).json()
@@ -170,44 +216,85 @@ def test_job_requests_are_validated_naming_the_parameter(tmp_path, body, param):
 def test_methods_are_echoed_and_limits_and_state_rules_hold(tmp_path):
     client, _ = _app(tmp_path, max_unfinished=2)
     file = _upload(client, f"{LINE}\n" * 12).json()
-    dpo = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"], "metadata": {"team": "red"},
-                                                   "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}})
+    dpo = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "base",
+            "training_file": file["id"],
+            "metadata": {"team": "red"},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}},
+        },
+    )
     job = checked_job(dpo.json())
-    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25 and job.method.dpo.hyperparameters.n_epochs == 2
+    assert (
+        job.method.type == "dpo"
+        and job.method.dpo.hyperparameters.beta == 0.25
+        and job.method.dpo.hyperparameters.n_epochs == 2
+    )
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == "auto"
     # chat lines are not preference pairs: the dpo job fails validation, naming the line
     failed = checked_job(_wait_status(client, job.id, "failed"))
     assert "train.jsonl line 1" in failed.error.message and "preference" in failed.error.message
-    sft = [client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"], "metadata": {"team": t}}).json()
-           for t in ("green", "blue")]
+    sft = [
+        client.post(
+            "/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"], "metadata": {"team": t}}
+        ).json()
+        for t in ("green", "blue")
+    ]
     assert all(_wait_status(client, j["id"], "queued")["status"] == "queued" for j in sft)
     over = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"]})
     assert over.status_code == 429 and over.json()["error"]["type"] == "rate_limit_error"
-    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "red"}).json()["data"]] == [job.id]
-    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "blue"}).json()["data"]] == [sft[1]["id"]]
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "red"}).json()["data"]] == [
+        job.id
+    ]
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "blue"}).json()["data"]] == [
+        sft[1]["id"]
+    ]
     queued = sft[0]["id"]
     assert client.post(f"/v1/fine_tuning/jobs/{queued}/pause").status_code == 400  # only a running job pauses
     assert client.post(f"/v1/fine_tuning/jobs/{queued}/resume").status_code == 400  # only a paused one resumes
     in_use = client.delete(f"/v1/files/{file['id']}")
     assert in_use.status_code == 400 and in_use.json()["error"]["code"] == "file_in_use"
     assert checked_job(client.post(f"/v1/fine_tuning/jobs/{queued}/cancel").json()).status == "cancelled"
-    assert client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"]}).status_code == 200  # room again
-    unknown_model = client.post("/v1/fine_tuning/jobs", json={"model": "ft:someone-else:x", "training_file": file["id"]})
+    assert (
+        client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"]}).status_code == 200
+    )  # room again
+    unknown_model = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "ft:someone-else:x", "training_file": file["id"]}
+    )
     assert unknown_model.status_code == 400 and unknown_model.json()["error"]["param"] == "model"
 
 
 def test_errors_are_openai_shaped_on_unknown_paths_methods_and_bodies(tmp_path):
     client, _ = _app(tmp_path)
-    for response, status in [(client.get("/v1/nope"), 404), (client.delete("/v1/models"), 405),
-                             (client.post("/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}), 400),
-                             (client.post("/v1/chat/completions", json={"model": "base", "messages": [], "temperature": 1}), 400),
-                             (client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}],
-                                                                        "temperature": 5}), 400),
-                             (client.post("/v1/chat/completions", json={"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}), 404)]:
+    for response, status in [
+        (client.get("/v1/nope"), 404),
+        (client.delete("/v1/models"), 405),
+        (client.post("/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}), 400),
+        (client.post("/v1/chat/completions", json={"model": "base", "messages": [], "temperature": 1}), 400),
+        (
+            client.post(
+                "/v1/chat/completions",
+                json={"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            ),
+            400,
+        ),
+        (
+            client.post(
+                "/v1/chat/completions", json={"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}
+            ),
+            404,
+        ),
+    ]:
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    assert client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": 5}
-                       ).json()["error"]["param"] == "temperature"
+    assert (
+        client.post(
+            "/v1/chat/completions",
+            json={"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+        ).json()["error"]["param"]
+        == "temperature"
+    )
 
 
 def test_a_job_whose_server_died_mid_training_is_queued_again(tmp_path):
@@ -217,7 +304,9 @@ def test_a_job_whose_server_died_mid_training_is_queued_again(tmp_path):
     _wait_status(client, job["id"], "queued")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    assert api.store.claim_job(f"{os.uname().nodename}:{dead.pid}") == job["id"]  # claimed by a process that is gone now
+    assert (
+        api.store.claim_job(f"{os.uname().nodename}:{dead.pid}") == job["id"]
+    )  # claimed by a process that is gone now
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "running"
     again, _ = _app(tmp_path)
     assert again.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
@@ -252,11 +341,31 @@ def test_only_one_of_many_claimants_gets_a_queued_job(tmp_path):
 def test_the_json_file_state_of_the_previous_version_is_imported(tmp_path):
     root = tmp_path / "api"
     (root / "files").mkdir(parents=True)
-    (root / "files" / "file-1.json").write_text(json.dumps({"id": "file-1", "object": "file", "bytes": 3, "created_at": 5, "filename": "a.jsonl",
-                                                            "purpose": "fine-tune", "status": "processed", "expires_at": None, "status_details": None}))
+    (root / "files" / "file-1.json").write_text(
+        json.dumps(
+            {
+                "id": "file-1",
+                "object": "file",
+                "bytes": 3,
+                "created_at": 5,
+                "filename": "a.jsonl",
+                "purpose": "fine-tune",
+                "status": "processed",
+                "expires_at": None,
+                "status_details": None,
+            }
+        )
+    )
     (root / "jobs" / "ftjob-1").mkdir(parents=True)
-    (root / "jobs" / "ftjob-1" / "job.json").write_text(json.dumps({"job": {"id": "ftjob-1", "created_at": 6, "status": "failed"},
-                                                                    "events": [{"id": "ftevent-1", "message": "m"}], "checkpoints": []}))
+    (root / "jobs" / "ftjob-1" / "job.json").write_text(
+        json.dumps(
+            {
+                "job": {"id": "ftjob-1", "created_at": 6, "status": "failed"},
+                "events": [{"id": "ftevent-1", "message": "m"}],
+                "checkpoints": [],
+            }
+        )
+    )
     store = Store(root / "platform.sqlite3")
     assert checked(FileObject, store.file("file-1", "default")).filename == "a.jsonl"
     assert "expires_at" not in store.file("file-1")
@@ -269,7 +378,11 @@ def test_keys_come_from_the_environment_or_a_file_and_are_never_echoed(tmp_path)
     keys_file.write_text(f"# team keys\nalice:{ALICE}\n\n{BOB}   # the default project\n")
     keys_file.chmod(0o600)
     keys = load_keys(keys_file, environ={})
-    assert keys.projects == ["alice", "default"] and keys.project_of(ALICE) == "alice" and keys.project_of(BOB) == "default"
+    assert (
+        keys.projects == ["alice", "default"]
+        and keys.project_of(ALICE) == "alice"
+        and keys.project_of(BOB) == "default"
+    )
     assert keys.project_of(ALICE + "x") is None and keys.project_of(None) is None
     both = load_keys(environ={"TUNEFORGE_API_KEYS": f"carol:{ALICE[::-1]}", "TUNEFORGE_API_KEYS_FILE": str(keys_file)})
     assert both.projects == ["alice", "carol", "default"]
@@ -279,7 +392,12 @@ def test_keys_come_from_the_environment_or_a_file_and_are_never_echoed(tmp_path)
     assert "short" not in str(info.value)
     with pytest.raises(TuneforgeError, match="two projects"):
         load_keys(environ={"TUNEFORGE_API_KEYS": f"a:{ALICE},b:{ALICE}"})
-    assert bearer(f"Bearer {ALICE}") == ALICE and bearer(f"bearer  {ALICE} ") == ALICE and bearer(f"Basic {ALICE}") is None and bearer("") is None
+    assert (
+        bearer(f"Bearer {ALICE}") == ALICE
+        and bearer(f"bearer  {ALICE} ") == ALICE
+        and bearer(f"Basic {ALICE}") is None
+        and bearer("") is None
+    )
     with pytest.raises(TuneforgeError, match="refusing to serve on 0.0.0.0 without API keys"):
         check_binding("0.0.0.0", ApiKeys())
     check_binding("127.0.0.1", ApiKeys())
@@ -289,15 +407,29 @@ def test_keys_come_from_the_environment_or_a_file_and_are_never_echoed(tmp_path)
 def test_serve_refuses_to_bind_beyond_loopback_without_keys(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_API_KEYS")}
     config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "serve", str(config), "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuneforge", "serve", str(config), "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 1 and "refusing to serve on 0.0.0.0 without API keys" in out.stderr
 
 
 def test_the_result_file_has_openai_s_columns():
-    records = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5, "token_accuracy": 0.4}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.2}]
+    records = [
+        {"step": 0, "eval_loss": 3.0},
+        {"step": 1, "loss": 2.5, "token_accuracy": 0.4},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "eval_loss": 2.2},
+    ]
     assert step_metrics_csv(records).decode().splitlines() == [
-        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy", "1,2.5,0.4,,", "2,2,,2.2,"]
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy",
+        "1,2.5,0.4,,",
+        "2,2,,2.2,",
+    ]
 
 
 def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
@@ -327,8 +459,18 @@ def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
             return self.checks > 3  # gone after three pieces
 
     async def read():
-        return [chunk async for chunk in _events(served, SimpleNamespace(stream=lambda m, s: pieces()), "base",
-                                                   [{"role": "user", "content": "hi"}], Settings(), False, Client())]
+        return [
+            chunk
+            async for chunk in _events(
+                served,
+                SimpleNamespace(stream=lambda m, s: pieces()),
+                "base",
+                [{"role": "user", "content": "hi"}],
+                Settings(),
+                False,
+                Client(),
+            )
+        ]
 
     chunks = asyncio.run(read())
     assert closed == [True] and len(produced) <= 5

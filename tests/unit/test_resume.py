@@ -19,13 +19,24 @@ def _experiment(tmp_path, model_dir, name):
     if not data.exists():
         with open(data, "w") as fh:
             for i in range(300):
-                fh.write(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i % 7}."}]}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": f"question {i}?"},
+                                {"role": "assistant", "content": f"answer {i % 7}."},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
     exp = tmp_path / f"{name}.yaml"
     exp.write_text(
         f"name: {name}\nseed: 11\nmodel: {{ref: {model_dir}, quantization: none}}\n"
         f"data: {{train: {data.name}, valid_split: 0.05, max_length: 32}}\n"
         "lora: {r: 4, alpha: 8, dropout: 0.1}\n"  # dropout on: the RNG state must be restored too
-        "train: {epochs: 1, micro_batch_size: 1, grad_accum: 2, lr: 1.0e-3, save_every: 10, eval_every: 1000, keep_best: false, packing: false}\n"
+        "train: {epochs: 1, micro_batch_size: 1, grad_accum: 2, lr: 1.0e-3, save_every: 10, eval_every: 1000, "
+        "keep_best: false, packing: false}\n"
     )
     return exp
 
@@ -40,11 +51,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     straight = _experiment(tmp_path, tiny_model_dir, "straight")
     killed = _experiment(tmp_path, tiny_model_dir, "killed")
     for exp in (straight, killed):
-        subprocess.run(_tuneforge("prepare", str(exp), cwd=tmp_path), cwd=tmp_path, env=env, check=True, capture_output=True)
-    subprocess.run(_tuneforge("train", str(straight), cwd=tmp_path), cwd=tmp_path, env=env, check=True, capture_output=True)
+        subprocess.run(
+            _tuneforge("prepare", str(exp), cwd=tmp_path), cwd=tmp_path, env=env, check=True, capture_output=True
+        )
+    subprocess.run(
+        _tuneforge("train", str(straight), cwd=tmp_path), cwd=tmp_path, env=env, check=True, capture_output=True
+    )
 
-    proc = subprocess.Popen(_tuneforge("train", str(killed), cwd=tmp_path), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _tuneforge("train", str(killed), cwd=tmp_path),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = tmp_path / "runs" / "killed" / "checkpoints"
     deadline = time.time() + 300
     while not (checkpoints / "checkpoint-30" / "tuneforge_complete.json").exists():
@@ -58,7 +78,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     newest = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
     assert 30 <= newest < steps_per_epoch  # killed in the middle of the (only) epoch
 
-    out = subprocess.run(_tuneforge("train", str(killed), "--resume", cwd=tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        _tuneforge("train", str(killed), "--resume", cwd=tmp_path),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     manifest = json.loads((tmp_path / "runs" / "killed" / "manifest.json").read_text())
     assert manifest["train"]["resumed_from"].startswith("checkpoint-")
@@ -74,7 +100,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     # resuming the finished run again has nothing to do, and says so instead of training on
     adapter = tmp_path / "runs" / "killed" / "adapter" / "adapter_model.safetensors"
     written = adapter.stat().st_mtime_ns
-    again = subprocess.run(_tuneforge("train", str(killed), "--resume", cwd=tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        _tuneforge("train", str(killed), "--resume", cwd=tmp_path),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"nothing to resume: this run already finished its {steps_per_epoch} steps" in again.stdout
     assert adapter.stat().st_mtime_ns == written

@@ -33,11 +33,14 @@ def _file(tmp_path, sweep: str, base: str = BASE):
 
 
 def test_a_grid_is_every_combination_each_a_plain_run_with_its_values(tmp_path):
-    path = _file(tmp_path, "sweep:\n  params: {train.lr: [1.0e-4, 2.0e-4], lora.r: [8, 16], data.train: [a.csv, b/c.csv]}\n")
+    path = _file(
+        tmp_path, "sweep:\n  params: {train.lr: [1.0e-4, 2.0e-4], lora.r: [8, 16], data.train: [a.csv, b/c.csv]}\n"
+    )
     points = plan(load_experiment(path))
     assert len(points) == 8
     assert {(p.experiment.train.lr, p.experiment.lora.r, p.experiment.data.train) for p in points} == {
-        (lr, r, d) for lr in (1e-4, 2e-4) for r in (8, 16) for d in ("a.csv", "b/c.csv")}
+        (lr, r, d) for lr in (1e-4, 2e-4) for r in (8, 16) for d in ("a.csv", "b/c.csv")
+    }
     assert all(p.experiment.sweep is None for p in points)  # each point is a normal run
     assert points[0].slug == "lr=0.0001-r=8-train=a"
     assert len({p.slug for p in points}) == 8
@@ -46,7 +49,10 @@ def test_a_grid_is_every_combination_each_a_plain_run_with_its_values(tmp_path):
 
 
 def test_random_draws_without_repeats_from_the_seed_and_ranges_stay_inside(tmp_path):
-    path = _file(tmp_path, "sweep:\n  random: 5\n  params: {train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}, lora.r: [4, 8, 16]}\n")
+    path = _file(
+        tmp_path,
+        "sweep:\n  random: 5\n  params: {train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}, lora.r: [4, 8, 16]}\n",
+    )
     experiment = load_experiment(path)
     first, again = draw(experiment.sweep, 4), draw(experiment.sweep, 4)
     assert first == again and len(first) == 5
@@ -65,16 +71,25 @@ def test_slugs_name_the_whole_key_when_two_share_a_last_part_and_never_collide()
     assert slug({"data.train": "x.jsonl", "train.epochs": 2}, taken) == "train=x-epochs=2-2"
 
 
-@pytest.mark.parametrize("sweep, words", [
-    ("  params: {train.lrr: [1, 2]}\n", ["1 problem", "line 8: sweep.params train.lrr: unknown key in train", "did you mean 'lr'"]),
-    ("  params: {lora.r: []}\n", ["sweep.params", "lora.r: empty list"]),
-    ("  params: {lora.r: [8, 0]}\n", ["line 8: sweep.params lora.r: got 0", "greater than 0"]),
-    ("  params: {lora.r: [8]}\n  metric: rouge_l\n", ["sweep.metric", "'rouge_l'", "classification", "accuracy"]),
-    ("  params: {lora.r: [8]}\n  metric: finetuned+rag.accuracy\n", ["sweep.metric", "finetuned+rag", "not in eval.systems"]),
-    ("  params: {lora.r: {low: 4, high: 8}}\n", ["ranges", "random: N"]),
-    ("  params: {name: [a, b]}\n", ["name: cannot be swept"]),
-    ("  params: {}\n", ["at least one key"]),
-])
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        (
+            "  params: {train.lrr: [1, 2]}\n",
+            ["1 problem", "line 8: sweep.params train.lrr: unknown key in train", "did you mean 'lr'"],
+        ),
+        ("  params: {lora.r: []}\n", ["sweep.params", "lora.r: empty list"]),
+        ("  params: {lora.r: [8, 0]}\n", ["line 8: sweep.params lora.r: got 0", "greater than 0"]),
+        ("  params: {lora.r: [8]}\n  metric: rouge_l\n", ["sweep.metric", "'rouge_l'", "classification", "accuracy"]),
+        (
+            "  params: {lora.r: [8]}\n  metric: finetuned+rag.accuracy\n",
+            ["sweep.metric", "finetuned+rag", "not in eval.systems"],
+        ),
+        ("  params: {lora.r: {low: 4, high: 8}}\n", ["ranges", "random: N"]),
+        ("  params: {name: [a, b]}\n", ["name: cannot be swept"]),
+        ("  params: {}\n", ["at least one key"]),
+    ],
+)
 def test_bad_sweeps_are_refused_naming_the_key(tmp_path, sweep, words):
     path = _file(tmp_path, "sweep:\n" + sweep)
     with pytest.raises(ConfigError) as caught:
@@ -86,18 +101,28 @@ def test_bad_sweeps_are_refused_naming_the_key(tmp_path, sweep, words):
 def test_the_cli_refuses_a_bad_sweep_before_anything_is_written(tmp_path):
     path = _file(tmp_path, "sweep:\n  params: {train.lrr: [1.0e-4, 2.0e-4]}\n")
     (tmp_path / "reviews.csv").write_text("review,sentiment\ngood,positive\n")
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "sweep", str(path)], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuneforge", "sweep", str(path)], cwd=tmp_path, capture_output=True, text=True
+    )
     assert out.returncode == 2 and "train.lrr" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml", "reviews.csv"]
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "sweep", str(_file(tmp_path, "", BASE))], cwd=tmp_path,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuneforge", "sweep", str(_file(tmp_path, "", BASE))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "no sweep section" in out.stderr
 
 
 def test_the_metric_defaults_to_accuracy_or_similarity_and_perplexity_is_minimised(tmp_path):
     labelled = load_experiment(_file(tmp_path, "sweep: {params: {lora.r: [8]}}\n"))
     assert metric_of(labelled) == ("finetuned", "accuracy", "max")
-    chats = load_experiment(_file(tmp_path, "sweep: {params: {lora.r: [8]}, metric: base.perplexity}\n", "name: c\ndata: {train: c.jsonl}\n"))
+    chats = load_experiment(
+        _file(
+            tmp_path, "sweep: {params: {lora.r: [8]}, metric: base.perplexity}\n", "name: c\ndata: {train: c.jsonl}\n"
+        )
+    )
     assert metric_of(chats) == ("base", "perplexity", "min")
 
 
@@ -118,8 +143,12 @@ def test_median_rule_stops_a_point_clearly_behind_finished_ones_at_the_same_epoc
     from tuneforge.train.callbacks import MedianStop
 
     for name, values in (("a", [0.6, 0.8, 0.9]), ("b", [0.5, 0.7, 0.85]), ("c", [0.4, 0.6, 0.8])):
-        _finished(tmp_path, name, [{"step": 0, "epoch": 0.0, "eval_accuracy": 0.3}]
-                  + [{"step": i + 1, "epoch": (i + 1) / 3, "eval_accuracy": v} for i, v in enumerate(values)])
+        _finished(
+            tmp_path,
+            name,
+            [{"step": 0, "epoch": 0.0, "eval_accuracy": 0.3}]
+            + [{"step": i + 1, "epoch": (i + 1) / 3, "eval_accuracy": v} for i, v in enumerate(values)],
+        )
     behind = MedianStop(lambda: finished_curves(tmp_path, "me"), labelled=True, margin=0.02)
     assert not _evaluate(behind, 0.0, 0.3)  # the base model's evaluation does not count
     assert not _evaluate(behind, 1 / 3, 0.3)  # never on the first evaluation
@@ -145,19 +174,41 @@ def test_points_writing_one_answer_cache_at_once_keep_each_others_entries(tmp_pa
 def _run(root, name, lr, accuracy, loss, eval_set="e1", judge=None, source=None, backend="local", tokens=None):
     folder = root / name
     (folder / "eval").mkdir(parents=True)
-    config = {"name": "s", "seed": 1, "data": {"train": "reviews.csv", "label": "sentiment"},
-              "train": {"backend": backend, "lr": lr, "price_per_1m_tokens": 3.0}}
+    config = {
+        "name": "s",
+        "seed": 1,
+        "data": {"train": "reviews.csv", "label": "sentiment"},
+        "train": {"backend": backend, "lr": lr, "price_per_1m_tokens": 3.0},
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    manifest = {"source": source, "eval": {"mode": "classification", "eval_set": eval_set},
-                "train": {"steps": 10, "seconds": 12.5, "supervised_tokens": 400, "final_eval_loss": loss}}
+    manifest = {
+        "source": source,
+        "eval": {"mode": "classification", "eval_set": eval_set},
+        "train": {"steps": 10, "seconds": 12.5, "supervised_tokens": 400, "final_eval_loss": loss},
+    }
     if tokens:
         manifest["openai_job"] = {"trained_tokens": tokens}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
-        {"step": 0, "epoch": 0.0, "eval_loss": 3.0, "eval_accuracy": 0.5},
-        {"step": 5, "epoch": 0.5, "loss": 2.0}, {"step": 10, "epoch": 1.0, "loss": 1.5, "eval_loss": loss, "eval_accuracy": accuracy})) + "\n")
-    metrics = {"base": {"accuracy": 0.5, "accuracy_low": 0.3, "accuracy_high": 0.7, "seconds": 1.0},
-               "finetuned": {"accuracy": accuracy, "accuracy_low": accuracy - 0.1, "accuracy_high": accuracy + 0.1, "seconds": 2.0}}
+    (folder / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {"step": 0, "epoch": 0.0, "eval_loss": 3.0, "eval_accuracy": 0.5},
+                {"step": 5, "epoch": 0.5, "loss": 2.0},
+                {"step": 10, "epoch": 1.0, "loss": 1.5, "eval_loss": loss, "eval_accuracy": accuracy},
+            )
+        )
+        + "\n"
+    )
+    metrics = {
+        "base": {"accuracy": 0.5, "accuracy_low": 0.3, "accuracy_high": 0.7, "seconds": 1.0},
+        "finetuned": {
+            "accuracy": accuracy,
+            "accuracy_low": accuracy - 0.1,
+            "accuracy_high": accuracy + 0.1,
+            "seconds": 2.0,
+        },
+    }
     if judge:
         metrics["judge"] = {"pairs": [judge]}
     (folder / "eval" / "metrics.json").write_text(json.dumps(metrics))
@@ -167,8 +218,11 @@ def _run(root, name, lr, accuracy, loss, eval_set="e1", judge=None, source=None,
 def test_compare_lists_differences_ranks_with_ties_to_the_lower_loss_and_writes_a_reusable_best(tmp_path):
     (tmp_path / "reviews.csv").write_text("review,sentiment\n")
     source = str(tmp_path / "exp.yaml")
-    runs = [_run(tmp_path, "a", 1e-4, 0.8, 1.2, source=source), _run(tmp_path, "b", 2e-4, 0.8, 1.1, source=source),
-            _run(tmp_path, "c", 3e-4, 0.7, 0.9, source=source)]
+    runs = [
+        _run(tmp_path, "a", 1e-4, 0.8, 1.2, source=source),
+        _run(tmp_path, "b", 2e-4, 0.8, 1.1, source=source),
+        _run(tmp_path, "c", 3e-4, 0.7, 0.9, source=source),
+    ]
     out = tmp_path / "report"
     compare_runs(runs, out)
     summary = json.loads((out / "compare.json").read_text())
@@ -187,10 +241,20 @@ def test_compare_lists_differences_ranks_with_ties_to_the_lower_loss_and_writes_
 
 
 def test_compare_flags_other_eval_sets_shows_judge_verdicts_and_hosted_cost(tmp_path):
-    pair = {"first": "base", "second": "finetuned", "wins": 3, "ties": 1, "losses": 6, "win_rate": 0.35,
-            "win_rate_low": 0.15, "win_rate_high": 0.6}
-    runs = [_run(tmp_path, "local", 1e-4, 0.8, 1.2, judge=pair),
-            _run(tmp_path, "hosted", 1e-4, 0.9, 1.0, eval_set="e2", backend="openai", tokens=200_000)]
+    pair = {
+        "first": "base",
+        "second": "finetuned",
+        "wins": 3,
+        "ties": 1,
+        "losses": 6,
+        "win_rate": 0.35,
+        "win_rate_low": 0.15,
+        "win_rate_high": 0.6,
+    }
+    runs = [
+        _run(tmp_path, "local", 1e-4, 0.8, 1.2, judge=pair),
+        _run(tmp_path, "hosted", 1e-4, 0.9, 1.0, eval_set="e2", backend="openai", tokens=200_000),
+    ]
     compare_runs(runs, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert summary["eval_sets"] == 2 and summary["differing"] == ["train.backend"]
@@ -205,8 +269,15 @@ def test_a_sweep_folder_stands_for_its_points_and_a_stray_folder_is_named(tmp_pa
     root = tmp_path / "sweep"
     _run(root, "lr=0.0001", 1e-4, 0.8, 1.0)
     _run(root, "lr=0.0002", 2e-4, 0.6, 1.0)
-    (root / "sweep.json").write_text(json.dumps({"metric": "finetuned.accuracy", "goal": "min", "points": [
-        {"slug": "lr=0.0001"}, {"slug": "lr=0.0002"}, {"slug": "lr=0.0003"}]}))  # the third has not run yet
+    (root / "sweep.json").write_text(
+        json.dumps(
+            {
+                "metric": "finetuned.accuracy",
+                "goal": "min",
+                "points": [{"slug": "lr=0.0001"}, {"slug": "lr=0.0002"}, {"slug": "lr=0.0003"}],
+            }
+        )
+    )  # the third has not run yet
     runs, sweep = load_runs([root])
     assert [r.label for r in runs] == ["lr=0.0001", "lr=0.0002"] and differing(runs) == ["train.lr"]
     compare_runs([root], root / "compare")

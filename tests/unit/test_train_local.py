@@ -15,8 +15,13 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.models import load_tokenizer
 from tuneforge.run import RunDir
 
-FACTS = [("What is two plus two?", "Four."), ("Say hello.", "hello world"), ("Capital of France?", "Paris."),
-         ("Classify: positive", "positive"), ("Classify: negative", "negative")]
+FACTS = [
+    ("What is two plus two?", "Four."),
+    ("Say hello.", "hello world"),
+    ("Capital of France?", "Paris."),
+    ("Classify: positive", "positive"),
+    ("Classify: negative", "negative"),
+]
 
 
 def make_run(tmp_path, model_dir, extra_train="", n=40, quantization="none"):
@@ -24,13 +29,16 @@ def make_run(tmp_path, model_dir, extra_train="", n=40, quantization="none"):
     with open(data, "w") as fh:
         for i in range(n):
             q, a = FACTS[i % len(FACTS)]
-            fh.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            fh.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     exp = tmp_path / "exp.yaml"
     exp.write_text(
         f"name: tiny\nseed: 3\nmodel: {{ref: {model_dir}, quantization: {quantization}}}\n"
         f"data: {{train: {data}, valid_split: 0.2, max_length: 64, clean: {{dedupe: false}}}}\n"
         f"lora: {{r: 8, alpha: 32, dropout: 0.0}}\n"
-        f"train: {{micro_batch_size: 2, grad_accum: 2, lr: 5.0e-3, eval_every: 5, save_every: 5, warmup_ratio: 0.1{extra_train}}}\n"
+        "train: {micro_batch_size: 2, grad_accum: 2, lr: 5.0e-3, eval_every: 5, save_every: 5, "
+        f"warmup_ratio: 0.1{extra_train}}}\n"
     )
     experiment = load_experiment(exp)
     run = RunDir(experiment, tmp_path / "run").start("train")
@@ -46,8 +54,10 @@ def labelled_run(tmp_path, model_dir, rows: int, cycle: list[str], text, train: 
     exp = tmp_path / "exp.yaml"
     exp.write_text(
         f"name: tiny-labels\nseed: 3\nmodel: {{ref: {model_dir}, quantization: none}}\n"
-        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, label: sentiment, valid_split: 0.25}\n"
-        f"lora: {{r: 8, alpha: 32, dropout: 0.0}}\ntrain: {{{train}}}\n")
+        "data: {train: reviews.csv, template: {user: 'Review: {review}', assistant: '{sentiment}'}, "
+        "label: sentiment, valid_split: 0.25}\n"
+        f"lora: {{r: 8, alpha: 32, dropout: 0.0}}\ntrain: {{{train}}}\n"
+    )
     experiment = load_experiment(exp)
     run = RunDir(experiment, tmp_path / "run").start("train")
     return experiment, run, prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
@@ -72,7 +82,13 @@ def test_loss_falls_only_adapters_change_and_adapter_is_complete(tmp_path, tiny_
 
     adapter = run.sub("adapter")
     names = {p.name for p in adapter.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "generation_config.json", "tuneforge.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "tuneforge.json",
+    } <= names
     assert not any(n.endswith(".bin") for n in names)
     generation = json.loads((adapter / "generation_config.json").read_text())
     from transformers import AutoTokenizer
@@ -126,21 +142,43 @@ def test_our_loss_equals_the_models_own(tmp_path, tiny_model_dir, architecture):
     from tuneforge.train.trainer import ForgeTrainer
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir) if architecture == "llama" else Gemma2ForCausalLM(Gemma2Config(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, final_logit_softcapping=0.5, attn_implementation="eager"))  # a cap this low changes every logit
+    base = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if architecture == "llama"
+        else Gemma2ForCausalLM(
+            Gemma2Config(
+                vocab_size=320,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                final_logit_softcapping=0.5,
+                attn_implementation="eager",
+            )
+        )
+    )  # a cap this low changes every logit
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
-    examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n // 2) + ids[n // 2 :]) for n in (12, 7, 20, 5)]
+    examples = [
+        (ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n // 2) + ids[n // 2 :]) for n in (12, 7, 20, 5)
+    ]
     rows = build_rows(examples, 32, packing=True, seed=0)
     batch = Collator(2, "block_mask")([r.__dict__ for r in rows])
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True}
+    )
     from datasets import Dataset
-
     from transformers import AutoTokenizer
 
-    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
-                           data_collator=lambda x: x, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+        data_collator=lambda x: x,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
     model.eval()
     with torch.no_grad():
         ours = trainer.compute_loss(model, dict(batch))
@@ -170,8 +208,12 @@ def test_resume_refuses_changed_batch_settings(tmp_path, tiny_model_dir):
     with pytest.raises(TuneforgeError, match="micro_batch_size: was 2, now 4"):
         train_local(changed, RunDir(changed, run.path), resume=True, progress=False)
     # what the optimizer, its schedule and the adapter's shape depend on counts too
-    for override, named in (("train.lr=0.01", "lr: was"), ("lora.r=4", "lora: was"), ("train.max_steps=10", "steps: was 5, now 10"),
-                            ("model.quantization=4bit", "quantization: was 'none', now '4bit'")):
+    for override, named in (
+        ("train.lr=0.01", "lr: was"),
+        ("lora.r=4", "lora: was"),
+        ("train.max_steps=10", "steps: was 5, now 10"),
+        ("model.quantization=4bit", "quantization: was 'none', now '4bit'"),
+    ):
         changed = load_experiment(experiment._source, [override])
         with pytest.raises(TuneforgeError, match=named):
             train_local(changed, RunDir(changed, run.path), resume=True, progress=False)
@@ -198,7 +240,9 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_model_dir):
 def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, variant):
     from tuneforge.train.local import train_local
 
-    experiment, run = make_run(tmp_path, tiny_model_dir, ", max_steps: 3" + (", full_finetune: true" if variant == "full_finetune" else ""))
+    experiment, run = make_run(
+        tmp_path, tiny_model_dir, ", max_steps: 3" + (", full_finetune: true" if variant == "full_finetune" else "")
+    )
     if variant != "full_finetune":
         experiment = load_experiment(experiment._source, [f"lora.{variant}=true"])
     summary = train_local(experiment, RunDir(experiment, run.path), progress=False)
@@ -211,11 +255,18 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
         assert not run.sub("adapter").exists() and (run.sub("merged") / "config.json").exists()
         assert system_source("finetuned", run) == (None, str(run.sub("merged")))
         engine = Engine.load(experiment, "finetuned", run)
-        assert engine.generate([[{"role": "user", "content": "What is the capital of France?"}]], Settings(max_new_tokens=4))[0].completion_tokens > 0
+        assert (
+            engine.generate(
+                [[{"role": "user", "content": "What is the capital of France?"}]], Settings(max_new_tokens=4)
+            )[0].completion_tokens
+            > 0
+        )
         trained = dict(engine.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
         from transformers import AutoModelForCausalLM
 
-        base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+        base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())[
+            "model.layers.0.self_attn.q_proj.weight"
+        ]
         assert not torch.allclose(trained, base)  # the trained weights, not the base's
         from tuneforge.merge import merge
 
@@ -228,7 +279,8 @@ def test_adapter_variants_and_full_finetune_train(tmp_path, tiny_model_dir, vari
 
 @pytest.mark.slow
 def test_the_kept_adapter_is_the_best_evaluations_checkpoint(tmp_path, tiny_model_dir):
-    """Validation says step 10 was best (the callback makes it so): the adapter kept is that checkpoint's, not the last."""
+    """Validation says step 10 was best (the callback makes it so): the adapter kept is that checkpoint's, not the
+    last."""
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
@@ -255,12 +307,25 @@ def test_labelled_training_logs_valid_accuracy_and_keeps_the_best_step(tmp_path,
     from tuneforge.train.local import train_local
 
     words = {"positive": "great lovely", "negative": "awful broken", "neutral": "fine okay"}
-    experiment, run, report = labelled_run(tmp_path, tiny_model_dir, 60, ["positive", "positive", "negative", "neutral"],
-                                           lambda label, i: f"{words[label]} thing {i}", "max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1, prompt_loss_weight: 0.1")
-    assert report["labels"]["valid"]["majority_label"] == "positive" and report["labels"]["valid"]["majority_accuracy"] == 0.5
-    assert report["local"]["packing"] is False and report["local"]["eval_every"] == 3  # 12 steps, five evaluations a run
+    experiment, run, report = labelled_run(
+        tmp_path,
+        tiny_model_dir,
+        60,
+        ["positive", "positive", "negative", "neutral"],
+        lambda label, i: f"{words[label]} thing {i}",
+        "max_steps: 12, lr: 5.0e-3, warmup_ratio: 0.1, prompt_loss_weight: 0.1",
+    )
+    assert (
+        report["labels"]["valid"]["majority_label"] == "positive"
+        and report["labels"]["valid"]["majority_accuracy"] == 0.5
+    )
+    assert (
+        report["local"]["packing"] is False and report["local"]["eval_every"] == 3
+    )  # 12 steps, five evaluations a run
     markdown = run.sub("data", "report.md").read_text()
-    assert "| valid | 4 (25%) | 4 (25%) | 8 (50%) | 0.500 (positive) |" in markdown  # the labels and the floor per split
+    assert (
+        "| valid | 4 (25%) | 4 (25%) | 8 (50%) | 0.500 (positive) |" in markdown
+    )  # the labels and the floor per split
     assert "## Training plan (local)" in markdown and "packing off: labelled data" in markdown
     summary = train_local(experiment, run, progress=False)
 
@@ -306,8 +371,15 @@ def test_a_later_evaluation_is_kept_unless_an_earlier_one_is_better_beyond_chanc
 
     judge = LabelEval.__new__(LabelEval)
     judge.kept = None
-    scores = [judge.select(10, one_less), judge.select(20, right), judge.select(30, collapsed), judge.select(40, one_less)]
-    assert scores[1] > scores[0] and scores[2] < scores[1] and scores[3] > scores[1]  # the trainer keeps the argmax: step 40
+    scores = [
+        judge.select(10, one_less),
+        judge.select(20, right),
+        judge.select(30, collapsed),
+        judge.select(40, one_less),
+    ]
+    assert (
+        scores[1] > scores[0] and scores[2] < scores[1] and scores[3] > scores[1]
+    )  # the trainer keeps the argmax: step 40
     assert judge.kept["step"] == 40  # compared with step 20 (kept), not with the rejected step 30
 
 
@@ -320,8 +392,14 @@ def test_a_run_that_degrades_keeps_its_earlier_checkpoint(tmp_path, tiny_model_d
     from tuneforge.train.label_eval import LabelEval
     from tuneforge.train.local import train_local
 
-    experiment, run, _ = labelled_run(tmp_path, tiny_model_dir, 80, ["positive", "negative"], lambda label, i: f"{label} words {i}",
-                                      "max_steps: 9, eval_every: 3, lr: 5.0e-3")
+    experiment, run, _ = labelled_run(
+        tmp_path,
+        tiny_model_dir,
+        80,
+        ["positive", "negative"],
+        lambda label, i: f"{label} words {i}",
+        "max_steps: 9, eval_every: 3, lr: 5.0e-3",
+    )
     calls = []
 
     def scripted(self, model, batch_size):
@@ -349,9 +427,13 @@ def test_balanced_label_weights_weigh_each_class_equally(tiny_model_dir):
     examples = [Example([], str(i), "", label) for i, label in enumerate(["a"] * 6 + ["b"] * 2)]
     weights = label_weights(examples, "balanced")
     assert sum(weights) == pytest.approx(len(examples))  # mean 1: the loss keeps its scale
-    assert sum(w for w, e in zip(weights, examples) if e.label == "a") == pytest.approx(sum(w for w, e in zip(weights, examples) if e.label == "b"))
+    assert sum(w for w, e in zip(weights, examples) if e.label == "a") == pytest.approx(
+        sum(w for w, e in zip(weights, examples) if e.label == "b")
+    )
     assert label_weights(examples, "none") is None
-    rows = build_rows([([5, 6, 7], [-100, 6, 7])] * 2 + [([8, 9], [-100, 9])], 16, packing=True, seed=0, weights=[3.0, 3.0, 0.5])
+    rows = build_rows(
+        [([5, 6, 7], [-100, 6, 7])] * 2 + [([8, 9], [-100, 9])], 16, packing=True, seed=0, weights=[3.0, 3.0, 0.5]
+    )
     batch = Collator(2, "block_mask")([r.__dict__ for r in rows])
     for b, row in enumerate(rows):
         start = 0
@@ -370,13 +452,26 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses(tmp_path, tiny_model
     from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(0)
     examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n - 3) + ids[n - 3 :]) for n in (12, 7, 20)]
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]), data_collator=lambda x: x)
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True}
+    )
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+        data_collator=lambda x: x,
+    )
     model.eval()
-    plain = [trainer.compute_loss(model, dict(Collator(2, "padded")([build_rows([e], 32, False, 0)[0].__dict__]))).item() for e in examples]
+    plain = [
+        trainer.compute_loss(model, dict(Collator(2, "padded")([build_rows([e], 32, False, 0)[0].__dict__]))).item()
+        for e in examples
+    ]
     rows = build_rows(examples, 32, packing=False, seed=0, weights=[2.0, 0.5, 1.0])
     with torch.no_grad():
         weighted = trainer.compute_loss(model, dict(Collator(2, "padded")([r.__dict__ for r in rows])))
@@ -401,7 +496,8 @@ def test_a_quantized_models_adapters_train_in_fp32_unless_the_device_computes_in
     train_local(experiment, run, progress=False, callbacks=[Dtypes()])
     assert seen["trainable"] == {torch.float32} == seen["optimizer"]  # TRL had cast them to bf16
 
-    # a T4-style fp16 plan keeps fp32 adapters (fp16's grad scaler cannot unscale bf16 gradients); a bf16 one is left as TRL made it
+    # a T4-style fp16 plan keeps fp32 adapters (fp16's grad scaler cannot unscale bf16 gradients); a bf16 one is
+    # left as TRL made it
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
     assert keep_trainable_fp32(model, "float16") == 2 and model.weight.dtype == torch.float32
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
@@ -420,7 +516,10 @@ def test_a_sharded_models_gathered_weights_are_what_is_saved(tmp_path, tiny_mode
     from tuneforge.train.finish import save_adapter
 
     experiment, _ = make_run(tmp_path, tiny_model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     tokenizer = load_tokenizer(experiment.model)
     gathered = {k: v + 1.0 for k, v in model.state_dict().items()}  # stands for the weights the shards add up to
     save_adapter(model, tokenizer, ChatEncoder(tokenizer), experiment, tmp_path / "adapter", {}, "none", gathered)
@@ -430,7 +529,9 @@ def test_a_sharded_models_gathered_weights_are_what_is_saved(tmp_path, tiny_mode
     for key, value in saved.items():
         original = next(v for k, v in own.items() if k.replace(".default", "") == key)
         assert torch.equal(value, original + 1.0)
-    assert full_weights(type("Plain", (), {"is_fsdp_enabled": False})()) is None  # unsharded: each process has the model
+    assert (
+        full_weights(type("Plain", (), {"is_fsdp_enabled": False})()) is None
+    )  # unsharded: each process has the model
 
 
 def test_label_adjustment_shifts_the_label_logits_where_an_answer_starts_and_nowhere_else(tmp_path, tiny_model_dir):
@@ -447,16 +548,27 @@ def test_label_adjustment_shifts_the_label_logits_where_an_answer_starts_and_now
     from tuneforge.train.trainer import ForgeTrainer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     # two examples: a prompt, then a label (first token 40 or 41) and an end-of-turn (2)
     examples = [([7, 8, 9, 10, 40, 2], [-100] * 4 + [40, 2]), ([7, 8, 11, 41, 2], [-100] * 3 + [41, 2])]
     labelled = [type("E", (), {"label": "common"})(), type("E", (), {"label": "rare"})()] * 2
     offsets, note = label_offsets(examples * 2 + [examples[0]], labelled + [labelled[0]], 0.5)  # 3 common : 2 rare
     assert offsets == pytest.approx({40: 0.5 * math.log(3 / 5), 41: 0.5 * math.log(2 / 5)}) and "common 60%" in note
     batch = Collator(2, "padded")([r.__dict__ for r in build_rows(examples, 32, packing=False, seed=0)])
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
-                           data_collator=lambda x: x, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), label_offsets=offsets)
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True}
+    )
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+        data_collator=lambda x: x,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        label_offsets=offsets,
+    )
     model.eval()
     with torch.no_grad():
         ours = trainer.compute_loss(model, dict(batch))
@@ -468,7 +580,10 @@ def test_label_adjustment_shifts_the_label_logits_where_an_answer_starts_and_now
                 logits[row, start, token] += offset
         chosen = targets != -100
         reference = torch.nn.functional.cross_entropy(logits[chosen], targets[chosen])
-        plain = torch.nn.functional.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()[chosen], targets[chosen])
+        plain = torch.nn.functional.cross_entropy(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()[chosen],
+            targets[chosen],
+        )
     assert torch.allclose(ours, reference, atol=1e-5) and not torch.allclose(ours, plain, atol=1e-3)
 
     # labels that begin with the same token cannot be told apart by one logit: the adjustment is off, and says so
@@ -506,12 +621,22 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(0)
     examples = [(ids := torch.randint(3, 300, (n,)).tolist(), [-100] * (n - 2) + ids[n - 2 :]) for n in (12, 7, 20)]
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = ForgeTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
-                           data_collator=lambda x: x, prompt_loss_weight=0.5)
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", dataset_kwargs={"skip_prepare_dataset": True}
+    )
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+        data_collator=lambda x: x,
+        prompt_loss_weight=0.5,
+    )
     model.train()  # the prompt loss is a training loss; dropout is 0 in LoRA's default and the tiny model's
     rows = build_rows(examples, 64, packing=True, seed=0)
     batch = Collator(2, "block_mask", prompt_targets=True)([r.__dict__ for r in rows])
@@ -523,7 +648,9 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
         for ids, labels in examples:
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
             prompt_positions = [t for t in range(len(ids) - 1) if labels[t + 1] == -100]
-            losses += F.cross_entropy(logits[prompt_positions], torch.tensor(ids)[1:][prompt_positions], reduction="none").tolist()
+            losses += F.cross_entropy(
+                logits[prompt_positions], torch.tensor(ids)[1:][prompt_positions], reduction="none"
+            ).tolist()
     assert combined - answer_only == pytest.approx(0.5 * sum(losses) / len(losses), rel=1e-3)
     model.eval()
     with torch.no_grad():  # evaluation keeps the answer's loss alone
