@@ -7,7 +7,11 @@ assistant turns of the prompt are context. TRL's own tokenization is skipped.
 
 The reference policy is the model with the starting adapter: a copy of
 `train.init_adapter` (an SFT run's adapter) when given, so DPO moves away from that
-SFT policy and not from the bare base; else the base itself.
+SFT policy and not from the bare base; else the base itself. Either way TRL keeps a
+frozen copy of the adapter as training starts (`REFERENCE`; a fresh adapter's lora_B
+is 0, so its copy computes the base). Checkpoints save it in ref/ and a
+resume loads it back from there, so a resumed run keeps the reference it started
+with (tests/unit/test_resume_dpo.py).
 
 metrics.jsonl gains `reward_margin` (mean of beta times the chosen-minus-rejected
 log-ratio against the reference) and `preference_accuracy` (share of pairs whose
