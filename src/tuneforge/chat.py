@@ -47,14 +47,14 @@ def chat_loop(
     system_prompt: str | None = None,
     tools: list | None = None,
 ) -> int:
-    from tuneforge.systems import Systems, parse, training_system_prompt
+    from tuneforge.systems import Systems, training_system_prompt
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     systems = Systems(experiment, run, system_prompt="")  # the chat sends its own system prompt, shown and changeable
     current = system_name
     systems.get(current)
     if system_prompt is None:
-        system_prompt = training_system_prompt(run, parse(current))
+        system_prompt = training_system_prompt(run, systems.spec(current))  # the folder the model loads from
         origin = "the one the run trained with"
     else:
         origin = "from --system-prompt"
