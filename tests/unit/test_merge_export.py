@@ -5,6 +5,7 @@ template is translated to Ollama's Go syntax, and drift between the GGUF's answe
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 
@@ -111,6 +112,92 @@ def test_a_template_that_is_not_role_blocks_is_refused_with_why(template, why):
 def test_go_template_braces_in_literal_text_are_quoted():
     layout = chat_layout(_trained(CHATML.replace("assistant\n", "assistant {{x}}\n")).render)
     assert '<|im_start|>assistant {{ "{{" }}x}}\n' in go_template(layout, keep_bos=False)
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var in struct {
+		Template string
+		Cases    [][]Message
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	tmpl := template.Must(template.New("t").Parse(in.Template))
+	out := []string{}
+	for _, messages := range in.Cases {
+		var text strings.Builder
+		if err := tmpl.Execute(&text, struct{ Messages []Message }{messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, text.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """Go's text/template, which Ollama renders a Modelfile's TEMPLATE with (skipped where Go is not installed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("go") is None:
+        pytest.skip("needs a Go toolchain (Debian: apt-get install golang-go) to render Go templates")
+    folder = tmp_path_factory.mktemp("gorender")
+    (folder / "main.go").write_text(GO_RENDER)
+    (folder / "go.mod").write_text("module gorender\ngo 1.19\n")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off"}
+    subprocess.run(["go", "build", "-o", "render", "."], cwd=folder, env=env, check=True, capture_output=True)
+
+    def render(template: str, cases: list[list[dict]]) -> list[str]:
+        cases = [[{"Role": m["role"], "Content": m["content"]} for m in c] for c in cases]
+        data = json.dumps({"Template": template, "Cases": cases})
+        result = subprocess.run([str(folder / "render")], input=data, capture_output=True, text=True, check=True)
+        return json.loads(result.stdout)
+
+    return render
+
+
+@pytest.mark.parametrize("name", ["chatml", "smollm2", "llama3", "alpaca"])
+def test_the_go_template_renders_in_go_as_the_jinja_one_does(name, go_render):
+    """Rendered by Go as Ollama does, with the Modelfile's SYSTEM put first where a conversation has no system
+    message (Ollama's rule), the prompt is the Jinja template's text, less a BOS the GGUF adds itself."""
+    specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    tokenizers = {
+        "chatml": lambda: make_tokenizer(CHATML),
+        "smollm2": lambda: make_tokenizer(SMOLLM2),
+        "llama3": lambda: make_tokenizer(LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", specials=specials),
+        "alpaca": lambda: make_tokenizer(ALPACA),
+    }
+    run = trained(tokenizers[name](), "Be brief.")
+    layout = chat_layout(run.render, run.bos)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b\nc"},
+            {"role": "user", "content": "{{x}}"},
+        ],
+    ]
+    system = {"role": "system", "content": "Be brief."}
+    conversations += [[system, *c] for c in conversations if c[0]["role"] != "system"]
+    for keep_bos in (True, False):
+        rendered = go_render(go_template(layout, keep_bos), conversations)
+        jinja = [run.render(c, True) for c in conversations]
+        assert rendered == [text if keep_bos else text.removeprefix(layout.bos) for text in jinja]
 
 
 def test_modelfile_names_the_file_template_stop_and_system_prompt():
