@@ -88,7 +88,8 @@ def _jobs_of(client, name: str) -> list:
     ]
 
 
-def _wait(client, job_id: str, statuses: tuple[str, ...], seconds: float = 300):
+# `seconds` guards against a hang; it is no pace: on a busy 2-core machine one training step can take minutes
+def _wait(client, job_id: str, statuses: tuple[str, ...], seconds: float = 600):
     deadline = time.time() + seconds
     while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
         assert time.time() < deadline, f"{job_id} still {job.status}"

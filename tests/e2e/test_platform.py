@@ -88,7 +88,8 @@ def _upload(server: Server, path: Path, lines: int, skip: int = 0) -> str:
     return checked(FileObject, response.json()).id
 
 
-def _wait(server: Server, job_id: str, statuses: tuple[str, ...], seconds: float = 300) -> dict:
+# `seconds` guards against a hang; it is no pace: on a busy 2-core machine one training step can take minutes
+def _wait(server: Server, job_id: str, statuses: tuple[str, ...], seconds: float = 600) -> dict:
     deadline = time.time() + seconds
     while (job := server.raw("GET", f"/fine_tuning/jobs/{job_id}").json())["status"] not in statuses:
         assert job["status"] not in ("failed", "cancelled") or job["status"] in statuses, job
