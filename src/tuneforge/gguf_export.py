@@ -177,7 +177,8 @@ def metadata_fixes(metadata: dict[str, Any], template: str, end_of_turn_id: int,
     fixes: dict[str, Any] = {}
     if metadata.get(TEMPLATE_KEY) != template:
         fixes[TEMPLATE_KEY] = template
-    if metadata.get(EOS_KEY) != end_of_turn_id:  # llama.cpp and Ollama stop at eos: the turn's end, or never
+    # runtimes stop at eos (and eot): at the turn's end, or, unless they know the end token by its name, never
+    if metadata.get(EOS_KEY) != end_of_turn_id:
         fixes[EOS_KEY] = end_of_turn_id
     if metadata.get(EOT_KEY, end_of_turn_id) != end_of_turn_id or EOS_KEY in fixes:
         fixes[EOT_KEY] = end_of_turn_id

@@ -4,9 +4,11 @@ Modelfile is Ollama's ChatML with the run's system prompt, and the GGUF's greedy
 model's.
 
 The adapter's tokenizer ends sequences with <|endoftext|>, as a base model's does, while its template ends each turn
-with <|im_end|>: the converter writes that eos, and a GGUF left so never stops at the end of the answer (what llama.cpp
-and Ollama users meet as an answer that runs on into the next turn). The export rewrites it to <|im_end|>; without
-that the GGUF's answers would differ from the merged model's and this test would fail.
+with <|im_end|>: the converter writes that eos, and a runtime that stops where the GGUF's metadata says (transformers'
+GGUF reader here) runs on into the next turn. The export rewrites it to <|im_end|>; with that fix broken on purpose 3
+of the 4 answers ran on ('... Paris, France.\nsystem\n\nuser\nA snail is...') and this test failed. (llama.cpp
+0.3.36 itself stopped there anyway: it takes a token spelled <|im_end|>, <|eot_id|>, <end_of_turn>... for an end of
+turn by its name; a template's own end token outside that list gets no such rescue.)
 """
 
 from __future__ import annotations
