@@ -218,7 +218,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     gguf = args.gguf or args.gguf_type is not None
     report = merge(experiment, run, gguf=gguf, dtype=args.dtype, gguf_type=args.gguf_type or "f16")
     print(f"merged model written to {report['merged']} ({report['dtype']})")
-    drift = _print_gguf(report["gguf"], report["probes"]) if gguf else False
     if report["mismatches"]:
         print(
             f"{len(report['mismatches'])} of {report['probes']} probe answers differ between adapter and merged model:"
@@ -231,9 +230,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 f"`tuneforge merge --dtype float32` keeps it (twice the size), "
                 f"or serve the adapter on its base (finetuned, vLLM LoRA)"
             )
-        return 1
-    print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
-    return 1 if drift else 0
+    else:
+        print(f"all {report['probes']} probe answers agree between the adapter and the merged model")
+    drift = _print_gguf(report["gguf"], report["probes"]) if gguf else False
+    return 1 if report["mismatches"] or drift else 0
 
 
 def _print_gguf(entry: dict, probes: int) -> bool:

@@ -479,6 +479,7 @@ def test_cli_exits_1_when_the_gguf_answers_differently(tmp_path, monkeypatch, ca
     assert calls[0]["gguf"] and calls[0]["gguf_type"] == "q8_0"
     out = capsys.readouterr().out
     assert "1 of 4 probe answers differ between the merged model and the GGUF" in out and "'Paris, France.'" in out
+    assert out.index("between the adapter and the merged model") < out.index("GGUF written to m.gguf (q8_0, 1 MiB")
     drift.clear()
     assert cli.main([*args, "--gguf"]) == 0 and calls[1]["gguf_type"] == "f16"
     assert "all 4 probe answers agree between the merged model and the GGUF" in capsys.readouterr().out
