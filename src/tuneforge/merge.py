@@ -11,6 +11,9 @@ The merged weights are stored in one dtype (the device's full dtype unless
 the weights' rounding step (8 significant bits): measured on an H200, a 40-step
 SmolLM2 adapter merged in bfloat16 changed 7 of 8 greedy probe answers, which
 is why the probes exist and why float32 is offered.
+
+With --gguf the merged folder is also exported for llama.cpp and Ollama (`gguf_export`), and the same probes are
+answered from the GGUF file: every answer that differs from the merged model's is reported as drift.
 """
 
 from __future__ import annotations
