@@ -355,8 +355,9 @@ def test_k_quants_need_llama_quantize_and_go_through_an_f16_file(tmp_path, monke
 
 
 @pytest.fixture()
-def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
-    """A run with a LoRA adapter on the tiny Llama, and Engine.load serving the tiny model instead of the builtin."""
+def trained_run(tmp_path, tiny_llama, tiny_tokenizer, tiny_model_dir, monkeypatch):
+    """A run with a LoRA adapter on the tiny Llama (its base too, so no builtin is converted), and Engine.load serving
+    the tiny model."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -367,7 +368,7 @@ def trained_run(tmp_path, tiny_llama, tiny_tokenizer, monkeypatch):
     from tuneforge.run import RunDir
 
     path = tmp_path / "exp.yaml"
-    path.write_text("name: m\ndata: {train: x.jsonl}\n")
+    path.write_text(f"name: m\nmodel: {{ref: {tiny_model_dir}}}\ndata: {{train: x.jsonl}}\n")
     experiment = load_experiment(path)
     run = RunDir(experiment, tmp_path / "run")
     peft = get_peft_model(
