@@ -286,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         routers=lambda served: fine_tuning_router(experiment, run, served, keys),
         keys=keys,
         max_upload=args.max_upload_mb << 20,
+        allowed_hosts=tuple(args.allowed_host),
     )
     return 0
 
@@ -480,7 +481,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
-    return launch(experiment, run, host=args.host, port=args.port, share=args.share, system_prompt=args.system_prompt)
+    return launch(
+        experiment,
+        run,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        system_prompt=args.system_prompt,
+        allowed_hosts=tuple(args.allowed_host),
+    )
 
 
 def _run_dir_quiet(args: argparse.Namespace, experiment: Experiment):
@@ -589,6 +598,7 @@ def _demo_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--host", help="interface to bind (default: demo.host, loopback)")
     sub.add_argument("--port", type=int, help="default: demo.port")
     sub.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs auth)")
+    _allowed_host_argument(sub)
 
 
 def _serve_arguments(sub: argparse.ArgumentParser) -> None:
@@ -609,6 +619,18 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
         "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback",
     )
     sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
+    _allowed_host_argument(sub)
+
+
+def _allowed_host_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a Host name the server answers besides the loopback names and --host (repeat for more; '*': any, "
+        "behind a proxy that checks them); pages of these names may also post to it",
+    )
 
 
 def _sweep_arguments(sub: argparse.ArgumentParser) -> None:

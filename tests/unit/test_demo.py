@@ -50,7 +50,8 @@ def test_defaults_are_loopback_no_share_no_files(tmp_path):
 
 
 def test_flags_override_the_config(tmp_path):
-    access = decide(_experiment(host="0.0.0.0", port=9000).demo, _run(tmp_path), environ={})
+    login = {"TUNEFORGE_DEMO_AUTH": "ann:pw"}
+    access = decide(_experiment(host="0.0.0.0", port=9000).demo, _run(tmp_path), environ=login)
     assert (access.host, access.port) == ("0.0.0.0", 9000) and not is_loopback("0.0.0.0")
     access = decide(_experiment(host="0.0.0.0").demo, _run(tmp_path), host="::1", port=8123, environ={})
     assert (access.host, access.port, access.url) == ("::1", 8123, "http://[::1]:8123") and is_loopback("::1")
@@ -61,6 +62,15 @@ def test_share_without_auth_is_refused(tmp_path, from_config):
     demo = _experiment(share=from_config).demo
     with pytest.raises(TuneforgeError, match="set TUNEFORGE_DEMO_AUTH=user:password"):
         decide(demo, _run(tmp_path), share=not from_config, environ={})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::"])
+def test_a_page_beyond_loopback_without_a_login_is_refused(tmp_path, host):
+    with pytest.raises(TuneforgeError, match=f"refusing to serve the page on {host} without a login"):
+        decide(_experiment().demo, _run(tmp_path), host=host, environ={})
+    access = decide(_experiment().demo, _run(tmp_path), host=host, environ={"TUNEFORGE_DEMO_AUTH": "ann:pw"})
+    assert access.auth == ("ann", "pw") and not access.typed_systems  # and it offers only the listed systems
+    assert decide(_experiment().demo, _run(tmp_path), environ={}).typed_systems
 
 
 def test_auth_comes_from_the_named_variable(tmp_path):
@@ -296,3 +306,49 @@ def test_the_page_hands_the_login_to_every_feedback_handler(tmp_path):
     for block in feedback:
         given = ["x"] * len(block.inputs)
         assert special_args(block.fn, list(given), request=login)[0] == [*given, login], block.outputs
+
+
+def test_beyond_loopback_a_typed_adapter_folder_or_openai_model_is_refused(tmp_path):
+    import gradio as gr
+
+    from tuneforge.demo.app import COMPARE_MAX, Page, chat, compare
+    from tuneforge.feedback.store import FeedbackStore
+
+    systems = AnsweringSystems({"base": "one", "openai:gpt-4o-mini": "hosted", "adapter:/srv/other/adapter": "x"})
+    listed = frozenset({"base", "openai:gpt-4o-mini"})  # the run's and the experiment's eval.systems
+    page = Page(systems, FeedbackStore(tmp_path / "feedback"), listed)
+    for typed in ("adapter:/srv/other/adapter", "openai:gpt-5"):
+        with pytest.raises(gr.Error, match="not one of this page's systems"):
+            list(chat(page, "hi", typed, "", 0.0, 8, [], []))
+    columns = list(compare(page, "hi", ["base", "adapter:/srv/other/adapter"], "", 0.0, 8))[-1][:COMPARE_MAX]
+    assert "not one of this page's systems" in columns[1]["value"] and "one" in columns[0]["value"]
+    assert list(chat(page, "hi", "openai:gpt-4o-mini", "", 0.0, 8, [], []))[-1][0][-1]["content"] == "hosted"
+    anything = Page(systems, FeedbackStore(tmp_path / "feedback"))  # loopback: the user's own machine
+    assert list(chat(anything, "hi", "adapter:/srv/other/adapter", "", 0.0, 8, [], []))[-1][0][-1]["content"] == "x"
+
+
+def test_the_page_answers_its_own_host_names_only_and_refuses_posts_from_other_sites(tmp_path):
+    import socket
+
+    import httpx
+
+    from tuneforge.demo.app import build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    access = decide(_experiment().demo, _run(tmp_path), port=port, environ={}, allowed_hosts=("demo.example",))
+    app = build_app(_experiment(), _run(tmp_path), FakeSystems(["base"]))
+    app.launch(prevent_thread_lock=True, **access.launch_kwargs())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url).status_code == 200
+        assert httpx.get(url, headers={"Host": "demo.example"}).status_code == 200  # --allowed-host
+        rebound = httpx.get(url, headers={"Host": f"evil.example:{port}"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+        posted = httpx.post(f"{url}/gradio_api/queue/join", json={}, headers={"Origin": "http://evil.example"})
+        assert posted.status_code == 403 and posted.json()["error"]["code"] == "cross_origin"
+        own = httpx.post(f"{url}/gradio_api/queue/join", json={}, headers={"Origin": url})
+        assert own.status_code not in (400, 403)  # past the guard (Gradio itself answers the empty body)
+    finally:
+        app.close()

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
         "tuneforge.explain",
         "tuneforge.run",
         "tuneforge.hosted",
+        "tuneforge.origins",  # the Host and Origin guard serve and demo both use
     ),
     ("tuneforge.data",),
     ("tuneforge.feedback",),

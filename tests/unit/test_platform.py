@@ -36,7 +36,8 @@ def _app(tmp_path: Path, keys: ApiKeys | None = None, max_upload: int = 64 << 10
     run = RunDir(experiment, tmp_path / "server")
     served = Served(experiment, run)
     api = Platform(experiment, run, served, keys, worker=False, **platform)
-    return TestClient(create_app(served, keys, [api.router()], max_upload=max_upload)), api
+    app = create_app(served, keys, [api.router()], max_upload=max_upload)
+    return TestClient(app, base_url="http://localhost"), api  # the server answers its loopback names only
 
 
 def _keys() -> ApiKeys:
@@ -476,3 +477,43 @@ def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
     assert closed == [True] and len(produced) <= 5
     assert len(chunks) == 4 and "[DONE]" not in chunks[-1]  # the role chunk and three pieces, then nothing
     assert served.waiting == 0  # its place in the queue was given back
+
+
+def test_only_the_bound_host_names_are_answered_and_other_sites_cannot_post(tmp_path):
+    client, _ = _app(tmp_path)
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1@evil", ""):
+        refused = client.get("/v1/models", headers={"Host": host})  # DNS rebinding: the page's own name
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host", host
+    # a form another site's page submits: multipart needs no CORS preflight, so only the Origin tells
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        posted = _upload(client, f"{LINE}\n", headers=headers)
+        assert posted.status_code == 403 and posted.json()["error"]["code"] == "cross_origin", headers
+    assert client.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads: CORS
+    assert _upload(client, f"{LINE}\n", headers={"Origin": "http://localhost"}).status_code == 200  # its own page
+    assert _upload(client, f"{LINE}\n", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert client.get("/v1/files").json()["data"] and len(client.get("/v1/files").json()["data"]) == 2
+    slash = client.post("/v1/chat/completions/", json={}, headers={"Host": "localhost"}, follow_redirects=False)
+    assert slash.status_code == 404 and "location" not in slash.headers  # no redirect built from the Host
+
+
+def test_the_host_names_follow_the_binding_and_the_operator():
+    from tuneforge.origins import HostPolicy, host_name
+
+    assert [host_name(h) for h in ("LocalHost:80", "[::1]:1", "[::1", "a:b", "x/y", "ok.example.")] == [
+        "localhost",
+        "::1",
+        None,
+        None,
+        None,
+        "ok.example",
+    ]
+    loopback = HostPolicy.bound_to("127.0.0.1")
+    assert loopback.allows("localhost") and not loopback.allows("10.0.0.2") and not loopback.allows("api.example")
+    lan = HostPolicy.bound_to("192.168.1.5", ["api.example"])
+    assert lan.allows("192.168.1.5") and lan.allows("api.example") and not lan.allows("10.0.0.2")
+    everywhere = HostPolicy.bound_to("0.0.0.0")
+    assert everywhere.allows("10.0.0.2") and everywhere.allows("fe80::1") and not everywhere.allows("evil.example")
+    assert HostPolicy.bound_to("127.0.0.1", ["*"]).allows("anything.example")
+    assert not lan.cross_site({b"origin": b"https://api.example"}, "192.168.1.5:8000")  # the operator's page

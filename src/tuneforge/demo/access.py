@@ -1,8 +1,11 @@
 """Who may reach the demo page and what it may serve, decided before Gradio starts.
 
 Defaults are the safe ones: loopback only, no share link, no files beyond Gradio's own
-(kept inside the run directory), a bounded queue. A share link puts the page on the
-internet, so it is refused unless a user and password are set.
+(kept inside the run directory), a bounded queue. A page beyond loopback, or behind a
+share link, answers whoever reaches it, so it is refused unless a user and password
+are set. The page answers only the Host names it is bound to (origins.py), and there
+a visitor picks among the systems the run and the experiment list, never a typed
+adapter: folder or openai: model (which would load any folder, or spend the operator's key).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.origins import HostGuard, HostPolicy
 
 if TYPE_CHECKING:
     from tuneforge.config import DemoSection
@@ -36,9 +40,23 @@ class Access:
     auth: tuple[str, str] | None
     cache: Path  # Gradio's upload and example caches: the only files the page serves
     blocked: list[str] = field(default_factory=list)
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides the loopback ones and `host` (demo --allowed-host)
+
+    @property
+    def hosts(self) -> HostPolicy:
+        """A share link's Host is the tunnel's name, and its login guards it."""
+        return HostPolicy.bound_to(self.host, ("*",) if self.share else self.allowed_hosts)
+
+    @property
+    def typed_systems(self) -> bool:
+        """Whether a visitor may type any system name (adapter:<folder>, openai:<model>): on loopback only."""
+        return is_loopback(self.host) and not self.share
 
     def launch_kwargs(self) -> dict:
+        from starlette.middleware import Middleware
+
         return dict(
+            app_kwargs={"middleware": [Middleware(HostGuard, policy=self.hosts)]},
             server_name=self.host,
             server_port=self.port,
             share=self.share,
@@ -83,8 +101,10 @@ def decide(
     port: int | None = None,
     share: bool = False,
     environ: Mapping[str, str] | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> Access:
-    """The launch settings for the experiment's demo section; refuses a share link without auth."""
+    """The launch settings for the experiment's demo section; refuses a share link or a host beyond loopback
+    without auth."""
     environ = os.environ if environ is None else environ
     raw = environ.get(demo.auth_env, "")
     auth = parse_auth(raw, demo.auth_env) if raw else None
@@ -94,9 +114,15 @@ def decide(
             f"a share link puts the page on the internet; set {demo.auth_env}=user:password first "
             "(demo.auth_env names the variable)"
         )
+    host = host or demo.host
+    if not is_loopback(host) and auth is None:
+        raise TuneforgeError(
+            f"refusing to serve the page on {host} without a login: anyone who reaches it could chat, vote and add "
+            f"training data; set {demo.auth_env}=user:password (demo.auth_env names the variable), or bind 127.0.0.1"
+        )
     cache = run.sub("demo").resolve()
     blocked = [str(p.resolve()) for p in sorted(run.path.iterdir()) if p.name != "demo"] if run.path.is_dir() else []
-    return Access(host or demo.host, port or demo.port, share, auth, cache, blocked)
+    return Access(host, port or demo.port, share, auth, cache, blocked, tuple(allowed_hosts))
 
 
 def quiet_gradio(access: Access) -> None:

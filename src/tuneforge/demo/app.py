@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr  # module-level: the handlers' `gr.Request` annotations are resolved against this module
 
-from tuneforge.demo.access import decide, is_loopback, quiet_gradio
+from tuneforge.demo.access import decide, quiet_gradio
 from tuneforge.demo.answers import answer_record, ask, ask_all, conversation, sources_markdown
 from tuneforge.engine.transformers import Settings
 from tuneforge.errors import TuneforgeError
@@ -51,6 +51,16 @@ class Page:
 
     systems: Systems
     store: FeedbackStore
+    listed: frozenset[str] | None = None  # the only systems a visitor may pick; None: any name typed (loopback)
+
+    def get(self, name: str):
+        """The system `name`, if this page may answer with it."""
+        if self.listed is not None and name not in self.listed:
+            raise TuneforgeError(
+                f"{name!r} is not one of this page's systems ({', '.join(sorted(self.listed))}); a page beyond "
+                "loopback answers only with the run's systems and those the experiment's eval.systems lists"
+            )
+        return self.systems.get(name)
 
 
 @dataclass
@@ -139,7 +149,7 @@ def chat(page: Page, text, name, system_prompt, temperature, max_tokens, history
     reply = None
     name = (name or "").strip()
     try:
-        for reply in ask(page.systems.get, name, messages, _settings(temperature, max_tokens)):
+        for reply in ask(page.get, name, messages, _settings(temperature, max_tokens)):
             streamed = [*before, {"role": "assistant", "content": reply.text or "…"}]
             yield streamed, history, shown, "", reply.summary(), gr.update(), gr.update()
     except TuneforgeError as exc:  # e.g. no adapter yet: give the message back to fix and resend
@@ -173,7 +183,7 @@ def compare(page: Page, text, chosen, system_prompt, temperature, max_tokens):
     messages = conversation(system_prompt, [], text)
     replies = []
     closed = [gr.update(interactive=False)] * len(VERDICTS)  # no vote on answers still coming
-    for replies in ask_all(page.systems.get, chosen, messages, _settings(temperature, max_tokens)):
+    for replies in ask_all(page.get, chosen, messages, _settings(temperature, max_tokens)):
         columns = [gr.update(value=_column(r), visible=True) for r in replies]
         yield [*columns, *hidden, None, gr.update(choices=[], value=None), *closed]
     answered = [(i, r) for i, r in enumerate(replies) if r.answer is not None]
@@ -282,17 +292,22 @@ def _bind(handler: Callable, *given) -> Callable:
 
 
 def build_app(
-    experiment: Experiment, run: RunDir, systems: Systems | None = None, system_prompt: str | None = None
+    experiment: Experiment,
+    run: RunDir,
+    systems: Systems | None = None,
+    system_prompt: str | None = None,
+    typed_systems: bool = True,
 ) -> gr.Blocks:
     """The page. Its system prompt box starts with `system_prompt`, else the one the run trained with, and the
-    page sends exactly what the box holds (empty: none)."""
+    page sends exactly what the box holds (empty: none). Without `typed_systems` (a page beyond loopback) it
+    answers only with the systems its lists offer."""
     from tuneforge.feedback.store import FeedbackStore
     from tuneforge.systems import training_system_prompt
 
     systems = systems or Systems(experiment, run, system_prompt="")
     default_prompt = (training_system_prompt(run) if system_prompt is None else system_prompt) or ""
     names = system_choices(experiment, systems)
-    page = Page(systems, FeedbackStore(run.sub("feedback")))
+    page = Page(systems, FeedbackStore(run.sub("feedback")), None if typed_systems else frozenset(names))
 
     with gr.Blocks(title=f"tuneforge demo: {experiment.name}", analytics_enabled=False) as app:
         controls = _controls(experiment, run, default_prompt)
@@ -341,7 +356,12 @@ def _chat_tab(page: Page, names: list[str], controls: Controls) -> None:
     with gr.Tab("Chat", id="chat"):
         first = "finetuned" if "finetuned" in names else names[0]
         system = gr.Dropdown(
-            names, value=first, allow_custom_value=True, label="System", info="or type openai:<model>", elem_id="system"
+            names,
+            value=first,
+            allow_custom_value=page.listed is None,
+            label="System",
+            info="or type openai:<model>" if page.listed is None else None,
+            elem_id="system",
         )
         chatbot = gr.Chatbot(
             elem_id="chatbot",
@@ -397,7 +417,7 @@ def _compare_tab(page: Page, names: list[str], compared: list[str], controls: Co
             value=compared,
             multiselect=True,
             max_choices=COMPARE_MAX,
-            allow_custom_value=True,
+            allow_custom_value=page.listed is None,
             label=f"Systems (2 to {COMPARE_MAX})",
             elem_id="compare-systems",
         )
@@ -462,18 +482,13 @@ def launch(
     port: int | None = None,
     share: bool = False,
     system_prompt: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> int:
     """Serve the page until Ctrl-C; host/port default to the demo section, share to demo.share."""
-    access = decide(experiment.demo, run, host=host, port=port, share=share)
+    access = decide(experiment.demo, run, host=host, port=port, share=share, allowed_hosts=allowed_hosts)
     quiet_gradio(access)
-    if not is_loopback(access.host) and access.auth is None:
-        print(
-            f"warning: the page on {access.host} answers anyone who can reach it; "
-            f"set {experiment.demo.auth_env}=user:password to ask for a login",
-            file=sys.stderr,
-        )
     systems = Systems(experiment, run, system_prompt="")  # the page sends the prompt its box holds
-    app = build_app(experiment, run, systems, system_prompt)
+    app = build_app(experiment, run, systems, system_prompt, typed_systems=access.typed_systems)
     first = "finetuned" if "finetuned" in systems.available() else "base"
     # load the Chat tab's default model while the browser opens, so the first answer does not wait for it
     threading.Thread(target=_warm, args=(systems, first), daemon=True).start()

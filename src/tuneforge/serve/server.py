@@ -31,6 +31,7 @@ from starlette.requests import Request
 
 from tuneforge.engine.generation import Answer, Settings
 from tuneforge.errors import TuneforgeError, describe_os_error
+from tuneforge.origins import HostGuard, HostPolicy
 from tuneforge.serve.errors import ApiError
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
@@ -335,8 +336,15 @@ def _validation_error(exc) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {said}.", param, "invalid_value")
 
 
-def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None = None, max_upload: int = MAX_UPLOAD):
-    """The FastAPI app: models and chat completions, plus `routers` (the fine-tuning API's)."""
+def create_app(
+    served: Served,
+    keys: ApiKeys | None = None,
+    routers: list | None = None,
+    max_upload: int = MAX_UPLOAD,
+    hosts: HostPolicy | None = None,
+):
+    """The FastAPI app: models and chat completions, plus `routers` (the fine-tuning API's). It answers the Host
+    names of `hosts` only (the loopback ones by default) and no state-changing request from another site's page."""
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -346,7 +354,9 @@ def create_app(served: Served, keys: ApiKeys | None = None, routers: list | None
     app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.keys = keys or ApiKeys()
     app.state.served = served
+    app.router.redirect_slashes = False  # a redirect would be built from the request's Host
     app.add_middleware(BodyLimit, max_upload=max_upload)
+    app.add_middleware(HostGuard, policy=hosts or HostPolicy())  # outermost: before anything reads the body
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -484,6 +494,7 @@ def serve(
     routers: Callable[[Served], list] | None = None,
     keys: ApiKeys | None = None,
     max_upload: int = MAX_UPLOAD,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
     (`tuneforge serve` passes the fine-tuning API's, finetuning.fine_tuning_router)."""
@@ -504,7 +515,8 @@ def serve(
     bound = sock.getsockname()[1]
     # the port first: a busy port is refused before anything is loaded or written (the platform's state folder)
     served = Served(experiment, run, system_prompt, max_batch)
-    app = create_app(served, keys, routers(served) if routers is not None else None, max_upload)
+    hosts = HostPolicy.bound_to(host, allowed_hosts)
+    app = create_app(served, keys, routers(served) if routers is not None else None, max_upload, hosts)
     print(f"serving {', '.join(served.names())} at http://{host}:{bound}/v1 (OpenAI-compatible)", flush=True)
     if keys.required:
         print(f"API keys required (projects: {', '.join(keys.projects)})", flush=True)
