@@ -517,3 +517,24 @@ def test_the_host_names_follow_the_binding_and_the_operator():
     assert everywhere.allows("10.0.0.2") and everywhere.allows("fe80::1") and not everywhere.allows("evil.example")
     assert HostPolicy.bound_to("127.0.0.1", ["*"]).allows("anything.example")
     assert not lan.cross_site({b"origin": b"https://api.example"}, "192.168.1.5:8000")  # the operator's page
+
+
+def test_a_job_whose_files_cannot_be_checked_fails_saying_why_also_after_a_restart(tmp_path):
+    client, api = _app(tmp_path)
+    deep = _upload(client, f"{LINE}\n" * 11 + "[" * 5000 + "]" * 5000 + "\n", "deep.jsonl").json()
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": deep["id"]}).json()
+    failed = checked_job(_wait_status(client, job["id"], "failed"))  # the JSON reader's depth: a RecursionError
+    assert failed.error.param == "training_file" and "deep.jsonl" in failed.error.message
+    assert "nested too deeply" in failed.error.message
+
+    gone = _upload(client, f"{LINE}\n" * 12, "gone.jsonl").json()
+    (tmp_path / "server" / "api" / "files" / f"{gone['id']}.jsonl").unlink()  # the bytes lost from disk
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": gone["id"]}).json()
+    failed = checked_job(_wait_status(client, job["id"], "failed"))
+    assert "no such file" in failed.error.message and str(tmp_path) not in failed.error.message
+
+    # a server that stopped while validating: the job is checked again at start, and fails rather than waits forever
+    stuck = {**job, "id": "ftjob-stuck", "status": "validating_files", "training_file": deep["id"], "error": None}
+    api.store.add_job(stuck, "default", {"model_id": "ft:x"})
+    again, _ = _app(tmp_path)
+    assert _wait_status(again, "ftjob-stuck", "failed")["error"]["code"] == "invalid_file"

@@ -6,6 +6,28 @@ Its own module so the server, the fine-tuning routes and their request parsing
 
 from __future__ import annotations
 
+import re
+
+# an absolute path (POSIX or Windows) of at least one folder and a name; the name is kept
+_PATH = re.compile(r"(?<![\w:/.~-])(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/:,;()\[\]]+[\\/])+([^\s'\"\\/:,;()\[\]]*)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part ("…/adapter_config.json"): an error a client reads
+    never says where the server keeps its files."""
+    return _PATH.sub(lambda m: f"…/{m.group(1)}", text)
+
+
+def readable(exc: BaseException) -> str:
+    """An unexpected exception in words a client may read: its kind and message, without the server's paths."""
+    if isinstance(exc, OSError):
+        from tuneforge.errors import describe_os_error
+
+        return without_paths(describe_os_error(exc))
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return without_paths(f"{type(exc).__name__}: {exc}")
+
 
 class ApiError(Exception):
     def __init__(

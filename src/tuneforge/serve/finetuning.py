@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from starlette.requests import Request
 
 from tuneforge.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_jsonl
-from tuneforge.serve.errors import ApiError
+from tuneforge.serve.errors import ApiError, readable
 from tuneforge.serve.keys import ApiKeys, project_of
 from tuneforge.serve.store import Store
 from tuneforge.serve.wire import (
@@ -206,30 +206,40 @@ class Platform:
     # ------------------------------------------------------------------ the work
 
     def _validate(self, job_id: str) -> None:
-        row = self.store.job_row(job_id)
-        obj = row["obj"]
+        """Check a job's files; whatever happens the job leaves validating_files: queued, or failed saying why."""
         try:
+            obj = self.store.job_row(job_id)["obj"]
             for key in ("training_file", "validation_file"):
-                file_id = obj[key]
-                if file_id:
-                    meta = self.store.file(file_id)
-                    if meta is None:
-                        raise JobFailed("invalid_file", f"{key} {file_id} was deleted", key)
-                    examples = read_examples(self._file_path(file_id), meta["filename"], key, obj["method"]["type"])
-                    if key == "training_file" and len(examples) < MIN_EXAMPLES:
-                        raise JobFailed(
-                            "invalid_n_examples",
-                            f"Training file has {len(examples)} example(s), "
-                            f"but must have at least {MIN_EXAMPLES} examples",
-                            key,
-                        )
+                if obj[key]:
+                    self._check_file(obj[key], key, obj["method"]["type"])
         except JobFailed as failure:
             self._fail(job_id, failure)
+            return
+        except Exception as exc:  # nothing may leave a job validating forever, across restarts too
+            self._fail(job_id, JobFailed("invalid_file", f"the job's files could not be checked: {readable(exc)}"))
             return
         queued = self.store.update_job(job_id, {"status": "queued"}, only=("validating_files",))
         if queued is not None:
             self._event(job_id, "Files validated, job queued")
             self.wake.set()
+
+    def _check_file(self, file_id: str, key: str, method: str) -> None:
+        """JobFailed naming `key` when the file is gone, unreadable, malformed or too small."""
+        meta = self.store.file(file_id)
+        if meta is None:
+            raise JobFailed("invalid_file", f"{key} {file_id} was deleted", key)
+        try:
+            examples = read_examples(self._file_path(file_id), meta["filename"], key, method)
+        except JobFailed:
+            raise
+        except Exception as exc:  # a line nested past the JSON reader's depth, the stored bytes gone from disk...
+            raise JobFailed("invalid_file", f"{key} {file_id} ({meta['filename']}): {readable(exc)}", key) from None
+        if key == "training_file" and len(examples) < MIN_EXAMPLES:
+            raise JobFailed(
+                "invalid_n_examples",
+                f"Training file has {len(examples)} example(s), but must have at least {MIN_EXAMPLES} examples",
+                key,
+            )
 
     def _work(self) -> None:
         while True:
@@ -252,7 +262,7 @@ class Platform:
             except JobFailed as failure:
                 self._fail(job_id, failure)
             except Exception as exc:  # one broken job must not stop the worker
-                self._fail(job_id, JobFailed("training_failed", f"{type(exc).__name__}: {exc}"))
+                self._fail(job_id, JobFailed("training_failed", readable(exc)))
             finally:
                 gc.collect()  # the trainer and its model go now, before the next job loads its own
 
