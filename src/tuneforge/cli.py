@@ -268,6 +268,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.serve.bounds import Limits
     from tuneforge.serve.finetuning import fine_tuning_router
     from tuneforge.serve.keys import check_binding, load_keys
     from tuneforge.serve.server import serve
@@ -287,6 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keys=keys,
         max_upload=args.max_upload_mb << 20,
         allowed_hosts=tuple(args.allowed_host),
+        limits=Limits(max_tokens=args.max_tokens, max_seconds=args.max_seconds),
     )
     return 0
 
@@ -619,6 +621,19 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
         "TUNEFORGE_API_KEYS, TUNEFORGE_API_KEYS_FILE); needed beyond loopback",
     )
     sub.add_argument("--max-upload-mb", type=_positive_int, default=512, help="largest file upload accepted")
+    sub.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=4096,
+        help="most tokens one answer may ask for (more: a 400); an unset max_tokens gets what the context leaves, "
+        "up to this",
+    )
+    sub.add_argument(
+        "--max-seconds",
+        type=_positive_int,
+        default=300,
+        help="generation time one request may take; past it the answer ends with what was said (finish_reason length)",
+    )
     _allowed_host_argument(sub)
 
 

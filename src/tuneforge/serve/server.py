@@ -18,6 +18,7 @@ unless told otherwise, and beyond loopback only with API keys (serve/keys.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -28,10 +29,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from tuneforge.engine.generation import Answer, Settings
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.origins import HostGuard, HostPolicy
+from tuneforge.serve.bounds import Limits, answer_within, check_asked, fit, pieces_within
 from tuneforge.serve.errors import ApiError
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 MAX_BODY = 4 << 20  # bytes of a JSON request
 MAX_WAITING = 32  # chat requests queued beyond this get 429
+RETRY_AFTER_S = 1  # a refused request may try again this soon: one batch frees up to --max-batch places
 MAX_UPLOAD = 512 << 20  # bytes of a file upload (serve --max-upload-mb)
 UPLOAD_PATHS = ("/v1/files",)
 
@@ -49,7 +53,14 @@ class Served:
     """The run's systems as the API sees them: listed names, 404 for others, each `ft:` model only to its project,
     and a bounded queue."""
 
-    def __init__(self, experiment: Experiment, run: RunDir, system_prompt: str | None = None, max_batch: int = 16):
+    def __init__(
+        self,
+        experiment: Experiment,
+        run: RunDir,
+        system_prompt: str | None = None,
+        max_batch: int = 16,
+        limits: Limits | None = None,
+    ):
         from tuneforge.systems import Systems
 
         self.systems = Systems(experiment, run, system_prompt=system_prompt, max_batch=max_batch)
@@ -57,6 +68,7 @@ class Served:
         self.waiting = 0
         self.created = int(time.time())
         self.owners: dict[str, str] = {}  # alias -> the project that may use it
+        self.limits = limits or Limits()  # what one request may ask: tokens, seconds
 
     def register(self, name: str, system: str, project: str) -> None:
         """Serve `system` (e.g. adapter:<dir>) under `name` to `project` alone."""
@@ -83,6 +95,7 @@ class Served:
                     "too many requests are queued; retry shortly",
                     code="rate_limit_exceeded",
                     kind="rate_limit_error",
+                    retry_after=RETRY_AFTER_S,
                 )
             self.waiting += 1
 
@@ -123,10 +136,13 @@ class ChatRequest(BaseModel):
     parallel_tool_calls: StrictBool | None = None
 
 
-def parse_request(request: ChatRequest) -> tuple[str, list[dict], Settings, bool | None]:
+def parse_request(
+    request: ChatRequest, limits: Limits = Limits()
+) -> tuple[str, list[dict], Settings, bool | None, int | None]:
     """What the request models cannot say: the messages and tools as prepare checks training data; the settings.
 
-    The last item is None for a plain answer, else (streaming) whether to end with a usage chunk."""
+    Then None for a plain answer, else (streaming) whether to end with a usage chunk; and the max_tokens asked
+    (None: unset; the settings hold the cap until `bounds.fit` knows the prompt)."""
     from tuneforge.data.validate import check_prompt, text_content
 
     messages = text_content(request.messages)
@@ -136,8 +152,10 @@ def parse_request(request: ChatRequest) -> tuple[str, list[dict], Settings, bool
     body = request.model_dump(exclude_unset=True)
     tools, tool_choice = parse_tools(body, messages)
     stop = request.stop or ()
+    asked = request.max_completion_tokens or request.max_tokens
+    check_asked(asked, "max_completion_tokens" if request.max_completion_tokens else "max_tokens", limits)
     settings = Settings(
-        max_new_tokens=request.max_completion_tokens or request.max_tokens or 256,
+        max_new_tokens=asked or limits.max_tokens,
         temperature=0.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
@@ -148,7 +166,7 @@ def parse_request(request: ChatRequest) -> tuple[str, list[dict], Settings, bool
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return request.model, messages, settings, (include_usage if request.stream else None)
+    return request.model, messages, settings, (include_usage if request.stream else None), asked
 
 
 def parse_tools(body: dict[str, Any], messages: list[dict]) -> tuple[list | None, str | dict]:
@@ -347,7 +365,7 @@ def create_app(
     names of `hosts` only (the loopback ones by default) and no state-changing request from another site's page."""
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -360,7 +378,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -402,21 +420,19 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request, project: str = Depends(project_of)):
-        model, messages, settings, include_usage = parse_request(body)
+        model, messages, settings, include_usage, asked = parse_request(body, served.limits)
         system = await run_in_threadpool(served.get, model, project)  # loading a model the first time takes a while
+        settings, prompt_tokens = await run_in_threadpool(fit, system, messages, settings, asked, served.limits)
+        served.enter()  # a full queue: a 429 with Retry-After now, for a stream too, before any chunk
         if include_usage is not None:
-            served.enter()  # refuse now, with a status, when the queue is full
-            served.leave()
-            return StreamingResponse(
-                _events(served, system, model, messages, settings, include_usage, request),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        served.enter()
+            events = _events(served, system, model, messages, settings, include_usage, request, prompt_tokens)
+            return _Stream(events, served.leave, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            answer = (await run_in_threadpool(system.generate, [messages], settings))[0]
+            answer = await answer_within(system, messages, settings, request, served.limits, prompt_tokens)
         finally:
             served.leave()
+        if answer is None:  # the client went away; its row ended at the next token
+            return Response(status_code=499)
         return completion(model, answer)
 
     for router in routers or []:
@@ -424,15 +440,32 @@ def create_app(
     return app
 
 
-_END = object()
+class _Stream(StreamingResponse):
+    """A streamed response that gives its place in the queue back when it ends, however it ends (also when the
+    client left before the first chunk, and the generator never ran)."""
+
+    def __init__(self, events, release: Callable[[], None], **kwargs):
+        super().__init__(events, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 async def _events(
-    served: Served, system, model: str, messages: list[dict], settings: Settings, include_usage: bool, request
+    served: Served,
+    system,
+    model: str,
+    messages: list[dict],
+    settings: Settings,
+    include_usage: bool,
+    request,
+    prompt_tokens: int = 0,
 ):
     """Server-sent chunks of a streamed answer; a client that goes away ends its row in the batch."""
-    from starlette.concurrency import run_in_threadpool
-
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def event(delta: dict | None, finish: str | None = None, **extra) -> str:
@@ -449,21 +482,11 @@ async def _events(
             payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
         return f"data: {json.dumps(payload)}\n\n"
 
-    try:
-        served.enter()
-    except ApiError as error:  # the queue filled between the check and the first chunk
-        yield f"data: {json.dumps(error.body())}\n\n"
-        return
-    pieces = system.stream(messages, settings)
-    try:
-        yield event({"role": "assistant", "content": ""})
-        while True:
-            piece = await run_in_threadpool(next, pieces, _END)
-            if piece is _END:
-                yield "data: [DONE]\n\n"
-                break
-            if await request.is_disconnected():
-                break
+    yield event({"role": "assistant", "content": ""})
+    async with contextlib.aclosing(
+        pieces_within(system, messages, settings, request, served.limits, prompt_tokens)
+    ) as pieces:
+        async for piece in pieces:
             if isinstance(piece, Answer):
                 if settings.calls_tools:  # the text was held back: it may be a call, known only at the end
                     if piece.text:
@@ -473,14 +496,9 @@ async def _events(
                 yield event({}, piece.finish_reason, **sources(piece))
                 if include_usage:
                     yield event(None, usage=usage(piece))
+                yield "data: [DONE]\n\n"
             elif not settings.calls_tools:
                 yield event({"content": piece})
-    finally:
-        try:
-            pieces.close()  # ends this request's row in the batch when the client left early
-        except ValueError:  # still running in its thread: it ends when its row does
-            pass
-        served.leave()
 
 
 def serve(
@@ -495,6 +513,7 @@ def serve(
     keys: ApiKeys | None = None,
     max_upload: int = MAX_UPLOAD,
     allowed_hosts: tuple[str, ...] = (),
+    limits: Limits | None = None,
 ) -> None:
     """Serve the run's systems until interrupted. routers: given the Served systems, more FastAPI routers
     (`tuneforge serve` passes the fine-tuning API's, finetuning.fine_tuning_router)."""
@@ -514,7 +533,7 @@ def serve(
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     # the port first: a busy port is refused before anything is loaded or written (the platform's state folder)
-    served = Served(experiment, run, system_prompt, max_batch)
+    served = Served(experiment, run, system_prompt, max_batch, limits)
     hosts = HostPolicy.bound_to(host, allowed_hosts)
     app = create_app(served, keys, routers(served) if routers is not None else None, max_upload, hosts)
     print(f"serving {', '.join(served.names())} at http://{host}:{bound}/v1 (OpenAI-compatible)", flush=True)

@@ -1,0 +1,168 @@
+"""Bounded chat requests on `serve`'s real app: the context and the server's cap (a tiny random Llama, through the
+official openai client), a client that leaves, the time limit, and the 429 before a stream starts (a slow system
+that counts what it generated, served under a name of its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.config import Experiment
+from tuneforge.engine.generation import Answer
+from tuneforge.run import RunDir
+from tuneforge.serve.bounds import Limits
+from tuneforge.serve.server import MAX_WAITING, Served, create_app
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class Slow:
+    """A system that says a word every 10 ms, up to `words`, and records how far it got and whether it was closed."""
+
+    def __init__(self, words: int = 3000):
+        self.words, self.said, self.closed = words, 0, threading.Event()
+
+    def stream(self, messages, settings):
+        try:
+            for _ in range(self.words):
+                time.sleep(0.01)
+                self.said += 1
+                yield "word "
+            yield Answer("word " * self.words, 3, self.words, "stop")
+        finally:
+            self.closed.set()
+
+    def generate(self, conversations, settings, batch_size=16, progress=False):  # how a plain answer was asked once
+        return [list(self.stream(conversations[0], settings))[-1]]
+
+
+def _served(tmp_path, ref: str = "builtin:smollm2-135m-instruct", **limits) -> Served:
+    experiment = Experiment.model_validate({"name": "server", "model": {"ref": ref}})
+    return Served(experiment, RunDir(experiment, tmp_path / "server"), system_prompt="", limits=Limits(**limits))
+
+
+def _slow(served: Served, words: int = 3000) -> Slow:
+    slow = Slow(words)
+    served.register("slow", "base", "default")  # listed to the default project...
+    served.systems.systems["slow"] = slow  # ...and answered by the slow system, not a loaded model
+    return slow
+
+
+@contextlib.contextmanager
+def _listening(served: Served) -> Iterator[str]:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.mark.slow
+def test_prompt_and_max_tokens_must_fit_the_context_and_the_servers_cap(tmp_path, tiny_model_dir):
+    served = _served(tmp_path, str(tiny_model_dir), max_tokens=200)  # the tiny Llama's context: 256 tokens
+    client = openai.OpenAI(
+        base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=TestClient(create_app(served))
+    )
+    engine = served.systems.get("base").engine
+    long = [{"role": "user", "content": "The capital of France is Paris. " * 40}]
+    used = len(engine.prompt_ids(long))
+    assert used > 256
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="base", messages=long, max_tokens=5)
+    error = refused.value.body
+    assert refused.value.code == "context_length_exceeded" and error["param"] == "messages"
+    assert f"maximum context length is 256 tokens. However, you requested {used + 5} tokens" in error["message"]
+
+    medium = [{"role": "user", "content": "The capital of France is Paris. " * 15}]
+    room = 256 - len(engine.prompt_ids(medium))
+    assert 0 < room < 200
+    with pytest.raises(openai.BadRequestError, match="context length") as refused:
+        client.chat.completions.create(model="base", messages=medium, max_tokens=room + 1)
+    fits = client.chat.completions.create(model="base", messages=medium, max_tokens=room)
+    assert fits.usage.prompt_tokens + fits.usage.completion_tokens <= 256
+    unset = client.chat.completions.create(model="base", messages=medium)  # what the context leaves
+    assert unset.usage.completion_tokens <= room
+
+    for asked in (201, 10**30):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="base", messages=HI, max_tokens=asked)
+        assert refused.value.code == "invalid_value" and refused.value.param == "max_tokens"
+        assert "at most 200 completion tokens" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="base", messages=HI, max_completion_tokens=201)
+    assert refused.value.param == "max_completion_tokens"
+
+
+def test_a_plain_answer_whose_client_leaves_stops_generating(tmp_path):
+    served = _served(tmp_path)
+    slow = _slow(served)
+    with _listening(served) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after half a second and hangs up
+            httpx.post(f"{url}/chat/completions", json={"model": "slow", "messages": HI}, timeout=0.5)
+        assert slow.closed.wait(5), "the answer kept generating for a client that left"
+        said = slow.said
+        time.sleep(0.3)
+        assert slow.said == said < 300  # stopped at once, not after 3000 words
+        assert served.waiting == 0  # its place in the queue given back
+
+
+def test_an_answer_past_the_time_limit_ends_with_what_was_said(tmp_path):
+    served = _served(tmp_path, max_seconds=0.3)
+    slow = _slow(served)
+    client = TestClient(create_app(served), base_url="http://localhost")
+    started = time.monotonic()
+    plain = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI}).json()
+    assert time.monotonic() - started < 3 and slow.closed.is_set() and slow.said < 100
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith("word word")
+    assert plain["usage"]["completion_tokens"] > 0
+    streamed = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI, "stream": True})
+    assert '"finish_reason": "length"' in streamed.text and streamed.text.endswith("data: [DONE]\n\n")
+
+
+def test_a_request_refused_for_load_is_a_429_with_retry_after_before_any_stream_starts(tmp_path):
+    served = _served(tmp_path)
+    _slow(served, words=3)
+    client = TestClient(create_app(served), base_url="http://localhost")
+    served.waiting = MAX_WAITING
+    for stream in (False, True):
+        full = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI, "stream": stream})
+        assert full.status_code == 429 and full.headers["retry-after"] == "1", stream
+        assert full.json()["error"]["code"] == "rate_limit_exceeded"
+    served.waiting = 0
+
+    entered = []
+
+    class FillsUp(Served):
+        """The queue fills the moment this request takes its place: a second place is never there."""
+
+        def enter(self):
+            if entered:
+                self.waiting = MAX_WAITING  # others took every place since
+            entered.append(True)
+            super().enter()
+
+    served.__class__ = FillsUp
+    streamed = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI, "stream": True})
+    assert streamed.status_code == 200 and "rate_limit" not in streamed.text and "[DONE]" in streamed.text
+    assert served.waiting == 0
