@@ -29,6 +29,7 @@ from tuneforge.serve.wire import step_metrics_csv, upload_name
 
 ALICE, BOB = "sk-alice-0123456789abcdef", "sk-bob-fedcba9876543210"
 LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+LINE_ANSWER = {"role": "assistant", "content": "Paris is the capital of France."}
 
 
 def _app(tmp_path: Path, keys: ApiKeys | None = None, max_upload: int = 64 << 10, **platform):
@@ -538,3 +539,51 @@ def test_a_job_whose_files_cannot_be_checked_fails_saying_why_also_after_a_resta
     api.store.add_job(stuck, "default", {"model_id": "ft:x"})
     again, _ = _app(tmp_path)
     assert _wait_status(again, "ftjob-stuck", "failed")["error"]["code"] == "invalid_file"
+
+
+@pytest.mark.slow
+def test_a_wandb_job_on_a_server_without_a_key_logs_offline_and_says_where(tmp_path, monkeypatch):
+    from tuneforge.serve.finetuning import _wandb
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "netrc").write_text("")  # no `wandb login` either
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    client, api = _app(tmp_path)
+    file = _upload(client, f"{LINE}\n" * 12).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "base",
+            "training_file": file["id"],
+            "integrations": [{"type": "wandb", "wandb": {"project": "p"}}],
+        },
+    ).json()
+    with _wandb(api, job["id"], api.store.job(job["id"])):
+        import wandb
+
+        run = wandb.init()  # as the trainer's callback starts it: project, run id and mode from the environment
+        run.log({"loss": 1.0})
+        run.finish()
+    logged = list((tmp_path / "server" / "api" / "jobs" / job["id"] / "wandb").glob(f"offline-run-*-{job['id']}"))
+    assert logged and "WANDB_MODE" not in os.environ and "WANDB_DIR" not in os.environ  # the server's own, restored
+    said = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert any(f"wandb sync api/jobs/{job['id']}/wandb/offline-run-*" in m for m in said)
+
+
+def test_a_job_whose_every_example_is_too_long_says_how_many_the_longest_and_the_limit(tmp_path, tiny_model_dir):
+    experiment = Experiment.model_validate(
+        {"name": "server", "model": {"ref": str(tiny_model_dir)}, "data": {"max_length": 16}}
+    )
+    run = RunDir(experiment, tmp_path / "server")
+    served = Served(experiment, run)
+    api = Platform(experiment, run, served)  # its worker on: the job starts
+    client = TestClient(create_app(served, None, [api.router()]), base_url="http://localhost")
+    long = {"messages": [{"role": "user", "content": "The capital of France is Paris. " * 6}, LINE_ANSWER]}
+    file = _upload(client, f"{json.dumps(long)}\n" * 12).json()
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"]}).json()
+    failed = checked_job(_wait_status(client, job["id"], "failed"))
+    assert failed.error.param == "training_file"
+    assert "limit of 16 tokens (data.max_length)" in failed.error.message
+    assert "12 of 12 examples are longer (the longest: " in failed.error.message

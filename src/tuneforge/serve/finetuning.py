@@ -310,6 +310,8 @@ class Platform:
                     run.sub("data", f"{split}.meta.jsonl"),
                     ({"id": f"{file_id}:{n}", "source": f"{file_id} example {n}"} for n in range(1, len(examples) + 1)),
                 )
+            if obj["method"]["type"] == "supervised":
+                _check_lengths(experiment, run)
             self._event(job_id, "Fine-tuning job started")
         else:
             self._event(
@@ -708,6 +710,33 @@ def _alive(worker: str | None) -> bool:
     return True
 
 
+def _check_lengths(experiment: Experiment, run) -> None:
+    """JobFailed saying how many examples are too long, the longest and the limit, when the trainer would find no
+    token to learn from once each example is cut to the server's data.max_length."""
+    from tuneforge.data.chat import ChatEncoder
+    from tuneforge.data.prepared import load_prepared
+    from tuneforge.models import load_tokenizer, materialize, resolve
+    from tuneforge.train.local import tokenize
+
+    start = experiment.train.init_adapter
+    tokenizer = load_tokenizer(experiment.model, start or materialize(resolve(experiment.model.ref)))
+    encoder, limit = ChatEncoder(tokenizer), experiment.data.max_length
+    examples = load_prepared(run.sub("data"), "train")
+    if tokenize(encoder, examples, limit)[0]:
+        return
+    encoded = encoder.encode_examples([e.messages for e in examples], [e.extra.get("tools") for e in examples])
+    lengths = [max(len(s.input_ids) for s in sequences) for sequences in encoded if sequences]
+    longer = sum(n > limit for n in lengths)
+    if longer:
+        raise JobFailed(
+            "invalid_training_file",
+            f"No training example fits this server's limit of {limit} tokens (data.max_length) with a token to "
+            f"learn from: {longer} of {len(examples)} examples are longer (the longest: {max(lengths)} tokens). "
+            "Shorten them, or start the server with a larger data.max_length.",
+            "training_file",
+        )
+
+
 def _has_wandb() -> bool:
     import importlib.util
 
@@ -719,14 +748,30 @@ def _wandb_settings(obj: dict) -> dict | None:
     return next((i["wandb"] for i in obj.get("integrations") or [] if i.get("type") == "wandb"), None)
 
 
+def _wandb_key() -> bool:
+    """Whether this server can log in to W&B: WANDB_API_KEY, or the netrc entry `wandb login` writes."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 @contextlib.contextmanager
 def _wandb(platform: Platform, job_id: str, obj: dict):
     """A job's wandb integration: the trainer logs to that project (WANDB_MODE and the login come from the server's
-    environment); without wandb installed the integration stays recorded and nothing is logged."""
+    environment). Without a W&B key the job logs offline into its own folder and says how to sync it, rather than
+    fail at its start; without wandb installed the integration stays recorded and nothing is logged."""
     settings = _wandb_settings(obj)
     if settings is None or not _has_wandb():
         yield
         return
+    offline = os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not _wandb_key()
     values = {
         "WANDB_PROJECT": settings["project"],
         "WANDB_NAME": settings.get("name") or job_id,
@@ -736,6 +781,16 @@ def _wandb(platform: Platform, job_id: str, obj: dict):
         "WANDB_TAGS": ",".join(settings.get("tags") or []) or None,
         "WANDB_LOG_MODEL": "false",
     }
+    if offline:
+        folder = platform._job_dir(job_id)
+        values.update(WANDB_MODE="offline", WANDB_DIR=str(folder))
+        platform._event(
+            job_id,
+            f"This server has no W&B API key: the job logs offline into api/jobs/{job_id}/wandb in the server's run "
+            f"folder; once a key is set (wandb login), `wandb sync api/jobs/{job_id}/wandb/offline-run-*` there "
+            "uploads it",
+            "warn",
+        )
     saved = {k: os.environ.get(k) for k in values}
     for key, value in values.items():
         if value:
