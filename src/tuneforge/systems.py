@@ -7,7 +7,9 @@
 
 `chat`, `serve`, `eval` and `demo` all go through `Systems`, so a name means the
 same thing everywhere, and a `+rag` system builds its prompt exactly as
-`prepare` does for `data.rag: true` (`rag.retriever.retrieve_into`).
+`prepare` does for `data.rag: true` (`rag.retriever.retrieve_into`). Their local
+systems load through the process's pool (engine/pool.py): one copy of each base
+model, every adapter system on it, batched together; a merged model alone.
 
 A conversation that comes without a system message gets the system prompt the run
 trained with (`adapter/tuneforge.json`, else the prepared training data): a model
@@ -347,6 +349,8 @@ class Systems:
         system_prompt: str | None = None,
         max_batch: int = 16,
         planned: tuple[str, ...] = (),
+        max_adapters: int | None = None,
+        pool=None,
     ):
         self.experiment, self.run = experiment, run
         self.planned = (
@@ -363,6 +367,9 @@ class Systems:
         self.aliases: dict[str, str] = {}
         self._identities: dict[tuple, str] = {}
         self._pool = None  # the vLLM engines, with model.engine: vllm
+        # the transformers bases: the process's, so serve, demo, chat and eval hold one copy of each base
+        self._bases = pool
+        self.max_adapters = max_adapters  # adapters loaded per base (None: the pool's own, 16); serve --max-adapters
 
     def available(self) -> list[str]:
         """What this run can answer with now: base, finetuned once trained, +rag variants, the OpenAI job's model."""
@@ -441,9 +448,7 @@ class Systems:
                 return self._engine(spec.model)
             key = f"scoring:{spec.model}"
             if key not in self.engines:
-                from tuneforge.engine.transformers import Engine
-
-                self.engines[key] = Engine.load(self.experiment, spec.model, self.run)
+                self.engines[key] = self._transformers_engine(spec.model)
             return self.engines[key]
 
     def _engine(self, model: str) -> Engine:
@@ -453,11 +458,29 @@ class Systems:
 
                 self.engines[model] = VLLMEngine.load(self.experiment, model, self.run, self._vllm_pool(model))  # type: ignore[assignment]
             else:
-                from tuneforge.engine.transformers import Engine
-
-                self.engines[model] = Engine.load(self.experiment, model, self.run)
+                self.engines[model] = self._transformers_engine(model)
                 self.engines[model].max_batch = self.max_batch
         return self.engines[model]
+
+    def _transformers_engine(self, model: str) -> Engine:
+        """A merged model loads as an engine of its own; the base and every adapter system share one base."""
+        from tuneforge.engine.generation import system_source
+
+        if system_source(model, self.run)[1] is not None:
+            from tuneforge.engine.transformers import Engine
+
+            return Engine.load(self.experiment, model, self.run)
+        return self.bases().engine(self.experiment, model, self.run)
+
+    def bases(self):
+        """The pool that holds one copy of each base model with every adapter system on it (engine/pool.py)."""
+        if self._bases is None:
+            from tuneforge.engine.pool import shared_pool
+
+            self._bases = shared_pool()
+        if self.max_adapters is not None:
+            self._bases.max_adapters = self.max_adapters
+        return self._bases
 
     def _vllm_pool(self, first: str):
         """One pool for the process, planned from every local system this run has and the caller plans to ask for:

@@ -254,9 +254,11 @@ def _adapter_folder(folder, prompt: str):
 
 
 def _loaded_models(monkeypatch) -> list[str]:
-    """Stands in for the transformers engine; returns the list of system models it is asked to load."""
+    """Stands in for the transformers engine (merged models load alone, the rest onto a shared base); returns the
+    list of system models it is asked to load."""
     from types import SimpleNamespace
 
+    from tuneforge.engine.pool import Pool
     from tuneforge.engine.transformers import Engine
 
     loaded: list[str] = []
@@ -266,6 +268,7 @@ def _loaded_models(monkeypatch) -> list[str]:
         return SimpleNamespace(tokenizer=SimpleNamespace(all_special_tokens=[]))
 
     monkeypatch.setattr(Engine, "load", staticmethod(load))
+    monkeypatch.setattr(Pool, "engine", lambda self, experiment, model, run: load(experiment, model, run))
     return loaded
 
 

@@ -1,10 +1,11 @@
 """Dynamic batching: requests that wait for one model share its forward passes.
 
 A server thread per connection hands its chat to `Batcher.submit`; one worker
-thread per model takes every waiting request that can share a `generate` call
-(greedy with greedy, sampling with the same temperature and top-p; a seeded
-request runs alone so its seed means what it says) and runs them as one
-left-padded batch. Each row keeps its own budget, stop strings and end-of-turn:
+thread per base model (shared by the base and every adapter on it, engine/pool.py)
+takes every waiting request that can share a `generate` call (greedy with greedy,
+sampling with the same temperature and top-p; a seeded request runs alone so its
+seed means what it says) and runs them as one left-padded batch, each row with its
+own system's adapter (PEFT's mixed-adapter batches). Each row keeps its own budget, stop strings and end-of-turn:
 a per-row stopping rule ends a row early while the others go on, and a per-row
 streamer hands each row's text to its caller as it is generated. A caller that
 goes away (a client hanging up) ends its row only.
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +33,7 @@ from tuneforge.engine.generation import Answer, Settings
 
 @dataclass
 class Request:
+    engine: Any  # the system asking: its adapter on the shared base, its tokenizer and end-of-turn
     prompt: list[int]
     settings: Settings
     streaming: bool
@@ -39,21 +42,23 @@ class Request:
 
     @property
     def key(self) -> tuple:
-        """Requests with the same key can share one generate call."""
-        s = self.settings
+        """Requests with the same key can share one generate call: the same sampling, the same stop and pad ids, and
+        adapters that PEFT can mix in one batch (any plain LoRA adapters and the base; others each alone)."""
+        s, engine = self.settings, self.engine
+        shared = (tuple(engine.stop_ids), engine.tokenizer.pad_token_id, None if engine.mixable else engine.adapter)
         if s.temperature <= 0:
-            return ("greedy",)
+            return ("greedy", *shared)
         if s.seed is not None:
             return ("seeded", id(self))
-        return ("sample", s.temperature, s.top_p)
+        return ("sample", s.temperature, s.top_p, *shared)
 
 
 class Row:
     """One request's place in a running batch: the ids it produced, the text it streamed, whether it ended."""
 
-    def __init__(self, request: Request, engine):
+    def __init__(self, request: Request):
         self.request = request
-        self.engine = engine
+        self.engine = request.engine
         self.ids: list[int] = []
         self.done = False
         self.emitted = ""
@@ -130,10 +135,10 @@ class RowsDone:
 
 
 class Batcher:
-    """Groups concurrent requests for one Engine into batched generate calls."""
+    """Groups concurrent requests for the systems of one base model (engine/pool.py) into batched generate calls."""
 
-    def __init__(self, engine, max_batch: int = 16, window_s: float = 0.02, max_wait_s: float = 0.1):
-        self.engine = engine
+    def __init__(self, base, max_batch: int = 16, window_s: float = 0.02, max_wait_s: float = 0.1):
+        self.base = base
         self.max_batch = max_batch
         self.window_s = window_s  # an idle model waits this long for company after a request arrives...
         self.max_wait_s = max_wait_s  # ...and again while more keep arriving, up to this in all
@@ -141,25 +146,25 @@ class Batcher:
         self.ready = threading.Condition()
         self.batches = 0  # generate calls run, for tests and benchmarks
         self.rows_run = 0
-        self.worker = threading.Thread(target=self._work, name=f"batcher-{engine.name}", daemon=True)
+        self.worker = threading.Thread(target=self._work, name=f"batcher-{base.name}", daemon=True)
         self.worker.start()
 
-    def submit(self, prompt: list[int], settings: Settings, streaming: bool) -> Request:
-        request = Request(prompt, settings, streaming)
+    def submit(self, engine, prompt: list[int], settings: Settings, streaming: bool) -> Request:
+        request = Request(engine, prompt, settings, streaming)
         with self.ready:
             self.waiting.append(request)
             self.ready.notify()
         return request
 
-    def answer(self, prompt: list[int], settings: Settings) -> Answer:
-        request = self.submit(prompt, settings, streaming=False)
+    def answer(self, engine, prompt: list[int], settings: Settings) -> Answer:
+        request = self.submit(engine, prompt, settings, streaming=False)
         item = request.pieces.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def stream(self, prompt: list[int], settings: Settings) -> Iterator[str | Answer]:
-        request = self.submit(prompt, settings, streaming=True)
+    def stream(self, engine, prompt: list[int], settings: Settings) -> Iterator[str | Answer]:
+        request = self.submit(engine, prompt, settings, streaming=True)
         try:
             while True:
                 item = request.pieces.get()
@@ -209,11 +214,11 @@ class Batcher:
                 request.pieces.put(answer)
 
     def run(self, batch: list[Request]) -> list[Answer]:
-        """One generate call for the batch; each row ends on its own."""
+        """One generate call for the batch, each row with its own system's adapter; each row ends on its own."""
         from transformers import StoppingCriteriaList
 
-        engine = self.engine
-        rows = [Row(r, engine) for r in batch]
+        engine = batch[0].engine  # the batch's stop and pad ids are every row's (Request.key)
+        rows = [Row(r) for r in batch]
         width = max(len(r.prompt) for r in batch)
         pad = engine.tokenizer.pad_token_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -228,19 +233,21 @@ class Batcher:
             top_p=first.top_p,
             seed=first.seed,
         )  # stop strings are per row, in RowsDone
-        with engine.lock:
+        with self.base.lock:
+            extra = self.base.prepare([r.engine.adapter for r in batch]) if engine.pooled else {}
             if shared.seed is not None:
                 torch.manual_seed(shared.seed)
             with torch.no_grad():
-                engine.model.generate(
-                    input_ids=ids.to(engine.device),
-                    attention_mask=mask.to(engine.device),
+                self.base.model.generate(
+                    input_ids=ids.to(self.base.device),
+                    attention_mask=mask.to(self.base.device),
                     streamer=RowStreamer(rows),
                     stopping_criteria=StoppingCriteriaList([RowsDone(rows, width)]),
                     **engine._generate_kwargs(shared),
+                    **extra,
                 )
         self.batches += 1
         self.rows_run += len(batch)
         for row in rows:
             row.flush()
-        return [engine._answer(row.ids, len(row.request.prompt), row.request.settings) for row in rows]
+        return [row.engine._answer(row.ids, len(row.request.prompt), row.request.settings) for row in rows]

@@ -8,7 +8,6 @@ padding and every row's last prompt token sits at the same position.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -24,23 +23,52 @@ if TYPE_CHECKING:
 
 
 class Engine:
-    """A model, its tokenizer and chat encoder; thread-safe (one generate call at a time, concurrent single
-    conversations batched together by `answer` and `stream`)."""
+    """One system: a model (its own, or a base shared with other systems, see engine/pool.py), its tokenizer and
+    chat encoder; thread-safe (one generate call per base at a time, concurrent single conversations batched
+    together by `answer` and `stream`, across every system on the base)."""
 
-    def __init__(self, model, tokenizer, name: str = "base"):
+    def __init__(self, model, tokenizer, name: str = "base", base=None, adapter: str | None = None):
         from tuneforge.data.chat import ChatEncoder
+        from tuneforge.engine.base import Base, mixable
 
         self.name = name
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.encoder = ChatEncoder(tokenizer)
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
+        self.base = base if base is not None else Base(model, name)
+        self.adapter = adapter  # the adapter folder this system adds to a shared base; None: the base as it is
+        self.mixable = mixable(adapter)  # whether its rows may share a batch with other adapters' rows
+        self.pooled = base is not None
         self.stop_ids = self.encoder.stop_ids
-        self.lock = threading.Lock()  # one generate call at a time: batched requests and whole eval sets take turns
-        self._batcher = None
-        self._batcher_lock = threading.Lock()
-        self.max_batch = 16  # for the batcher: most concurrent conversations in one generate call
+        self._model = None
+
+    @property
+    def model(self):
+        """The model to run this system's forward passes with: the base's own model for an engine of its own, else a
+        view of the shared base that applies this system's adapter (or none)."""
+        if not self.pooled:
+            return self.base.model
+        if self._model is None:
+            from tuneforge.engine.base import AdapterModel
+
+            self._model = AdapterModel(self.base, self.adapter)
+        return self._model
+
+    @property
+    def lock(self):
+        return self.base.lock
+
+    @property
+    def device(self):
+        return self.base.device
+
+    @property
+    def max_batch(self) -> int:
+        return self.base.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        self.base.max_batch = value
 
     @classmethod
     def load(
@@ -81,6 +109,10 @@ class Engine:
     def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
         return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
 
+    def run_kwargs(self, rows: int) -> dict:
+        """Under the base's lock: what makes the base's next pass use this system's adapter for `rows` rows."""
+        return self.base.prepare([self.adapter] * rows) if self.pooled else {}
+
     def _generate_kwargs(self, settings: Settings) -> dict:
         kwargs = dict(
             max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id
@@ -116,11 +148,13 @@ class Engine:
                 for row, i in enumerate(chunk):
                     ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                     mask[row, width - len(prompts[i]) :] = 1
+                extra = self.run_kwargs(len(chunk))
                 with torch.no_grad():
-                    out = self.model.generate(
+                    out = self.base.model.generate(
                         input_ids=ids.to(self.device),
                         attention_mask=mask.to(self.device),
                         **self._generate_kwargs(settings),
+                        **extra,
                     )
                 for row, i in enumerate(chunk):
                     answers[i] = self._answer(out[row, width:].tolist(), len(prompts[i]), settings)
@@ -140,17 +174,13 @@ class Engine:
         return finished_answer(self.encoder, text, prompt_tokens, len(new_ids), finish, settings)
 
     def batcher(self):
-        """The dynamic batcher that lets concurrent callers (server threads, demo users) share generate calls."""
-        with self._batcher_lock:
-            if self._batcher is None:
-                from tuneforge.engine.batcher import Batcher
-
-                self._batcher = Batcher(self, max_batch=self.max_batch)
-            return self._batcher
+        """The dynamic batcher that lets concurrent callers (server threads, demo users) share generate calls; one
+        per base, so the systems on a shared base share it."""
+        return self.base.batcher()
 
     def answer(self, messages: list[dict], settings: Settings) -> Answer:
         """One conversation's answer, batched with whatever other callers are asking at the same time."""
-        return self.batcher().answer(self.prompt_ids(messages, settings), settings)
+        return self.batcher().answer(self, self.prompt_ids(messages, settings), settings)
 
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[str | Answer]:
         """Text pieces as they are generated; the final item is an Answer with the totals.
@@ -158,4 +188,4 @@ class Engine:
         Batched with concurrent callers. Closing the iterator early (a client that hung up) ends this
         conversation's row; an error in generation ends the stream with that error and frees the model.
         """
-        return self.batcher().stream(self.prompt_ids(messages, settings), settings)
+        return self.batcher().stream(self, self.prompt_ids(messages, settings), settings)
