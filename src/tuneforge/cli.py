@@ -268,6 +268,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.engine.pool import shared_pool
     from tuneforge.serve.bounds import Limits
     from tuneforge.serve.finetuning import fine_tuning_router
     from tuneforge.serve.keys import check_binding, load_keys
@@ -277,6 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, keys)  # before loading anything
     experiment = _experiment(args)
     run = _existing_run(args, experiment)
+    shared_pool().max_adapters = args.max_adapters  # the process's bases, which every served adapter loads onto
     serve(
         experiment,
         run,
@@ -613,6 +615,12 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=16,
         help="most concurrent requests batched into one generate call (1: one at a time)",
+    )
+    sub.add_argument(
+        "--max-adapters",
+        type=_positive_int,
+        default=16,
+        help="fine-tuned adapters kept loaded on the shared base model; one more unloads the least recently used",
     )
     sub.add_argument(
         "--api-keys",

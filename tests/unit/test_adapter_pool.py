@@ -234,3 +234,13 @@ def test_an_adapter_retrained_in_place_is_loaded_anew(models, tmp_path, talking_
     _adapter(folder, talking_llama, tiny_tokenizer, seed=1)  # the same folder, other weights
     assert _answers(engine) == _answers(systems.get(f"adapter:{adapters[1]}").engine) != before
     assert engine.base.loaded() == [str(folder.resolve()), str(adapters[1].resolve())]  # the old weights unloaded
+
+
+def test_serve_takes_the_adapter_budget_from_the_command_line():
+    from tuneforge.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "x.yaml", "--max-adapters", "3"]).max_adapters == 3
+    assert parser.parse_args(["serve", "x.yaml"]).max_adapters == 16
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "x.yaml", "--max-adapters", "0"])
