@@ -587,3 +587,47 @@ def test_a_job_whose_every_example_is_too_long_says_how_many_the_longest_and_the
     assert failed.error.param == "training_file"
     assert "limit of 16 tokens (data.max_length)" in failed.error.message
     assert "12 of 12 examples are longer (the longest: " in failed.error.message
+    assert (tmp_path / "server" / "api" / "jobs" / job["id"]).stat().st_mode & 0o777 == 0o700  # its folder: private
+
+
+def test_a_keys_file_entry_that_would_be_read_as_something_else_is_refused_naming_its_line(tmp_path):
+    keys_file = tmp_path / "keys"
+    for text, why in [
+        (f"alice:{ALICE}\nbob:{BOB[:10]}#{BOB[10:]}\n", "line 2: a '#' inside a key"),  # was cut at the '#'
+        (f"{ALICE}:{BOB}\n", "line 1: an entry is KEY or PROJECT:KEY"),  # was project ALICE, key BOB
+        (f"alice:{ALICE}:{BOB}\n", "line 1: an entry is KEY or PROJECT:KEY"),
+    ]:
+        keys_file.write_text(text)
+        keys_file.chmod(0o600)
+        with pytest.raises(TuneforgeError, match=why) as refused:
+            load_keys(keys_file, environ={})
+        assert ALICE not in str(refused.value) and BOB[:10] not in str(refused.value)  # keys are never printed
+    keys_file.write_text(f"alice:{ALICE}  # a comment after a space\n#{BOB}\n")
+    assert load_keys(keys_file, environ={}).projects == ["alice"]
+
+
+def test_uploads_jobs_and_the_database_are_this_users_alone_and_orphans_go_at_start(tmp_path):
+    import stat
+    import time
+
+    client, _ = _app(tmp_path)
+    api = tmp_path / "server" / "api"
+    file = _upload(client, f"{LINE}\n" * 12).json()
+    client.post("/v1/fine_tuning/jobs", json={"model": "base", "training_file": file["id"]})
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(api) == mode(api / "files") == mode(api / "jobs") == 0o700
+    assert mode(api / "files" / f"{file['id']}.jsonl") == 0o600
+    assert {p.name: mode(p) for p in api.glob("platform.sqlite3*")} == {
+        name: 0o600 for name in ("platform.sqlite3", "platform.sqlite3-wal", "platform.sqlite3-shm")
+    }
+    orphan = api / "files" / f".{file['id']}x.jsonl.abc123.tmp"  # a SIGKILL while storing an upload leaves it
+    orphan.write_bytes(b"half")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    fresh = api / "files" / ".file-other.jsonl.def456.tmp"  # another server over this run folder storing one now
+    fresh.write_bytes(b"half")
+    _app(tmp_path)  # the server starts again
+    assert not orphan.exists() and fresh.exists()
+    assert client.get(f"/v1/files/{file['id']}/content").status_code == 200

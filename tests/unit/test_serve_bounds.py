@@ -5,6 +5,7 @@ that counts what it generated, served under a name of its own)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -166,3 +167,39 @@ def test_a_request_refused_for_load_is_a_429_with_retry_after_before_any_stream_
     streamed = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI, "stream": True})
     assert streamed.status_code == 200 and "rate_limit" not in streamed.text and "[DONE]" in streamed.text
     assert served.waiting == 0
+
+
+class Broken:
+    def stream(self, messages, settings):
+        raise FileNotFoundError(
+            2, "No such file or directory", "/srv/tuneforge/runs/secret/adapter/adapter_config.json"
+        )
+        yield
+
+
+def test_a_server_fault_names_no_server_path(tmp_path):
+    served = _served(tmp_path)
+    served.register("broken", "base", "default")
+    served.systems.systems["broken"] = Broken()
+    client = TestClient(create_app(served), base_url="http://localhost", raise_server_exceptions=False)
+    fault = client.post("/v1/chat/completions", json={"model": "broken", "messages": HI})
+    assert fault.status_code == 500 and fault.json()["error"]["type"] == "server_error"
+    assert "/srv/tuneforge" not in fault.text and "adapter_config.json" in fault.json()["error"]["message"]
+
+
+def test_an_out_of_range_seed_or_a_lone_surrogate_is_a_400(tmp_path, tiny_model_dir):
+    client = TestClient(create_app(_served(tmp_path, str(tiny_model_dir))), base_url="http://localhost")
+    for body, param in [
+        ({"seed": 2**64, "temperature": 1.0}, "seed"),
+        ({"seed": -(2**63) - 1, "temperature": 1.0}, "seed"),
+        ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+        ({"user": "\udfff"}, "user"),
+    ]:
+        refused = client.post(
+            "/v1/chat/completions",
+            content=json.dumps({"model": "base", "messages": HI, "max_tokens": 2, **body}),
+            headers={"Content-Type": "application/json"},
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
+    seeded = {"model": "base", "messages": HI, "max_tokens": 2, "seed": 2**64 - 1, "temperature": 1.0}
+    assert client.post("/v1/chat/completions", json=seeded).status_code == 200  # the largest seed torch takes

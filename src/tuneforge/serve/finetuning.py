@@ -70,6 +70,7 @@ OPENAI_BASES = re.compile(
 )
 ACTIVE = ("validating_files", "queued", "running", "paused")
 MAX_UNFINISHED = 16  # jobs a project may have waiting or training at once; more get 429
+ORPHAN_AGE_S = 60  # an upload's temporary file untouched this long lost its server (a copy writes it every ms)
 CHECKPOINT_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -112,6 +113,9 @@ class Platform:
     ):
         self.experiment, self.run, self.served = experiment, run, served
         self.root = run.sub("api")
+        for folder in (self.root, self.root / "files", self.root / "jobs"):
+            _private(folder)  # uploads, jobs and the database: for this server's user alone
+        _remove_orphans(self.root / "files")
         self.store = Store(self.root / "platform.sqlite3")
         self.max_unfinished = max_unfinished
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -295,6 +299,7 @@ class Platform:
         experiment = self._job_experiment(row)
         folder = self._job_dir(job_id)
         run = RunDir(experiment, folder).start("fine-tuning job")
+        _private(folder)
         resume_from = latest_complete_checkpoint(run.sub("checkpoints"))
         if resume_from is None:
             for split, key in (("train", "training_file"), ("valid", "validation_file")):
@@ -387,7 +392,7 @@ class Platform:
 
     def _add_file(self, data: bytes, filename: str, purpose: str, project: str) -> dict:
         obj = _file_object(new_id("file"), len(data), filename, purpose)
-        atomic_write_bytes(self._file_path(obj["id"]), data)
+        os.chmod(atomic_write_bytes(self._file_path(obj["id"]), data), 0o600)
         self.store.add_file(obj, project)
         return obj
 
@@ -689,7 +694,23 @@ def _store_bytes(source, target: Path) -> int:
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
+    os.chmod(target, 0o600)  # in a folder only this user may enter, so never readable by others meanwhile
     return size
+
+
+def _private(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+
+
+def _remove_orphans(files: Path) -> None:
+    """The temporary files of uploads whose server was killed while it stored them (named as atomic_path names
+    them); one still being written by another server over this run folder is younger than ORPHAN_AGE_S."""
+    now = time.time()
+    for tmp in files.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # another server removed it first
+            if tmp.is_file() and now - tmp.stat().st_mtime > ORPHAN_AGE_S:
+                tmp.unlink()
 
 
 def _alive(worker: str | None) -> bool:

@@ -2,9 +2,12 @@
 
 Keys come from the environment (`TUNEFORGE_API_KEYS`, entries separated by commas
 or whitespace) or from a keys file (`--api-keys FILE` or `TUNEFORGE_API_KEYS_FILE`,
-one entry a line, `#` comments). An entry is `KEY` (project `default`) or
-`PROJECT:KEY`. Keys never come from the experiment file, and this module never
-prints one: errors name the entry's place (variable, or file and line), not its text.
+one entry a line; `#` starts a comment at the start of a line or after a space). An
+entry is `KEY` (project `default`) or `PROJECT:KEY`; a key holds no `:` and, in a file, no
+`#`, and an entry that breaks either rule is refused naming its line rather than read as
+something else (a truncated key, or a key's first part taken for a project). Keys never
+come from the experiment file, and this module never prints one: errors name the entry's
+place (variable, or file and line), not its text.
 
 A request's bearer token is hashed and compared with every configured key's hash
 in constant time, without stopping at the first match, so the time a check takes
@@ -68,6 +71,11 @@ def _entry(text: str, where: str) -> tuple[bytes, str]:
     project, sep, key = text.partition(":")
     if not sep:
         project, key = DEFAULT_PROJECT, text
+    if ":" in key or (sep and (project.startswith("sk-") or len(project) >= MIN_KEY_LENGTH)):
+        raise TuneforgeError(
+            f"{where}: an entry is KEY or PROJECT:KEY and a key holds no ':'; this one has a ':' inside its key "
+            "(or the part before ':' is a key, not a project name)"
+        )
     if not PROJECT.match(project):
         raise TuneforgeError(
             f"{where}: the project name before ':' must be letters, digits, '_', '.' or '-' (at most 64)"
@@ -97,7 +105,12 @@ def load_keys(path: str | Path | None = None, environ: dict[str, str] | None = N
         if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             print(f"warning: {path} can be read by other users of this machine; chmod 600 {path}", flush=True)
         for n, line in enumerate(lines, start=1):
-            line = line.split("#", 1)[0].strip()
+            line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
+            if "#" in line:
+                raise TuneforgeError(
+                    f"{path} line {n}: a '#' inside a key (a comment starts at the line's start or after a space); "
+                    "keys hold no '#'"
+                )
             if line:
                 entries.append(_entry(line, f"{path} line {n}"))
     seen: dict[bytes, str] = {}

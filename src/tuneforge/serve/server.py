@@ -35,7 +35,7 @@ from tuneforge.engine.generation import Answer, Settings
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.origins import HostGuard, HostPolicy
 from tuneforge.serve.bounds import Limits, answer_within, check_asked, fit, pieces_within
-from tuneforge.serve.errors import ApiError
+from tuneforge.serve.errors import ApiError, readable
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class ChatRequest(BaseModel):
     max_tokens: Positive | None = None
     max_completion_tokens: Positive | None = None
     stop: StrictStr | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch.manual_seed takes
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
@@ -145,6 +145,7 @@ def parse_request(
     (None: unset; the settings hold the cap until `bounds.fit` knows the prompt)."""
     from tuneforge.data.validate import check_prompt, text_content
 
+    _check_unicode(request.model_dump(exclude_unset=True), "")
     messages = text_content(request.messages)
     problems = [p for p in check_prompt(messages, "messages") if p.severity == "error"]
     if problems:  # the checks prepare applies to training data, so what trains is what is served
@@ -167,6 +168,23 @@ def parse_request(
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return request.model, messages, settings, (include_usage if request.stream else None), asked
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """A 400 naming the first string with a lone surrogate (JSON allows "\\ud800"; no tokenizer takes it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = f"\\u{ord(value[exc.start]):04x}"
+            raise ApiError(400, f"Invalid value for '{where}': a lone surrogate ({bad}) is not text", where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{where}.{index}")
 
 
 def parse_tools(body: dict[str, Any], messages: list[dict]) -> tuple[list | None, str | dict]:
@@ -399,9 +417,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def fault(request, exc: Exception):  # keep serving whatever one request did
-        return JSONResponse(
-            ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(), status_code=500
-        )
+        error = ApiError(500, f"internal error: {readable(exc)}", kind="server_error")  # no server paths
+        return JSONResponse(error.body(), status_code=500)
 
     def model_object(name: str) -> dict:
         return {"id": name, "object": "model", "created": served.created, "owned_by": "tuneforge"}

@@ -50,6 +50,14 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         fresh = not self.path.exists()
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives its -wal and -shm this mode
+        for made in (
+            self.path,
+            self.path.with_name(self.path.name + "-wal"),
+            self.path.with_name(self.path.name + "-shm"),
+        ):
+            if made.exists():
+                os.chmod(made, 0o600)  # a database an earlier version made too
         self._connection().executescript(SCHEMA)  # idempotent; executescript runs outside any transaction
         if fresh:
             self._import_json_files(self.path.parent)
