@@ -203,3 +203,55 @@ def test_an_out_of_range_seed_or_a_lone_surrogate_is_a_400(tmp_path, tiny_model_
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
     seeded = {"model": "base", "messages": HI, "max_tokens": 2, "seed": 2**64 - 1, "temperature": 1.0}
     assert client.post("/v1/chat/completions", json=seeded).status_code == 200  # the largest seed torch takes
+
+
+def test_parameters_this_server_does_not_honour_are_400s_naming_them(tmp_path):
+    served = _served(tmp_path)
+    _slow(served, words=3)
+    client = openai.OpenAI(
+        base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=TestClient(create_app(served))
+    )
+    for given in [
+        {"n": 2},
+        {"logprobs": True},
+        {"logprobs": True, "top_logprobs": 3},
+        {"logit_bias": {"50256": -100}},
+        {"response_format": {"type": "json_object"}},
+        {"presence_penalty": 0.5},
+        {"reasoning_effort": "low"},
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="slow", messages=HI, **given)
+        assert refused.value.param == next(iter(given)) and refused.value.code == "unsupported_parameter", given
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="slow", messages=HI, extra_body={"top_k": 5})  # not OpenAI's either
+    assert refused.value.param == "top_k" and refused.value.code == "unknown_parameter"
+    neutral = client.chat.completions.create(
+        model="slow",
+        messages=HI,
+        n=1,
+        logprobs=False,
+        logit_bias={},
+        response_format={"type": "text"},
+        presence_penalty=0,
+        user="ann",
+        metadata={"team": "a"},
+        store=False,
+    )
+    assert neutral.choices[0].message.content.startswith("word")
+
+
+def test_the_developer_role_is_the_system_role(tmp_path, tiny_model_dir):
+    served = _served(tmp_path, str(tiny_model_dir))
+    client = openai.OpenAI(
+        base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=TestClient(create_app(served))
+    )
+
+    def ask(role: str):
+        return client.chat.completions.create(
+            model="base", messages=[{"role": role, "content": "Be brief."}, *HI], max_tokens=8, temperature=0
+        )
+
+    developer, system = ask("developer"), ask("system")
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content

@@ -116,10 +116,33 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class ChatRequest(BaseModel):
-    """The chat-completions body: the types here, the meaning (roles, tool calls) in `parse_request`."""
+# OpenAI parameters this server does not honour: a 400 naming the parameter unless it holds the value that changes
+# nothing (listed), so no client believes it got what it asked for
+UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "functions": (),
+    "function_call": (),
+}
 
-    model_config = ConfigDict(extra="allow")  # OpenAI parameters this server does not use (user, logit_bias...) pass
+
+class ChatRequest(BaseModel):
+    """The chat-completions body: the types here, the meaning (roles, tool calls) in `parse_request`. A parameter
+    OpenAI does not know is a 400 as OpenAI words it; one it knows that this server does not honour, a 400 from
+    `parse_request` (UNSUPPORTED)."""
+
+    model_config = ConfigDict(extra="forbid")
     model: Annotated[StrictStr, Field(min_length=1)]
     messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
     temperature: Temperature | None = None
@@ -128,12 +151,34 @@ class ChatRequest(BaseModel):
     max_completion_tokens: Positive | None = None
     stop: StrictStr | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=4)] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch.manual_seed takes
-    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    # OpenAI's bookkeeping, which changes no answer: accepted
+    user: StrictStr | None = None
+    metadata: dict[str, StrictStr] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    # known, not honoured (UNSUPPORTED)
+    n: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    modalities: list[Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 def parse_request(
@@ -145,12 +190,22 @@ def parse_request(
     (None: unset; the settings hold the cap until `bounds.fit` knows the prompt)."""
     from tuneforge.data.validate import check_prompt, text_content
 
-    _check_unicode(request.model_dump(exclude_unset=True), "")
-    messages = text_content(request.messages)
+    body = request.model_dump(exclude_unset=True)
+    _check_unicode(body, "")
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise ApiError(
+                400,
+                f"'{name}' is not supported by this server (tuneforge serve): leave it out"
+                + (" (one choice per request)" if name == "n" else ""),
+                name,
+                "unsupported_parameter",
+            )
+    # OpenAI's newer name for the system role; the chat templates know `system`
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in text_content(request.messages)]
     problems = [p for p in check_prompt(messages, "messages") if p.severity == "error"]
     if problems:  # the checks prepare applies to training data, so what trains is what is served
         raise ApiError(400, "; ".join(f"[{p.code}] {p.message}" for p in problems), "messages")
-    body = request.model_dump(exclude_unset=True)
     tools, tool_choice = parse_tools(body, messages)
     stop = request.stop or ()
     asked = request.max_completion_tokens or request.max_tokens
