@@ -17,12 +17,15 @@ step:
 Each side runs in its own process (peak memory is per process). All are then
 scored by the same function: token-weighted loss on the same held-out examples.
 
-    python benchmarks/train_throughput.py [--steps 8] [--batch 8] [--sides baseline,trl-packing,tuneforge]
+    python benchmarks/train_throughput.py [--steps 8] [--warmup 2] [--batch 8] [--sides baseline,trl-packing,tuneforge]
 
-Prints supervised tokens/s, padding share and peak memory per side, then the
-speedup of tuneforge against each other side (`speedup vs baseline: X.XX`,
-`speedup vs trl-packing: ...`). On CUDA it also prints tokens/s and MFU (4·N FLOPs
-per token for LoRA: forward plus input gradients, N = matmul parameters).
+Each side runs `--warmup` steps first and times the `--steps` after them between
+synchronised timestamps; tokens are counted where batches are trained (benchmarks/_timing.py,
+shared with gpu_perf.py). Prints supervised tokens/s, padding share and peak memory per
+side, then the speedup of tuneforge against each other side (`speedup vs baseline: X.XX`,
+`speedup vs trl-packing: ...`). On CUDA it also prints MFU on 4·N FLOPs per token (LoRA:
+forward plus input gradients) and on 6·N, N the matmul parameters with lm_head, and the
+peak of the exact device.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import StepTimer, count_trained_tokens, matmul_params, tag_real_tokens, throughput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT_SYSTEM = (
     "You are Kestrel Home's support assistant for the Kestrel K2 thermostat. Answer briefly and accurately."
 )
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}  # dense bf16/fp16
 
 
 def mixed_examples(seed: int) -> list[list[dict]]:
@@ -153,15 +157,86 @@ def add_lora(model, plan):
     )
 
 
-def child(args) -> dict:
+def pad_to_longest(pad_id: int):
+    """The baseline's collator: one example per row, padded to the longest in the micro-batch."""
     import torch
+
+    from tuneforge.train.batching import IGNORE
+
+    def collate(features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), pad_id)
+        labels = torch.full((len(features), width), IGNORE)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def side_trainer(args, plan, tokenizer, model, train, common: dict):
+    """The side's trainer, its collator tagged so the trained batches' real tokens can be counted."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
     from trl import SFTConfig
 
     from tuneforge.data.packing import build_rows
-    from tuneforge.train.batching import IGNORE, Collator, attention_mode, mask_dtype
+    from tuneforge.train.batching import Collator, attention_mode, mask_dtype
     from tuneforge.train.trainer import ForgeTrainer
+
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
+    mean_len = sum(len(ids) for ids, _ in train) / len(train)
+    if args.child == "baseline":
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
+            train_dataset=Dataset.from_list(rows),
+            data_collator=pad_to_longest(tokenizer.pad_token_id),
+        )
+    elif args.child.startswith("trl-"):
+        from trl import SFTTrainer
+
+        if args.child == "trl-packing":  # rows of about `batch` examples, one row per step, as tuneforge's
+            mode = dict(
+                packing=True,
+                packing_strategy="bfd",
+                max_length=max(args.max_length, int(args.batch * mean_len)),
+                per_device_train_batch_size=1,
+            )
+        else:  # already cut to --max-length
+            mode = dict(padding_free=True, max_length=None, per_device_train_batch_size=args.batch)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**mode, **common),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    else:
+        capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
+        packed = build_rows(train, capacity, packing=True, seed=args.seed)
+        rows = [{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens} for r in packed]
+        collate = Collator(
+            tokenizer.pad_token_id, attention_mode(plan.attention, True), mask_dtype(plan.device, plan.dtype)
+        )
+        config = SFTConfig(
+            per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common
+        )
+        trainer = ForgeTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            data_collator=collate,
+            processing_class=tokenizer,
+        )
+    trainer.data_collator = tag_real_tokens(trainer.data_collator)
+    return trainer
+
+
+def child(args) -> dict:
+    """One side: `--warmup` steps, then `--steps` timed ones whose trained batches are counted; the held-out loss."""
+    import torch
 
     plan, tokenizer, model = load(args)
     examples = tokenized(tokenizer, mixed_examples(args.seed), args.max_length)
@@ -169,7 +244,7 @@ def child(args) -> dict:
     model = add_lora(model, plan)
     common = dict(
         output_dir=tempfile.mkdtemp(),
-        max_steps=args.steps,
+        max_steps=args.warmup + args.steps,
         learning_rate=2e-4,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
@@ -186,103 +261,21 @@ def child(args) -> dict:
         dataloader_num_workers=0,
         gradient_checkpointing=False,
     )
-    stats = {"real": 0, "padded": 0, "supervised": 0}
-
-    def counting(collate):
-        def wrapped(features):
-            batch = collate(features)
-            stats["padded"] += batch["input_ids"].numel()
-            stats["real"] += sum(len(f["input_ids"]) for f in features)
-            stats["supervised"] += int((batch["labels"][:, 1:] != IGNORE).sum())
-            return batch
-
-        return wrapped
-
-    if args.child == "baseline":
-        rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
-
-        def pad_to_longest(features):
-            width = max(len(f["input_ids"]) for f in features)
-            ids = torch.full((len(features), width), tokenizer.pad_token_id)
-            labels = torch.full((len(features), width), IGNORE)
-            mask = torch.zeros((len(features), width), dtype=torch.long)
-            for i, f in enumerate(features):
-                n = len(f["input_ids"])
-                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(per_device_train_batch_size=args.batch, **common),
-            train_dataset=Dataset.from_list(rows),
-            data_collator=counting(pad_to_longest),
-        )
-    elif args.child.startswith("trl-"):
-        from trl import SFTTrainer
-
-        rows = [{"input_ids": ids, "labels": labels} for ids, labels in train]
-        if args.child == "trl-packing":  # rows of about `batch` examples, one row per step, as tuneforge's
-            mean_len = sum(len(ids) for ids, _ in train) / len(train)
-            mode = dict(
-                packing=True,
-                packing_strategy="bfd",
-                max_length=max(args.max_length, int(args.batch * mean_len)),
-                per_device_train_batch_size=1,
-            )
-        else:
-            mode = dict(
-                padding_free=True, max_length=None, per_device_train_batch_size=args.batch
-            )  # already cut to --max-length
-        config = SFTConfig(**mode, **common)
-        trainer = SFTTrainer(
-            model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-        )
-        trainer.data_collator = counting(trainer.data_collator)
-    else:
-        mean_len = sum(len(ids) for ids, _ in train) / len(train)
-        capacity = max(args.max_length, int(args.batch * mean_len))  # one packed row holds about `batch` examples
-        packed = build_rows(train, capacity, packing=True, seed=args.seed)
-        rows = [{"input_ids": r.input_ids, "labels": r.labels, "seq_lens": r.seq_lens} for r in packed]
-        collate = Collator(
-            tokenizer.pad_token_id, attention_mode(plan.attention, True), mask_dtype(plan.device, plan.dtype)
-        )
-        config = SFTConfig(
-            per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common
-        )
-        trainer = ForgeTrainer(
-            model=model,
-            args=config,
-            train_dataset=Dataset.from_list(rows),
-            data_collator=counting(collate),
-            processing_class=tokenizer,
-        )
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    trainer = side_trainer(args, plan, tokenizer, model, train, common)
+    timer = StepTimer(args.warmup, args.steps)
+    counts = count_trained_tokens(trainer, timer)
+    trainer.add_callback(timer)
     trainer.train()
-    seconds = time.perf_counter() - started
-    loss = held_out_loss(trainer.model, held_out, plan)
-    result = {
-        "seconds": seconds,
-        "supervised_tokens_per_s": stats["supervised"] / seconds,
-        "tokens_per_s": stats["real"] / seconds,
-        "padding_share": 1 - stats["real"] / stats["padded"],
-        "eval_loss": loss,
-        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20)
-        if plan.device == "cuda"
+    cuda = plan.device == "cuda"
+    result = throughput(timer, counts, matmul_params(model), torch.cuda.get_device_name() if cuda else None)
+    result.update(
+        seconds=result["measured_s"],
+        eval_loss=held_out_loss(trainer.model, held_out, plan),
+        peak_mb=(torch.cuda.max_memory_allocated() / 2**20)
+        if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device": plan.describe(),
-    }
-    if plan.device == "cuda":
-        matmul = sum(
-            p.numel() * (2 if getattr(p, "quant_type", None) else 1)
-            for n, p in model.named_parameters()
-            if p.dim() == 2 and "lora_" not in n and "embed" not in n
-        )
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        result["matmul_params"] = matmul
-        result["mfu"] = (result["tokens_per_s"] * 4 * matmul / (peak * 1e12)) if peak else None
+        device=plan.describe(),
+    )
     return result
 
 
@@ -312,7 +305,8 @@ def main() -> None:
         help="a model reference, or random:llama-3.1-8b (CUDA only) for MFU at 8B scale",
     )
     parser.add_argument("--quantization", default="4bit", choices=["none", "4bit", "8bit"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps run first and left out of the timing")
     parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the baseline's batch)")
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--eval-examples", type=int, default=24)
@@ -335,7 +329,7 @@ def main() -> None:
     ours = results["tuneforge"]
     print(
         f"model {args.model} ({args.quantization}) on {ours['device']}; "
-        f"{args.steps} steps, ~{args.batch} examples per step"
+        f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.batch} examples per step"
     )
     print(
         f"\n{'':<13}{'supervised tok/s':>18}{'all tok/s':>11}{'padding':>9}"
@@ -346,8 +340,13 @@ def main() -> None:
             f"{side:<13}{r['supervised_tokens_per_s']:>18.1f}{r['tokens_per_s']:>11.1f}{r['padding_share']:>9.1%}"
             f"{r['peak_mb']:>10,.0f}{r['eval_loss']:>11.4f}{r['seconds']:>9.1f}"
         )
-        if r.get("mfu") is not None:
-            print(f"{'':<13}MFU {r['mfu']:.1%} ({r['matmul_params'] / 1e6:.0f}M matmul params, 4·N FLOPs/token)")
+        if r.get("mfu_4n") is not None:
+            print(
+                f"{'':<13}MFU {r['mfu_4n']:.1%} on 4·N, {r['mfu_6n']:.1%} on 6·N (N = {r['matmul_params'] / 1e6:.0f}M "
+                f"matmul params; {r['device_name']} at {r['peak_tflops']:.0f} TFLOPs)"
+            )
+        elif r.get("device_name"):
+            print(f"{'':<13}no MFU: no known peak for {r['device_name']!r}")
     print()
     for side, other in results.items():
         if side != "tuneforge":
