@@ -135,7 +135,7 @@ class DevicePlan:
 
     device: Literal["cpu", "cuda"]
     dtype: Literal["float32", "bfloat16", "float16"]
-    attention: Literal["sdpa", "eager", "flash_attention_2"]
+    attention: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
     quantization: Literal["none", "4bit", "8bit"]
     device_name: str
     autocast: Literal["bfloat16"] | None = None  # training only: fp32 weights, bf16 matmuls (CPUs with native bf16)
@@ -191,6 +191,10 @@ def plan_device(section: ModelSection) -> DevicePlan:
             )
         if dtype == "float32":
             raise TuneforgeError("model.attention: flash_attention_2 runs in bfloat16 or float16, not float32")
+    if attention == "flex_attention" and device == "cpu":
+        raise TuneforgeError(
+            "model.attention: flex_attention trains on CUDA only (no backward on CPU); use sdpa or auto"
+        )
     if attention == "auto":
         attention = (
             "flash_attention_2"

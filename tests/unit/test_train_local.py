@@ -602,11 +602,14 @@ def test_prompt_targets_stay_inside_each_example_and_off_padding_and_answers():
     rows = build_rows(examples, 16, packing=True, seed=0)
     for mode in ("block_mask", "padded", "flash_varlen"):
         batch = Collator(2, mode, prompt_targets=True)([r.__dict__ for r in rows])
-        ids, marks = batch["input_ids"], batch["prompt_targets"]
+        ids, marks = batch["input_ids"], batch["prompt_index"]
         # the tokens predicted as prompt text: the second prompt token of the two examples that have one, nothing else
-        predicted = sorted(ids[:, 1:][marks].tolist())
+        predicted = sorted(ids.reshape(-1)[marks + 1].tolist())
         assert predicted == [6, 10], (mode, predicted)
-    assert "prompt_targets" not in Collator(2, "padded")([r.__dict__ for r in rows])
+        # and the head's rows: exactly the positions whose next token is a label, in order
+        targets = ids.reshape(-1)[batch["head_index"] + 1].tolist()
+        assert targets == [7, 8, 11, 13] and batch["supervised"] == 4, (mode, targets)
+    assert "prompt_index" not in Collator(2, "padded")([r.__dict__ for r in rows])
 
 
 def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(tmp_path, tiny_model_dir, monkeypatch):
@@ -617,7 +620,7 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     from trl import SFTConfig
 
     from tuneforge.data.packing import build_rows
-    from tuneforge.train import trainer as trainer_module
+    from tuneforge.train import batching
     from tuneforge.train.batching import Collator
     from tuneforge.train.trainer import ForgeTrainer
 
@@ -642,7 +645,7 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     batch = Collator(2, "block_mask", prompt_targets=True)([r.__dict__ for r in rows])
     with torch.no_grad():
         combined = trainer.compute_loss(model, dict(batch)).item()
-        answer_only = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "prompt_targets"}).item()
+        answer_only = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "prompt_index"}).item()
         # by hand: each example alone, full logits, next-token loss on its prompt tokens after the first
         losses = []
         for ids, labels in examples:
@@ -658,7 +661,8 @@ def test_prompt_loss_adds_weight_times_the_mean_next_token_loss_on_prompt_text(t
     model.train()
     rows_seen = []
     hook = trainer._head.register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape[0]))
-    monkeypatch.setattr(trainer_module, "PROMPT_LOSS_POSITIONS", 5)
+    monkeypatch.setattr(batching, "PROMPT_LOSS_POSITIONS", 5)
+    batch = Collator(2, "block_mask", prompt_targets=True)([r.__dict__ for r in rows])
     with torch.no_grad():  # a micro-batch with more prompt tokens than the cap projects a random sample of them
         trainer.compute_loss(model, dict(batch))
     hook.remove()

@@ -9,8 +9,17 @@ the example boundary (measured: logits moved by up to 0.17 on a tiny Llama). So:
   row (`_is_packed_sequence`). A `[B, L]` batch of packed rows would run the
   plain kernel, and examples would attend to each other with no error. So the
   micro-batch's rows are laid end to end in one `[1, sum of lengths]` row.
-* sdpa and eager get a 4-D additive mask, block-diagonal and causal, so each
-  token sees only earlier tokens of its own example.
+* torch's own varlen kernel (`train/attention.py`, CUDA sm80+) reads the same flat
+  row and boundaries.
+* On other CUDA GPUs, and with flex attention, the batch carries position ids and no
+  mask at all: transformers finds the resets and builds the mask on the GPU
+  ("positions").
+* On the CPU, sdpa and eager get a 4-D additive mask, block-diagonal and causal, so
+  each token sees only earlier tokens of its own example ("block_mask").
+
+Every batch also says where the head must project: `head_index`, the flat positions
+(into `[batch x width]`) whose next token is a target, and `supervised`, their count,
+so the training step selects those rows without asking the GPU how many there are.
 
 In every mode the first token of each example is never a target: a packed
 example's first label would otherwise be predicted from the example before it.
@@ -23,15 +32,25 @@ from typing import Literal
 import torch
 
 IGNORE = -100
+# Prompt positions whose next-token loss one micro-batch computes (train.prompt_loss_weight), drawn at random when it
+# has more: the mean stays an unbiased estimate, and the [positions, vocab] logits stay bounded (2,048 x Llama-3's 128k
+# vocabulary is 1 GB in fp32, where a micro-batch of 8,192 prompt tokens would be 4 GB). A batch of 4 real reviews has
+# about 700 (at most 2,200).
+PROMPT_LOSS_POSITIONS = 2048
 
 
-AttentionMode = Literal["block_mask", "flash_varlen", "padded"]
+AttentionMode = Literal["block_mask", "flash_varlen", "positions", "padded"]
 
 
-def attention_mode(attention: str, packing: bool) -> AttentionMode:
+def attention_mode(kind: str, packing: bool) -> AttentionMode:
+    """The collation for a packed-attention kind (train/attention.py) or a model.attention name."""
     if not packing:
         return "padded"
-    return "flash_varlen" if attention == "flash_attention_2" else "block_mask"
+    if kind in ("flash_attention_2", "varlen"):
+        return "flash_varlen"
+    if kind in ("flex", "flex_attention", "device_mask"):
+        return "positions"
+    return "block_mask"
 
 
 class Collator:
@@ -80,20 +99,41 @@ class Collator:
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if weights is not None:
             out["loss_weights"] = weights
-        if self.prompt_targets:  # [batch, width - 1]: the next token is the same example's and not a target
-            out["prompt_targets"] = (
-                (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] >= 0) & (labels[:, 1:] == IGNORE)
-            )
+        out["head_index"], out["supervised"] = head_index(labels)
+        if self.prompt_targets:  # the next token is the same example's and not a target
+            prompt = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] >= 0) & (labels[:, 1:] == IGNORE)
+            out["prompt_index"] = _sample(flat_index(prompt), PROMPT_LOSS_POSITIONS)
         if self.mode == "padded":
             out["attention_mask"] = (segments >= 0).long()
         elif self.mode == "block_mask":
             out["attention_mask"] = block_causal_mask(segments, self.mask_dtype)
+        elif self.mode == "positions":
+            pass  # no mask: transformers builds one on the model's device from the position ids
         else:  # the sequence boundaries, so the kernel need not find them in position_ids with a sync per layer
             starts = (position_ids[0] == 0).nonzero().flatten()
             bounds = torch.cat([starts, torch.tensor([width])]).to(torch.int32)
             out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = bounds
             out["max_length_q"] = out["max_length_k"] = int(bounds.diff().max())
         return out
+
+
+def flat_index(chosen: torch.Tensor) -> torch.Tensor:
+    """[batch, width - 1] marks -> their positions in the flattened [batch x width] hidden states."""
+    where = chosen.nonzero()
+    return where[:, 0] * (chosen.shape[1] + 1) + where[:, 1]
+
+
+def head_index(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(flat positions whose next token is a target, how many): where the head projects, in label order."""
+    index = flat_index(labels[:, 1:] != IGNORE)
+    return index, int(index.numel())
+
+
+def _sample(index: torch.Tensor, most: int) -> torch.Tensor:
+    """At most `most` of the positions, drawn at random (torch's generator), kept in order."""
+    if index.numel() <= most:
+        return index
+    return index[torch.randperm(index.numel())[:most].sort().values]
 
 
 def _end_to_end(rows: list[dict]) -> dict:

@@ -12,7 +12,7 @@ final logit soft-cap (Gemma) is applied by the model as usual.
 
 With train.prompt_loss_weight the head also projects the prompt positions the collator
 marks (never across a packed row's example boundary, never onto padding; at most
-PROMPT_LOSS_POSITIONS of them, drawn at random), and their next-token loss (mean over the
+batching.PROMPT_LOSS_POSITIONS of them, drawn at random), and their next-token loss (mean over the
 micro-batch's prompt tokens, times the weight) joins the answer's. Evaluation losses stay
 the answer's alone.
 """
@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from tuneforge.train.batching import IGNORE
+from tuneforge.train.batching import head_index
 
-# Prompt positions whose next-token loss one micro-batch computes, drawn at random when it has more: the mean stays an
-# unbiased estimate, and the [positions, vocab] logits stay bounded (2,048 x Llama-3's 128k vocabulary is 1 GB in fp32,
-# where a micro-batch of 8,192 prompt tokens would be 4 GB). A batch of 4 real reviews has about 700 (at most 2,200).
-PROMPT_LOSS_POSITIONS = 2048
+# Rows of logits whose fp32 log-probabilities exist at once in the loss (chunked_cross_entropy): 1,024 rows of a
+# 128k vocabulary are 500 MiB, against 1.8 GiB for the 3.7k supervised rows of an 8k-token micro-batch.
+CE_CHUNK_ROWS = 1024
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,11 +81,12 @@ class ForgeTrainer(SFTTrainer):
         self._head = _causal_lm(self.model).get_output_embeddings()
 
     @contextmanager
-    def _head_on(self, chosen: torch.Tensor):
-        """The head projects only the hidden states whose next token is a target ([batch, length - 1] mask)."""
+    def _head_on(self, rows: torch.Tensor):
+        """The head projects only these hidden states (flat positions in [batch x length], batching.head_index)."""
 
         def select(_module, args):
-            return (args[0][:, :-1][chosen],)
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),)
 
         handle = self._head.register_forward_pre_hook(select)
         try:
@@ -138,37 +138,33 @@ class ForgeTrainer(SFTTrainer):
             self.label_eval.save_state(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        """The answer's next-token loss at the supervised positions only, without asking the GPU anything: the
+        collator says where they are (`head_index`) and how many (`supervised`), rows are picked with index_select,
+        and the metrics stay on the device until a log line needs them."""
         labels = inputs.pop("labels")
         weights = inputs.pop("loss_weights", None)
-        shift_labels = labels[:, 1:]
-        chosen = shift_labels != IGNORE
-        prompt = inputs.pop("prompt_targets", None)  # the collator marks them when prompt_loss_weight is on
-        prompt = prompt.to(chosen.device) if prompt is not None and self.prompt_loss_weight and model.training else None
-        if prompt is not None and int(prompt.sum()) > PROMPT_LOSS_POSITIONS:
-            where = prompt.nonzero()
-            keep = where[torch.randperm(len(where), device=where.device)[:PROMPT_LOSS_POSITIONS]]
-            prompt = torch.zeros_like(prompt)
-            prompt[keep[:, 0], keep[:, 1]] = True
-        projected = chosen if prompt is None else chosen | prompt
-        with self._head_on(projected):
-            logits = model(**inputs, use_cache=False).logits.float()  # [supervised (and prompt) positions, vocab]
+        index, count = inputs.pop("head_index", None), inputs.pop("supervised", None)
+        if index is None:  # a batch from another collator
+            index, count = head_index(labels.cpu())
+        index = index.to(labels.device)
+        prompt = inputs.pop("prompt_index", None)  # the collator adds them when prompt_loss_weight is on
+        prompt = prompt.to(labels.device) if prompt is not None and self.prompt_loss_weight and model.training else None
+        rows = index if prompt is None else torch.cat([index, prompt])
+        with self._head_on(rows):
+            logits = model(**inputs, use_cache=False).logits  # [supervised (and prompt) positions, vocab]
         prompt_loss = None
         if prompt is not None:
-            prompt_logits, logits = logits[prompt[projected]], logits[chosen[projected]]
-            prompt_loss = (
-                F.cross_entropy(prompt_logits, inputs["input_ids"][:, 1:][prompt]) if prompt_logits.shape[0] else None
-            )
+            prompt_logits, logits = logits[count:], logits[:count]
+            prompt_targets = inputs["input_ids"].reshape(-1).index_select(0, prompt + 1)
+            prompt_loss = chunked_cross_entropy(prompt_logits, prompt_targets) / max(prompt.numel(), 1)
+        targets = labels.reshape(-1).index_select(0, index + 1)
         if self.label_offsets:  # logit adjustment where an answer (a label) starts: its first target of a run
-            starts = chosen & ~F.pad(chosen[:, :-1], (1, 0), value=False)
-            logits = logits + starts[chosen].to(logits.dtype)[:, None] * self._offsets(logits)
-        targets = shift_labels[chosen]
+            starts = torch.ones_like(index, dtype=torch.bool)
+            starts[1:] = index[1:] != index[:-1] + 1
+            logits = logits.float() + starts.float()[:, None] * self._offsets(logits)  # labels: few rows
         if weights is not None:  # train.label_weights: each example's tokens count by its label's weight
-            loss_sum = (
-                F.cross_entropy(logits, targets, reduction="none") * weights[:, 1:][chosen].to(logits.device)
-            ).sum()
-        else:
-            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        count = int(chosen.sum())
+            weights = weights.to(labels.device).reshape(-1).index_select(0, index + 1)
+        loss_sum = chunked_cross_entropy(logits, targets, weights)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator
         if prompt_loss is not None:
@@ -182,16 +178,60 @@ class ForgeTrainer(SFTTrainer):
             and self.accelerator.num_processes > 1
         ):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was summed over ranks
+        self._record(model.training, logits, targets, count, loss_sum, prompt_loss)
+        return (loss, {}) if return_outputs else loss
 
-        mode = "train" if model.training else "eval"
-        if model.training:
+    def _record(self, training: bool, logits, targets, count: int, loss_sum, prompt_loss) -> None:
+        """Token accuracy (and with a prompt loss, both losses) for the next log line, as device tensors."""
+        if training:
             self.supervised_tokens += count
         metrics = getattr(self, "_metrics", None)
-        if metrics is not None and count:
-            with torch.no_grad():
-                accuracy = (logits.argmax(-1) == targets).float().mean().item()
-            metrics[mode]["mean_token_accuracy"].append(accuracy)
+        if metrics is None or not count:
+            return
+        mode = "train" if training else "eval"
+        with torch.no_grad():
+            metrics[mode]["mean_token_accuracy"].append((logits.argmax(-1) == targets).float().mean())
             if prompt_loss is not None:  # metrics.jsonl's loss stays the answer's, as eval_loss is
-                metrics[mode]["answer_loss"].append(loss_sum.item() / count)
-                metrics[mode]["prompt_loss"].append(prompt_loss.item())
-        return (loss, {}) if return_outputs else loss
+                metrics[mode]["answer_loss"].append(loss_sum.detach() / count)
+                metrics[mode]["prompt_loss"].append(prompt_loss.detach())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The step's metrics leave the device here, once per log line, not once per micro-batch."""
+        for values in getattr(self, "_metrics", {}).values():
+            for key, found in values.items():
+                values[key] = [float(v) if isinstance(v, torch.Tensor) else v for v in found]
+        super().log(logs, start_time)
+
+
+def chunked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None, chunk: int | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy in fp32, CE_CHUNK_ROWS rows at a time, each chunk recomputed in the backward pass.
+
+    The plain loss keeps an fp32 copy of every projected row's log-probabilities for its backward ([rows, vocab]:
+    500 KiB a row at Llama-3's vocabulary, 1.8 GiB for 3.7k supervised tokens); here only one chunk's exists at a
+    time, and the saved tensor is the head's own output. Same value and gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    rows = logits.shape[0]
+    if rows == 0:  # nothing supervised in this micro-batch: a zero that still has a graph
+        return logits.sum() * 0.0
+    chunk = chunk or CE_CHUNK_ROWS
+    total = None
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        piece = checkpoint(
+            _cross_entropy_sum,
+            logits[part],
+            targets[part],
+            None if weights is None else weights[part],
+            use_reentrant=False,
+        )
+        total = piece if total is None else total + piece
+    return total
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
