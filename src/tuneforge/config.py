@@ -32,8 +32,8 @@ class ModelSection(Section):
     """Base weights: 4bit (NF4, QLoRA), 8bit or none (unquantized). auto: 4bit on a CUDA GPU, none on CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype. auto: bfloat16 where the GPU supports it, float16 on older GPUs (T4), float32 on CPU."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel. auto: flash_attention_2 when installed on an Ampere+ GPU, else sdpa."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel. auto: flash_attention_2 when installed on an Ampere+ GPU, else sdpa (packed rows: see docs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run. auto: CUDA when available, else CPU."""
     trust_remote_code: bool = False
@@ -218,8 +218,10 @@ class LocalTrain(Section):
     """AdamW weight decay."""
     optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
     """paged_adamw_8bit saves optimizer memory on GPU (bitsandbytes)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    gradient_checkpointing: Union[bool, Auto] = "auto"
+    """Recompute activations in the backward pass: less memory, slower. auto: measured per token, only what must fit."""
+    compile: Union[bool, Auto] = "auto"
+    """torch.compile each decoder layer (fused norms, activations, RoPE). auto: off until measured faster on a GPU."""
     packing: Union[bool, Auto] = "auto"
     """Pack short examples into full rows, attention kept per example. auto: off for labelled or long data, else on."""
     label_weights: Literal["none", "balanced"] = "none"

@@ -83,3 +83,104 @@ def test_flash_attention_packed_batch_logits_equal_each_example_alone(tiny_token
                 alone = model(input_ids=ids[None], use_cache=False).logits[0]
                 assert (flat[start : start + length].float() - alone.float()).abs().max() < 0.05
                 start += length
+
+
+def _packed_on_cuda(tiny_tokenizer, mode, attn="sdpa"):
+    import torch
+
+    from tests.conftest import make_llama
+    from tuneforge.data.packing import build_rows
+    from tuneforge.train.batching import Collator
+
+    model = make_llama(len(tiny_tokenizer)).to("cuda", torch.bfloat16)
+    model.set_attn_implementation(attn)
+    torch.manual_seed(3)
+    seqs = [torch.randint(3, model.config.vocab_size, (n,)) for n in (40, 23, 57, 31, 12, 64)]
+    rows = build_rows([(x.tolist(), x.tolist()) for x in seqs], capacity=96, packing=True, seed=0)
+    batch = Collator(pad_id=2, mode=mode)([r.__dict__ for r in rows])
+    return model, rows, batch
+
+
+def _assert_each_alone(model, rows, batch, packed, flat):
+    import torch
+
+    start = 0
+    for b, row in enumerate(rows):
+        start = start if flat else 0
+        for length in row.seq_lens:
+            ids = batch["input_ids"][0 if flat else b, start : start + length].cuda()
+            with torch.no_grad():
+                alone = model(input_ids=ids[None], use_cache=False).logits[0]
+            got = packed[0 if flat else b, start : start + length]
+            assert (got.float() - alone.float()).abs().max() < 0.05
+            start += length
+
+
+def test_torch_varlen_kernel_keeps_packed_examples_apart(tiny_tokenizer):
+    """torch's own FlashAttention-2 varlen kernel (no flash-attn package), as the plan picks it on sm80+."""
+    import torch
+
+    from tuneforge.train.attention import PackedAttention, use_packed_attention, varlen_available
+
+    if torch.cuda.get_device_capability()[0] < 8 or not varlen_available():
+        pytest.skip("the varlen kernel needs sm80+ and torch >= 2.9")
+    model, rows, batch = _packed_on_cuda(tiny_tokenizer, "flash_varlen")
+    use_packed_attention(model, PackedAttention("varlen", "test"))
+    inputs = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items() if k not in ("labels", "head_index")}
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits
+    model.set_attn_implementation("sdpa")
+    _assert_each_alone(model, rows, batch, packed, flat=True)
+
+
+def test_positions_only_rows_get_the_mask_built_on_the_gpu(tiny_tokenizer):
+    """The T4 layout: several packed rows, position ids and no mask; transformers builds the block mask on the GPU."""
+    import torch
+
+    model, rows, batch = _packed_on_cuda(tiny_tokenizer, "positions")
+    assert "attention_mask" not in batch and len(rows) > 1
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False
+        ).logits
+    _assert_each_alone(model, rows, batch, packed, flat=False)
+
+
+def test_a_varlen_training_step_never_waits_for_the_gpu(tiny_tokenizer, tmp_path):
+    """torch.cuda.set_sync_debug_mode("error") raises on any host sync: the loss, its backward and the step's metrics
+    run without one when the batch is on the device (as the trainer puts it)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig
+
+    from tuneforge.train.attention import PackedAttention, use_packed_attention, varlen_available
+    from tuneforge.train.trainer import ForgeTrainer
+
+    if torch.cuda.get_device_capability()[0] < 8 or not varlen_available():
+        pytest.skip("the varlen kernel needs sm80+ and torch >= 2.9")
+    model, rows, batch = _packed_on_cuda(tiny_tokenizer, "flash_varlen")
+    model = get_peft_model(model.float(), LoraConfig(r=4, target_modules="all-linear"))
+    use_packed_attention(model, PackedAttention("varlen", "test"))
+    args = SFTConfig(
+        output_dir=str(tmp_path), report_to="none", bf16=True, dataset_kwargs={"skip_prepare_dataset": True}
+    )
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]),
+        data_collator=lambda x: x,
+        processing_class=tiny_tokenizer,
+    )
+    model.train()
+    inputs = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+    count = torch.tensor(batch["supervised"], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.compute_loss(model, inputs, num_items_in_batch=count)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -120,6 +120,36 @@ def _checkpointing_args(config_class, enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
+def logging_steps(device: str, save_every: int) -> int:
+    """Every step on a CPU, where a step takes seconds. On a GPU a log line reads the loss back, which waits for the
+    GPU to finish: every few steps instead, always at a save step, so metrics.jsonl's NaN check runs before any
+    checkpoint is written."""
+    if device != "cuda":
+        return 1
+    return max(n for n in range(1, 11) if save_every % n == 0)
+
+
+def _loading(device: str) -> dict[str, Any]:
+    """On a GPU, batches are collated by two worker processes into pinned memory while the GPU computes; on a CPU
+    the workers would only take cores from the step."""
+    if device != "cuda":
+        return {"dataloader_num_workers": 0}
+    return {"dataloader_num_workers": 2, "dataloader_pin_memory": True, "dataloader_persistent_workers": True}
+
+
+def apply_checkpointing(trainer, setup: Setup, tokens: int, trainable: int):
+    """train.gradient_checkpointing on the built trainer: as set, or (auto) from the activations measured on its
+    model (train/memory.py). Before `trainer.train`, which enables it. The choice, to print with the plan."""
+    from tuneforge.train.memory import choose_checkpointing
+
+    choice = choose_checkpointing(
+        setup.experiment.train.gradient_checkpointing, trainer.model, setup.plan, tokens, trainable
+    )
+    for key, value in choice.trainer_kwargs(type(trainer.args)).items():
+        setattr(trainer.args, key, value)
+    return choice
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -163,7 +193,7 @@ def trainer_arguments(
         else ("adamw_torch_fused" if plan.device == "cuda" else "adamw_torch"),
         num_train_epochs=training.epochs,
         max_steps=t.max_steps or -1,
-        logging_steps=1,  # every step: metrics.jsonl, and the non-finite guard runs before each save
+        logging_steps=logging_steps(plan.device, training.save_every),
         eval_strategy="steps" if has_valid else "no",
         eval_steps=training.eval_every,
         save_strategy="steps",
@@ -177,11 +207,12 @@ def trainer_arguments(
         bf16=(plan.device == "cuda" and plan.dtype == "bfloat16") or plan.autocast == "bfloat16",
         fp16=plan.device == "cuda" and plan.dtype == "float16",  # fp16 gets a loss scaler from the Trainer
         use_cpu=plan.device == "cpu",
-        **_checkpointing_args(config_class, t.gradient_checkpointing),
+        **_checkpointing_args(config_class, t.gradient_checkpointing is True),  # auto: apply_checkpointing
+        logging_nan_inf_filter=False,  # its check reads the loss back every micro-batch; MetricsLog stops on NaN
         report_to="none",  # tensorboard and W&B are added as callbacks with our paths
         prediction_loss_only=True,
         ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
+        **_loading(plan.device),
         save_only_model=False,  # optimizer, scheduler and RNG states are needed to resume exactly
     )
     fields = list(config_class.__dataclass_fields__)
@@ -278,31 +309,26 @@ def base_evaluation(trainer, run: RunDir, identity: dict[str, Any] | None) -> di
 
 def add_adapters(model, experiment: Experiment, plan, start: Path | None = None):
     """LoRA adapters on the base (or the full model, with full_finetune); `start`: continue training that adapter."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    from tuneforge.models import keep_4bit_layers_differentiable, under_fsdp
+    from tuneforge.models import keep_4bit_layers_differentiable
 
     t, lora = experiment.train, experiment.lora
+    checkpointing = t.gradient_checkpointing is True  # auto is decided on the built trainer (apply_checkpointing)
     if t.full_finetune:
-        if t.gradient_checkpointing:
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
     if plan.quantization != "none":
         keep_4bit_layers_differentiable(model)  # see models.py: gradients must flow through frozen 4-bit layers
-        if under_fsdp():
-            # FSDP flattens a wrapped block's parameters into one tensor of one dtype: the 4-bit weights are stored in
-            # the compute dtype (models.load_model), and the fp32 norms prepare_model_for_kbit_training makes would
-            # break that. What it does besides, checkpointing with input gradients, is done here.
-            if t.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.enable_input_require_grads()
-        else:
-            # fp32 norms and input grads for checkpointing through frozen quantized layers
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=t.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        # What PEFT's prepare_model_for_kbit_training does, less its fp32 copies of the embeddings, head and norms
+        # (+2.1 GB on an 8B): they stay frozen in the compute dtype the model was loaded in. Under FSDP that is also
+        # what lets a wrapped block flatten its parameters into one tensor of one dtype.
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
     if start is not None:
         return PeftModel.from_pretrained(model, str(start), is_trainable=True)
     config = LoraConfig(

@@ -26,6 +26,7 @@ from trl import DPOConfig, DPOTrainer
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.common import (
+    apply_checkpointing,
     keep_trainable_fp32,
     kept_adapter,
     parameter_counts,
@@ -37,6 +38,7 @@ from tuneforge.train.common import (
     training_callbacks,
     world_size,
 )
+from tuneforge.train.kernels import choose_compilation, compile_layers
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -70,6 +72,9 @@ def train_dpo(
     if done is not None:
         return done
     model = setup.load_model()
+    compilation = choose_compilation(t.compile, setup.plan.device)
+    if compilation.enabled:
+        compile_layers(model)
     metrics, callbacks = training_callbacks(run, t, fingerprint, parameter_counts(model)[0], resume_from, callbacks)
     args.disable_tqdm = not progress
     trainer = ForgeDPOTrainer(
@@ -84,10 +89,14 @@ def train_dpo(
     keep_trainable_fp32(trainer.model, setup.plan.dtype)
     params = parameter_counts(trainer.model)  # the trainer's model holds TRL's frozen copy of a starting adapter too
     reference = f"the starting adapter {setup.start_adapter}" if setup.start_adapter else "the base model (adapter off)"
+    # a micro-batch runs both answers of each pair
+    longest = max(2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in train_rows)
+    checkpointing = apply_checkpointing(trainer, setup, training.micro_batch_size * longest, params[0])
     print_plan(
         f"DPO on {setup.plan.describe()}: {len(train_rows)} pairs, beta {t.dpo.beta}, {t.dpo.loss_type} loss, "
         f"reference {reference}; {params[0]:,} of {params[1]:,} parameters trainable",
         training,
+        [checkpointing.describe(), compilation.describe()],
     )
 
     # ------------------------------------------------------------------ train

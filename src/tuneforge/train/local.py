@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.train.attention import PackedAttention, packed_attention, use_packed_attention
 from tuneforge.train.common import (
     Setup,
     add_adapters,  # noqa: F401  (tests import it from here)
+    apply_checkpointing,
     base_eval_identity,
     keep_trainable_fp32,
     kept_adapter,
@@ -27,6 +29,7 @@ from tuneforge.train.common import (
     training_callbacks,
     world_size,
 )
+from tuneforge.train.kernels import choose_compilation, compile_layers
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -55,7 +58,12 @@ def train_local(
     metrics, callbacks = training_callbacks(run, experiment.train, fingerprint, trainable, resume_from, callbacks)
     args.disable_tqdm = not progress
     label_eval = _label_eval(setup, data, resume_from)
-    collator = _collator(setup, training)
+    kernel = packed_attention(setup.plan, training.packing, padded_calls=label_eval is not None)
+    use_packed_attention(model, kernel)
+    compilation = choose_compilation(experiment.train.compile, setup.plan.device)
+    if compilation.enabled:
+        compile_layers(model)
+    collator = _collator(setup, training, kernel)
     trainer = ForgeTrainer(
         model=model,
         args=args,
@@ -70,11 +78,13 @@ def train_local(
     )
     metrics.trainer = trainer
     keep_trainable_fp32(trainer.model, setup.plan.dtype)
+    checkpointing = apply_checkpointing(trainer, setup, training.micro_batch_size * data.longest, trainable)
     headline = (
         f"training on {setup.plan.describe()}: {len(data.train_tokens)} examples, "
         f"{trainable:,} of {total:,} parameters trainable"
     )
-    print_plan(headline, training, _label_notes(data, label_eval))
+    notes = [kernel.describe(), checkpointing.describe(), compilation.describe(), *_label_notes(data, label_eval)]
+    print_plan(headline, training, notes)
 
     # ------------------------------------------------------------------ train
     labels = data.labels if data.labelled else None
@@ -82,9 +92,8 @@ def train_local(
     trained = run_training(trainer, run, resume_from, bool(data.valid_rows), identity)
 
     # ------------------------------------------------------------------ finish
-    summary = summarize(
-        trained, setup, training, metrics.records, (trainable, total), collator.mode, data.train_examples
-    )
+    summary = summarize(trained, setup, training, metrics.records, (trainable, total), kernel.kind, data.train_examples)
+    summary["activation_checkpointing"] = checkpointing.describe()
     if data.adjustment:
         summary["label_adjustment"] = data.adjustment
     if data.valid_rows:
@@ -106,6 +115,11 @@ class SftData:
     training: TrainingPlan
     offsets: dict[int, float] | None  # train.label_adjustment, see label_offsets
     adjustment: str
+
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest training row: a micro-batch holds at most micro_batch_size of them."""
+        return max((len(row.input_ids) for row in self.train_rows), default=1)
 
 
 def sft_data(setup: Setup) -> SftData:
@@ -140,13 +154,13 @@ def sft_data(setup: Setup) -> SftData:
     )
 
 
-def _collator(setup: Setup, training: TrainingPlan):
-    from tuneforge.train.batching import Collator, attention_mode, mask_dtype
+def _collator(setup: Setup, training: TrainingPlan, kernel: PackedAttention):
+    from tuneforge.train.batching import Collator, mask_dtype
 
     plan = setup.plan
     return Collator(
         setup.tokenizer.pad_token_id,
-        attention_mode(plan.attention, training.packing),
+        kernel.collation,
         mask_dtype=mask_dtype(plan.device, plan.dtype),
         prompt_targets=training.prompt_loss_weight > 0,
     )
