@@ -56,8 +56,10 @@ def activation_bytes_per_token(model, vocab_size: int, layers: int, autocast: to
     handle = head.register_forward_pre_hook(lambda _m, args: (args[0].reshape(-1, args[0].shape[-1])[:1],))
     was_training = model.training
     model.train()
-    try:
-        sizes = [_saved_bytes(model, tokens, vocab_size, device, params, autocast) for tokens in (64, 192)]
+    devices = [device] if device.type == "cuda" else []
+    try:  # the measurement draws dropout masks: the training's random stream must not see them
+        with torch.random.fork_rng(devices=devices):
+            sizes = [_saved_bytes(model, tokens, vocab_size, device, params, autocast) for tokens in (64, 192)]
     finally:
         handle.remove()
         model.train(was_training)
