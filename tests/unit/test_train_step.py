@@ -212,3 +212,14 @@ def test_compiled_layers_give_the_eager_logits_and_gradients(tiny_llama):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert all(torch.allclose(g, results[1][1][n], atol=1e-5) for n, g in results[0][1].items())
     assert not choose_compilation("auto", "cuda").enabled and choose_compilation(True, "cpu").enabled
+
+
+def test_on_a_gpu_logs_come_every_few_steps_always_at_a_save_and_workers_collate_ahead():
+    from tuneforge.train.common import _loading, logging_steps
+
+    assert logging_steps("cpu", 20) == 1  # a CPU step takes seconds: every step
+    assert logging_steps("cuda", 20) == 10 and logging_steps("cuda", 12) == 6 and logging_steps("cuda", 17) == 1
+    assert all(save % logging_steps("cuda", save) == 0 for save in range(1, 200))
+    assert _loading("cpu") == {"dataloader_num_workers": 0}
+    gpu = _loading("cuda")
+    assert gpu["dataloader_num_workers"] > 0 and gpu["dataloader_pin_memory"]
