@@ -439,6 +439,7 @@ def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
     from types import SimpleNamespace
 
     from tuneforge.engine.generation import Settings
+    from tuneforge.serve.chat_wire import Chat
     from tuneforge.serve.server import _events
 
     experiment = Experiment.model_validate({"name": "server"})
@@ -466,10 +467,7 @@ def test_a_stream_whose_client_leaves_stops_generating(tmp_path):
             async for chunk in _events(
                 served,
                 SimpleNamespace(stream=lambda m, s: pieces()),
-                "base",
-                [{"role": "user", "content": "hi"}],
-                Settings(),
-                False,
+                Chat("base", [{"role": "user", "content": "hi"}], Settings(), None),
                 Client(),
             )
         ]

@@ -157,11 +157,11 @@ def test_a_request_refused_for_load_is_a_429_with_retry_after_before_any_stream_
     class FillsUp(Served):
         """The queue fills the moment this request takes its place: a second place is never there."""
 
-        def enter(self):
+        def enter(self, places=1):
             if entered:
                 self.waiting = MAX_WAITING  # others took every place since
             entered.append(True)
-            super().enter()
+            super().enter(places)
 
     served.__class__ = FillsUp
     streamed = client.post("/v1/chat/completions", json={"model": "slow", "messages": HI, "stream": True})
@@ -212,7 +212,6 @@ def test_parameters_this_server_does_not_honour_are_400s_naming_them(tmp_path):
         base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=TestClient(create_app(served))
     )
     for given in [
-        {"n": 2},
         {"logprobs": True},
         {"logprobs": True, "top_logprobs": 3},
         {"logit_bias": {"50256": -100}},
@@ -223,6 +222,9 @@ def test_parameters_this_server_does_not_honour_are_400s_naming_them(tmp_path):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="slow", messages=HI, **given)
         assert refused.value.param == next(iter(given)) and refused.value.code == "unsupported_parameter", given
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="slow", messages=HI, n=9)  # past MAX_CHOICES
+    assert refused.value.param == "n"
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="slow", messages=HI, extra_body={"top_k": 5})  # not OpenAI's either
     assert refused.value.param == "top_k" and refused.value.code == "unknown_parameter"
@@ -255,3 +257,34 @@ def test_the_developer_role_is_the_system_role(tmp_path, tiny_model_dir):
     developer, system = ask("developer"), ask("system")
     assert developer.usage.prompt_tokens == system.usage.prompt_tokens
     assert developer.choices[0].message.content == system.choices[0].message.content
+
+
+def test_n_choices_each_sampled_on_its_own_seed_streamed_or_not(tmp_path, talking_llama, tiny_tokenizer):
+    folder = tmp_path / "talking"
+    talking_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    client = openai.OpenAI(
+        base_url="http://localhost/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=TestClient(create_app(_served(tmp_path, str(folder)))),
+    )
+    ask = {"model": "base", "messages": HI, "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    three = client.chat.completions.create(n=3, **ask)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.message.content for c in three.choices]
+    assert len(set(texts)) > 1  # each choice samples on its own seed
+    alone = [client.chat.completions.create(**{**ask, "seed": 7 + i}) for i in range(3)]
+    assert texts == [a.choices[0].message.content for a in alone]  # choice i: what seed 7 + i gives alone
+    assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt counts once
+    assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    streamed = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **ask))
+    said, finished = {i: "" for i in range(3)}, {}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            said[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert all(said.values()) and sorted(finished) == [0, 1, 2]  # every choice streamed and ended
+    assert streamed[-1].usage.total_tokens == three.usage.total_tokens

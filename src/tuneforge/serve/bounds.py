@@ -11,6 +11,7 @@ batch at the next token instead of holding the model until the answer is complet
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -111,15 +112,57 @@ async def pieces_within(
             pieces.close()
 
 
-async def answer_within(
-    system, messages: list[dict], settings: Settings, request, limits: Limits, prompt_tokens: int = 0
-) -> Answer | None:
-    """The whole answer, read as `pieces_within` reads it; None when the client went away first."""
-    async with contextlib.aclosing(pieces_within(system, messages, settings, request, limits, prompt_tokens)) as pieces:
-        async for piece in pieces:
+async def choices_within(
+    system, messages: list[dict], choices: list[Settings], request, limits: Limits, prompt_tokens: int = 0
+) -> AsyncIterator[tuple[int, str | Answer]]:
+    """(choice, piece) of every choice's `pieces_within` as they come: each choice is a request of its own, so they
+    share the batch's forward passes. Closing this ends every choice's row."""
+    if len(choices) == 1:
+        async with contextlib.aclosing(
+            pieces_within(system, messages, choices[0], request, limits, prompt_tokens)
+        ) as one:
+            async for piece in one:
+                yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, settings: Settings) -> None:
+        try:
+            async with contextlib.aclosing(
+                pieces_within(system, messages, settings, request, limits, prompt_tokens)
+            ) as it:
+                async for piece in it:
+                    await queue.put((index, piece))
+        finally:
+            queue.put_nowait((index, _END))
+
+    tasks = [asyncio.create_task(pump(i, settings)) for i, settings in enumerate(choices)]
+    try:
+        running = len(tasks)
+        while running:
+            index, piece = await queue.get()
+            if piece is _END:
+                running -= 1
+            else:
+                yield index, piece
+        for task in tasks:
+            task.result()  # a choice whose generation failed fails the request
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def answers_within(
+    system, messages: list[dict], choices: list[Settings], request, limits: Limits, prompt_tokens: int = 0
+) -> list[Answer] | None:
+    """Every choice's whole answer, read as `pieces_within` reads it; None when the client went away first."""
+    answers: dict[int, Answer] = {}
+    async with contextlib.aclosing(choices_within(system, messages, choices, request, limits, prompt_tokens)) as pieces:
+        async for index, piece in pieces:
             if isinstance(piece, Answer):
-                return piece
-    return None
+                answers[index] = piece
+    return [answers[i] for i in range(len(choices))] if len(answers) == len(choices) else None
 
 
 def _cut(system, text: str, prompt_tokens: int, pieces: int) -> Answer:

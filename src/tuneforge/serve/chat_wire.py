@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -28,7 +29,6 @@ class StreamOptions(BaseModel):
 # OpenAI parameters this server does not honour: a 400 naming the parameter unless it holds the value that changes
 # nothing (listed), so no client believes it got what it asked for
 UNSUPPORTED: dict[str, tuple] = {
-    "n": (1,),
     "logprobs": (False,),
     "top_logprobs": (0,),
     "logit_bias": ({},),
@@ -44,6 +44,30 @@ UNSUPPORTED: dict[str, tuple] = {
     "functions": (),
     "function_call": (),
 }
+
+
+MAX_CHOICES = 8  # `n`: each choice is a row of its own in the batch, so n costs n answers' time
+
+
+@dataclass
+class Chat:
+    """A parsed chat request: what to ask which model, with which settings, how many times, and how to answer."""
+
+    model: str
+    messages: list[dict]
+    settings: Settings
+    asked: int | None  # max_tokens as given (None: unset; the settings hold the cap until `bounds.fit` knows more)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # streaming: end with a usage chunk
+
+    def choices(self) -> list[Settings]:
+        """Each choice's settings: a seed given is choice 0's, and the next choices take the next seeds (else they
+        would all sample the same answer)."""
+        seed = self.settings.seed
+        if seed is None:
+            return [self.settings] * self.n
+        return [replace(self.settings, seed=seed + i if seed + i < 2**64 else seed - i) for i in range(self.n)]
 
 
 class ChatRequest(BaseModel):
@@ -72,8 +96,8 @@ class ChatRequest(BaseModel):
     service_tier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     safety_identifier: StrictStr | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     # known, not honoured (UNSUPPORTED)
-    n: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
     logit_bias: dict[str, Any] | None = None
@@ -90,13 +114,8 @@ class ChatRequest(BaseModel):
     function_call: Any = None
 
 
-def parse_request(
-    request: ChatRequest, limits: Limits = Limits()
-) -> tuple[str, list[dict], Settings, bool | None, int | None]:
-    """What the request models cannot say: the messages and tools as prepare checks training data; the settings.
-
-    Then None for a plain answer, else (streaming) whether to end with a usage chunk; and the max_tokens asked
-    (None: unset; the settings hold the cap until `bounds.fit` knows the prompt)."""
+def parse_request(request: ChatRequest, limits: Limits = Limits()) -> Chat:
+    """What the request models cannot say: the messages and tools as prepare checks training data; the settings."""
     from tuneforge.data.validate import check_prompt, text_content
 
     body = request.model_dump(exclude_unset=True)
@@ -105,8 +124,7 @@ def parse_request(
         if body.get(name) is not None and body[name] not in neutral:
             raise ApiError(
                 400,
-                f"'{name}' is not supported by this server (tuneforge serve): leave it out"
-                + (" (one choice per request)" if name == "n" else ""),
+                f"'{name}' is not supported by this server (tuneforge serve): leave it out",
                 name,
                 "unsupported_parameter",
             )
@@ -131,7 +149,7 @@ def parse_request(
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return request.model, messages, settings, (include_usage if request.stream else None), asked
+    return Chat(request.model, messages, settings, asked, request.n or 1, bool(request.stream), include_usage)
 
 
 def _check_unicode(value: Any, where: str) -> None:
@@ -192,12 +210,10 @@ def message_of(answer: Answer) -> dict:
     return message
 
 
-def usage(answer: Answer) -> dict:
-    return {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-    }
+def usage(answers: list[Answer]) -> dict:
+    """The prompt once, every choice's completion."""
+    prompt, completion = answers[0].prompt_tokens, sum(a.completion_tokens for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sources(answer: Answer) -> dict:
@@ -205,15 +221,16 @@ def sources(answer: Answer) -> dict:
     return {"sources": [h.to_json() for h in answer.sources]} if answer.sources else {}
 
 
-def completion(model: str, answer: Answer) -> dict:
+def completion(model: str, answers: list[Answer]) -> dict:
     return {
-        **sources(answer),
+        **sources(answers[0]),
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": message_of(answer), "finish_reason": answer.finish_reason, "logprobs": None}
+            {"index": i, "message": message_of(a), "finish_reason": a.finish_reason, "logprobs": None}
+            for i, a in enumerate(answers)
         ],
-        "usage": usage(answer),
+        "usage": usage(answers),
     }

@@ -17,10 +17,12 @@ Only the Host names the server is bound to are answered, and no state-changing r
 from another site's page (origins.py). Binds 127.0.0.1 unless told otherwise, and beyond
 loopback only with API keys (serve/keys.py).
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import threading
@@ -32,11 +34,11 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from tuneforge.engine.generation import Answer, Settings
+from tuneforge.engine.generation import Answer
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.origins import HostGuard, HostPolicy
-from tuneforge.serve.bounds import Limits, answer_within, fit, pieces_within
-from tuneforge.serve.chat_wire import ChatRequest, completion, parse_request, sources, usage
+from tuneforge.serve.bounds import Limits, answers_within, choices_within, fit
+from tuneforge.serve.chat_wire import Chat, ChatRequest, completion, parse_request, sources, usage
 from tuneforge.serve.errors import ApiError, readable
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
@@ -89,9 +91,10 @@ class Served:
             )
         return self.systems.get(name)
 
-    def enter(self) -> None:
+    def enter(self, places: int = 1) -> None:
+        """Take `places` in the queue (a request's choices), or refuse with a 429 that says when to retry."""
         with self.counter:
-            if self.waiting >= MAX_WAITING:
+            if self.waiting + places > MAX_WAITING:
                 raise ApiError(
                     429,
                     "too many requests are queued; retry shortly",
@@ -99,11 +102,11 @@ class Served:
                     kind="rate_limit_error",
                     retry_after=RETRY_AFTER_S,
                 )
-            self.waiting += 1
+            self.waiting += places
 
-    def leave(self) -> None:
+    def leave(self, places: int = 1) -> None:
         with self.counter:
-            self.waiting -= 1
+            self.waiting -= places
 
 
 # --------------------------------------------------------------------------- the app
@@ -288,20 +291,23 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request, project: str = Depends(project_of)):
-        model, messages, settings, include_usage, asked = parse_request(body, served.limits)
-        system = await run_in_threadpool(served.get, model, project)  # loading a model the first time takes a while
-        settings, prompt_tokens = await run_in_threadpool(fit, system, messages, settings, asked, served.limits)
-        served.enter()  # a full queue: a 429 with Retry-After now, for a stream too, before any chunk
-        if include_usage is not None:
-            events = _events(served, system, model, messages, settings, include_usage, request, prompt_tokens)
-            return _Stream(events, served.leave, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        chat = parse_request(body, served.limits)
+        system = await run_in_threadpool(served.get, chat.model, project)  # a model's first load takes a while
+        chat.settings, prompt_tokens = await run_in_threadpool(
+            fit, system, chat.messages, chat.settings, chat.asked, served.limits
+        )
+        served.enter(chat.n)  # a full queue: a 429 with Retry-After now, for a stream too, before any chunk
+        if chat.stream:
+            events = _events(served, system, chat, request, prompt_tokens)
+            release = functools.partial(served.leave, chat.n)
+            return _Stream(events, release, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            answer = await answer_within(system, messages, settings, request, served.limits, prompt_tokens)
+            answers = await answers_within(system, chat.messages, chat.choices(), request, served.limits, prompt_tokens)
         finally:
-            served.leave()
-        if answer is None:  # the client went away; its row ended at the next token
+            served.leave(chat.n)
+        if answers is None:  # the client went away; its rows ended at the next token
             return Response(status_code=499)
-        return completion(model, answer)
+        return completion(chat.model, answers)
 
     for router in routers or []:
         app.include_router(router)
@@ -323,21 +329,14 @@ class _Stream(StreamingResponse):
             self.release()
 
 
-async def _events(
-    served: Served,
-    system,
-    model: str,
-    messages: list[dict],
-    settings: Settings,
-    include_usage: bool,
-    request,
-    prompt_tokens: int = 0,
-):
-    """Server-sent chunks of a streamed answer; a client that goes away ends its row in the batch."""
+async def _events(served: Served, system, chat: Chat, request, prompt_tokens: int = 0):
+    """Server-sent chunks of a streamed answer (each choice's, by index); a client that goes away ends its rows in
+    the batch."""
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    model, include_usage, calls_tools = chat.model, chat.include_usage, chat.settings.calls_tools
 
-    def event(delta: dict | None, finish: str | None = None, **extra) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    def event(delta: dict | None, finish: str | None = None, index: int = 0, **extra) -> str:
+        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]
         payload = {
             **extra,
             "id": chunk_id,
@@ -350,23 +349,27 @@ async def _events(
             payload["usage"] = None  # as OpenAI: every chunk has the field, the last one the totals
         return f"data: {json.dumps(payload)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    async with contextlib.aclosing(
-        pieces_within(system, messages, settings, request, served.limits, prompt_tokens)
-    ) as pieces:
-        async for piece in pieces:
-            if isinstance(piece, Answer):
-                if settings.calls_tools:  # the text was held back: it may be a call, known only at the end
-                    if piece.text:
-                        yield event({"content": piece.text})
-                    for index, call in enumerate(piece.tool_calls or []):
-                        yield event({"tool_calls": [{"index": index, **call}]})
-                yield event({}, piece.finish_reason, **sources(piece))
-                if include_usage:
-                    yield event(None, usage=usage(piece))
-                yield "data: [DONE]\n\n"
-            elif not settings.calls_tools:
-                yield event({"content": piece})
+    for index in range(chat.n):
+        yield event({"role": "assistant", "content": ""}, index=index)
+    answers: dict[int, Answer] = {}
+    choices = choices_within(system, chat.messages, chat.choices(), request, served.limits, prompt_tokens)
+    async with contextlib.aclosing(choices) as pieces:
+        async for index, piece in pieces:
+            if not isinstance(piece, Answer):
+                if not calls_tools:  # with tools the text is held back: it may be a call, known only at the end
+                    yield event({"content": piece}, index=index)
+                continue
+            if calls_tools:
+                if piece.text:
+                    yield event({"content": piece.text}, index=index)
+                for number, call in enumerate(piece.tool_calls or []):
+                    yield event({"tool_calls": [{"index": number, **call}]}, index=index)
+            yield event({}, piece.finish_reason, index, **sources(piece))
+            answers[index] = piece
+    if len(answers) == chat.n:
+        if include_usage:
+            yield event(None, usage=usage([answers[i] for i in range(chat.n)]))
+        yield "data: [DONE]\n\n"
 
 
 def serve(
