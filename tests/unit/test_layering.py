@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tuneforge.rag",),
     ("tuneforge.engine",),
     ("tuneforge.systems",),
+    ("tuneforge.graders",),  # OpenAI-format graders: rewards for train, metrics for eval, a model asked through systems
     ("tuneforge.scoring",),
     ("tuneforge.train",),
     ("tuneforge.eval",),
