@@ -68,6 +68,15 @@ def _template_fault(exc: Exception) -> bool:
     return isinstance(exc, (TemplateError, TypeError))
 
 
+def control_strings(tokenizer) -> list[str]:
+    """The text of every special added token (ChatML's `<|im_start|>`, Llama-3's `<|start_header_id|>`...), longest
+    first so that one containing another is found whole. In text a caller supplies these are plain text at inference
+    (engine/prompt.py); prepare warns about training records that hold them (`control_token_in_content`)."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+    found |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    return sorted(found, key=len, reverse=True)
+
+
 def _trained(messages: list[dict]) -> list[int]:
     """The indices of the assistant turns the model learns (`weight: 0` makes one context)."""
     return [i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) != 0]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from tuneforge.config_errors import did_you_mean
 from tuneforge.data import convert, sources, tables
 from tuneforge.data import split as splitting
-from tuneforge.data.chat import ChatEncoder, TemplateRefusal
+from tuneforge.data.chat import ChatEncoder, TemplateRefusal, control_strings
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
 from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.tools import from_legacy
@@ -292,6 +292,7 @@ class Preparer:
         if data.clean.min_chars:
             out.examples = [e for e in out.examples if len(_last_answer(e)) >= data.clean.min_chars]
             out.stage(f"answer shorter than {data.clean.min_chars} chars", len(out.examples))
+        self._warn_control_tokens(out)
         kept: list[Example] = []
         too_long = 0
         with tqdm(total=len(out.examples), desc="tokenizing", unit=" examples", disable=not self.progress) as bar:
@@ -317,6 +318,22 @@ class Preparer:
         if too_long:
             message = f"{too_long} examples longer than {data.max_length} tokens were dropped (data.overflow: drop)"
             out.problems.append(Problem("data", "too_long_dropped", message, "warning"))
+
+    def _warn_control_tokens(self, out: Collected) -> None:
+        """A record whose text holds the chat template's control-token strings (`<|im_start|>`...) is warned about:
+        training reads them as control tokens, where inference reads any such text from a user, a tool or a
+        passage as plain text (engine/prompt.py), so that nobody can forge a turn."""
+        controls = control_strings(self.encoder.tokenizer)
+        for example in out.examples:
+            text = json.dumps([example.messages, example.rejected, example.extra.get("tools")], ensure_ascii=False)
+            found = [c for c in controls if c in text]
+            if found:
+                message = (
+                    f"the text holds the chat template's control-token string{'s' if len(found) > 1 else ''} "
+                    f"{', '.join(found)}: training reads it as a control token, inference as plain text when a "
+                    "user, a tool or a passage sends it; rewrite it unless the record means to teach that"
+                )
+                out.problems.append(Problem(example.where, "control_token_in_content", message, "warning"))
 
     def _fit_length(self, example: Example, sequences: list, out: Collected) -> list | None:
         """The example's sequences within data.max_length, truncated if need be; None when overflow drops or

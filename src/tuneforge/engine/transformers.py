@@ -16,6 +16,7 @@ import torch
 # what generation takes and gives, and where a system's weights are, live in generation.py (no torch there), for
 # systems, the batcher and the server; imported here too, so `from tuneforge.engine.transformers import Settings` works
 from tuneforge.engine.generation import Answer, Settings, available_systems, finished_answer, prompt_text, system_source  # noqa: F401
+from tuneforge.engine.prompt import prompt_ids
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -107,7 +108,7 @@ class Engine:
         return cls(model, tokenizer, name)
 
     def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
-        return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.encoder, messages, settings)
 
     def run_kwargs(self, rows: int) -> dict:
         """Under the base's lock: what makes the base's next pass use this system's adapter for `rows` rows."""

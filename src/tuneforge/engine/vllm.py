@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneforge.engine.generation import Answer, Settings, finished_answer, prompt_text
+from tuneforge.engine.generation import Answer, Settings, finished_answer
+from tuneforge.engine.prompt import prompt_ids
 from tuneforge.errors import TuneforgeError
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class VLLMEngine:
         return cls(llm, tokenizer, name, pool.lora_request(name, adapter) if adapter else None)
 
     def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
-        return self.tokenizer(prompt_text(self.encoder, messages, settings), add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.encoder, messages, settings)
 
     def _params(self, settings: Settings):
         from vllm import SamplingParams
