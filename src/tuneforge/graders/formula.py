@@ -30,15 +30,27 @@ OPERATORS = {
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
-    ast.BitXor: operator.pow,  # OpenAI's formulas write powers as ^
 }
 UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+_ALLOWED = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Constant,
+    ast.Name,
+    ast.Load,
+    ast.Call,
+    *OPERATORS,
+    *UNARY,
+)
 
 
 def parse(formula: str) -> ast.Expression:
     """The formula's tree, every node checked against what a formula may hold."""
     try:
-        tree = ast.parse(formula.strip(), mode="eval")
+        # OpenAI's formulas write powers as ^; read as Python's xor it would bind looser than + (a ^ 2 + 1 = a ^ 3)
+        tree = ast.parse(formula.strip().replace("^", "**"), mode="eval")
     except (SyntaxError, ValueError, RecursionError) as exc:
         raise GraderError("formula_parse_error", f"calculate_output: {formula!r} is not a formula ({exc})") from None
     for node in ast.walk(tree):
@@ -56,19 +68,6 @@ def parse(formula: str) -> ast.Expression:
                 f"calculate_output: only {', '.join(FUNCTIONS)} may be called, with plain arguments",
             )
     return tree
-
-
-_ALLOWED = (
-    ast.Expression,
-    ast.BinOp,
-    ast.UnaryOp,
-    ast.Constant,
-    ast.Name,
-    ast.Load,
-    ast.Call,
-    *OPERATORS,
-    *UNARY,
-)
 
 
 def names(formula: str) -> set[str]:
