@@ -12,9 +12,20 @@ import numpy as np
 import pytest
 
 from tuneforge.engine.generation import Answer
-from tuneforge.graders import KINDS, InvalidGrader, Limits, grade, run_grader, run_response, validate_grader
+from tuneforge.graders import (
+    KINDS,
+    GraderError,
+    InvalidGrader,
+    Limits,
+    formula,
+    grade,
+    run_grader,
+    run_response,
+    sandbox,
+    validate_grader,
+    validate_response,
+)
 from tuneforge.graders import similarity as metrics
-from tuneforge.graders.response import validate_response
 from tuneforge.graders.sandbox import network_namespace
 
 openai_types = pytest.importorskip("openai.types.fine_tuning.alpha")
@@ -105,6 +116,18 @@ def test_bleu_gleu_and_rouge_agree_with_the_reference_packages(answer, reference
     assert metrics.rouge_l(answer, reference) == pytest.approx(rouge["rougeL"].fmeasure)
 
 
+def test_metric_values_worked_by_hand():
+    """'the cat sat on the mat' against 'the cat is on the mat': 1- to 4-grams matched 5/6, 3/5, 1/4 and 0/3."""
+    answer, reference = "the cat sat on the mat", "the cat is on the mat"
+    # BLEU: the empty 4-gram order counts 1 / (2 * 3) (sacreBLEU's exp smoothing); equal lengths, no brevity penalty
+    assert metrics.bleu(answer, reference) == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** (1 / 4))
+    # METEOR: 5 of 6 words match each way, in 2 chunks (the cat | on the mat)
+    assert metrics.meteor(answer, reference) == pytest.approx(5 / 6 * (1 - 0.5 * (2 / 5) ** 3))
+    # GLEU is the smaller of n-gram precision and recall: 'hello' finds 1 of the reference's 3 n-grams
+    assert metrics.gleu("hello", "hello world") == pytest.approx(1 / 3)
+    assert metrics.gleu(answer, reference) == pytest.approx(9 / 18)
+
+
 class Embeds:
     """An embedder that maps a few words to fixed unit vectors."""
 
@@ -142,6 +165,13 @@ def test_templates_read_nested_item_fields_list_indices_and_the_sample_as_json()
     item = {"expected": {"labels": ["neutral", "positive"]}, "count": 2, "flag": True}
     assert grade(grader, '{"label": "positive", "n": 2, "ok": true}', item).score == 1.0
     assert grade(grader, '{"label": "negative", "n": 2, "ok": true}', item).score == 0.0
+
+
+def test_a_value_that_is_not_a_string_is_written_as_json():
+    grader = check("eq", reference='2|true|null|["a", "b"]|{"k": "é"}')
+    grader["input"] = "{{item.n}}|{{item.flag}}|{{item.none}}|{{item.tags}}|{{item.map}}"
+    item = {"n": 2, "flag": True, "none": None, "tags": ["a", "b"], "map": {"k": "é"}}
+    assert grade(grader, "x", item).score == 1.0
 
 
 def test_a_missing_reference_fails_the_grade_naming_the_path():
@@ -341,6 +371,12 @@ def test_a_formula_that_cannot_be_computed_fails_the_grade_and_a_failed_sub_grad
     assert result.score == 1.0 and list(result.errors) == ["invalid_variable_error"]
 
 
+def test_a_formula_computed_without_validation_still_names_an_unknown_variable():
+    with pytest.raises(GraderError, match="names no sub-grader: b") as caught:
+        formula.evaluate("a + b", {"a": 1.0})
+    assert caught.value.kind == "invalid_variable_error"
+
+
 def test_multi_takes_the_openai_packages_one_grader_form():
     grader = {"type": "multi", "name": "m", "graders": check("eq"), "calculate_output": "2 * label"}
     assert grade(grader, "x", {"label": "x"}).score == 2.0
@@ -442,6 +478,16 @@ def test_a_python_grader_cannot_reach_the_network(listener, connect):
     source = f"def grade(sample, item):\n    {connect.replace('PORT', str(port))}\n    return 1.0\n"
     result = grade(python(source), "x", {}, limits=FAST)
     assert (result.score, list(result.errors)) == (0.0, ["python_grader_runtime_error"])
+    time.sleep(0.3)
+    assert not connected.is_set()
+
+
+def test_sockets_are_refused_inside_the_process_where_there_is_no_network_namespace(listener, monkeypatch):
+    port, connected = listener
+    monkeypatch.setattr(sandbox, "network_namespace", lambda: ())
+    source = f"import socket\ndef grade(sample, item):\n    socket.socket().connect(('127.0.0.1', {port}))\n"
+    result = grade(python(source), "x", {}, limits=FAST)
+    assert "network access is disabled" in result.errors["python_grader_runtime_error"]
     time.sleep(0.3)
     assert not connected.is_set()
 

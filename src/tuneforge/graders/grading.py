@@ -64,8 +64,7 @@ def grade(
             result.score = _multi(parsed, shaped, item, result, dict(model=model, embedder=embedder, limits=limits))
         else:
             result.score = _single(parsed, shaped, item, result, model, embedder, limits)
-    except GraderError as exc:
-        result.score = 0.0
+    except GraderError as exc:  # the score stays 0
         result.errors.setdefault(exc.kind, str(exc))
     result.execution_time = time.perf_counter() - started
     return result
