@@ -1,4 +1,4 @@
-"""GPU training benchmark: throughput and MFU of five training setups (phase A), and QLoRA memory on a T4-sized
+"""GPU training benchmark: throughput and MFU of six training setups (phase A), and QLoRA memory on a T4-sized
 budget (phase B). One call, about 8 minutes on an H100 or H200, no network:
 
     timeout 470 python benchmarks/gpu_perf.py --out $OUT
@@ -7,7 +7,10 @@ Phase A trains a randomly initialised Llama-3.1-8B shape in bf16 with LoRA r16 o
 the same mixed chat data (tokenized by the builtin SmolLM2 tokenizer, whose ids are valid in Llama's vocabulary),
 about 64 examples per optimizer step, on each side:
 
-  tuneforge      ForgeTrainer with the packed attention the plan chooses (train.attention), 32 examples x 2
+  tuneforge      ForgeTrainer as the SFT recipe now sets it up: the packed attention the plan chooses
+                 (train/attention.py), activation checkpointing planned from the measured activations
+                 (train/memory.py), two pinned-memory loader workers, logging every 10 steps; 32 examples x 2
+  tuneforge-compile  the same with each decoder layer compiled (train/kernels.py), 5 warm-up steps at least
   trl-padfree    TRL SFTTrainer, padding_free: a micro-batch's examples end to end in one row, 32 x 2
   tuneforge-was  ForgeTrainer as it was: packed rows with a dense block mask built on the CPU, logging every step, 8 x 8
   trl-packing    TRL SFTTrainer, packing bfd into rows of about 32 examples, 1 row x 2
@@ -49,9 +52,10 @@ from _timing import StepTimer, count_trained_tokens, matmul_params, synchronize,
 from train_throughput import LLAMA_8B_SHAPE  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-SIDES = ("tuneforge", "trl-padfree", "tuneforge-was", "trl-packing", "padded")
+SIDES = ("tuneforge", "trl-padfree", "tuneforge-compile", "tuneforge-was", "trl-packing", "padded")
 GEOMETRY = {  # (examples per micro-batch, micro-batches per optimizer step): about 64 examples a step on every side
     "tuneforge": (32, 2),
+    "tuneforge-compile": (32, 2),
     "trl-padfree": (32, 2),
     "tuneforge-was": (8, 8),
     "trl-packing": (32, 2),
@@ -59,8 +63,19 @@ GEOMETRY = {  # (examples per micro-batch, micro-batches per optimizer step): ab
 }
 # Phase B's two processes: the 8B shape saved once (the capped process could not hold it), then the capped training.
 MEMORY_JOBS = ("qlora-save", "qlora-2k")
-ORDER = ("tuneforge", "trl-padfree", "qlora-save", "qlora-2k", "tuneforge-was", "trl-packing", "padded")
-WEIGHT = {"qlora-save": 0.8}  # each job's share of the remaining time budget, relative to a side's 1.0
+ORDER = (
+    "tuneforge",
+    "trl-padfree",
+    "qlora-save",
+    "qlora-2k",
+    "tuneforge-compile",
+    "tuneforge-was",
+    "trl-packing",
+    "padded",
+)
+# each job's share of the remaining time budget, relative to a side's 1.0 (compiling 32 layers takes a while)
+WEIGHT = {"qlora-save": 0.8, "tuneforge-compile": 1.5}
+COMPILED_WARMUP = 5  # warm-up steps at least, for a compiled side: recompilations for new row lengths come first
 MIN_JOB_S = 30.0  # a job that cannot have this long is skipped: start-up alone takes about 20 s on an 8B
 TINY_SHAPE = dict(LLAMA_8B_SHAPE, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 TINY_SHAPE.update(num_attention_heads=4, num_key_value_heads=2)
@@ -68,6 +83,7 @@ SHAPES = {"random:llama-3.1-8b": LLAMA_8B_SHAPE, "random:tiny": TINY_SHAPE}
 GIB = 2**30
 T4_BYTES = 16e9  # a T4's 16 GB (about 15 GiB usable)
 CAP_BYTES = 14.5 * GIB
+MEMORY_WARMUP, MEMORY_STEPS = 2, 8  # phase B's steps at most: memory peaks in the first steps, speed is not its point
 
 
 def parse_args(argv=None):
@@ -268,6 +284,8 @@ def forge_trainer(args, side, plan, tokenizer, model, train, mean_len, common, c
     else:
         mode, kind, reason = choice
         attention = f"{kind}: {reason}"
+        if plan.device == "cuda":  # as the recipe loads on a GPU (train/common.py): collated while the GPU computes
+            common.update(dataloader_num_workers=2, dataloader_pin_memory=True, dataloader_persistent_workers=True)
     common["per_device_train_batch_size"] = 1
     config = SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common)
     trainer = ForgeTrainer(
@@ -277,7 +295,29 @@ def forge_trainer(args, side, plan, tokenizer, model, train, mean_len, common, c
         data_collator=Collator(tokenizer.pad_token_id, mode, mask_dtype(plan.device, plan.dtype)),
         processing_class=tokenizer,
     )
+    if side != "tuneforge-was":
+        attention += "; " + plan_checkpointing(trainer, plan, capacity)
     return trainer, attention
+
+
+def plan_checkpointing(trainer, plan, tokens: int) -> str:
+    """train.gradient_checkpointing: auto, as the recipe applies it to the built trainer; what it chose."""
+    from tuneforge.train.memory import choose_checkpointing
+
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    choice = choose_checkpointing("auto", trainer.model, plan, tokens, trainable)
+    for key, value in choice.trainer_kwargs(type(trainer.args)).items():
+        setattr(trainer.args, key, value)
+    return choice.describe()
+
+
+def compiled(model, side: str) -> str | None:
+    """tuneforge-compile: each decoder layer compiled in place, as train.compile: true does."""
+    if side != "tuneforge-compile":
+        return None
+    from tuneforge.train.kernels import compile_layers
+
+    return f"{compile_layers(model)} decoder layers compiled"
 
 
 def run_side(args) -> dict:
@@ -287,12 +327,15 @@ def run_side(args) -> dict:
     plan, tokenizer, base = load_base(args)
     held_out, train, mean_len = bench_data(args, tokenizer)
     n_params = matmul_params(base)
-    choice = tuneforge_attention(base, plan, args.attention_kind) if args.child == "tuneforge" else None
+    new_path = args.child in ("tuneforge", "tuneforge-compile")
+    choice = tuneforge_attention(base, plan, args.attention_kind) if new_path else None
     model = add_lora(base, plan)
-    max_steps = args.warmup + args.steps + 1  # + the profiled step
+    compile_note = compiled(model, args.child)
+    warmup = max(args.warmup, COMPILED_WARMUP) if compile_note else args.warmup
+    max_steps = warmup + args.steps + 1  # + the profiled step
     trainer, attention = build_trainer(args, args.child, plan, tokenizer, model, train, mean_len, max_steps, choice)
     trainer.data_collator = tag_real_tokens(trainer.data_collator)
-    timer = StepTimer(args.warmup, args.steps, deadline=args.deadline)
+    timer = StepTimer(warmup, args.steps, deadline=args.deadline)
     timer.extra_steps = 1
     probe = KernelProbe(timer)
     counts = count_trained_tokens(trainer, timer)
@@ -304,7 +347,8 @@ def run_side(args) -> dict:
     result.update(
         micro=f"{micro} x {accum}",
         tokens_per_micro=counts.padded / counts.batches if counts.batches else None,
-        attention=attention,
+        attention=attention + (f"; {compile_note}" if compile_note else ""),
+        warmup_steps=warmup,
         kernels=probe.kernels,
         plan=plan.describe(),
         **memory(timer),
@@ -477,7 +521,8 @@ def run_memory(args) -> dict:
         for r in build_rows(train, 2048, True, args.seed)
     ]
     mode, attention = packed_mode(plan)
-    common = training_args(args, plan, "qlora-2k", args.warmup + args.steps)
+    warmup, steps = min(args.warmup, MEMORY_WARMUP), min(args.steps, MEMORY_STEPS)
+    common = training_args(args, plan, "qlora-2k", warmup + steps)
     common.update(
         optim="paged_adamw_8bit" if args.device == "cuda" else "adamw_torch",
         gradient_checkpointing=True,  # non-reentrant, as tuneforge trains
@@ -493,7 +538,7 @@ def run_memory(args) -> dict:
         processing_class=tokenizer,
     )
     keep_trainable_fp32(trainer.model, plan.dtype)
-    timer = StepTimer(args.warmup, args.steps, deadline=args.deadline)
+    timer = StepTimer(warmup, steps, deadline=args.deadline)
     counts = count_trained_tokens(trainer, timer)
     trainer.add_callback(timer)
     trainer.train()
@@ -525,7 +570,7 @@ def jobs(args) -> list[str]:
     if unknown:
         raise SystemExit(f"--sides: unknown {', '.join(unknown)}; choose from {', '.join(SIDES)}")
     chosen = (sides if "A" in args.phase else []) + (list(MEMORY_JOBS) if "B" in args.phase else [])
-    return sorted(chosen, key=ORDER.index)  # the new path and its rival first, memory before the slower old sides
+    return sorted(chosen, key=ORDER.index)
 
 
 class Terminated(Exception):
@@ -593,6 +638,8 @@ def child(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # nothing here comes from the hub: a lookup fails at once instead of waiting on a network the GPU machine lacks
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         child(args)
         return
