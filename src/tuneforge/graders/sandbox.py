@@ -152,9 +152,10 @@ def _score(out: bytes, returncode: int) -> float:
     except ValueError:
         reply = None
     if not isinstance(reply, dict):
-        cause = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
-        if returncode == -signal.SIGXCPU:
-            cause += " (its CPU time ran out)"
+        cause = f"exit status {returncode}"
+        if returncode < 0:
+            cause = f"killed by signal {-returncode}"
+            cause += " (its CPU time ran out)" if returncode == -signal.SIGXCPU else ""
         raise GraderError("python_grader_server_error", f"the python grader stopped without a score: {cause}")
     if "score" not in reply:
         raise GraderError("python_grader_runtime_error", str(reply.get("message")))
