@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.time()  # --budget counts from here, before the heavy imports, as the outer `timeout` does
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 if importlib.util.find_spec("tuneforge") is None:  # a GPU machine with the checkout but no install: its src/
@@ -73,8 +74,18 @@ ORDER = (
     "trl-packing",
     "padded",
 )
-# each job's share of the remaining time budget, relative to a side's 1.0 (compiling 32 layers takes a while)
-WEIGHT = {"qlora-save": 0.8, "tuneforge-compile": 1.5}
+# Each job's share of the time left, against the others still to run: the new path, its rival and the compiled side
+# (32 layers to compile) get more; a side that finishes early leaves its time to the rest.
+WEIGHT = {
+    "tuneforge": 1.5,
+    "trl-padfree": 1.5,
+    "qlora-save": 1.0,
+    "qlora-2k": 1.4,
+    "tuneforge-compile": 1.5,
+    "tuneforge-was": 1.0,
+    "trl-packing": 0.7,
+    "padded": 0.7,
+}
 COMPILED_WARMUP = 5  # warm-up steps at least, for a compiled side: recompilations for new row lengths come first
 MIN_JOB_S = 30.0  # a job that cannot have this long is skipped: start-up alone takes about 20 s on an 8B
 TINY_SHAPE = dict(LLAMA_8B_SHAPE, vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -648,15 +659,15 @@ def main(argv: list[str] | None = None) -> None:
     log, jsonl = out / "gpu_perf.log", out / "gpu_perf.jsonl"
     signal.signal(signal.SIGTERM, _terminate)
     todo = jobs(args)
-    deadline = time.perf_counter() + args.budget
+    deadline = STARTED + args.budget
     records = []
     try:
         for i, job in enumerate(todo):
-            left = deadline - time.perf_counter()
+            left = deadline - time.time()
             if left < MIN_JOB_S or (records and records[-1].get("error", "").startswith("terminated")):
                 record = {"phase": "B" if job in MEMORY_JOBS else "A", "side": job, "error": "skipped: no time left"}
             else:
-                seconds = left * WEIGHT.get(job, 1.0) / sum(WEIGHT.get(j, 1.0) for j in todo[i:])
+                seconds = left * WEIGHT[job] / sum(WEIGHT[j] for j in todo[i:])
                 print(f"--- {job}: up to {max(seconds, MIN_JOB_S):.0f} s", flush=True)
                 record = run_job(args, argv, job, max(seconds, MIN_JOB_S), log)
             record.setdefault("wall_s", 0)
@@ -675,9 +686,15 @@ def fmt(value, spec: str = ".2f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def failure(r: dict) -> str:
+    if r["error"].startswith("skipped"):
+        return r["error"]
+    return f"{r['error']} after {r['wall_s']} s (see gpu_perf.log)"
+
+
 def summary_line(r: dict) -> str:
     if "error" in r:
-        return f"{r['side']}: {r['error']} after {r['wall_s']} s (see gpu_perf.log)"
+        return f"{r['side']}: {failure(r)}"
     if r["side"] == "qlora-save":
         return f"qlora-save: {'saved' if r['saved'] else 'already saved'} in {r['folder']}"
     return (
@@ -707,8 +724,8 @@ def throughput_table(args, records: list[dict], done: list[dict]) -> list[str]:
     )
     n = first.get("matmul_params")
     lines = [
-        f"Phase A: {args.model} ({first.get('plan')}), LoRA r16 all-linear, ~64 examples a step; {where}; "
-        f"N = {fmt(n and n / 1e9, '.3f')}e9 matmul parameters (lm_head in, embeddings out); "
+        f"Phase A: {args.model} ({first.get('plan', args.device)}), LoRA r16 all-linear, ~64 examples a step; "
+        f"{where}; N = {f'{n / 1e9:.3f}e9' if n else 'unknown'} matmul parameters (lm_head in, embeddings out); "
         f"{args.warmup} warm-up steps left out",
         "",
         "| side | micro x GA | tokens/micro | attention (kernel seen) | first step s | steps | median s | p90 s "
@@ -722,7 +739,7 @@ def throughput_table(args, records: list[dict], done: list[dict]) -> list[str]:
         if r["phase"] != "A":
             continue
         if "error" in r:
-            lines.append(f"| {r['side']} | {r['error']} after {r['wall_s']} s |" + " |" * 13)
+            lines.append(f"| {r['side']} | {failure(r)} |" + " |" * 13)
             continue
         kernels = "; ".join(r.get("kernels") or []) or "not profiled"
         kind, _, why = r["attention"].partition(": ")
@@ -746,7 +763,7 @@ def throughput_table(args, records: list[dict], done: list[dict]) -> list[str]:
 
 def memory_table(r: dict) -> list[str]:
     if "error" in r:
-        return [f"Phase B (QLoRA 8B, 2k): {r['error']} after {r['wall_s']} s (see gpu_perf.log)"]
+        return [f"Phase B (QLoRA 8B, 2k): {failure(r)}"]
     if "run_peak_reserved_gib" not in r:
         return [
             f"Phase B (CPU rehearsal, {r['plan']}): {r['measured_steps']} steps ran, median "
