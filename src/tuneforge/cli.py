@@ -110,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         experiment = continue_from_current(experiment, run)
     if experiment.train.method == "dpo":
         from tuneforge.train.dpo import train_dpo as train
+    elif experiment.train.method == "kto":
+        from tuneforge.train.kto import train_kto as train
     else:
         from tuneforge.train.local import train_local as train
     summary = train(experiment, run, resume=getattr(args, "resume", False))
@@ -340,7 +342,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
             )
         print(
             "train on them: data.train: <that file> (with train.method: dpo and data.format: preference "
-            "for the pairs), or data.feedback: true"
+            "for the pairs, train.method: kto for the rated answers), or data.feedback: true"
         )
         return 0
     summary = summarise(records)

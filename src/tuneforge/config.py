@@ -111,8 +111,8 @@ class DataSection(Section):
     """Training data: a file (.jsonl .json .csv .tsv .parquet), a folder, a glob, or a hub dataset name."""
     valid: str | None = None
     """Validation data in the same forms; when unset, valid_split carves it out of train."""
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "table", "preference"] = "auto"
-    """Shape of the records. auto: detected from the extension and the first records; preference: pairs for DPO."""
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "table", "preference", "kto"] = "auto"
+    """Shape of the records. auto: detected from the extension and first records; preference: DPO pairs; kto: rated."""
     template: Template | None = None
     """How a table row becomes a chat example (needed for tables)."""
     label: str | None = None
@@ -182,18 +182,36 @@ class DPOSettings(Section):
     """TRL's DPO loss: sigmoid is the original DPO loss."""
 
 
+class KTOSettings(Section):
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference: higher keeps it closer (TRL's KTO beta)."""
+    desirable_weight: Union[float, Auto] = Field("auto", union_mode="left_to_right")
+    """Loss weight of desirable answers. auto: the rarer class is weighted up so both classes weigh the same."""
+    undesirable_weight: Union[float, Auto] = Field("auto", union_mode="left_to_right")
+    """Loss weight of undesirable answers. auto: as desirable_weight (1 for the more common class)."""
+
+    @field_validator("desirable_weight", "undesirable_weight")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return value
+
+
 class LocalTrain(Section):
     """Every knob that says `auto` is chosen from the prepared data by `tuneforge.data.plan` (prepare's report and
     the start of training print the value and why); a value you set always wins."""
 
     backend: Literal["local"] = "local"
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
-    method: Literal["sft", "dpo"] = "sft"
-    """sft: supervised fine-tuning on chat examples; dpo: preference tuning on pairs with TRL's DPO trainer."""
+    method: Literal["sft", "dpo", "kto"] = "sft"
+    """sft: supervised on chat examples; dpo: preference pairs (TRL's DPO); kto: answers labelled good or bad (KTO)."""
     dpo: DPOSettings = DPOSettings()
     """method: dpo settings."""
+    kto: KTOSettings = KTOSettings()
+    """method: kto settings: answers labelled desirable or undesirable, against the starting adapter (KTO)."""
     init_adapter: str | None = None
-    """Start from this trained adapter (a folder, or a run holding adapter/); with dpo also the reference policy."""
+    """Start from this trained adapter (a folder, or a run holding adapter/); with dpo or kto also the reference."""
     epochs: Union[float, Auto] = Field("auto", union_mode="left_to_right")
     """Passes over the training data (ignored with max_steps). auto: 3, more for tiny files, fewer for large ones."""
     max_steps: int | None = Field(None, gt=0)
@@ -205,7 +223,7 @@ class LocalTrain(Section):
     grad_accum: Union[int, Auto] = "auto"
     """Micro-batches per optimizer step. auto: batch_size / micro_batch_size / processes."""
     lr: Union[float, Auto] = Field("auto", union_mode="left_to_right")
-    """Peak learning rate. auto: LoRA 1e-3 for label-length answers, else 2e-4; full fine-tuning 2e-5; DPO 5e-5."""
+    """Peak learning rate. auto: LoRA 1e-3 for label-length answers, else 2e-4; full fine-tuning 2e-5; DPO, KTO 5e-5."""
     lr_multiplier: float = Field(1.0, gt=0)
     """Scales the learning rate, auto or set (OpenAI's learning_rate_multiplier)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -541,6 +559,7 @@ class Experiment(Section):
             )
         if self.train.method == "dpo" and self.data.label is not None:
             problems.append("train.method: dpo has no use for data.label (pairs are not classes); remove data.label")
+        problems += _kto_rules(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -559,6 +578,37 @@ class Experiment(Section):
         import yaml
 
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _kto_rules(experiment: Experiment) -> list[str]:
+    """What train.method kto and data.format kto need of each other and of the rest."""
+    data, train = experiment.data, experiment.train
+    if train.method != "kto":
+        if data.format == "kto":
+            return [f"data.format: kto holds answers labelled for train.method: kto, not {train.method}"]
+        return []
+    problems = []
+    if data.format not in ("auto", "kto"):
+        problems.append(
+            f"train.method: kto trains on answers labelled desirable or undesirable, but data.format is "
+            f"{data.format}; use kto (or auto)"
+        )
+    if data.label is not None:
+        problems.append("train.method: kto reads each record's own 'label' (true or false); remove data.label")
+    if train.full_finetune:
+        problems.append(
+            "train.method: kto trains LoRA adapters (the reference is the starting adapter); "
+            "set train.full_finetune: false"
+        )
+    if train.prompt_loss_weight:
+        problems.append("train.prompt_loss_weight is an SFT loss on the prompt; KTO judges answers. Remove it")
+    for key in ("batch_size", "micro_batch_size"):
+        if getattr(train, key) == 1:
+            problems.append(
+                f"train.{key}: 1 leaves KTO no other answer in a micro-batch to estimate its KL term from; "
+                "use at least 2 (or auto)"
+            )
+    return problems
 
 
 # --------------------------------------------------------------------------- loading

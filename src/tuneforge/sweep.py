@@ -293,6 +293,8 @@ def run_point(
             print(f"point {run.path.name}: resuming its interrupted training from {checkpoint.name}", flush=True)
         if experiment.train.method == "dpo":
             from tuneforge.train.dpo import train_dpo as train
+        elif experiment.train.method == "kto":
+            from tuneforge.train.kto import train_kto as train
         else:
             from tuneforge.train.local import train_local as train
         summary = train(experiment, run, resume=checkpoint is not None, callbacks=[stopper] if stopper else None)

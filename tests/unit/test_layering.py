@@ -62,6 +62,7 @@ RECIPES = (
     "tuneforge.data.prepare",
     "tuneforge.train.local",
     "tuneforge.train.dpo",
+    "tuneforge.train.kto",
     "tuneforge.train.openai_backend",
     "tuneforge.eval.harness",
 )

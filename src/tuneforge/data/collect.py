@@ -19,6 +19,7 @@ from tuneforge.data.chat import ChatEncoder, TemplateRefusal, control_strings
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
 from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.tools import from_legacy
+from tuneforge.data.unpaired import desirability, read_unpaired
 from tuneforge.data.validate import check_record
 from tuneforge.errors import ConfigError, TuneforgeError
 
@@ -208,6 +209,8 @@ class Preparer:
                     continue
             if fmt == "preference":
                 record, problems = read_pair(record, raw.where)
+            elif fmt == "kto":
+                record, problems = read_unpaired(record, raw.where)
             elif isinstance(record, dict):
                 record = from_legacy(record)  # functions / function_call: today's tools / tool_calls
                 problems = check_record(record, raw.where)
@@ -217,7 +220,8 @@ class Preparer:
                 out.reject(raw.where, problems, raw.data)
                 continue
             out.problems.extend(problems)  # warnings only
-            label = record.get(self.data.label or "label")
+            desirable = record.get("label") if fmt == "kto" else None
+            label = desirability(desirable) if fmt == "kto" else record.get(self.data.label or "label")
             meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
             messages = [{k: v for k, v in m.items()} for m in record["messages"]]
             rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
@@ -231,6 +235,7 @@ class Preparer:
                     meta,
                     rejected=record.get("rejected"),
                     extra=extra,
+                    desirable=desirable,
                 )
             )
         out.stage("read", read)

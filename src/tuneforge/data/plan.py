@@ -38,6 +38,8 @@ LORA_LR = 2e-4  # long answers: hundreds of supervised tokens a step (the suppor
 SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 epochs, 1e-3 fit them
 FULL_FINETUNE_LR = 2e-5  # every weight moves: ten times lower than LoRA's adapters
 DPO_LORA_LR = 5e-5  # preference tuning starts from a policy that already answers well: a quarter of SFT's rate
+KTO_LORA_LR = DPO_LORA_LR  # the same kind of update against the same reference (TRL's defaults: 1e-6 full, both)
+KTO_MIN_MICRO_BATCH = 2  # KTO estimates its KL term from each prompt paired with another answer of its micro-batch
 
 
 @dataclass
@@ -138,6 +140,8 @@ def _packing(train: LocalTrain, lengths: list[int], labelled: bool, max_length: 
     median_length = sorted(lengths)[len(lengths) // 2] if lengths else 0
     if getattr(train, "method", "sft") == "dpo":
         return False, "preference pairs: each row is one pair, preferred and non-preferred side by side"
+    if getattr(train, "method", "sft") == "kto":
+        return False, "rated answers: each row is one answer, and its micro-batch's other answers give the KL term"
     if train.packing != "auto":
         return bool(train.packing), SET_IN_FILE
     if labelled:
@@ -190,6 +194,8 @@ def _micro_batches(train: LocalTrain, batch: int, longest: int, world_size: int)
         fits = _pow2_floor(MICRO_BATCH_TOKENS / max(longest, 1))
         # the largest micro-batch that fits and divides the batch, so the batch that runs is the one planned
         micro = max(d for d in range(1, min(per_process, fits) + 1) if per_process % d == 0)
+    if getattr(train, "method", "sft") == "kto" and train.micro_batch_size == "auto":
+        micro = max(micro, KTO_MIN_MICRO_BATCH)
     accum = int(train.grad_accum) if accum_explicit else max(1, math.ceil(batch / (micro * world_size)))
     return micro, accum
 
@@ -203,6 +209,8 @@ def _lr(train: LocalTrain, short: bool, answers: str) -> tuple[float, str]:
             reason = "full fine-tuning moves every weight: ten times below LoRA's rate"
         elif getattr(train, "method", "sft") == "dpo":
             reason = "DPO on LoRA: a quarter of SFT's rate, as it starts from a policy that already answers"
+        elif getattr(train, "method", "sft") == "kto":
+            reason = "KTO on LoRA: DPO's rate, the same kind of update against the same reference"
         else:
             reason = f"LoRA's rate for {answers}, with warmup, cosine decay and clipping"
     multiplier = getattr(train, "lr_multiplier", 1.0)
@@ -246,6 +254,8 @@ def _warnings(steps: int, min_steps: int, answers: str) -> list[str]:
 def auto_lr(train, short_answers: bool = False) -> float:
     if getattr(train, "method", "sft") == "dpo":
         return DPO_LORA_LR
+    if getattr(train, "method", "sft") == "kto":
+        return KTO_LORA_LR
     if train.full_finetune:
         return FULL_FINETUNE_LR
     return SHORT_ANSWER_LORA_LR if short_answers else LORA_LR

@@ -41,12 +41,16 @@ class Example:
     missing_eot: bool = False
     rejected: dict[str, Any] | None = None  # a preference pair's non-preferred answer (messages[-1] is the preferred)
     extra: dict[str, Any] = field(default_factory=dict)  # record-level keys kept as given: tools, parallel_tool_calls
+    desirable: bool | None = None  # an unpaired (KTO) example's label: its final answer is desirable or not
 
     def openai_record(self) -> dict[str, Any]:
-        """The example in OpenAI's fine-tuning format: supervised, or a preference pair."""
+        """The example in OpenAI's fine-tuning format: supervised, or a preference pair; an unpaired (KTO) example
+        keeps its `label` beside the messages."""
         if self.rejected is not None:
             source: dict[str, Any] = {"messages": self.messages[:-1], **self.extra}
             return {"input": source, "preferred_output": [self.messages[-1]], "non_preferred_output": [self.rejected]}
+        if self.desirable is not None:
+            return {"messages": self.messages, "label": self.desirable, **self.extra}
         return {"messages": self.messages, **self.extra}
 
     @classmethod
@@ -58,8 +62,9 @@ class Example:
             source = dict(record["input"])
             messages = source.pop("messages") + record["preferred_output"]
             return cls(messages, id, where, label, meta or {}, rejected=record["non_preferred_output"][0], extra=source)
-        extra = {k: v for k, v in record.items() if k != "messages"}
-        return cls(record["messages"], id, where, label, meta or {}, extra=extra)
+        extra = {k: v for k, v in record.items() if k not in ("messages", "label")}
+        desirable = record.get("label") if isinstance(record.get("label"), bool) else None
+        return cls(record["messages"], id, where, label, meta or {}, extra=extra, desirable=desirable)
 
     def meta_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"id": self.id, "source": self.where}

@@ -55,10 +55,12 @@ def load_hub(name: str, key: str) -> list[dict]:
 
 
 def detect_format(path: Path | None, first: dict | None, has_template: bool, key: str) -> str:
-    """messages, alpaca, sharegpt, preference or table, from the suffix and the first record."""
+    """messages, alpaca, sharegpt, preference, kto or table, from the suffix and the first record."""
     if path is not None and path.suffix.lower() in TABLE_SUFFIXES:
         return "table"
     if isinstance(first, dict):
+        if isinstance(first.get("label"), bool) and ("messages" in first or "completion" in first):
+            return "kto"  # an answer rated true or false (a class label is a name, never a boolean)
         if "messages" in first:
             return "messages"
         if "conversations" in first:

@@ -82,6 +82,7 @@ def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
         )
     else:
         examples = load_prepared(run.sub("data"), "valid")
+    examples = [e for e in examples if e.desirable is not False]  # a KTO answer rated bad is no reference to match
     examples = sample(examples, experiment.eval.sample, experiment.seed)
     items = []
     for e in examples:

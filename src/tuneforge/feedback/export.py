@@ -1,14 +1,17 @@
-"""Feedback as training data: OpenAI-format supervised and preference JSONL, deduplicated and validated.
+"""Feedback as training data: OpenAI-format supervised and preference JSONL, and KTO's rated answers, deduplicated
+and validated.
 
     supervised (sft.jsonl)         contributed examples, corrections (the corrected text), thumbs-up answers
     preference (preference.jsonl)  a vote's winner over its loser; a correction over the answer it corrected;
                                    a thumbs-up answer over a thumbs-down one to the same conversation
+    kto (kto.jsonl)                every thumb: its answer, labelled true (thumbs-up) or false (thumbs-down)
 
-These are the files `prepare` reads (`data.format: messages` / `preference`) and
-OpenAI's fine-tuning API accepts. Ties, `both_bad` votes and thumbs-down answers
-without a better answer to pair with teach nothing and are left out; so is any
-line that fails the checks `prepare` applies (each counted in the result). When
-the same training line comes from several records it is written once.
+These are the files `prepare` reads (`data.format: messages` / `preference` / `kto`);
+OpenAI's fine-tuning API accepts the first two. For SFT and DPO, ties, `both_bad`
+votes and thumbs-down answers without a better answer to pair with teach nothing
+and are left out; KTO learns from a lone thumbs-down too. Any line that fails the
+checks `prepare` applies is left out (each counted in the result). When the same
+training line comes from several records it is written once.
 """
 
 from __future__ import annotations
@@ -75,9 +78,19 @@ def preference(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return lines
 
 
+def kto(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per thumb: the conversation with the judged answer, `label` true for a thumbs-up, false for down."""
+    return [
+        {"messages": _prompt(r["messages"]) + [_reply(r["answer"]["text"])], "label": r["value"] == "up"}
+        for r in records
+        if r["kind"] == "thumb"
+    ]
+
+
 def _valid(lines: list[dict], kind: str) -> tuple[list[dict], int, int]:
     """(the unique lines that pass prepare's checks, how many duplicates, how many invalid)."""
     from tuneforge.data.preference import read_pair
+    from tuneforge.data.unpaired import read_unpaired
     from tuneforge.data.validate import check_record
 
     kept, seen, duplicates, invalid = [], set(), 0, 0
@@ -90,6 +103,9 @@ def _valid(lines: list[dict], kind: str) -> tuple[list[dict], int, int]:
         if kind == "preference":
             parsed, problems = read_pair(line, f"feedback pair {n}")
             bad = parsed is None or any(p.severity == "error" or p.code == "preference_same_outputs" for p in problems)
+        elif kind == "kto":
+            parsed, problems = read_unpaired(line, f"feedback answer {n}")
+            bad = parsed is None
         else:
             bad = any(p.severity == "error" for p in check_record(line, f"feedback example {n}"))
         if bad:
@@ -100,11 +116,12 @@ def _valid(lines: list[dict], kind: str) -> tuple[list[dict], int, int]:
 
 
 def export(records: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
-    """Write sft.jsonl and preference.jsonl into `folder` (atomically); what went where."""
+    """Write sft.jsonl, preference.jsonl and kto.jsonl into `folder` (atomically); what went where."""
     result: dict[str, Any] = {}
     for kind, lines, name in (
         ("supervised", supervised(records), "sft.jsonl"),
         ("preference", preference(records), "preference.jsonl"),
+        ("kto", kto(records), "kto.jsonl"),
     ):
         kept, duplicates, invalid = _valid(lines, kind)
         atomic_write_jsonl(folder / name, kept)

@@ -1,7 +1,7 @@
 """A feedback round: `data.feedback: true` trains the next adapter on what the demo's users said, from the current one.
 
 prepare   exports the feedback (feedback/export/) and reads it instead of data.train: the supervised
-          file for train.method sft, the preference pairs for dpo
+          file for train.method sft, the preference pairs for dpo, every thumb as a rated answer for kto
 train     keeps the run's current adapter as `previous` (runs/<name>/adapters/<hash>/) and continues
           from it (train.init_adapter, unless set), so the new adapter lands in adapter/ as before
 eval      adds `previous` beside `finetuned`, so the report answers "did the feedback help?"
@@ -40,7 +40,7 @@ def feedback_data(experiment: Experiment, run: RunDir):
     if not records:
         raise TuneforgeError(f"data.feedback: no feedback in {run.sub('feedback')} yet (the demo records it)")
     result = export(records, export_folder(run))
-    kind = "preference" if experiment.train.method == "dpo" else "supervised"
+    kind = {"dpo": "preference", "kto": "kto"}.get(experiment.train.method, "supervised")
     found = result[kind]
     if not found["lines"]:
         counts = ", ".join(f"{k}: {v['lines']}" for k, v in result.items())
@@ -57,7 +57,7 @@ def feedback_data(experiment: Experiment, run: RunDir):
         update={
             "train": str(Path(found["path"]).resolve()),
             "valid": None,
-            "format": "preference" if kind == "preference" else "messages",
+            "format": {"preference": "preference", "kto": "kto"}.get(kind, "messages"),
             "rag": False,
         }
     )

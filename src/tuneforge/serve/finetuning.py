@@ -333,6 +333,8 @@ class Platform:
         )
         if experiment.train.method == "dpo":
             from tuneforge.train.dpo import train_dpo as train
+        elif experiment.train.method == "kto":
+            from tuneforge.train.kto import train_kto as train
         else:
             from tuneforge.train.local import train_local as train
         progress = JobProgress(_TrainingJob(self, job_id, model_id, project), run.sub("checkpoints"))

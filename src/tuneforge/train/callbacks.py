@@ -23,6 +23,7 @@ PREFERENCE_METRICS = {
     "rewards/accuracies": "preference_accuracy",
     "rewards/chosen": "reward_chosen",
     "rewards/rejected": "reward_rejected",
+    "kl": "kl",  # KTO's estimate of the policy's KL from its reference
 }
 
 

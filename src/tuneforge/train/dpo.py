@@ -8,7 +8,7 @@ assistant turns of the prompt are context. TRL's own tokenization is skipped.
 The reference policy is the model with the starting adapter: a copy of
 `train.init_adapter` (an SFT run's adapter) when given, so DPO moves away from that
 SFT policy and not from the bare base; else the base itself. Either way TRL keeps a
-frozen copy of the adapter as training starts (`REFERENCE`; a fresh adapter's lora_B
+frozen copy of the adapter as training starts (`ref`; a fresh adapter's lora_B
 is 0, so its copy computes the base). Checkpoints save it in ref/ and a
 resume loads it back from there, so a resumed run keeps the reference it started
 with (tests/unit/test_resume_dpo.py).
@@ -39,13 +39,18 @@ from tuneforge.train.common import (
     world_size,
 )
 from tuneforge.train.kernels import choose_compilation, compile_layers
+from tuneforge.train.preference_common import (
+    CountsCompletionTokens,
+    answer_span,
+    common_prefix,
+    drop_reference,
+    kept_margin,
+)
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
     from tuneforge.data.plan import TrainingPlan
     from tuneforge.run import RunDir
-
-REFERENCE = "ref"  # the name TRL gives the frozen copy of a starting adapter
 
 
 def train_dpo(
@@ -110,24 +115,16 @@ def train_dpo(
     }
     if valid_rows:
         summary.update(kept_adapter(trainer, metrics.records, None))
-        summary.update(_kept_margin(metrics.records, summary["kept_step"]))
-    if REFERENCE in getattr(trainer.model, "peft_config", {}):
-        trainer.model.delete_adapter(REFERENCE)  # the frozen copy is the starting adapter: not part of the result
+        summary.update(kept_margin(metrics.records, summary["kept_step"]))
+    drop_reference(trainer.model)
     return finish(trainer, setup, summary, metrics.records)
 
 
-class ForgeDPOTrainer(DPOTrainer):
+class ForgeDPOTrainer(CountsCompletionTokens, DPOTrainer):
     """TRL's DPO trainer on pairs tuneforge has tokenized, counting the answer tokens it trains on."""
-
-    supervised_tokens = 0
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # prompt_ids / chosen_ids / rejected_ids already, from pair_rows
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and "completion_mask" in inputs:
-            self.supervised_tokens += int(inputs["completion_mask"].sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 def dpo_plan(experiment: Experiment, rows: list[dict]) -> TrainingPlan:
@@ -174,17 +171,6 @@ def _dpo_summary(setup, records: list[dict]) -> dict[str, Any]:
     }
 
 
-def _kept_margin(records: list[dict], kept_step: int) -> dict[str, Any]:
-    """The kept adapter's reward margin and preference accuracy on the valid pairs, when that step was evaluated."""
-    kept = next((r for r in records if r.get("step") == kept_step and "eval_reward_margin" in r), None)
-    if kept is None:
-        return {}
-    return {
-        "valid_reward_margin": kept["eval_reward_margin"],
-        "valid_preference_accuracy": kept.get("eval_preference_accuracy"),
-    }
-
-
 def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} per pair that fits (or is cut to fit) max_length."""
     from tuneforge.data.preference import fit_pair
@@ -198,8 +184,8 @@ def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
         _, encoded = fit_pair(
             encoder, example.messages, example.rejected, max_length, "truncate", example.extra.get("tools")
         )
-        (chosen_start, chosen_end), (rejected_start, rejected_end) = (_answer(e) for e in encoded)
-        start = min(chosen_start, rejected_start, _common_prefix(encoded[0].input_ids, encoded[1].input_ids))
+        (chosen_start, chosen_end), (rejected_start, rejected_end) = (answer_span(e) for e in encoded)
+        start = min(chosen_start, rejected_start, common_prefix(encoded[0].input_ids, encoded[1].input_ids))
         chosen = encoded[0].input_ids[start:chosen_end]
         rejected = encoded[1].input_ids[start:rejected_end]
         if not chosen or not rejected:
@@ -207,19 +193,3 @@ def pair_rows(encoder, examples, max_length: int) -> tuple[list[dict], list]:
         rows.append({"prompt_ids": encoded[0].input_ids[:start], "chosen_ids": chosen, "rejected_ids": rejected})
         kept.append(example)
     return rows, kept
-
-
-def _answer(encoded) -> tuple[int, int]:
-    positions = [i for i, keep in enumerate(encoded.supervised) if keep]
-    if not positions:
-        return len(encoded.input_ids), len(encoded.input_ids)
-    return positions[0], positions[-1] + 1
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

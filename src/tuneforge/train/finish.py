@@ -164,14 +164,14 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
     if evals:
         ax.plot(*zip(*evals), "o", label="eval loss", markersize=6)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("DPO loss" if margins else "loss (supervised tokens)")
+    ax.set_ylabel(_preference_loss(records) if margins else "loss (supervised tokens)")
     if lrs:
         twin = ax.twinx()
         twin.plot(*zip(*lrs), color="grey", alpha=0.5, linestyle=":", label="learning rate")
         twin.set_ylabel("learning rate")
         twin.legend(loc="upper center")
     ax.legend(loc="upper right")
-    ax.set_title("Training (DPO loss)" if margins else "Training")
+    ax.set_title(f"Training ({_preference_loss(records)})" if margins else "Training")
     if accuracy:
         ax = axes[0][1]
         ax.plot(*zip(*accuracy), "o", label="valid accuracy", markersize=6)
@@ -197,8 +197,14 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
     plt.close(fig)
 
 
+def _preference_loss(records: list[dict]) -> str:
+    """DPO's records carry the share of pairs won; KTO's (rated answers, no pairs) do not."""
+    return "DPO loss" if any("preference_accuracy" in r for r in records) else "KTO loss"
+
+
 def _preference_panel(ax, records: list[dict], margins: list[tuple]) -> None:
-    """DPO: the reward margin (preferred over non-preferred, against the reference) and the share of pairs won."""
+    """DPO: the reward margin (preferred over non-preferred, against the reference) and the share of pairs won.
+    KTO: the margin (desirable over undesirable answers) and its KL estimate."""
     ax.plot(*zip(*margins), label="reward margin (train)", linewidth=1)
     evals = [(r["step"], r["eval_reward_margin"]) for r in records if "eval_reward_margin" in r]
     if evals:
@@ -208,6 +214,11 @@ def _preference_panel(ax, records: list[dict], margins: list[tuple]) -> None:
     ax.set_ylabel("beta x log-ratio margin")
     wins = [(r["step"], r["preference_accuracy"]) for r in records if "preference_accuracy" in r]
     twin = ax.twinx()
+    if not wins:
+        _kl_line(twin, records)
+        ax.legend(loc="upper left")
+        ax.set_title("Preference tuning (KTO)")
+        return
     twin.plot(*zip(*wins), color="seagreen", alpha=0.6, linestyle=":", label="preference accuracy (train)")
     valid_wins = [(r["step"], r["eval_preference_accuracy"]) for r in records if "eval_preference_accuracy" in r]
     if valid_wins:
@@ -217,3 +228,15 @@ def _preference_panel(ax, records: list[dict], margins: list[tuple]) -> None:
     twin.legend(loc="lower right")
     ax.legend(loc="upper left")
     ax.set_title("Preference tuning")
+
+
+def _kl_line(ax, records: list[dict]) -> None:
+    """KTO's KL estimate of the policy from its reference, per step and at evaluations."""
+    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
+    if kl:
+        ax.plot(*zip(*kl), color="grey", alpha=0.6, linestyle=":", label="KL estimate (train)")
+    valid = [(r["step"], r["eval_kl"]) for r in records if "eval_kl" in r]
+    if valid:
+        ax.plot(*zip(*valid), "s", color="grey", label="KL estimate (valid)", markersize=5)
+    ax.set_ylabel("KL to the reference")
+    ax.legend(loc="lower right")
