@@ -18,7 +18,8 @@ import time
 from transformers import TrainerCallback
 
 IGNORE = -100
-REAL_TOKENS = "bench_real_tokens"  # the key a tagged collator adds to a batch; training_step takes it out again
+# the keys a tagged collator adds to a batch; training_step takes them out again
+REAL_TOKENS, SUPERVISED_TOKENS = "bench_real_tokens", "bench_supervised_tokens"
 
 # Dense bf16/fp16 tensor-core peaks in TFLOPs, matched against torch.cuda.get_device_name() in this order.
 PEAKS: list[tuple[str, float]] = [
@@ -114,13 +115,15 @@ class StepTimer(TrainerCallback):
         return sum(self.step_seconds)
 
 
-def tag_real_tokens(collate):
-    """The collator, with each batch carrying how many of its tokens are real (not padding). Only a tag: the count
-    is taken in `count_trained_tokens`, when the batch is trained."""
+def tag_token_counts(collate):
+    """The collator, with each batch carrying how many of its tokens are real (not padding) and supervised, counted
+    on the CPU where the batch is made: read on the GPU, they would cost a sync per micro-batch. Only tags: the
+    counts are taken in `count_trained_tokens`, when the batch is trained."""
 
     def tagged(features):
         batch = collate(features)
         batch[REAL_TOKENS] = sum(len(f["input_ids"]) for f in features)
+        batch[SUPERVISED_TOKENS] = int((batch["labels"][:, 1:] != IGNORE).sum())
         return batch
 
     return tagged
@@ -140,16 +143,17 @@ def count_trained_tokens(trainer, timer: StepTimer) -> TokenCount:
     train_one = trainer.training_step
 
     def training_step(model, inputs, num_items_in_batch=None):
-        real = inputs.pop(REAL_TOKENS, None)
+        real, supervised = inputs.pop(REAL_TOKENS, None), inputs.pop(SUPERVISED_TOKENS, None)
         if timer.measuring:
             counts.batches += 1
             ids = inputs["input_ids"]
             counts.padded += ids.numel()
-            mask = inputs.get("attention_mask")
-            if real is None:
+            if real is None:  # an untagged collator: read from the batch, at the price of a sync on a GPU
+                mask = inputs.get("attention_mask")
                 real = int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+                supervised = int((inputs["labels"][:, 1:] != IGNORE).sum())
             counts.real += real
-            counts.supervised += int((inputs["labels"][:, 1:] != IGNORE).sum())
+            counts.supervised += supervised
         return train_one(model, inputs, num_items_in_batch)
 
     trainer.training_step = training_step

@@ -49,7 +49,7 @@ sys.path.insert(0, str(BENCH))
 if importlib.util.find_spec("tuneforge") is None:  # a GPU machine with the checkout but no install: its src/
     sys.path.insert(1, str(BENCH.parent / "src"))
 
-from _timing import StepTimer, count_trained_tokens, matmul_params, synchronize, tag_real_tokens, throughput  # noqa: E402
+from _timing import StepTimer, count_trained_tokens, matmul_params, synchronize, tag_token_counts, throughput  # noqa: E402
 from train_throughput import LLAMA_8B_SHAPE  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -345,7 +345,7 @@ def run_side(args) -> dict:
     warmup = max(args.warmup, COMPILED_WARMUP) if compile_note else args.warmup
     max_steps = warmup + args.steps + 1  # + the profiled step
     trainer, attention = build_trainer(args, args.child, plan, tokenizer, model, train, mean_len, max_steps, choice)
-    trainer.data_collator = tag_real_tokens(trainer.data_collator)
+    trainer.data_collator = tag_token_counts(trainer.data_collator)
     timer = StepTimer(warmup, args.steps, deadline=args.deadline)
     timer.extra_steps = 1
     probe = KernelProbe(timer)
@@ -545,7 +545,7 @@ def run_memory(args) -> dict:
         model=model,
         args=SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, packing=False, **common),
         train_dataset=Dataset.from_list(rows),
-        data_collator=tag_real_tokens(Collator(tokenizer.pad_token_id, mode, mask_dtype(plan.device, plan.dtype))),
+        data_collator=tag_token_counts(Collator(tokenizer.pad_token_id, mode, mask_dtype(plan.device, plan.dtype))),
         processing_class=tokenizer,
     )
     keep_trainable_fp32(trainer.model, plan.dtype)

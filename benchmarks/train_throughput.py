@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import StepTimer, count_trained_tokens, matmul_params, tag_real_tokens, throughput  # noqa: E402
+from _timing import StepTimer, count_trained_tokens, matmul_params, tag_token_counts, throughput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT_SYSTEM = (
@@ -230,7 +230,7 @@ def side_trainer(args, plan, tokenizer, model, train, common: dict):
             data_collator=collate,
             processing_class=tokenizer,
         )
-    trainer.data_collator = tag_real_tokens(trainer.data_collator)
+    trainer.data_collator = tag_token_counts(trainer.data_collator)
     return trainer
 
 

@@ -5,7 +5,6 @@ the exact device. A tiny random Llama on the CPU, no downloads."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,11 @@ from _timing import (  # noqa: E402
     count_trained_tokens,
     matmul_params,
     peak_tflops,
-    tag_real_tokens,
+    tag_token_counts,
     throughput,
 )
 
-WARM_UP_SLEEP = 1.0  # seconds each warm-up step is made to take: ~10x a tiny model's step on a busy 2-core CPU
+WARM_UP_SECONDS = 100.0  # what a warm-up micro-batch takes on the fake clock (a measured one: 1 s)
 
 
 def tiny_llama():
@@ -78,24 +77,40 @@ def trainer_for(tmp_path, max_steps: int, grad_accum: int, collate):
     return Trainer(model=tiny_llama(), args=args, train_dataset=examples(), data_collator=collate)
 
 
-def test_warm_up_steps_are_left_out_of_the_timed_window(tmp_path):
+class FakeClock:
+    """The timer's clock, moved only by the training steps: a warm-up micro-batch takes WARM_UP_SECONDS, a later one
+    1 s, so the figures do not depend on how busy the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_warm_up_steps_are_left_out_of_the_timed_window(tmp_path, monkeypatch):
+    import _timing
+
     warmup, steps, accum = 2, 3, 2
+    clock = FakeClock()
+    monkeypatch.setattr(_timing, "time", clock)
     trainer = trainer_for(tmp_path, max_steps=20, grad_accum=accum, collate=pad)
     timer = StepTimer(warmup, steps)
     counts = count_trained_tokens(trainer, timer)
     train_one = trainer.training_step
 
-    def slow_warm_up(model, inputs, num_items_in_batch=None):
-        if trainer.state.global_step < warmup:
-            time.sleep(WARM_UP_SLEEP / accum)
+    def timed(model, inputs, num_items_in_batch=None):
+        clock.now += WARM_UP_SECONDS if trainer.state.global_step < warmup else 1.0
         return train_one(model, inputs, num_items_in_batch)
 
-    trainer.training_step = slow_warm_up
+    trainer.training_step = timed
     trainer.add_callback(timer)
     trainer.train()
-    assert len(timer.step_seconds) == steps
-    assert max(timer.step_seconds) < WARM_UP_SLEEP  # no warm-up step inside the window
-    assert timer.first_step_seconds >= WARM_UP_SLEEP
+    assert timer.step_seconds == [accum * 1.0] * steps  # no warm-up time inside the window
+    assert timer.first_step_seconds == accum * WARM_UP_SECONDS
     assert trainer.state.global_step == warmup + steps  # the timer stopped training once it had measured
     assert counts.batches == steps * accum  # only the measured steps' micro-batches
 
@@ -111,7 +126,7 @@ def test_tokens_are_counted_on_the_batches_trained_not_those_collated(tmp_path):
         return batch
 
     steps = 4
-    trainer = trainer_for(tmp_path, max_steps=steps, grad_accum=1, collate=tag_real_tokens(counting_collate))
+    trainer = trainer_for(tmp_path, max_steps=steps, grad_accum=1, collate=tag_token_counts(counting_collate))
     trainer.model.register_forward_pre_hook(lambda _m, _a, kw: trained.append(kw["input_ids"]), with_kwargs=True)
     timer = StepTimer(warmup=0, steps=steps)
     counts = count_trained_tokens(trainer, timer)
