@@ -152,6 +152,7 @@ def test_rated_answers_are_detected_and_eval_never_takes_a_bad_answer_for_a_refe
         ({}, (10, 30), (3.0, 1.0)),  # few desirable: they are weighted up
         ({}, (30, 7), (1.0, 4.285)),  # few undesirable: they are, rounded down so the ratio stays >= 1
         ({}, (6, 0), (1.0, 1.0)),  # one class only: nothing to balance
+        ({}, (5, 5), (1.0, 1.0)),  # as many of each
         ({"undesirable_weight": 2.0}, (10, 30), (6.0, 2.0)),  # one set: the other balances it
     ],
 )

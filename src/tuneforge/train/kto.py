@@ -164,7 +164,9 @@ def class_weights(settings: KTOSettings, desirable: int, undesirable: int) -> Cl
     ratio = d * desirable / (u * undesirable)
     chosen = settings.desirable_weight == "auto" or settings.undesirable_weight == "auto"
     counts = f"{desirable} desirable, {undesirable} undesirable"
-    if chosen:
+    if chosen and desirable == undesirable:
+        reason = f"{counts}: as many of each, so both weigh 1"
+    elif chosen:
         reason = f"{counts}: the rarer class weighted up, so the classes weigh {ratio:.3f} to 1 (KTO paper: 1 to 4/3)"
     elif BALANCED[0] <= ratio <= BALANCED[1]:
         reason = f"set in the experiment file; {counts} weigh {ratio:.3f} to 1 (KTO paper: 1 to 4/3)"
