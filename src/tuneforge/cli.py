@@ -108,12 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from tuneforge.feedback.rounds import continue_from_current
 
         experiment = continue_from_current(experiment, run)
-    if experiment.train.method == "dpo":
-        from tuneforge.train.dpo import train_dpo as train
-    elif experiment.train.method == "kto":
-        from tuneforge.train.kto import train_kto as train
-    else:
-        from tuneforge.train.local import train_local as train
+    from tuneforge.train import recipe
+
+    train = recipe(experiment.train.method)
     summary = train(experiment, run, resume=getattr(args, "resume", False))
     if is_main_process() and summary.get("already_trained"):
         print(

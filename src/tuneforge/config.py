@@ -182,6 +182,21 @@ class DPOSettings(Section):
     """TRL's DPO loss: sigmoid is the original DPO loss."""
 
 
+class GRPOSettings(Section):
+    grader: dict[str, Any] | None = None
+    """The reward: an OpenAI grader (string_check, text_similarity, score_model, python, multi...). auto with labels."""
+    generations: int = Field(4, ge=2)
+    """Completions sampled per prompt; each is scored against its group's mean (OpenAI-style: a group)."""
+    max_completion_tokens: int = Field(32, gt=0)
+    """Longest completion sampled during training."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the completions."""
+    beta: float = Field(0.04, ge=0)
+    """KL penalty toward the starting policy (0: none)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """TRL's GRPO loss variant: dapo normalises by the tokens of the whole batch (no length bias)."""
+
+
 class KTOSettings(Section):
     beta: float = Field(0.1, gt=0)
     """How far the policy may move from the reference: higher keeps it closer (TRL's KTO beta)."""
@@ -204,10 +219,12 @@ class LocalTrain(Section):
 
     backend: Literal["local"] = "local"
     """local: QLoRA/LoRA SFT on this machine; openai: OpenAI's fine-tuning API."""
-    method: Literal["sft", "dpo", "kto"] = "sft"
-    """sft: supervised on chat examples; dpo: preference pairs (TRL's DPO); kto: answers labelled good or bad (KTO)."""
+    method: Literal["sft", "dpo", "grpo", "kto"] = "sft"
+    """sft: chat examples; dpo: preference pairs; kto: answers rated good or bad; grpo: rewards from a grader (TRL)."""
     dpo: DPOSettings = DPOSettings()
     """method: dpo settings."""
+    grpo: GRPOSettings = GRPOSettings()
+    """method: grpo settings."""
     kto: KTOSettings = KTOSettings()
     """method: kto settings: answers labelled desirable or undesirable, against the starting adapter (KTO)."""
     init_adapter: str | None = None

@@ -291,12 +291,9 @@ def run_point(
         checkpoint = cb.latest_complete_checkpoint(run.sub("checkpoints"))
         if checkpoint is not None:
             print(f"point {run.path.name}: resuming its interrupted training from {checkpoint.name}", flush=True)
-        if experiment.train.method == "dpo":
-            from tuneforge.train.dpo import train_dpo as train
-        elif experiment.train.method == "kto":
-            from tuneforge.train.kto import train_kto as train
-        else:
-            from tuneforge.train.local import train_local as train
+        from tuneforge.train import recipe
+
+        train = recipe(experiment.train.method)
         summary = train(experiment, run, resume=checkpoint is not None, callbacks=[stopper] if stopper else None)
         if stopper is not None and stopper.reason:
             record.update(status="stopped", reason=stopper.reason, steps=summary.get("steps"))

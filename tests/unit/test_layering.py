@@ -63,6 +63,7 @@ RECIPES = (
     "tuneforge.train.local",
     "tuneforge.train.dpo",
     "tuneforge.train.kto",
+    "tuneforge.train.grpo",
     "tuneforge.train.openai_backend",
     "tuneforge.eval.harness",
 )
@@ -194,7 +195,8 @@ def test_the_layer_check_fails_on_an_upward_import(monkeypatch):
 
 def test_the_scan_sees_lazy_imports():
     """A function-level import is an edge too (cli imports every verb inside its command functions)."""
-    assert "tuneforge.train.local" in GRAPH["tuneforge.cli"]
+    assert "tuneforge.train.openai_backend" in GRAPH["tuneforge.cli"]
+    assert "tuneforge.train.local" in GRAPH["tuneforge.train"]  # train.recipe picks the recipe inside a function
     assert "tuneforge.data.report" in GRAPH["tuneforge.data.prepare"]  # `from tuneforge.data import report as ...`
 
 

@@ -331,12 +331,9 @@ class Platform:
             f"batch_size={t.batch_size}, lr={t.lr}"
             + (f", max_steps={t.max_steps} (the server's step count)" if t.max_steps else ""),
         )
-        if experiment.train.method == "dpo":
-            from tuneforge.train.dpo import train_dpo as train
-        elif experiment.train.method == "kto":
-            from tuneforge.train.kto import train_kto as train
-        else:
-            from tuneforge.train.local import train_local as train
+        from tuneforge.train import recipe
+
+        train = recipe(experiment.train.method)
         progress = JobProgress(_TrainingJob(self, job_id, model_id, project), run.sub("checkpoints"))
         with _wandb(self, job_id, obj):
             summary = train(experiment, run, resume=resume_from is not None, progress=False, callbacks=[progress])

@@ -18,6 +18,32 @@ from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
 from tuneforge.errors import TuneforgeError
 
 MARKER = "tuneforge_complete.json"
+# GRPO (TRL's names): the mean reward, its spread within a group, the KL to the reference, the completions' length
+REINFORCEMENT_METRICS = {
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "completions/mean_length": "completion_length",
+}
+
+
+def reinforcement_metrics(logs: dict[str, Any], training_line: bool) -> dict[str, float]:
+    """GRPO's metrics as metrics.jsonl names them: REINFORCEMENT_METRICS, and `reward_<grader>` per reward function
+    (TRL's rewards/<name>/mean); `eval_` prefixed at an evaluation."""
+    found = {}
+    for prefix in ("", "eval_"):
+        if not prefix and not training_line:
+            continue
+        for theirs, ours in REINFORCEMENT_METRICS.items():
+            if f"{prefix}{theirs}" in logs:
+                found[f"{prefix}{ours}"] = float(logs[f"{prefix}{theirs}"])
+        for key, value in logs.items():
+            name = key.removeprefix(f"{prefix}rewards/")
+            if key.startswith(f"{prefix}rewards/") and name.endswith("/mean") and name.count("/") == 1:
+                found[f"{prefix}reward_{name.removesuffix('/mean')}"] = float(value)
+    return found
+
+
 PREFERENCE_METRICS = {
     "rewards/margins": "reward_margin",
     "rewards/accuracies": "preference_accuracy",
@@ -113,6 +139,7 @@ class MetricsLog(TrainerCallback):
             for theirs, ours in PREFERENCE_METRICS.items():
                 if f"{prefix}{theirs}" in logs and (prefix or "loss" in logs):
                     record[f"{prefix}{ours}"] = float(logs[f"{prefix}{theirs}"])
+        record.update(reinforcement_metrics(logs, "loss" in logs))
         if len(record) > 2:
             self.records.append(record)
             if state.is_world_process_zero:  # one writer: the main process

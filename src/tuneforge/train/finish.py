@@ -155,16 +155,17 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
     accuracy = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
     f1 = [(r["step"], r["eval_macro_f1"]) for r in records if "eval_macro_f1" in r]
     margins = [(r["step"], r["reward_margin"]) for r in records if "reward_margin" in r]
+    rewards = [(r["step"], r["reward"]) for r in records if "reward" in r]
     if not train:
         return
-    panels = 2 if accuracy or margins else 1
+    panels = 2 if accuracy or margins or rewards else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 3.8), dpi=110, squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o", label="eval loss", markersize=6)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(_preference_loss(records) if margins else "loss (supervised tokens)")
+    ax.set_ylabel(_preference_loss(records) if margins else ("GRPO loss" if rewards else "loss (supervised tokens)"))
     if lrs:
         twin = ax.twinx()
         twin.plot(*zip(*lrs), color="grey", alpha=0.5, linestyle=":", label="learning rate")
@@ -190,11 +191,40 @@ def plot_training(records: list[dict], path: Path, majority_accuracy: float | No
         ax.legend(loc="lower right")
     if margins:
         _preference_panel(axes[0][1], records, margins)
+    if rewards:
+        _reward_panel(axes[0][1], records, rewards)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _reward_panel(ax, records: list[dict], rewards: list[tuple]) -> None:
+    """GRPO: the mean reward with its within-group spread, each evaluation's mean reward, and the KL to the start."""
+    steps, means = zip(*rewards)
+    spread = [r.get("reward_std", 0.0) for r in records if "reward" in r]
+    ax.plot(steps, means, label="mean reward (train)", linewidth=1)
+    ax.fill_between(
+        steps,
+        [m - s for m, s in zip(means, spread)],
+        [m + s for m, s in zip(means, spread)],
+        alpha=0.2,
+        label="spread within a group",
+    )
+    evals = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
+    if evals:
+        ax.plot(*zip(*evals), "o", label="mean reward (valid)", markersize=6)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("grader reward")
+    kl = [(r["step"], r["kl"]) for r in records if "kl" in r]
+    if kl:
+        twin = ax.twinx()
+        twin.plot(*zip(*kl), color="grey", alpha=0.6, linestyle=":", label="KL to the start")
+        twin.set_ylabel("KL")
+        twin.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    ax.set_title("Reinforcement fine-tuning")
 
 
 def _preference_loss(records: list[dict]) -> str:
