@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from tuneforge.engine.generation import Answer, Settings
+from tuneforge.engine.generation import Answer, Piece, Settings
+from tuneforge.engine.logits import RowLogits, logprob_entry
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Row:
         self.done = False
         self.emitted = ""
         self.watch_text = request.streaming or bool(request.settings.stop)
+        format_ = request.settings.response_format
+        self.matcher = self.engine.grammars().matcher(format_) if format_ is not None else None  # a JSON grammar
+        self.pending: torch.Tensor | None = None  # this step's logprobs (RowLogits), for the token picked next
+        self.entries: list[dict] = []  # the logprobs of the tokens said so far, when asked for
+        self.sent = 0  # entries streamed so far
 
     def take(self, token: int) -> None:
         if self.done:
@@ -71,6 +77,12 @@ class Row:
             self.done = True
             return
         self.ids.append(token)
+        if self.pending is not None and token not in self.engine.stop_ids:
+            top = self.request.settings.logprobs
+            self.entries.append(logprob_entry(self.engine.tokenizer, self.pending, token, top))
+        self.pending = None
+        if self.matcher is not None and not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
         if token in self.engine.stop_ids or len(self.ids) >= self.request.settings.max_new_tokens:
             self.done = True
         if self.watch_text and token not in self.engine.stop_ids:
@@ -97,6 +109,9 @@ class Row:
             return  # the tokenizer re-spelled earlier text; the final Answer has it right
         piece, self.emitted = text[len(self.emitted) :], text
         if piece and self.request.streaming:
+            piece = Piece(piece)
+            if self.request.settings.logprobs is not None:
+                piece.logprobs, self.sent = self.entries[self.sent :], len(self.entries)
             self.request.pieces.put(piece)
 
 
@@ -215,7 +230,7 @@ class Batcher:
 
     def run(self, batch: list[Request]) -> list[Answer]:
         """One generate call for the batch, each row with its own system's adapter; each row ends on its own."""
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         engine = batch[0].engine  # the batch's stop and pad ids are every row's (Request.key)
         rows = [Row(r) for r in batch]
@@ -232,7 +247,9 @@ class Batcher:
             temperature=first.temperature,
             top_p=first.top_p,
             seed=first.seed,
-        )  # stop strings are per row, in RowsDone
+        )  # stop strings are per row, in RowsDone; logprobs, bias and grammars too, in RowLogits
+        shaping = any(r.settings.shapes_logits for r in batch)  # else the logits are left as generate makes them
+        logits = {"logits_processor": LogitsProcessorList([RowLogits(rows)])} if shaping else {}
         with self.base.lock:
             extra = self.base.prepare([r.engine.adapter for r in batch]) if engine.pooled else {}
             if shared.seed is not None:
@@ -245,9 +262,14 @@ class Batcher:
                     stopping_criteria=StoppingCriteriaList([RowsDone(rows, width)]),
                     **engine._generate_kwargs(shared),
                     **extra,
+                    **logits,
                 )
         self.batches += 1
         self.rows_run += len(batch)
         for row in rows:
             row.flush()
-        return [row.engine._answer(row.ids, len(row.request.prompt), row.request.settings) for row in rows]
+        answers = [row.engine._answer(row.ids, len(row.request.prompt), row.request.settings) for row in rows]
+        for row, answer in zip(rows, answers):
+            if row.request.settings.logprobs is not None:
+                answer.logprobs = row.entries[: answer.completion_tokens]
+        return answers

@@ -25,10 +25,24 @@ class Settings:
     stop: tuple[str, ...] = ()
     tools: list | None = None  # OpenAI-format functions the model may call
     tool_choice: str | dict = "auto"  # auto, none, required, or {"type": "function", "function": {"name": ...}}
+    logprobs: int | None = None  # per generated token its logprob and this many alternatives (0..20); None: none
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit at every step (-100..100)
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
 
     @property
     def calls_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether this request reads or changes the logits (engine/logits.py): logprobs, logit_bias, a grammar."""
+        return self.logprobs is not None or bool(self.logit_bias) or self.response_format is not None
+
+
+class Piece(str):
+    """A streamed piece of text, with the logprobs of the tokens that made it when they were asked for."""
+
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -39,6 +53,7 @@ class Answer:
     finish_reason: str  # "stop", "length", or "tool_calls"
     sources: list = field(default_factory=list)  # retrieved passages (rag.retriever.Hit) for +rag systems
     tool_calls: list | None = None  # OpenAI-shaped calls parsed from the answer (text is then what was said besides)
+    logprobs: list[dict] | None = None  # OpenAI's logprobs.content items, one per generated token, when asked for
 
 
 def prompt_text(encoder, messages: list[dict], settings: Settings | None) -> str:

@@ -42,6 +42,7 @@ class Engine:
         self.pooled = base is not None
         self.stop_ids = self.encoder.stop_ids
         self._model = None
+        self._grammars = None
 
     @property
     def model(self):
@@ -107,6 +108,22 @@ class Engine:
             model = PeftModel.from_pretrained(model, adapter)
         return cls(model, tokenizer, name)
 
+    # logprobs, logit_bias and response_format are honoured (engine/logits.py); the server asks before it answers
+    shapes_logits = True
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits: the token ids a logit_bias may name."""
+        return self.base.model.get_output_embeddings().weight.shape[0]
+
+    def grammars(self):
+        """This system's compiled response_format grammars (xgrammar), made on first use."""
+        if self._grammars is None:
+            from tuneforge.engine.logits import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids)
+        return self._grammars
+
     def prompt_ids(self, messages: list[dict], settings: Settings | None = None) -> list[int]:
         return prompt_ids(self.encoder, messages, settings)
 
@@ -131,6 +148,9 @@ class Engine:
     ) -> list[Answer]:
         """Answers in input order; batched by similar prompt length."""
         from tqdm.auto import tqdm
+
+        if settings.shapes_logits:  # per-row logits work lives in the batcher
+            return [self.answer(messages, settings) for messages in conversations]
 
         prompts = [self.prompt_ids(m, settings) for m in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
