@@ -211,17 +211,21 @@ def test_parameters_this_server_does_not_honour_are_400s_naming_them(tmp_path):
     client = openai.OpenAI(
         base_url="http://localhost/v1", api_key="unused", max_retries=0, http_client=TestClient(create_app(served))
     )
+    for given in [{"presence_penalty": 0.5}, {"reasoning_effort": "low"}, {"frequency_penalty": 1.0}]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="slow", messages=HI, **given)
+        assert refused.value.param == next(iter(given)) and refused.value.code == "unsupported_parameter", given
+    # honoured by transformers-engine systems (test_logits_options.py), refused by one without that engine
     for given in [
         {"logprobs": True},
         {"logprobs": True, "top_logprobs": 3},
         {"logit_bias": {"50256": -100}},
         {"response_format": {"type": "json_object"}},
-        {"presence_penalty": 0.5},
-        {"reasoning_effort": "low"},
     ]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="slow", messages=HI, **given)
         assert refused.value.param == next(iter(given)) and refused.value.code == "unsupported_parameter", given
+        assert "transformers engine" in refused.value.message
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="slow", messages=HI, n=9)  # past MAX_CHOICES
     assert refused.value.param == "n"

@@ -29,10 +29,6 @@ class StreamOptions(BaseModel):
 # OpenAI parameters this server does not honour: a 400 naming the parameter unless it holds the value that changes
 # nothing (listed), so no client believes it got what it asked for
 UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "logit_bias": ({},),
-    "response_format": ({"type": "text"},),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "modalities": (["text"],),
@@ -47,6 +43,10 @@ UNSUPPORTED: dict[str, tuple] = {
 
 
 MAX_CHOICES = 8  # `n`: each choice is a row of its own in the batch, so n costs n answers' time
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_BIAS = 100  # OpenAI's bound on a logit_bias value, either way
+# honoured by systems on the transformers engine only (engine/logits.py); elsewhere a 400 naming the parameter
+LOGIT_OPTIONS = ("logprobs", "logit_bias", "response_format")
 
 
 @dataclass
@@ -97,11 +97,12 @@ class ChatRequest(BaseModel):
     prompt_cache_key: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
-    # known, not honoured (UNSUPPORTED)
+    # honoured by transformers-engine systems (check_honoured)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     logit_bias: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # known, not honoured (UNSUPPORTED)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     modalities: list[Any] | None = None
@@ -145,11 +146,86 @@ def parse_request(request: ChatRequest, limits: Limits = Limits()) -> Chat:
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         tools=tools,
         tool_choice=tool_choice,
+        **logit_options(request),
     )
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Chat(request.model, messages, settings, asked, request.n or 1, bool(request.stream), include_usage)
+
+
+def logit_options(request: ChatRequest) -> dict:
+    """logprobs / top_logprobs, logit_bias and response_format checked as OpenAI checks them, as Settings fields."""
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit():
+            raise ApiError(400, f"'logit_bias' key {key!r} is not a token id", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise ApiError(400, f"'logit_bias' value for {key!r} must be a number from -100 to 100", "logit_bias")
+        bias[int(key)] = float(value)
+    return {
+        "logprobs": (request.top_logprobs or 0) if request.logprobs else None,
+        "logit_bias": bias or None,
+        "response_format": _response_format(request.response_format),
+    }
+
+
+def _response_format(given: dict[str, Any] | None) -> dict | None:
+    """None for plain text; else the json_object or json_schema format, its shape checked."""
+    kind = (given or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise ApiError(400, "'response_format.type' must be text, json_object or json_schema", "response_format")
+    spec = given.get("json_schema") if given else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise ApiError(400, "'response_format.json_schema' needs a 'name'", "response_format.json_schema")
+    if not isinstance(spec.get("schema", {}), dict) or not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise ApiError(
+            400, "'response_format.json_schema' takes a 'schema' object and 'strict' true or false", "response_format"
+        )
+    return {"type": "json_schema", "json_schema": dict(spec)}
+
+
+def check_honoured(model: str, settings: Settings, system) -> None:
+    """A 400 naming the first of logprobs, logit_bias and response_format asked of a system that cannot honour it
+    (vLLM, hosted openai: systems), a token id a bias names outside the vocabulary, a schema that cannot compile."""
+    given = (settings.logprobs is not None, bool(settings.logit_bias), settings.response_format is not None)
+    asked = [name for name, on in zip(LOGIT_OPTIONS, given) if on]
+    if not asked:
+        return
+    engine = getattr(system, "engine", None)  # hosted systems have none
+    if not getattr(engine, "shapes_logits", False):
+        raise ApiError(
+            400,
+            f"'{asked[0]}' is not supported for model '{model}': only systems on the transformers engine honour "
+            "logprobs, logit_bias and response_format (not model.engine: vllm, not hosted openai: systems); "
+            "leave it out",
+            asked[0],
+            "unsupported_parameter",
+        )
+    vocab = engine.vocab_size
+    for token in settings.logit_bias or {}:
+        if token >= vocab:
+            raise ApiError(
+                400, f"'logit_bias' key '{token}' is not a token id of model '{model}' (0 to {vocab - 1})", "logit_bias"
+            )
+    if settings.response_format is not None:
+        try:
+            engine.grammars().compile(settings.response_format)
+        except ValueError as exc:
+            raise ApiError(400, f"'response_format' schema cannot be enforced: {exc}", "response_format") from None
+        except ImportError:
+            raise ApiError(
+                400,
+                "'response_format' needs xgrammar on the server (pip install 'tuneforge[structured]')",
+                "response_format",
+                "unsupported_parameter",
+            ) from None
 
 
 def _check_unicode(value: Any, where: str) -> None:
@@ -221,6 +297,11 @@ def sources(answer: Answer) -> dict:
     return {"sources": [h.to_json() for h in answer.sources]} if answer.sources else {}
 
 
+def logprobs_of(content: list[dict] | None) -> dict | None:
+    """OpenAI's `logprobs` of a choice or a chunk: its tokens' logprobs, when asked for."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
 def completion(model: str, answers: list[Answer]) -> dict:
     return {
         **sources(answers[0]),
@@ -229,7 +310,12 @@ def completion(model: str, answers: list[Answer]) -> dict:
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "message": message_of(a), "finish_reason": a.finish_reason, "logprobs": None}
+            {
+                "index": i,
+                "message": message_of(a),
+                "finish_reason": a.finish_reason,
+                "logprobs": logprobs_of(a.logprobs),
+            }
             for i, a in enumerate(answers)
         ],
         "usage": usage(answers),

@@ -38,7 +38,16 @@ from tuneforge.engine.generation import Answer
 from tuneforge.errors import TuneforgeError, describe_os_error
 from tuneforge.origins import HostGuard, HostPolicy
 from tuneforge.serve.bounds import Limits, answers_within, choices_within, fit
-from tuneforge.serve.chat_wire import Chat, ChatRequest, completion, parse_request, sources, usage
+from tuneforge.serve.chat_wire import (
+    Chat,
+    ChatRequest,
+    check_honoured,
+    completion,
+    logprobs_of,
+    parse_request,
+    sources,
+    usage,
+)
 from tuneforge.serve.errors import ApiError, readable
 from tuneforge.serve.keys import DEFAULT_PROJECT, ApiKeys, check_binding, project_of
 
@@ -293,6 +302,7 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request, project: str = Depends(project_of)):
         chat = parse_request(body, served.limits)
         system = await run_in_threadpool(served.get, chat.model, project)  # a model's first load takes a while
+        await run_in_threadpool(check_honoured, chat.model, chat.settings, system)  # a grammar compiles once
         chat.settings, prompt_tokens = await run_in_threadpool(
             fit, system, chat.messages, chat.settings, chat.asked, served.limits
         )
@@ -335,8 +345,9 @@ async def _events(served: Served, system, chat: Chat, request, prompt_tokens: in
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     model, include_usage, calls_tools = chat.model, chat.include_usage, chat.settings.calls_tools
 
-    def event(delta: dict | None, finish: str | None = None, index: int = 0, **extra) -> str:
-        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    def event(delta: dict | None, finish: str | None = None, index: int = 0, logprobs=None, **extra) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs_of(logprobs)}
+        choices = [] if delta is None else [choice]
         payload = {
             **extra,
             "id": chunk_id,
@@ -357,7 +368,7 @@ async def _events(served: Served, system, chat: Chat, request, prompt_tokens: in
         async for index, piece in pieces:
             if not isinstance(piece, Answer):
                 if not calls_tools:  # with tools the text is held back: it may be a call, known only at the end
-                    yield event({"content": piece}, index=index)
+                    yield event({"content": str(piece)}, index=index, logprobs=getattr(piece, "logprobs", None))
                 continue
             if calls_tools:
                 if piece.text:
