@@ -113,3 +113,10 @@ def test_the_plan_groups_completions_by_prompt(tmp_path, tiny_model_dir):
     plan = grpo_plan(experiment, 20)
     assert plan.micro_batch_size == 8 and plan.grad_accum == 8 and plan.steps == 3  # 20 prompts, 8 a step, 1 epoch
     assert plan.lr == pytest.approx(5e-2) and plan.reasons["lr"] == "set in the experiment file"
+
+
+def test_each_method_has_its_recipe():
+    from tuneforge.train import recipe
+
+    names = {m: recipe(m).__name__ for m in ("sft", "dpo", "kto", "grpo")}
+    assert names == {"sft": "train_local", "dpo": "train_dpo", "kto": "train_kto", "grpo": "train_grpo"}

@@ -1,7 +1,7 @@
 """`tuneforge train`: the recipes and what they share.
 
 - local.py: LoRA / QLoRA SFT on this machine (TRL's SFTTrainer with tuneforge's loss and collator)
-- dpo.py: DPO on preference pairs, from the base or a starting adapter
+- dpo.py: DPO on preference pairs, from the base or a starting adapter; kto.py: KTO on answers rated good or bad
 - kto.py: KTO on answers rated desirable or undesirable (the demo's thumbs); preference_common.py: what both share
 - grpo.py: GRPO, online reinforcement learning rewarded by an OpenAI-format grader (tuneforge.graders)
 - openai_backend.py: the same prepared data as a hosted OpenAI fine-tuning job; openai_import.py: jobs to experiments
@@ -22,6 +22,10 @@ def recipe(method: str) -> Callable:
         from tuneforge.train.dpo import train_dpo
 
         return train_dpo
+    if method == "kto":
+        from tuneforge.train.kto import train_kto
+
+        return train_kto
     if method == "kto":
         from tuneforge.train.kto import train_kto
 
