@@ -12,7 +12,6 @@ import json
 import torch
 
 
-
 class RowLogits:
     """A transformers logits processor for a whole batch: each row's bias and grammar, and the logprobs each row
     wants kept for the token it picks next (`Row.take` reads them)."""
