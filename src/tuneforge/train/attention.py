@@ -107,10 +107,9 @@ def use_packed_attention(model, choice: PackedAttention) -> None:
         return
     from transformers import AttentionInterface
 
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    from tuneforge.train.wrapped import causal_lm
+
+    inner = causal_lm(model)
     if getattr(inner.config, "attn_logit_softcapping", None):
         raise TuneforgeError(
             "model.attention: this model soft-caps its attention logits, which the varlen kernel cannot; "

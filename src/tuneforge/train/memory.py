@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge.train.wrapped import causal_lm
+
 SAFETY = 0.8  # of the free memory: allocator fragmentation, cuBLAS workspaces, the optimizer's temporaries
 EVERY_N = (8, 4, 2, 1)  # partial checkpointing tried before full: one layer in 8, 4, 2, then all
 
@@ -93,16 +95,8 @@ class _nothing:
         return False
 
 
-def _causal_lm(model):
-    """The transformers CausalLM inside DDP / PEFT wrappers."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def _head(model):
-    return _causal_lm(model).get_output_embeddings()
+    return causal_lm(model).get_output_embeddings()
 
 
 def free_bytes(device: str) -> int:
@@ -165,5 +159,5 @@ def choose_checkpointing(setting, model, plan, tokens: int, trainable: int) -> C
 
 
 def _config(model):
-    config = _causal_lm(model).config
+    config = causal_lm(model).config
     return getattr(config, "text_config", None) or config

@@ -29,17 +29,11 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from tuneforge.train.batching import head_index
+from tuneforge.train.wrapped import causal_lm
 
 # Rows of logits whose fp32 log-probabilities exist at once in the loss (chunked_cross_entropy): 1,024 rows of a
 # 128k vocabulary are 500 MiB, against 1.8 GiB for the 3.7k supervised rows of an 8k-token micro-batch.
 CE_CHUNK_ROWS = 1024
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers CausalLM inside DDP / PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class SeededLengthGroupedSampler(torch.utils.data.Sampler):
@@ -78,7 +72,7 @@ class ForgeTrainer(SFTTrainer):
         # Our loss divides by the supervised-token count of the whole accumulated batch.
         self.model_accepts_loss_kwargs = True
         self.supervised_tokens = 0
-        self._head = _causal_lm(self.model).get_output_embeddings()
+        self._head = causal_lm(self.model).get_output_embeddings()
 
     @contextmanager
     def _head_on(self, rows: torch.Tensor):
