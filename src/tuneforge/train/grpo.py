@@ -34,7 +34,8 @@ from tuneforge.train.common import (
     training_callbacks,
     world_size,
 )
-from tuneforge.train.kernels import choose_compilation, compile_layers
+from tuneforge.train.kernels import compile_as_set
+from tuneforge.train.preference_common import CountsCompletionTokens
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -69,9 +70,7 @@ def train_grpo(
     if done is not None:
         return done
     model = setup.load_model()
-    compilation = choose_compilation(t.compile, setup.plan.device)
-    if compilation.enabled:
-        compile_layers(model)
+    compilation = compile_as_set(model, t.compile, setup.plan.device)
     metrics, callbacks = training_callbacks(run, t, fingerprint, parameter_counts(model)[0], resume_from, callbacks)
     args.disable_tqdm = not progress
     reward = GraderReward(grader, SystemsByName(experiment, run))
@@ -107,15 +106,8 @@ def train_grpo(
     return finish(trainer, setup, summary, metrics.records)
 
 
-class ForgeGRPOTrainer(GRPOTrainer):
+class ForgeGRPOTrainer(CountsCompletionTokens, GRPOTrainer):
     """TRL's GRPO trainer, counting the completion tokens it trains on."""
-
-    supervised_tokens = 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and "completion_mask" in inputs:
-            self.supervised_tokens += int(inputs["completion_mask"].sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 class GraderReward:

@@ -36,6 +36,14 @@ def choose_compilation(setting, device: str) -> Compilation:
     )
 
 
+def compile_as_set(model, setting, device: str) -> Compilation:
+    """train.compile applied to the loaded model: the choice (choose_compilation), its layers compiled when on."""
+    compilation = choose_compilation(setting, device)
+    if compilation.enabled:
+        compile_layers(model)
+    return compilation
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's repeated decoder blocks (LlamaDecoderLayer, Qwen2DecoderLayer, Gemma3DecoderLayer, ...)."""
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]

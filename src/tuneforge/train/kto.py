@@ -39,7 +39,7 @@ from tuneforge.train.common import (
     training_callbacks,
     world_size,
 )
-from tuneforge.train.kernels import choose_compilation, compile_layers
+from tuneforge.train.kernels import compile_as_set
 from tuneforge.train.preference_common import CountsCompletionTokens, answer_span, drop_reference, kept_margin
 
 if TYPE_CHECKING:
@@ -75,9 +75,7 @@ def train_kto(
     if done is not None:
         return done
     model = setup.load_model()
-    compilation = choose_compilation(t.compile, setup.plan.device)
-    if compilation.enabled:
-        compile_layers(model)
+    compilation = compile_as_set(model, t.compile, setup.plan.device)
     metrics, callbacks = training_callbacks(run, t, fingerprint, parameter_counts(model)[0], resume_from, callbacks)
     args.disable_tqdm = not progress
     micro = training.micro_batch_size

@@ -29,7 +29,7 @@ from tuneforge.train.common import (
     training_callbacks,
     world_size,
 )
-from tuneforge.train.kernels import choose_compilation, compile_layers
+from tuneforge.train.kernels import compile_as_set
 
 if TYPE_CHECKING:
     from tuneforge.config import Experiment
@@ -60,9 +60,7 @@ def train_local(
     label_eval = _label_eval(setup, data, resume_from)
     kernel = packed_attention(setup.plan, training.packing, padded_calls=label_eval is not None)
     use_packed_attention(model, kernel)
-    compilation = choose_compilation(experiment.train.compile, setup.plan.device)
-    if compilation.enabled:
-        compile_layers(model)
+    compilation = compile_as_set(model, experiment.train.compile, setup.plan.device)
     collator = _collator(setup, training, kernel)
     trainer = ForgeTrainer(
         model=model,

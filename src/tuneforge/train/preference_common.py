@@ -9,7 +9,7 @@ REFERENCE = "ref"  # the name TRL gives the frozen copy of a starting adapter
 
 
 class CountsCompletionTokens:
-    """Mixed into TRL's DPO and KTO trainers: counts the answer tokens trained on (the collators' completion_mask),
+    """Mixed into TRL's DPO, KTO and GRPO trainers: counts the answer tokens trained on (their completion_mask),
     which metrics.jsonl's tokens/s and the summary read."""
 
     supervised_tokens = 0
