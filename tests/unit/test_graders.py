@@ -436,6 +436,14 @@ def test_a_python_grader_past_its_limits_is_stopped_and_fails(body, kind):
     assert (result.score, list(result.errors)) == (0.0, [kind])
 
 
+def test_a_grader_whose_cpu_time_runs_out_before_the_wall_clock_is_unresponsive_too():
+    # On a quiet machine a busy loop can reach RLIMIT_CPU (SIGXCPU) before the wall clock: same limit, same kind.
+    # Wall clock well past the CPU limit, so only the CPU limit can stop it.
+    source = "def grade(sample, item):\n    while True:\n        pass\n"
+    result = grade(python(source), "x", {}, limits=Limits(seconds=30, cpu_seconds=1, disk_bytes=FAST.disk_bytes))
+    assert (result.score, list(result.errors)) == (0.0, ["unresponsive_reward_error"])
+
+
 @pytest.fixture
 def listener():
     """A TCP server on localhost that records whether anything connected."""

@@ -35,6 +35,8 @@ class Limits:
 
     seconds: float = 120.0
     """Wall-clock seconds for one grade, start-up included; CPU seconds are capped at the same figure."""
+    cpu_seconds: float | None = None
+    """CPU seconds, when they should differ from `seconds` (None: the same)."""
     memory_bytes: int = 2 * 1024**3
     """Address space of the grading process."""
     disk_bytes: int = 1024**3
@@ -89,7 +91,7 @@ def network_namespace() -> tuple[str, ...]:
 
 def _rlimits(limits: Limits) -> dict[str, int]:
     return {
-        "RLIMIT_CPU": math.ceil(limits.seconds),
+        "RLIMIT_CPU": math.ceil(limits.seconds if limits.cpu_seconds is None else limits.cpu_seconds),
         "RLIMIT_AS": limits.memory_bytes,
         "RLIMIT_FSIZE": limits.disk_bytes,
         "RLIMIT_CORE": 0,
@@ -152,10 +154,9 @@ def _score(out: bytes, returncode: int) -> float:
     except ValueError:
         reply = None
     if not isinstance(reply, dict):
-        cause = f"exit status {returncode}"
-        if returncode < 0:
-            cause = f"killed by signal {-returncode}"
-            cause += " (its CPU time ran out)" if returncode == -signal.SIGXCPU else ""
+        if returncode == -signal.SIGXCPU:  # the CPU limit was reached before the wall clock
+            raise GraderError("unresponsive_reward_error", "the python grader used up its CPU time and was stopped")
+        cause = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
         raise GraderError("python_grader_server_error", f"the python grader stopped without a score: {cause}")
     if "score" not in reply:
         raise GraderError("python_grader_runtime_error", str(reply.get("message")))
