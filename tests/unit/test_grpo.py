@@ -83,6 +83,53 @@ def test_prompts_keep_every_field_of_the_record_for_the_grader(tmp_path, tiny_mo
         prompt_rows([lone], tiny_tokenizer)
 
 
+def test_prepare_reads_openais_reinforcement_lines_and_keeps_every_field_for_the_grader(tmp_path, tiny_model_dir):
+    """OpenAI's RFT format: a conversation ending with the user's turn (developer read as system) and any other keys;
+    a prompt is kept whole, never trained on, and its fields reach the grader as `item` after the prepared round trip.
+    """
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepared import load_prepared
+    from tuneforge.models import load_tokenizer
+    from tuneforge.run import RunDir
+    from tuneforge.train.grpo import prompt_rows
+
+    def line(i, **fields):
+        turns = [{"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": f"word {i}"}]
+        return {"messages": turns, **fields}
+
+    rows = [line(i, reference_answer=f"r{i}", label=i % 2, tags=["a", i]) for i in range(5)]
+    rows.append(_chat(9) | {"reference_answer": "x"})  # a supervised line is read too: its answer is item.answer
+    experiment = _experiment(tmp_path, tiny_model_dir, rows)
+    run = RunDir(experiment, tmp_path / "run").start("prepare")
+    tokenizer = load_tokenizer(experiment.model)
+    prepare(experiment, run, tokenizer, progress=False)
+    examples = load_prepared(run.sub("data"), "train")
+    assert len(examples) == 6
+    items = {json.loads(r["item"])["reference_answer"]: r for r in prompt_rows(examples, tokenizer)}
+    assert json.loads(items["r3"]["item"]) == {"reference_answer": "r3", "label": 1, "tags": ["a", 3], "answer": None}
+    assert [m["role"] for m in items["r3"]["prompt"]] == ["system", "user"]
+    assert json.loads(items["x"]["item"])["answer"] == "x"
+    assert items["r3"]["prompt_tokens"] > 0
+
+
+def test_a_reinforcement_line_must_end_with_the_users_turn_and_prompts_are_not_cut(tmp_path, tiny_model_dir):
+    from tuneforge.data.prepare import prepare
+    from tuneforge.models import load_tokenizer
+    from tuneforge.run import RunDir
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
+    ends_with_tool = {"messages": [*turns, {"role": "tool", "tool_call_id": "c1", "content": "42"}]}
+    long = {"messages": [{"role": "user", "content": "word " * 200}]}
+    rows = [_chat(0), ends_with_tool, long]
+    experiment = _experiment(tmp_path, tiny_model_dir, rows, "data.on_invalid=drop", "data.overflow=truncate")
+    run = RunDir(experiment, tmp_path / "run").start("prepare")
+    prepare(experiment, run, load_tokenizer(experiment.model), progress=False)
+    rejected = [json.loads(x) for x in run.sub("data", "rejected.jsonl").read_text().splitlines()]
+    assert sorted(p["code"] for r in rejected for p in r["problems"]) == ["prompt_must_end_with_user", "too_long"]
+    assert "a prompt to sample from is not cut" in rejected[-1]["problems"][0]["message"]
+
+
 def test_a_grader_is_needed_unless_every_example_has_a_label(tmp_path, tiny_model_dir):
     from tuneforge.train.grpo import grader_for
 

@@ -329,6 +329,11 @@ class ChatEncoder:
         tools = tools or [None] * len(conversations)
         return self._encode_units([self.spans(messages, t) for messages, t in zip(conversations, tools)])
 
+    def encode_prompt(self, messages: list[dict], tools: list | None = None) -> Encoded:
+        """A conversation to be answered as the model reads it (generation prompt added); no token is a target."""
+        ids = self.tokenizer(self.render(messages, add_generation_prompt=True, tools=tools), add_special_tokens=False)
+        return Encoded(list(ids["input_ids"]), [False] * len(ids["input_ids"]))
+
     def encode_examples(self, conversations: list[list[dict]], tools: list | None = None) -> list[list[Encoded]]:
         """Per example, every training sequence (`units`), all in one batched tokenizer call."""
         tools = tools or [None] * len(conversations)

@@ -17,6 +17,7 @@ from tuneforge.data import convert, sources, tables
 from tuneforge.data import split as splitting
 from tuneforge.data.chat import ChatEncoder, TemplateRefusal, control_strings
 from tuneforge.data.preference import fit_pair, pair_sides, read_pair
+from tuneforge.data.prompts import prompt_only, read_prompt
 from tuneforge.data.records import Example, Problem, Raw
 from tuneforge.data.tools import from_legacy
 from tuneforge.data.unpaired import desirability, read_unpaired
@@ -193,6 +194,10 @@ class Preparer:
             out.examples.append(Example(messages, f"{Path(name).stem}:row{record[tables.ROW]}", where, label))
         out.stage("valid chat examples", len(out.examples))
 
+    def _reads_prompts(self, key: str) -> bool:
+        """GRPO's training and validation data may be prompts to answer (OpenAI's reinforcement format)."""
+        return getattr(self.experiment.train, "method", None) == "grpo" and key in ("data.train", "data.valid")
+
     def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:
         to_messages = {"alpaca": convert.from_alpaca, "sharegpt": convert.from_sharegpt}.get(fmt)
         read = 0
@@ -207,10 +212,13 @@ class Preparer:
                 if problem is not None:
                     out.reject(raw.where, [problem], raw.data)
                     continue
+            prompts = self._reads_prompts(key) and fmt == "messages"
             if fmt == "preference":
                 record, problems = read_pair(record, raw.where)
             elif fmt == "kto":
                 record, problems = read_unpaired(record, raw.where)
+            elif prompts:  # reinforcement: a prompt (or a supervised example) and every other key for the grader
+                record, problems = read_prompt(from_legacy(record) if isinstance(record, dict) else record, raw.where)
             elif isinstance(record, dict):
                 record = from_legacy(record)  # functions / function_call: today's tools / tool_calls
                 problems = check_record(record, raw.where)
@@ -225,7 +233,10 @@ class Preparer:
             meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
             messages = [{k: v for k, v in m.items()} for m in record["messages"]]
             rid = str(record.get("id") or raw.where.replace(" line ", ":").replace(" item ", ":"))
-            extra = {k: record[k] for k in RECORD_EXTRAS if k in record}
+            if prompts:  # every key of the line is the grader's item
+                extra = {k: v for k, v in record.items() if k not in ("messages", "meta")}
+            else:
+                extra = {k: record[k] for k in RECORD_EXTRAS if k in record}
             out.examples.append(
                 Example(
                     messages,
@@ -274,6 +285,14 @@ class Preparer:
         return encoded
 
     def _encode_batch(self, batch: list[Example]) -> list[list]:
+        if any(prompt_only(e.messages) for e in batch):  # GRPO's prompts: the rendered prompt, nothing to learn
+            answered = iter(self._encode_batch([e for e in batch if not prompt_only(e.messages)]))
+            return [
+                [self.encoder.encode_prompt(e.messages, e.extra.get("tools"))]
+                if prompt_only(e.messages)
+                else next(answered)
+                for e in batch
+            ]
         if not any(e.rejected is not None for e in batch):
             return self.encoder.encode_examples([e.messages for e in batch], [e.extra.get("tools") for e in batch])
         pairs = [e for e in batch if e.rejected is not None]
@@ -295,7 +314,9 @@ class Preparer:
         """Tokenize with the chat template, apply min_chars and the length policy, drop untrainable examples."""
         data = self.data
         if data.clean.min_chars:
-            out.examples = [e for e in out.examples if len(_last_answer(e)) >= data.clean.min_chars]
+            out.examples = [
+                e for e in out.examples if prompt_only(e.messages) or len(_last_answer(e)) >= data.clean.min_chars
+            ]
             out.stage(f"answer shorter than {data.clean.min_chars} chars", len(out.examples))
         self._warn_control_tokens(out)
         kept: list[Example] = []
@@ -349,8 +370,10 @@ class Preparer:
             return sequences
         if data.overflow == "drop":
             return None
-        if data.overflow == "error":
-            message = f"{longest} tokens > data.max_length {data.max_length} (data.overflow: error)"
+        if data.overflow == "error" or prompt_only(example.messages):
+            message = f"{longest} tokens > data.max_length {data.max_length} (data.overflow: {data.overflow})"
+            if prompt_only(example.messages):
+                message += "; a prompt to sample from is not cut: raise data.max_length or set data.overflow: drop"
             out.reject(example.where, [Problem(example.where, "too_long", message)], example.openai_record())
             return None
         tools = example.extra.get("tools")
@@ -423,6 +446,10 @@ def _cleaning(state: _TableState) -> dict[str, Any]:
 
 def _count_tokens(example: Example, sequences: list, out: Collected) -> bool:
     """Record the example's token counts; False (and rejected) when no token is left to learn from."""
+    if prompt_only(example.messages):  # a prompt for GRPO: its rendered length, nothing trained on
+        example.sequences = [(len(sequences[0].input_ids), 0)]
+        example.n_tokens, example.n_trainable = example.sequences[0][0], 0
+        return True
     sequences = [s for s in sequences if s.n_trainable]
     if not sequences:
         problem = Problem(example.where, "no_trainable_tokens", "no assistant token is left to learn from")

@@ -62,8 +62,9 @@ class Example:
             source = dict(record["input"])
             messages = source.pop("messages") + record["preferred_output"]
             return cls(messages, id, where, label, meta or {}, rejected=record["non_preferred_output"][0], extra=source)
-        extra = {k: v for k, v in record.items() if k not in ("messages", "label")}
         desirable = record.get("label") if isinstance(record.get("label"), bool) else None
+        # a KTO example's true/false label is its own field; any other label (a reinforcement item's) stays as given
+        extra = {k: v for k, v in record.items() if k != "messages" and not (k == "label" and desirable is not None)}
         return cls(record["messages"], id, where, label, meta or {}, extra=extra, desirable=desirable)
 
     def meta_record(self) -> dict[str, Any]:

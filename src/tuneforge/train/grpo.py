@@ -159,7 +159,8 @@ class SystemsByName(Mapping):
 
 def prompt_rows(examples, tokenizer) -> list[dict[str, Any]]:
     """{"prompt": the turns before the last answer, "item": the record's fields as JSON, "prompt_tokens"} per
-    example. The item holds every record-level key, `label` and `answer` (the example's own last answer)."""
+    example. The item holds every key of the line (OpenAI's reinforcement format), `label` and `answer` (the
+    example's own last answer, None for a prompt-only line) where the line has none of its own."""
     rows = []
     for example in examples:
         turns = example.messages
@@ -169,7 +170,8 @@ def prompt_rows(examples, tokenizer) -> list[dict[str, Any]]:
             answer = None
         if not turns or turns[-1]["role"] != "user":
             raise TuneforgeError(f"{example.where}: train.method: grpo needs a prompt that ends with a user turn")
-        item = {**example.extra, **example.meta, "label": example.label, "answer": answer}
+        # the line's own fields win (OpenAI's item is the line); label and answer fill in where it has none
+        item = {"label": example.label, "answer": answer, **example.meta, **example.extra}
         prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in turns]
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
