@@ -7,7 +7,8 @@ is what a support bot's feedback mostly is. tuneforge tokenizes them with its ow
 exactly the inference prompt; TRL's own tokenization is skipped.
 
 The reference is the model with the starting adapter, as with DPO: a frozen copy (`ref`) of `train.init_adapter`
-when given, else of the fresh adapter (the base). KTO moves desirable answers' log-ratio against it above a KL
+when given, else of the fresh adapter (the base); checkpoints keep it in ref/, so a resumed run trains against the
+same one (tests/unit/test_resume_kto.py). KTO moves desirable answers' log-ratio against it above a KL
 estimate and undesirable ones below; the KL estimate pairs each prompt with the next answer of its micro-batch,
 so a micro-batch holds at least two answers and the answers are shuffled once, with the seed, and then read in
 order. When one class is rarer its loss is weighted up (`train.kto` weights auto), as the KTO paper recommends.
