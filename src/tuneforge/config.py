@@ -195,6 +195,8 @@ class GRPOSettings(Section):
     """KL penalty toward the starting policy (0: none)."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     """TRL's GRPO loss variant: dapo normalises by the tokens of the whole batch (no length bias)."""
+    eval_generations: Union[int, None] = Field(None, ge=1)
+    """Completions sampled per validation prompt at an evaluation (None: as many as `generations`)."""
 
 
 class KTOSettings(Section):
@@ -407,6 +409,23 @@ class EvalSection(Section):
     """Sentence-transformers model for similarity to the reference and the quality score (builtin, dir or hub id)."""
     judge: JudgeSection | None = None
     """LLM-as-judge pairwise comparison; off when unset."""
+    graders: list[dict[str, Any]] = []
+    """OpenAI graders scored on every system's answers (mean reward, 95% interval); `item` is the example's fields."""
+
+    @field_validator("graders")
+    @classmethod
+    def _valid_graders(cls, graders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from tuneforge.graders import InvalidGrader, validate_grader
+
+        names = []
+        for i, grader in enumerate(graders):
+            try:
+                names.append(validate_grader(grader).name)
+            except InvalidGrader as exc:
+                raise ValueError(f"graders[{i}]: " + "; ".join(exc.problems)) from None
+        if len(set(names)) < len(names):
+            raise ValueError(f"graders: each needs a name of its own (got {names})")
+        return graders
 
     @field_validator("systems")
     @classmethod

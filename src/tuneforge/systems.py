@@ -29,9 +29,10 @@ import abc
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,7 @@ def parse(name: str) -> Spec:
     raise TuneforgeError(f"unknown system {name!r}; {HINT}")
 
 
+OPENAI_MODEL = re.compile(r"^(gpt-|chatgpt-|o\d)[\w.:-]*$")  # a bare OpenAI model name, as graders name theirs
 FOLDER_MARKERS = {"adapter": "adapter_config.json", "merged": "config.json"}  # what makes a folder that system
 _warned: set[tuple[str, str]] = set()  # (key, name) warned about, so a name asked for often warns once
 _warned_lock = threading.Lock()
@@ -516,3 +518,30 @@ class Systems:
             else:
                 self.retriever = rag.ensure_index(self.experiment, self.run)
         return self.retriever
+
+
+class GraderModels(Mapping):
+    """What score_model and label_model graders ask, by the grader's `model` name: any system `get` gives (base,
+    finetuned, adapter:<dir>, openai:<model>, a served ft: name), and a bare OpenAI model name (OpenAI's graders
+    name `gpt-4o-2024-08-06`, `o3-mini`...) asked through openai:. A name that is neither is missing, so the grade
+    fails with model_grader_server_error naming it. Systems load when a grader first asks."""
+
+    def __init__(self, get: Callable[[str], System]):
+        self._get = get
+
+    def __getitem__(self, name: str) -> System:
+        try:
+            return self._get(name)
+        except Exception:
+            if not OPENAI_MODEL.match(name):
+                raise KeyError(name) from None
+        try:
+            return self._get(f"openai:{name}")
+        except Exception:
+            raise KeyError(name) from None
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0

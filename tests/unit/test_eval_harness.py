@@ -309,3 +309,55 @@ def test_a_judge_pair_says_how_often_each_score_backs_the_judges_winner(tmp_path
     folder = report.write(tmp_path / "eval", items, None, outcomes, table, per_example, judged, experiment)
     markdown = (folder / "report.md").read_text()
     assert "| echo | answers | 0 | 0 | 3 |" in markdown and "quality 0.00, answering 1.00" in markdown
+
+
+class Oracle:
+    """A hosted-style system that answers "Say X" with X: it gets every string_check right."""
+
+    def generate(self, prompts, settings, progress=False):
+        from tuneforge.engine.generation import Answer
+
+        return [Answer(p[-1]["content"].removeprefix("Say "), 3, 1, "stop") for p in prompts]
+
+
+def test_eval_graders_score_every_systems_answers_on_prompts_alone(tmp_path, tiny_llama, tiny_tokenizer):
+    """OpenAI's reinforcement lines (a prompt and fields, no reference) are eval data when eval.graders score the
+    answers: each grader's mean reward per system with its interval and failures, per example in predictions.csv."""
+    rows = [{"messages": [{"role": "user", "content": f"Say w{i}"}], "target": f"w{i}"} for i in range(6)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
+    match = "{type: string_check, name: match, input: '{{sample.output_text}}', reference: '{{item.target}}', "
+    body = (
+        "name: tiny\ndata: {train: train.jsonl, valid_split: 0}\n"
+        "eval: {data: prompts.jsonl, max_new_tokens: 3, systems: [base, 'openai:oracle'],\n"
+        f"       graders: [{match}operation: eq}},\n"
+        "                 {type: python, name: broken, source: 'def grade(sample, item): return item[\"nope\"]'}]}\n"
+    )
+    experiment = _experiment(tmp_path, body)
+    run = _prepared(experiment, tmp_path, tiny_tokenizer)
+    systems = TinySystems({"base": CountingEngine(tiny_llama, tiny_tokenizer, "base")})
+    systems.get = lambda name: Oracle() if name == "openai:oracle" else LocalSystem(parse(name), systems.engines[name])
+    assert run_eval(experiment, run, systems=systems, progress=False) == 0
+
+    metrics = json.loads(run.sub("eval", "metrics.json").read_text())
+    assert metrics["openai:oracle"]["grader_match"] == 1.0 and metrics["base"]["grader_match"] == 0.0
+    assert metrics["openai:oracle"]["grader_match_low"] == 1.0 and metrics["base"]["grader_match_errors"] == 0
+    assert metrics["base"]["grader_broken"] == 0.0 and metrics["base"]["grader_broken_errors"] == 6
+    assert "similarity" not in metrics["base"]  # no reference to compare with
+    predictions = list(csv.DictReader(open(run.sub("eval", "predictions.csv"))))
+    assert {(r["system"], r["grader_match"]) for r in predictions} == {("base", "0.000"), ("openai:oracle", "1.000")}
+    assert "grader_match" in run.sub("eval", "report.md").read_text()
+    assert json.loads(run.manifest_path.read_text())["eval"]["mode"] == "graded"
+
+
+def test_an_eval_grader_is_checked_when_the_file_loads(tmp_path):
+    from tuneforge.errors import ConfigError
+
+    body = "name: tiny\neval: {graders: [{type: string_check, name: m, input: x, reference: y, operation: equals}]}\n"
+    with pytest.raises(ConfigError, match=r"graders\[0\].*operation"):
+        _experiment(tmp_path, body)
+    twice = "{type: string_check, name: m, input: x, reference: y, operation: eq}"
+    with pytest.raises(ConfigError, match="a name of its own"):
+        _experiment(tmp_path, f"name: tiny\neval: {{graders: [{twice}, {twice}]}}\n")

@@ -195,7 +195,10 @@ class Preparer:
         out.stage("valid chat examples", len(out.examples))
 
     def _reads_prompts(self, key: str) -> bool:
-        """GRPO's training and validation data may be prompts to answer (OpenAI's reinforcement format)."""
+        """GRPO's training and validation data may be prompts to answer (OpenAI's reinforcement format), and so may
+        eval.data when eval.graders score the answers."""
+        if key == "eval.data":
+            return bool(self.experiment.eval.graders)
         return getattr(self.experiment.train, "method", None) == "grpo" and key in ("data.train", "data.valid")
 
     def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:

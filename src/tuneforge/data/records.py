@@ -67,6 +67,11 @@ class Example:
         extra = {k: v for k, v in record.items() if k != "messages" and not (k == "label" and desirable is not None)}
         return cls(record["messages"], id, where, label, meta or {}, extra=extra, desirable=desirable)
 
+    def grader_item(self, answer: str | None) -> dict[str, Any]:
+        """What a grader reads as `item`: every key of the line (OpenAI's item is the line), and `label` and
+        `answer` (the reference answer, None for a prompt) where the line has none of its own."""
+        return {"label": self.label, "answer": answer, **self.meta, **self.extra}
+
     def meta_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"id": self.id, "source": self.where}
         if self.label is not None:

@@ -6,6 +6,8 @@
                                             (on topic), answering (says what the reference adds
                                             to the question), perplexity of the reference
     eval.judge                              pairwise comparison by a judge system, both orders
+    eval.graders                            OpenAI graders on every system's answers (mean reward); with
+                                            prompts alone (no reference, no label) the only measure
 
 Writes runs/<name>/eval/: predictions.csv, metrics.json, report.md, report.html and
 the charts; answers are cached in eval/cache/ so adding a system computes only it.
@@ -45,6 +47,7 @@ class Item:
     label: str | None
     tools: list | None = None  # the functions the model may call (the example's `tools`)
     reference_calls: list | None = None  # the reference answer's tool calls, scored by function and arguments
+    fields: dict = field(default_factory=dict)  # what eval.graders read as `item`: the line's keys, label, answer
 
     @property
     def question(self) -> str:
@@ -92,7 +95,9 @@ def load_items(experiment: Experiment, run: RunDir) -> list[Item]:
         calls = e.messages[last].get("tool_calls") if last is not None else None
         if calls:  # the call as the model writes it is the text reference for similarity and overlap
             reference = "\n".join(filter(None, [reference, *(call_block(c) for c in calls)]))
-        items.append(Item(e.id, prompt, reference, e.label, e.extra.get("tools"), calls or None))
+        items.append(
+            Item(e.id, prompt, reference, e.label, e.extra.get("tools"), calls or None, e.grader_item(reference))
+        )
     if not items:
         raise TuneforgeError("no eval examples: eval.data is empty, or the run's valid split is (set data.valid_split)")
     return items
@@ -188,7 +193,8 @@ class Evaluation:
             key(identity, "reference", item.prompt, item.reference, self.max_length) for item in self.items
         ]
         need_answer = [i for i, k in enumerate(answer_keys) if cache.get(k) is None]
-        need_reference = [] if hosted else [i for i, k in enumerate(reference_keys) if cache.get(k) is None]
+        scores_reference = not hosted and all(item.reference is not None for item in self.items)  # not for prompts
+        need_reference = [i for i, k in enumerate(reference_keys) if cache.get(k) is None] if scores_reference else []
         if need_answer or need_reference:
             started = time.perf_counter()
             system = self.systems.get(name)
@@ -235,7 +241,7 @@ class Evaluation:
                             cache.put(answer_keys[i], _answer_record(answer, by_item[i][1]))
                     cache.stamp([answer_keys[i] for i in need_answer], time.perf_counter() - started)
         values = [cache.entries[k] for k in answer_keys]
-        spent = cache.seconds(answer_keys + ([] if hosted else reference_keys))
+        spent = cache.seconds(answer_keys + (reference_keys if scores_reference else []))
         outcome = Outcome(
             name,
             [_answer_text(v) for v in values],
@@ -243,7 +249,7 @@ class Evaluation:
             seconds=spent,
             tool_calls=[v.get("tool_calls") for v in values],
         )
-        if not hosted:
+        if scores_reference:
             references = [cache.entries[k] for k in reference_keys]
             outcome.reference_logprob = [r["logprob"] for r in references]
             outcome.reference_tokens = [r["tokens"] for r in references]
@@ -377,9 +383,13 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
 
     items = load_items(experiment, run)
     labels = label_set(items, run)
-    if labels is None and any(item.reference is None for item in items):
-        raise TuneforgeError("eval examples need a reference answer (an assistant turn) or a label")
-    mode = "classification" if labels else "generation"
+    graders = experiment.eval.graders
+    prompts_only = labels is None and any(item.reference is None for item in items)
+    if prompts_only and not graders:
+        raise TuneforgeError(
+            "eval examples need a reference answer (an assistant turn) or a label, or eval.graders to score answers"
+        )
+    mode = "classification" if labels else "graded" if prompts_only else "generation"
     print(
         f"evaluating {', '.join(experiment.eval.systems)} on {len(items)} examples ({mode}"
         f"{': ' + ', '.join(labels) if labels else ''})",
@@ -392,8 +402,16 @@ def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool =
     outcomes = [evaluation.outcome(name) for name in names]
     if labels:
         table, per_example = report.classification_metrics(items, labels, outcomes, experiment.seed)
+    elif prompts_only:  # the graders are the only measure
+        table = {o.name: {"examples": len(items), "seconds": o.seconds} for o in outcomes}
+        per_example = {o.name: [{} for _ in items] for o in outcomes}
     else:
         table, per_example = report.generation_metrics(items, outcomes, experiment.seed, experiment.eval.embedder)
+    if graders:
+        from tuneforge.systems import GraderModels
+
+        models = GraderModels(evaluation.systems.get)
+        report.grader_metrics(graders, items, outcomes, table, per_example, models, experiment.seed, progress)
     judged = None
     if experiment.eval.judge is not None:
         judged = judge_pairs(experiment, run, evaluation, items, outcomes, per_example)

@@ -98,6 +98,37 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
     return table, per_example
 
 
+def grader_metrics(graders, items, outcomes, table: dict, per_example: dict, models, seed: int, progress: bool) -> None:
+    """Each grader's reward on every answer of every system, into the table (`grader_<name>`: the mean with its 95%
+    bootstrap interval, `grader_<name>_errors`: the answers it failed on, scored 0 as OpenAI does) and per example."""
+    from tqdm.auto import tqdm
+
+    from tuneforge.graders import grade, validate_grader
+
+    parsed = [validate_grader(g) for g in graders]
+    with tqdm(total=len(parsed) * len(outcomes) * len(items), desc="grading", disable=not progress) as bar:
+        for grader in parsed:
+            column = f"grader_{grader.name}"
+            for outcome in outcomes:
+                results = []
+                for item, answer in zip(items, outcome.answers):
+                    results.append(grade(grader, {"output_text": answer}, item.fields, model=models))
+                    bar.update(1)
+                rewards = np.array([r.score for r in results], dtype=float)
+                metrics = table[outcome.name]
+                metrics[column] = float(rewards.mean())
+                metrics[f"{column}_low"], metrics[f"{column}_high"] = scores.bootstrap_interval(rewards, seed)
+                metrics[f"{column}_errors"] = sum(r.error is not None for r in results)
+                for row, reward in zip(per_example[outcome.name], rewards):
+                    row[column] = round(float(reward), 4)
+
+
+def grader_columns(table: dict) -> list[str]:
+    """The `grader_<name>` means of eval.graders, in the order they were scored."""
+    first = next(iter(table.values()), {})
+    return [k for k in first if k.startswith("grader_") and not k.endswith(("_low", "_high", "_errors"))]
+
+
 def tool_call_scores(items, outcome) -> dict | None:
     """On the items whose reference calls tools: the share where the system called the same functions
     (`function`), and the share where it also gave arguments equal as JSON (`call`). Per item: "right",
@@ -132,6 +163,7 @@ def tool_call_scores(items, outcome) -> dict | None:
 
 def summary_table(table: dict, classification: bool) -> str:
     columns = [c for c in HEADLINE[classification] if any(table[s].get(c) is not None for s in table)]
+    columns += grader_columns(table)
     width = max(len("system"), *(len(s) for s in table))
     lines = [f"{'system':<{width}}  " + "  ".join(f"{c:>10}" for c in columns) + f"  {'seconds':>8}"]
     for system, metrics in table.items():
@@ -219,6 +251,7 @@ def _plt():
 def _bars(table: dict, classification: bool) -> bytes:
     plt = _plt()
     panels = ["accuracy"] if classification else ["similarity", "quality", "answering"]
+    panels = [p for p in panels if p in next(iter(table.values()))] + grader_columns(table)
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     names = list(table)
     for ax, metric in zip(axes[0], panels):
@@ -273,7 +306,7 @@ def _judge_bars(judged: dict) -> bytes:
 def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list[str]]]:
     columns = [
         c
-        for c in (*HEADLINE[classification], "precision", "recall", "examples", "seconds")
+        for c in (*HEADLINE[classification], *grader_columns(table), "precision", "recall", "examples", "seconds")
         if any(table[s].get(c) is not None for s in table)
     ]
     rows = []
@@ -288,7 +321,19 @@ def _table_rows(table: dict, classification: bool) -> tuple[list[str], list[list
     return ["system", *columns], rows
 
 
-def _explanation(classification: bool) -> str:
+GRADER_NOTE = (
+    " grader_<name>: the mean reward of that eval.graders grader over the answers (0 where it failed on one, as "
+    "OpenAI scores it; metrics.json counts the failures in grader_<name>_errors)."
+)
+
+
+def _explanation(classification: bool, graded: bool = False) -> str:
+    if graded:
+        return _explanation_of(classification) + GRADER_NOTE
+    return _explanation_of(classification)
+
+
+def _explanation_of(classification: bool) -> str:
     if classification:
         return (
             "Local systems answer with the label of highest likelihood given the prompt; "
@@ -345,7 +390,7 @@ def _markdown(experiment: Experiment, items, outcomes, table, judged, charts, cl
         "",
         f"{len(items)} examples, {'classification' if classification else 'generation'}.",
         "",
-        _explanation(classification),
+        _explanation(classification, bool(grader_columns(table))),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -398,7 +443,7 @@ def _html(experiment: Experiment, items, outcomes, table, judged, charts, classi
     parts = [
         f"<h1>Eval: {esc(experiment.name)}</h1>",
         f"<p>{len(items)} examples, {'classification' if classification else 'generation'}.</p>",
-        f"<p>{esc(_explanation(classification))}</p>",
+        f"<p>{esc(_explanation(classification, bool(grader_columns(table))))}</p>",
         grid(header, rows),
     ]
     parts += [

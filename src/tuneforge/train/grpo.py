@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from trl import GRPOConfig, GRPOTrainer
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from tuneforge.config import Experiment
     from tuneforge.data.plan import TrainingPlan
     from tuneforge.run import RunDir
+    from tuneforge.systems import GraderModels
 
 PROMPTS_PER_STEP = 8  # auto batch: prompts (groups) per optimizer step
 GRPO_LORA_LR = 5e-5  # auto lr: DPO's rate; on-policy updates from an SFT adapter, anchored by the KL term
@@ -73,7 +73,7 @@ def train_grpo(
     compilation = compile_as_set(model, t.compile, setup.plan.device)
     metrics, callbacks = training_callbacks(run, t, fingerprint, parameter_counts(model)[0], resume_from, callbacks)
     args.disable_tqdm = not progress
-    reward = GraderReward(grader, SystemsByName(experiment, run))
+    reward = GraderReward(grader, grader_models(experiment, run))
     trainer = ForgeGRPOTrainer(
         model=model,
         reward_funcs=[reward],
@@ -137,24 +137,18 @@ class GraderReward:
         return scores
 
 
-class SystemsByName(Mapping):
-    """The run's systems by name (base, finetuned, adapter:..., openai:...), loaded when a grader first asks."""
+def grader_models(experiment: Experiment, run: RunDir) -> GraderModels:
+    """The run's systems for model graders, the Systems built only when a grader first asks."""
+    from tuneforge.systems import GraderModels, Systems
 
-    def __init__(self, experiment: Experiment, run: RunDir):
-        self.experiment, self.run, self._systems = experiment, run, None
+    built: list[Systems] = []
 
-    def __getitem__(self, name: str):
-        if self._systems is None:
-            from tuneforge.systems import Systems
+    def get(name: str):
+        if not built:
+            built.append(Systems(experiment, run, build_index=False))
+        return built[0].get(name)
 
-            self._systems = Systems(self.experiment, self.run, build_index=False)
-        return self._systems.get(name)
-
-    def __iter__(self):
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
+    return GraderModels(get)
 
 
 def prompt_rows(examples, tokenizer) -> list[dict[str, Any]]:
@@ -170,8 +164,7 @@ def prompt_rows(examples, tokenizer) -> list[dict[str, Any]]:
             answer = None
         if not turns or turns[-1]["role"] != "user":
             raise TuneforgeError(f"{example.where}: train.method: grpo needs a prompt that ends with a user turn")
-        # the line's own fields win (OpenAI's item is the line); label and answer fill in where it has none
-        item = {"label": example.label, "answer": answer, **example.meta, **example.extra}
+        item = example.grader_item(answer)
         prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in turns]
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -260,6 +253,8 @@ def grpo_config(experiment: Experiment, run: RunDir, plan, training: TrainingPla
         greater_is_better=True if has_valid and experiment.train.keep_best else None,
         log_completions=False,
     )
+    if g.eval_generations is not None:  # an evaluation micro-batch is one prompt's group, as in training
+        specific.update(num_generations_eval=g.eval_generations, per_device_eval_batch_size=g.eval_generations)
     arguments = trainer_arguments(experiment, run, plan, training, False, has_valid, GRPOConfig, specific)
     try:
         return GRPOConfig(**arguments)
