@@ -176,9 +176,12 @@ def child_throughput(mode: str, adapters: list[str], clients: int, requests: int
     }
 
 
-def run_child(*args: str) -> dict:
+def run_child(options: argparse.Namespace, *args: str) -> dict:
+    """One measurement in a fresh process, with this run's load options."""
+    load = ["--clients", str(options.clients), "--requests", str(options.requests)]
+    load += ["--rounds", str(options.rounds), "--max-tokens", str(options.max_tokens)]
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=os.environ.copy()
+        [sys.executable, __file__, *load, "--child", *args], capture_output=True, text=True, env=os.environ.copy()
     )
     if out.returncode != 0:
         sys.exit(f"child {' '.join(args[:2])} failed:\n{out.stderr[-3000:]}")
@@ -206,8 +209,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-adapters-bench-"))
     adapters = [str(a) for a in make_adapters(workdir, 8)]
     modes = ("shared",) if args.skip_before else ("before", "shared")
-    memory = {(m, n): run_child("memory", m, *adapters[:n])["rss_mib"] for m in modes for n in (1, 8)}
-    speed = {m: run_child("throughput", m, *adapters[:4]) for m in modes}
+    memory = {(m, n): run_child(args, "memory", m, *adapters[:n])["rss_mib"] for m in modes for n in (1, 8)}
+    speed = {m: run_child(args, "throughput", m, *adapters[:4]) for m in modes}
     report(memory, speed, modes, args)
 
 
