@@ -32,6 +32,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 CONVERSATIONS = REPO / "examples" / "data" / "support" / "conversations.jsonl"
 PREFERENCES = REPO / "examples" / "data" / "support" / "preferences.jsonl"
+RFT = REPO / "examples" / "data" / "reviews" / "rft.jsonl"
+SENTIMENT = {
+    "type": "string_check",
+    "name": "sentiment",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.sentiment}}",
+    "operation": "ilike",
+}
 ALICE, BOB = f"sk-alice-{os.urandom(12).hex()}", f"sk-bob-{os.urandom(12).hex()}"
 STEPS = 3
 
@@ -238,6 +246,118 @@ def test_dpo_continues_from_a_fine_tuned_model(server, paused_job):
         messages=[{"role": "user", "content": "my thermostat restarted at 3am"}],
     )
     assert reply.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def rft_job(server):
+    """A reinforcement job (GRPO with the job's grader) paused after its first step, then resumed to the end."""
+    body = {
+        "model": "o4-mini-2025-04-16",
+        "training_file": _upload(server, RFT, 12),
+        "validation_file": _upload(server, RFT, 4, skip=28),
+        "seed": 3,
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": SENTIMENT,
+                "hyperparameters": {"batch_size": 2, "compute_multiplier": 0.5, "eval_samples": 2},
+            },
+        },
+    }
+    job = checked_job(server.raw("POST", "/fine_tuning/jobs", json=body).json())
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.name == "sentiment"
+    _wait(server, job.id, ("running",))
+    assert server.raw("POST", f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
+    _wait(server, job.id, ("paused",))
+    assert server.raw("POST", f"/fine_tuning/jobs/{job.id}/resume").status_code == 200
+    return _wait(server, job.id, ("succeeded",))
+
+
+def test_a_reinforcement_job_trains_on_its_graders_reward_with_pause_checkpoints_and_reward_columns(server, rft_job):
+    events = _events(server, rft_job["id"])
+    assert "Fine-tuning job resumed from its checkpoint at step 1" in events
+    assert events[-1] == "The job has successfully completed"
+    assert any(e.startswith("Training builtin:smollm2-135m-instruct (reinforcement)") for e in events)
+    assert any("train reward mean=" in e for e in events)  # each logged step says its mean reward
+    assert rft_job["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:tuneforge::")
+    hyperparameters = rft_job["method"]["reinforcement"]["hyperparameters"]
+    assert (hyperparameters["batch_size"], hyperparameters["compute_multiplier"]) == (2, 0.5)
+
+    run = server.workdir / "server" / "api" / "jobs" / rft_job["id"]
+    summary = json.loads((run / "manifest.json").read_text())["train"]
+    assert summary["method"] == "grpo" and summary["grader"] == SENTIMENT and summary["generations"] == 2
+    assert summary["graded"] > 0 and summary["grader_errors"] == 0
+    train_lines = [json.loads(x) for x in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert {"messages", "sentiment"} == set(train_lines[0])  # the line as uploaded: its fields are the item
+
+    body = server.raw("GET", f"/fine_tuning/jobs/{rft_job['id']}/checkpoints").json()
+    checkpoints = checked_page(FineTuningJobCheckpoint, body)
+    assert [c.step_number for c in checkpoints] == list(range(STEPS, 0, -1))
+    rows = server.alice.files.content(rft_job["result_files"][0]).read().decode().splitlines()
+    header = rows[0].split(",")
+    assert header[:4] == ["step", "train_loss", "train_reward_mean", "train_reward_std"]
+    assert {"train_reward_sentiment", "kl", "completion_length", "valid_reward_mean"} <= set(header)
+    steps = [dict(zip(header, r.split(","))) for r in rows[1:]]
+    assert [int(r["step"]) for r in steps] == list(range(1, STEPS + 1))
+    assert all(0 <= float(r["train_reward_mean"]) <= 1 for r in steps)
+
+
+def test_the_graders_endpoints_answer_as_openais_and_a_bad_grader_is_a_400_naming_its_field(server):
+    from openai.types.fine_tuning.alpha import GraderRunResponse, GraderValidateResponse
+
+    valid = server.raw("POST", "/fine_tuning/alpha/graders/validate", json={"grader": SENTIMENT})
+    assert checked(GraderValidateResponse, valid.json()).grader.name == "sentiment"
+    run = {"grader": SENTIMENT, "model_sample": "Mostly NEGATIVE", "item": {"sentiment": "negative"}}
+    result = checked(GraderRunResponse, server.raw("POST", "/fine_tuning/alpha/graders/run", json=run).json())
+    assert result.reward == 1.0 and not any(result.metadata.errors.model_dump().values())
+    miss = server.raw("POST", "/fine_tuning/alpha/graders/run", json={**run, "item": {}}).json()
+    assert checked(GraderRunResponse, miss).reward == 0.0
+    # a score_model grader asks a served model by name; a name nothing serves is that sample's server error
+    asking = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "base",
+        "input": [{"role": "user", "content": "Rate 0 to 1: {{sample.output_text}}"}],
+        "range": [0, 1],
+    }
+    judged = server.raw("POST", "/fine_tuning/alpha/graders/run", json={**run, "grader": asking}).json()
+    assert checked(GraderRunResponse, judged).metadata.type == "score_model"
+    unknown = {**run, "grader": {**asking, "model": "no-such-model"}}
+    failed = checked(GraderRunResponse, server.raw("POST", "/fine_tuning/alpha/graders/run", json=unknown).json())
+    assert failed.reward == 0.0 and failed.metadata.errors.api_model_grader_server_error
+
+    bad = {**SENTIMENT, "operation": "equals"}
+    refused = server.raw("POST", "/fine_tuning/alpha/graders/validate", json={"grader": bad})
+    assert refused.status_code == 400 and "operation" in refused.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="operation"):
+        server.alice.fine_tuning.jobs.create(
+            model="base",
+            training_file=_upload(server, RFT, 12),
+            method={"type": "reinforcement", "reinforcement": {"grader": bad}},
+        )
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        server.alice.fine_tuning.jobs.create(
+            model="base",
+            training_file=_upload(server, RFT, 12),
+            method={
+                "type": "reinforcement",
+                "reinforcement": {"grader": SENTIMENT, "hyperparameters": {"reasoning_effort": "high"}},
+            },
+        )
+
+
+def test_the_readmes_rft_client_code_runs_unchanged(server, rft_job):
+    import re
+
+    block = re.search(r"<!-- rft-client -->\s*```python\n(.+?)\n```", (REPO / "README.md").read_text(), re.S).group(1)
+    env = {**_env(server.workdir), "OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": ALICE}
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reward, done, header = out.stdout.splitlines()[:3]
+    assert reward == "reward 1.0"
+    status, model = done.split()
+    assert status == "succeeded" and model.startswith("ft:smollm2-135m-instruct:tuneforge:sentiment-rft:")
+    assert header.startswith("step,train_loss,train_reward_mean")
 
 
 def test_streamed_chunks_are_openai_shaped(server):

@@ -180,6 +180,65 @@ def test_hyperparameters_map_onto_the_local_trainer():
     assert LocalTrain.model_validate(given).backend == "local"
 
 
+def test_a_reinforcement_job_maps_onto_grpo_with_its_grader():
+    from tuneforge.config import LocalTrain
+    from tuneforge.serve.wire import JobRequest
+
+    grader = {
+        "type": "string_check",
+        "name": "g",
+        "input": "{{sample.output_text}}",
+        "reference": "a",
+        "operation": "eq",
+    }
+    request = JobRequest.model_validate(
+        {
+            "model": "o4-mini",
+            "training_file": "file-1",
+            "method": {
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": grader,
+                    "hyperparameters": {"compute_multiplier": 1.5, "eval_interval": 3, "eval_samples": 2},
+                },
+            },
+        }
+    )
+    method = request.resolved_method()
+    assert method["reinforcement"]["grader"] == grader
+    assert method["reinforcement"]["hyperparameters"]["n_epochs"] == "auto"
+    train = LocalTrain(method="sft")
+    section = local_train_section(train, method["reinforcement"]["hyperparameters"], True, "reinforcement", grader)
+    parsed = LocalTrain.model_validate(section)
+    assert (parsed.method, parsed.grpo.grader, parsed.eval_every) == ("grpo", grader, 3)
+    assert (parsed.grpo.generations, parsed.grpo.eval_generations) == (6, 2)  # 4 (the server's) x 1.5
+    small = local_train_section(train, {"compute_multiplier": 0.1}, True, "reinforcement", grader)
+    assert small["grpo"]["generations"] == 2  # a group needs two completions to compare
+
+    for bad, named in [
+        ({"grader": {**grader, "operation": "equals"}}, "operation"),
+        ({"grader": grader, "hyperparameters": {"reasoning_effort": "high"}}, "reasoning_effort"),
+        ({"grader": grader, "hyperparameters": {"eval_samples": 0}}, "eval_samples"),
+    ]:
+        with pytest.raises(ValueError, match=named):
+            JobRequest.model_validate(
+                {"model": "x", "training_file": "f", "method": {"type": "reinforcement", "reinforcement": bad}}
+            )
+    with pytest.raises(ValueError, match="grader is required"):
+        JobRequest.model_validate({"model": "x", "training_file": "f", "method": {"type": "reinforcement"}})
+
+
+def test_a_reinforcement_file_keeps_every_field_and_needs_a_users_turn_last(tmp_path):
+    stored = tmp_path / "file-1.jsonl"
+    prompt = {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}], "k": [1]}
+    stored.write_text(json.dumps(prompt) + "\n")
+    (record,) = read_examples(stored, "rft.jsonl", "training_file", "reinforcement")
+    assert record == {"messages": [{"role": "system", "content": "Be brief."}, prompt["messages"][1]], "k": [1]}
+    stored.write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
+    with pytest.raises(JobFailed, match="rft.jsonl line 1: \\[prompt_must_end_with_user\\]"):
+        read_examples(stored, "rft.jsonl", "training_file", "reinforcement")
+
+
 def test_an_invalid_line_fails_with_its_number(tmp_path):
     def upload(text: str):  # stored under the server's own name; places are named after the uploaded file
         stored = tmp_path / "file-1.jsonl"
@@ -361,3 +420,34 @@ def test_train_uploads_from_the_report_it_is_given_and_never_prepares(tmp_path, 
     assert calls["job"] == 2  # found by the key of the report's data, then watched
     with pytest.raises(TuneforgeError, match="nothing to cancel"):
         backend.train_openai(experiment, RunDir(experiment, tmp_path / "other"), None, cancel=True)
+
+
+def test_an_imported_reinforcement_job_becomes_a_grpo_experiment_graded_by_the_same_grader(tmp_path):
+    from tuneforge.config import load_experiment
+    from tuneforge.train.openai_import import experiment_yaml
+
+    grader = {"type": "string_check", "name": "g", "input": "{{sample.output_text}}", "reference": "{{item.a}}"}
+    grader["operation"] = "eq"
+    hyperparameters = {"n_epochs": 2, "batch_size": 4, "compute_multiplier": 2.0, "eval_interval": 5}
+    job = {
+        "id": "ftjob-1",
+        "model": "o4-mini-2025-04-16",
+        "status": "succeeded",
+        "fine_tuned_model": "ft:o4-mini-2025-04-16:org::abc",
+        "seed": 9,
+        "method": {
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {**hyperparameters, "reasoning_effort": "high"}},
+        },
+    }
+    text = experiment_yaml(job, "builtin:smollm2-135m-instruct", has_valid=True)
+    assert "reasoning_effort high: not carried over" in text  # said, not silently dropped
+    (tmp_path / "experiment.yaml").write_text(text)
+    experiment = load_experiment(tmp_path / "experiment.yaml")
+    train = experiment.train
+    assert (train.method, train.grpo.grader, train.grpo.generations) == ("grpo", grader, 8)
+    assert (train.epochs, train.batch_size, train.eval_every) == (2, 4, 5)
+    assert experiment.eval.graders == [grader] and experiment.eval.data.endswith("valid.jsonl")
+    assert "openai:ft:o4-mini-2025-04-16:org::abc" in experiment.eval.systems
+    with pytest.raises(TuneforgeError, match="carries no grader"):
+        experiment_yaml({**job, "method": {"type": "reinforcement"}}, "builtin:x", False)

@@ -195,7 +195,12 @@ def test_upload_names_cannot_escape_the_store_and_bodies_have_limits(tmp_path):
             "method.supervised.hyperparameters.n_epochs",
         ),
         ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
-        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method"),  # its grader is required
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "string_check"}}}},
+            "method.reinforcement.grader",
+        ),
+        ({"method": {"type": "grpo"}}, "method.type"),
         ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
         ({"suffix": "a:b"}, "suffix"),
         ({"seed": "7"}, "seed"),

@@ -3,8 +3,9 @@
     POST   /v1/files                        upload a JSONL file (multipart, purpose fine-tune), streamed to disk
     GET    /v1/files, /v1/files/{id}, /v1/files/{id}/content
     DELETE /v1/files/{id}                   refused while an unfinished job uses it
-    POST   /v1/fine_tuning/jobs             method supervised or dpo; validating_files -> queued -> running ->
-                                            succeeded | failed | cancelled, and paused
+    POST   /v1/fine_tuning/jobs             method supervised, dpo or reinforcement; validating_files -> queued ->
+                                            running -> succeeded | failed | cancelled, and paused
+    POST   /v1/fine_tuning/alpha/graders/run, .../validate   a grader run on one sample, or checked
     GET    /v1/fine_tuning/jobs             newest first, `after` / `limit`, `metadata[k]=v` filters
     GET    /v1/fine_tuning/jobs/{id}, .../events, .../checkpoints
     POST   /v1/fine_tuning/jobs/{id}/cancel, .../pause, .../resume
@@ -16,7 +17,8 @@ their project alone.
 
 A worker thread takes queued jobs one at a time (`Store.claim_job`, so several
 server processes over one run folder never train the same job). A job runs
-`train_local` (`train_dpo` for method dpo) in its own run folder (api/jobs/<id>/) with the uploaded file as its
+`train_local` (`train_dpo` for method dpo, `train_grpo` with the job's grader for reinforcement) in its own run
+folder (api/jobs/<id>/) with the uploaded file as its
 prepared data, the server experiment's model and LoRA settings, and the job's
 hyperparameters mapped onto the local trainer (`local_train_section`). Each
 checkpoint the trainer writes becomes `ft:...:ckpt-step-N`, a model chat can use.
@@ -49,6 +51,8 @@ from tuneforge.serve.store import Store
 from tuneforge.serve.wire import (
     MIN_EXAMPLES,
     TERMINAL,
+    GraderRunRequest,
+    GraderValidateRequest,
     JobFailed,
     JobRequest,
     local_train_section,
@@ -66,7 +70,8 @@ if TYPE_CHECKING:
 
 # OpenAI's fine-tunable base models, dated or not (gpt-4o-mini-2024-07-18, gpt-4.1-2025-04-14, gpt-3.5-turbo-0125...)
 OPENAI_BASES = re.compile(
-    r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo)(-\d{4}(-\d{2}-\d{2})?)?$|^(babbage|davinci)-002$"
+    r"^(gpt-4o-mini|gpt-4o|gpt-4\.1|gpt-4\.1-mini|gpt-4\.1-nano|gpt-3\.5-turbo|o4-mini)(-\d{4}(-\d{2}-\d{2})?)?$"
+    r"|^(babbage|davinci)-002$"
 )
 ACTIVE = ("validating_files", "queued", "running", "paused")
 MAX_UNFINISHED = 16  # jobs a project may have waiting or training at once; more get 429
@@ -276,8 +281,9 @@ class Platform:
         obj, extra = row["obj"], row["extra"]
         method = obj["method"]["type"]
         base_train = self.experiment.train if isinstance(self.experiment.train, LocalTrain) else LocalTrain()
+        chosen = obj["method"][method]
         section = local_train_section(
-            base_train, obj["method"][method]["hyperparameters"], bool(obj["validation_file"]), method
+            base_train, chosen["hyperparameters"], bool(obj["validation_file"]), method, chosen.get("grader")
         )
         if extra.get("init_adapter"):
             section["init_adapter"] = extra["init_adapter"]
@@ -345,7 +351,9 @@ class Platform:
             if run.sub("metrics.jsonl").exists()
             else []
         )
-        result = self._add_file(step_metrics_csv(records), "step_metrics.csv", "fine-tune-results", project)
+        result = self._add_file(
+            step_metrics_csv(records, obj["method"]["type"]), "step_metrics.csv", "fine-tune-results", project
+        )
         self._register(model_id, run.sub("adapter"), project)
         kept = summary.get("kept_step")
         if kept is not None and kept != summary["steps"]:
@@ -534,6 +542,15 @@ class Platform:
             raise ApiError(404, f"No such File object: {file_id}", "id", "not_found")
         return obj
 
+    def run_grader(self, request: GraderRunRequest, project: str) -> dict:
+        """OpenAI's graders/run: the grader's reward for one answer to one item, with its errors and timing. Model
+        graders ask the models this project is served (base, ft: models...) or OpenAI's by their own names."""
+        from tuneforge.graders import grade, run_response
+        from tuneforge.systems import GraderModels
+
+        models = GraderModels(lambda name: self.served.get(name, project))
+        return run_response(grade(_checked_grader(request.grader), request.model_sample, request.item, model=models))
+
     # ------------------------------------------------------------------ HTTP
 
     def router(self):
@@ -543,6 +560,16 @@ class Platform:
 
         api = APIRouter()
         Project = Depends(project_of)
+
+        @api.post("/v1/fine_tuning/alpha/graders/validate")
+        def validate_grader(body: GraderValidateRequest, project: str = Project):
+            from tuneforge.graders.response import as_dict
+
+            return {"grader": as_dict(_checked_grader(body.grader))}
+
+        @api.post("/v1/fine_tuning/alpha/graders/run")
+        async def run_grader(body: GraderRunRequest, project: str = Project):
+            return await run_in_threadpool(self.run_grader, body, project)
 
         @api.post("/v1/files")
         async def upload(request: Request, project: str = Project):
@@ -639,6 +666,16 @@ class Platform:
         obj = _file_object(file_id, size, upload_name(upload.filename), purpose)
         self.store.add_file(obj, project)
         return obj
+
+
+def _checked_grader(grader: dict) -> Any:
+    """The grader validated, or a 400 naming every bad field."""
+    from tuneforge.graders import InvalidGrader, validate_grader
+
+    try:
+        return validate_grader(grader)
+    except InvalidGrader as exc:
+        raise ApiError(400, "Invalid grader: " + "; ".join(exc.problems), "grader", "invalid_grader") from None
 
 
 def _job_object(request: JobRequest, job_id: str, seed: int) -> dict:

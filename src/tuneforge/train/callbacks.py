@@ -313,9 +313,13 @@ class JobProgress(TrainerCallback):
             data["valid_loss"] = float(logs["eval_loss"])
             if "eval_mean_token_accuracy" in logs:
                 data["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
+        for name, value in reinforcement_metrics(logs, "loss" in logs).items():  # GRPO: rewards, KL, lengths
+            name = f"valid_{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train_{name}"
+            data[name + ("_mean" if name.endswith("_reward") else "")] = value
         if len(data) > 2:
             self.latest.update({k: v for k, v in data.items() if k not in ("step", "total_steps")})
-            losses = ", ".join(f"{k.replace('_', ' ')}={v:.4f}" for k, v in data.items() if k.endswith("loss"))
+            shown = [k for k in data if k.endswith(("loss", "reward_mean"))]
+            losses = ", ".join(f"{k.replace('_', ' ')}={data[k]:.4f}" for k in shown)
             # before the first step: the base model's evaluation
             where = f"Step {state.global_step}/{state.max_steps}" if state.max_steps else "Before training"
             self.job.metrics(f"{where}: {losses}", data)
@@ -325,6 +329,7 @@ class JobProgress(TrainerCallback):
         source = self.checkpoints / f"checkpoint-{state.global_step}"
         if source.is_dir():
             kept = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+            kept += ("train_reward_mean", "valid_reward_mean")
             metrics = {k: self.latest[k] for k in kept if k in self.latest}
             if "valid_loss" in metrics:
                 metrics["full_valid_loss"] = metrics["valid_loss"]

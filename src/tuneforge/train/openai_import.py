@@ -16,6 +16,7 @@ The key comes from OPENAI_API_KEY (and the endpoint from OPENAI_BASE_URL or
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -45,13 +46,17 @@ def experiment_name(job: dict[str, Any]) -> str:
 
 
 def method_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(supervised | dpo, its hyperparameters) from the job's method, or from the older top-level hyperparameters."""
+    """(supervised | dpo | reinforcement, its hyperparameters) from the job's method, or from the older top-level
+    hyperparameters."""
     method = job.get("method") or {"type": "supervised"}
     kind = method.get("type") or "supervised"
-    if kind not in ("supervised", "dpo"):
+    if kind not in ("supervised", "dpo", "reinforcement"):
         raise TuneforgeError(
-            f"job {job['id']}: method {kind!r} has no local counterpart (tuneforge trains supervised and dpo)"
+            f"job {job['id']}: method {kind!r} has no local counterpart "
+            "(tuneforge trains supervised, dpo and reinforcement)"
         )
+    if kind == "reinforcement" and not (method.get("reinforcement") or {}).get("grader"):
+        raise TuneforgeError(f"job {job['id']}: its reinforcement method carries no grader")
     given = ((method.get(kind) or {}).get("hyperparameters")) or job.get("hyperparameters") or {}
     return kind, {k: v for k, v in given.items() if v is not None}
 
@@ -59,7 +64,7 @@ def method_of(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
     """The experiment file for a job, with a comment for each mapped setting."""
     kind, hp = method_of(job)
-    local = "dpo" if kind == "dpo" else "sft"
+    local = {"dpo": "dpo", "reinforcement": "grpo"}.get(kind, "sft")
     hosted = job.get("fine_tuned_model") or f"(no fine-tuned model: the job {job.get('status')})"
     lines = [
         f"# Imported from OpenAI fine-tuning job {job['id']} by `tuneforge import-openai`",
@@ -94,7 +99,12 @@ def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
         )
     if kind == "dpo" and isinstance(hp.get("beta"), (int, float)):
         lines += ["  dpo:", f"    beta: {hp['beta']}"]
+    grader = (job["method"].get("reinforcement") or {}).get("grader") if kind == "reinforcement" else None
+    if grader is not None:
+        lines += _reinforcement_lines(hp, grader)
     lines += ["", "eval:"]
+    if grader is not None:  # the job's grader scores every system's answers, the hosted model's too
+        lines.append(f"  graders: [{json.dumps(grader, ensure_ascii=False)}]")
     if has_valid and kind != "dpo":
         lines.append(
             "  data: valid.jsonl               # the job's validation file: the hosted model saw no training on it"
@@ -107,6 +117,26 @@ def experiment_yaml(job: dict[str, Any], model: str, has_valid: bool) -> str:
         )
     lines.append(f"  systems: [{', '.join(systems)}]")
     return "\n".join(lines) + "\n"
+
+
+def _reinforcement_lines(hp: dict[str, Any], grader: dict[str, Any]) -> list[str]:
+    """train.eval_every and train.grpo from a reinforcement job's hyperparameters and its grader."""
+    from tuneforge.config import GRPOSettings
+
+    lines = []
+    if isinstance(hp.get("eval_interval"), int):
+        lines.append(f"  eval_every: {hp['eval_interval']}                 # eval_interval")
+    lines += ["  grpo:", f"    grader: {json.dumps(grader, ensure_ascii=False)}"]
+    multiplier = hp.get("compute_multiplier")
+    if isinstance(multiplier, (int, float)):
+        generations = max(2, round(GRPOSettings().generations * multiplier))
+        lines.append(f"    generations: {generations}               # compute_multiplier {multiplier} x 4 per prompt")
+    if isinstance(hp.get("eval_samples"), int):
+        lines.append(f"    eval_generations: {hp['eval_samples']}          # eval_samples")
+    effort = hp.get("reasoning_effort")
+    if effort not in (None, "default"):
+        lines.append(f"    # reasoning_effort {effort}: not carried over (the open model is no reasoning model)")
+    return lines
 
 
 def import_jobs(
