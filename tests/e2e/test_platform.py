@@ -72,6 +72,7 @@ class Server:
             f"train.max_steps={STEPS}",
             "train.save_every=1",
             "train.keep_checkpoints=8",
+            "train.grpo.max_completion_tokens=8",  # reinforcement jobs: a sentiment is a word or two
         ]
         return running(args, self.workdir, answers_models(self.alice), env=_env(self.workdir))
 

@@ -451,3 +451,21 @@ def test_an_imported_reinforcement_job_becomes_a_grpo_experiment_graded_by_the_s
     assert "openai:ft:o4-mini-2025-04-16:org::abc" in experiment.eval.systems
     with pytest.raises(TuneforgeError, match="carries no grader"):
         experiment_yaml({**job, "method": {"type": "reinforcement"}}, "builtin:x", False)
+
+
+def test_a_reinforcement_jobs_result_file_has_the_reward_columns():
+    from tuneforge.serve.wire import step_metrics_csv
+
+    records = [
+        {"step": 1, "loss": 0.1, "reward": 0.5, "reward_std": 0.2, "reward_g": 0.5, "kl": 0.0, "completion_length": 3},
+        {"step": 1, "eval_reward": 0.75},
+        {"step": 2, "loss": 0.2, "reward": 1.0, "reward_std": 0.0, "reward_g": 1.0, "kl": 0.01, "completion_length": 2},
+    ]
+    rows = step_metrics_csv(records, "reinforcement").decode().splitlines()
+    assert rows == [
+        "step,train_loss,train_reward_mean,train_reward_std,train_reward_g,kl,completion_length,valid_reward_mean",
+        "1,0.1,0.5,0.2,0.5,0,3,0.75",
+        "2,0.2,1,0,1,0.01,2,",
+    ]
+    supervised = step_metrics_csv([{"step": 1, "loss": 0.5, "token_accuracy": 0.9}, {"step": 1, "eval_loss": 0.4}])
+    assert supervised.decode().splitlines()[1] == "1,0.5,0.9,0.4,"
