@@ -236,7 +236,8 @@ def _evaluations(train: LocalTrain, steps: int) -> tuple[tuple[int, int], str]:
     save_every = int(train.save_every) if train.save_every != "auto" else eval_every
     if train.eval_every != "auto" and train.save_every != "auto":
         return (eval_every, save_every), SET_IN_FILE
-    reason = f"{EVALS_PER_RUN} evaluations a run, a checkpoint at each so the best one can be kept"
+    count = math.ceil(steps / eval_every)  # what the run will do: fewer than EVALS_PER_RUN when it is short
+    reason = f"{count} evaluation{'s' if count != 1 else ''} a run, a checkpoint at each so the best one can be kept"
     return (eval_every, save_every), reason
 
 
