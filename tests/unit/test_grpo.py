@@ -51,7 +51,9 @@ def test_a_grpo_run_logs_rewards_spread_and_kl_and_trains_the_adapter(tmp_path, 
     records = [json.loads(x) for x in run.sub("metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if "reward" in r]
     assert len(trained) == 6
-    assert all({"reward_std", "kl", "completion_length", "reward_letter"} <= set(r) for r in trained)
+    assert all(
+        {"reward_std", "groups_without_signal", "kl", "completion_length", "reward_letter"} <= set(r) for r in trained
+    )
     assert all(r["completion_length"] <= 1 for r in trained)
     assert run.sub("plots", "training.png").stat().st_size > 0
 
@@ -102,7 +104,9 @@ def test_prepare_reads_openais_reinforcement_lines_and_keeps_every_field_for_the
     experiment = _experiment(tmp_path, tiny_model_dir, rows)
     run = RunDir(experiment, tmp_path / "run").start("prepare")
     tokenizer = load_tokenizer(experiment.model)
-    prepare(experiment, run, tokenizer, progress=False)
+    report = prepare(experiment, run, tokenizer, progress=False)
+    # prepare's plan is the one GRPO trains with (prompts a step), not SFT's
+    assert report["local"]["reasons"]["batch_size"].startswith("6 prompts a step") and report["local"]["steps"] == 1
     examples = load_prepared(run.sub("data"), "train")
     assert len(examples) == 6
     items = {json.loads(r["item"])["reference_answer"]: r for r in prompt_rows(examples, tokenizer)}

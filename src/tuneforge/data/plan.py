@@ -38,6 +38,8 @@ LORA_LR = 2e-4  # long answers: hundreds of supervised tokens a step (the suppor
 SHORT_ANSWER_LORA_LR = 1e-3  # a label's length: 2e-4 underfit the reviews in 2 epochs, 1e-3 fit them
 FULL_FINETUNE_LR = 2e-5  # every weight moves: ten times lower than LoRA's adapters
 DPO_LORA_LR = 5e-5  # preference tuning starts from a policy that already answers well: a quarter of SFT's rate
+GRPO_LORA_LR = DPO_LORA_LR  # on-policy updates from an SFT adapter, anchored by the KL term (not yet swept)
+GRPO_PROMPTS_PER_STEP = 8  # auto batch of GRPO: prompts (groups of completions) per optimizer step
 KTO_LORA_LR = DPO_LORA_LR  # the same kind of update against the same reference (TRL's defaults: 1e-6 full, both)
 KTO_MIN_MICRO_BATCH = 2  # KTO estimates its KL term from each prompt paired with another answer of its micro-batch
 
@@ -227,6 +229,41 @@ def _prompt_loss(train: LocalTrain) -> tuple[float, str]:
     return (
         weight,
         "off: the answer's tokens alone are learnt (a loss on the prompt as well measured no better, and slower)",
+    )
+
+
+def plan_grpo(t: LocalTrain, prompts: int, processes: int = 1) -> TrainingPlan:
+    """GRPO's plan: prompts per step, epochs and the rate; a micro-batch is one prompt's group of completions."""
+    reasons: dict[str, str] = {"packing": "completions are sampled, one per row"}
+    epochs = 1.0 if t.epochs == "auto" else float(t.epochs)
+    reasons["epochs"] = SET_IN_FILE if t.epochs != "auto" else "one pass: each prompt is sampled afresh every time"
+    if t.batch_size == "auto":
+        batch = max(1, min(GRPO_PROMPTS_PER_STEP, prompts))
+        reasons["batch_size"] = f"{batch} prompts a step (up to {GRPO_PROMPTS_PER_STEP}), each a group of completions"
+    else:
+        batch, reasons["batch_size"] = int(t.batch_size), SET_IN_FILE
+    accum = max(1, math.ceil(batch / processes))
+    steps = t.max_steps or max(1, math.ceil(prompts / (accum * processes) * epochs))
+    lr = GRPO_LORA_LR if t.lr == "auto" else float(t.lr)
+    reasons["lr"] = SET_IN_FILE if t.lr != "auto" else "GRPO on LoRA: DPO's rate, anchored by the KL term"
+    lr *= t.lr_multiplier
+    reasons["prompt_loss_weight"] = "not used by GRPO"
+    (eval_every, save_every), reasons["eval_every"] = _evaluations(t, steps)
+    return TrainingPlan(
+        examples=prompts,
+        rows=prompts,
+        packing=False,
+        epochs=epochs,
+        batch_size=accum * processes,
+        micro_batch_size=t.grpo.generations,
+        grad_accum=accum,
+        steps=steps,
+        lr=lr,
+        prompt_loss_weight=0.0,
+        eval_every=eval_every,
+        save_every=save_every,
+        min_steps=0,
+        reasons=reasons,
     )
 
 

@@ -54,8 +54,10 @@ def openai_epochs(n_examples: int) -> int:
 
 def local_plan(train: list[Example], experiment: Experiment) -> dict[str, Any]:
     """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
-    from tuneforge.data.plan import plan_training
+    from tuneforge.data.plan import plan_grpo, plan_training
 
+    if getattr(experiment.train, "method", "sft") == "grpo":  # prompts sampled afresh: no rows, no packing
+        return plan_grpo(experiment.train, len(train)).to_json()
     rows = _training_rows(train)
     plan = plan_training(
         experiment.train,

@@ -18,10 +18,12 @@ from tuneforge.atomic import atomic_write_json, atomic_write_jsonl
 from tuneforge.errors import TuneforgeError
 
 MARKER = "tuneforge_complete.json"
-# GRPO (TRL's names): the mean reward, its spread within a group, the KL to the reference, the completions' length
+# GRPO (TRL's names): the mean reward, its spread, the share of groups that teach nothing, the KL to the reference,
+# the completions' length
 REINFORCEMENT_METRICS = {
     "reward": "reward",
-    "reward_std": "reward_std",
+    "reward_std": "reward_std",  # over all the step's completions, not within a group
+    "frac_reward_zero_std": "groups_without_signal",  # groups whose completions all scored alike: no gradient
     "kl": "kl",
     "completions/mean_length": "completion_length",
 }

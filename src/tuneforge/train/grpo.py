@@ -8,14 +8,14 @@ group's mean. The same LoRA / QLoRA stack, run directory, resume, guards, plot a
 adapter (`train.init_adapter`, typically an SFT run) is both where the policy starts and the KL reference.
 
 metrics.jsonl gains `reward` (mean over the step's completions), `reward_<grader>` per named sub-grader,
-`reward_std` (the spread within a group: 0 means the group taught nothing), `kl` and `completion_length`, per step
+`reward_std` (the spread of the step's rewards), `groups_without_signal` (the share of groups whose completions all
+scored the same, which teach nothing), `kl` and `completion_length`, per step
 and at each evaluation (`eval_` prefixed: the valid prompts sampled the same way).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import TYPE_CHECKING, Any
 
 from trl import GRPOConfig, GRPOTrainer
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from tuneforge.data.plan import TrainingPlan
     from tuneforge.run import RunDir
     from tuneforge.systems import GraderModels
-
-PROMPTS_PER_STEP = 8  # auto batch: prompts (groups) per optimizer step
-GRPO_LORA_LR = 5e-5  # auto lr: DPO's rate; on-policy updates from an SFT adapter, anchored by the KL term
 
 
 def train_grpo(
@@ -200,42 +197,10 @@ def grader_for(experiment: Experiment, rows: list[dict]) -> tuple[dict[str, Any]
 
 
 def grpo_plan(experiment: Experiment, prompts: int) -> TrainingPlan:
-    """Prompts per step, epochs and the rate; a micro-batch is one prompt's group of completions."""
-    from tuneforge.data.plan import SET_IN_FILE, TrainingPlan, _evaluations
+    """Prompts per step, epochs and the rate (data.plan.plan_grpo, which prepare's report prints too)."""
+    from tuneforge.data.plan import plan_grpo
 
-    t = experiment.train
-    reasons: dict[str, str] = {"packing": "completions are sampled, one per row"}
-    epochs = 1.0 if t.epochs == "auto" else float(t.epochs)
-    reasons["epochs"] = SET_IN_FILE if t.epochs != "auto" else "one pass: each prompt is sampled afresh every time"
-    if t.batch_size == "auto":
-        batch = max(1, min(PROMPTS_PER_STEP, prompts))
-        reasons["batch_size"] = f"{batch} prompts a step (up to {PROMPTS_PER_STEP}), each a group of completions"
-    else:
-        batch, reasons["batch_size"] = int(t.batch_size), SET_IN_FILE
-    processes = world_size()
-    accum = max(1, math.ceil(batch / processes))
-    steps = t.max_steps or max(1, math.ceil(prompts / (accum * processes) * epochs))
-    lr = GRPO_LORA_LR if t.lr == "auto" else float(t.lr)
-    reasons["lr"] = SET_IN_FILE if t.lr != "auto" else "GRPO on LoRA: DPO's rate, anchored by the KL term"
-    lr *= t.lr_multiplier
-    reasons["prompt_loss_weight"] = "not used by GRPO"
-    (eval_every, save_every), reasons["eval_every"] = _evaluations(t, steps)
-    return TrainingPlan(
-        examples=prompts,
-        rows=prompts,
-        packing=False,
-        epochs=epochs,
-        batch_size=accum * processes,
-        micro_batch_size=t.grpo.generations,
-        grad_accum=accum,
-        steps=steps,
-        lr=lr,
-        prompt_loss_weight=0.0,
-        eval_every=eval_every,
-        save_every=save_every,
-        min_steps=0,
-        reasons=reasons,
-    )
+    return plan_grpo(experiment.train, prompts, world_size())
 
 
 def grpo_config(experiment: Experiment, run: RunDir, plan, training: TrainingPlan, has_valid: bool) -> GRPOConfig:
