@@ -285,7 +285,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         system_prompt=args.system_prompt,
         max_batch=args.max_batch,
-        routers=lambda served: fine_tuning_router(experiment, run, served, keys),
+        routers=lambda served: fine_tuning_router(
+            experiment, run, served, keys, python_graders=args.allow_python_graders
+        ),
         keys=keys,
         max_upload=args.max_upload_mb << 20,
         allowed_hosts=tuple(args.allowed_host),
@@ -640,6 +642,12 @@ def _serve_arguments(sub: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=300,
         help="generation time one request may take; past it the answer ends with what was said (finish_reason length)",
+    )
+    sub.add_argument(
+        "--allow-python-graders",
+        action="store_true",
+        help="accept python graders in reinforcement jobs and graders/run: they run their code on this machine, "
+        "limited in time, memory, disk and network but able to read what the server's user can",
     )
     _allowed_host_argument(sub)
 

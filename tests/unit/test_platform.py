@@ -634,3 +634,41 @@ def test_uploads_jobs_and_the_database_are_this_users_alone_and_orphans_go_at_st
     _app(tmp_path)  # the server starts again
     assert not orphan.exists() and fresh.exists()
     assert client.get(f"/v1/files/{file['id']}/content").status_code == 200
+
+
+PYTHON_GRADER = {"type": "python", "name": "one", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def test_python_graders_run_only_where_the_server_allows_them(tmp_path):
+    """A python grader runs the client's code on the server: refused unless `serve --allow-python-graders`, also
+    inside a multi grader and as a reinforcement job's reward; allowed, it runs in its sandbox."""
+    client, _ = _app(tmp_path / "closed")
+    run = {"grader": PYTHON_GRADER, "model_sample": "x", "item": {}}
+    nested = {
+        "type": "multi",
+        "name": "m",
+        "graders": {"p": PYTHON_GRADER},
+        "calculate_output": "p",
+    }
+    for path, body in [
+        ("/v1/fine_tuning/alpha/graders/run", run),
+        ("/v1/fine_tuning/alpha/graders/validate", {"grader": PYTHON_GRADER}),
+        ("/v1/fine_tuning/alpha/graders/run", {**run, "grader": nested}),
+    ]:
+        response = client.post(path, json=body)
+        assert response.status_code == 400, response.json()
+        error = response.json()["error"]
+        assert error["code"] == "python_grader_not_allowed" and "--allow-python-graders" in error["message"]
+    file = _upload(client, f"{LINE}\n" * 12).json()
+    job = {
+        "model": "base",
+        "training_file": file["id"],
+        "method": {"type": "reinforcement", "reinforcement": {"grader": PYTHON_GRADER}},
+    }
+    refused = client.post("/v1/fine_tuning/jobs", json=job)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "method.reinforcement.grader"
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
+
+    allowed, _ = _app(tmp_path / "open", python_graders=True)
+    result = allowed.post("/v1/fine_tuning/alpha/graders/run", json=run)
+    assert result.status_code == 200 and result.json()["reward"] == 1.0

@@ -98,10 +98,15 @@ class JobPaused(Exception):
 
 
 def fine_tuning_router(
-    experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, max_unfinished: int = MAX_UNFINISHED
+    experiment: Experiment,
+    run: RunDir,
+    served,
+    keys: ApiKeys | None = None,
+    max_unfinished: int = MAX_UNFINISHED,
+    python_graders: bool = False,
 ) -> list:
     """The fine-tuning API's FastAPI routers for a server's Served systems (server.serve's `routers`)."""
-    return [Platform(experiment, run, served, keys, max_unfinished).router()]
+    return [Platform(experiment, run, served, keys, max_unfinished, python_graders=python_graders).router()]
 
 
 class Platform:
@@ -115,8 +120,10 @@ class Platform:
         keys: ApiKeys | None = None,
         max_unfinished: int = MAX_UNFINISHED,
         worker: bool = True,
+        python_graders: bool = False,
     ):
         self.experiment, self.run, self.served = experiment, run, served
+        self.python_graders = python_graders  # serve --allow-python-graders: a client's code runs on this machine
         self.root = run.sub("api")
         for folder in (self.root, self.root / "files", self.root / "jobs"):
             _private(folder)  # uploads, jobs and the database: for this server's user alone
@@ -406,6 +413,8 @@ class Platform:
     # ------------------------------------------------------------------ requests
 
     def create(self, request: JobRequest, project: str) -> dict:
+        if request.method is not None and request.method.reinforcement is not None:
+            self.checked_grader(request.method.reinforcement.grader, "method.reinforcement.grader")
         hosted, init_adapter = self._base_of(request, project)
         for key in ("training_file", "validation_file"):
             value = getattr(request, key)
@@ -549,7 +558,28 @@ class Platform:
         from tuneforge.systems import GraderModels
 
         models = GraderModels(lambda name: self.served.get(name, project))
-        return run_response(grade(_checked_grader(request.grader), request.model_sample, request.item, model=models))
+        parsed = self.checked_grader(request.grader, "grader")
+        return run_response(grade(parsed, request.model_sample, request.item, model=models))
+
+    def checked_grader(self, grader: dict, param: str) -> Any:
+        """The grader validated, or a 400 naming every bad field; python graders only where the server allows them
+        (they run the client's code on this machine)."""
+        from tuneforge.graders import InvalidGrader, validate_grader
+
+        try:
+            parsed = validate_grader(grader)
+        except InvalidGrader as exc:
+            raise ApiError(400, "Invalid grader: " + "; ".join(exc.problems), param, "invalid_grader") from None
+        if not self.python_graders and _has_python(parsed):
+            raise ApiError(
+                400,
+                "python graders run their code on this server, which does not accept them; start it with "
+                "`tuneforge serve --allow-python-graders` to allow them (their sandbox limits time, memory, disk and "
+                "network, not what files they can read)",
+                param,
+                "python_grader_not_allowed",
+            )
+        return parsed
 
     # ------------------------------------------------------------------ HTTP
 
@@ -565,7 +595,7 @@ class Platform:
         def validate_grader(body: GraderValidateRequest, project: str = Project):
             from tuneforge.graders.response import as_dict
 
-            return {"grader": as_dict(_checked_grader(body.grader))}
+            return {"grader": as_dict(self.checked_grader(body.grader, "grader"))}
 
         @api.post("/v1/fine_tuning/alpha/graders/run")
         async def run_grader(body: GraderRunRequest, project: str = Project):
@@ -668,14 +698,13 @@ class Platform:
         return obj
 
 
-def _checked_grader(grader: dict) -> Any:
-    """The grader validated, or a 400 naming every bad field."""
-    from tuneforge.graders import InvalidGrader, validate_grader
+def _has_python(parsed: Any) -> bool:
+    """Whether a validated grader is, or holds within a multi grader, a python grader."""
+    from tuneforge.graders import Multi
 
-    try:
-        return validate_grader(grader)
-    except InvalidGrader as exc:
-        raise ApiError(400, "Invalid grader: " + "; ".join(exc.problems), "grader", "invalid_grader") from None
+    if isinstance(parsed, Multi):
+        return any(_has_python(sub) for sub in parsed.graders.values())
+    return parsed.type == "python"
 
 
 def _job_object(request: JobRequest, job_id: str, seed: int) -> dict:
