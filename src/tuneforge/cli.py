@@ -505,7 +505,10 @@ def _run_dir_quiet(args: argparse.Namespace, experiment: Experiment):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline: prepare, train (locally or on OpenAI), eval."""
+    from tuneforge.eval.harness import check_graders
+
     experiment = _experiment(args)
+    check_graders(experiment)  # a grader eval would refuse, found before training rather than after it
     run = _run_dir(args, experiment, "run")
     print(f"run directory: {run.path}")
     # with the openai backend, train prepares the data itself, just before it uploads it

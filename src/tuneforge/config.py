@@ -410,22 +410,8 @@ class EvalSection(Section):
     judge: JudgeSection | None = None
     """LLM-as-judge pairwise comparison; off when unset."""
     graders: list[dict[str, Any]] = []
-    """OpenAI graders scored on every system's answers (mean reward, 95% interval); `item` is the example's fields."""
-
-    @field_validator("graders")
-    @classmethod
-    def _valid_graders(cls, graders: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from tuneforge.graders import InvalidGrader, validate_grader
-
-        names = []
-        for i, grader in enumerate(graders):
-            try:
-                names.append(validate_grader(grader).name)
-            except InvalidGrader as exc:
-                raise ValueError(f"graders[{i}]: " + "; ".join(exc.problems)) from None
-        if len(set(names)) < len(names):
-            raise ValueError(f"graders: each needs a name of its own (got {names})")
-        return graders
+    """OpenAI graders scored on every system's answers (mean reward, 95% interval); `item` is the example's fields.
+    Each is checked, with a name of its own, before eval loads anything."""
 
     @field_validator("systems")
     @classmethod

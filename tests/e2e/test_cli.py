@@ -67,6 +67,16 @@ def test_bad_file_exits_2_lists_problems_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [bad]  # no run directory, nothing written
 
 
+def test_run_refuses_a_bad_eval_grader_before_it_prepares_or_trains(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\neval: {graders: [{type: string_check, name: m, input: x, reference: y, operation: equals}]}\n"
+    )
+    out = tuneforge("run", str(bad), cwd=tmp_path)
+    assert out.returncode == 2 and "eval.graders[0]" in out.stderr and "operation" in out.stderr
+    assert list(tmp_path.iterdir()) == [bad]  # no run directory, nothing written
+
+
 def test_stray_words_and_unknown_options_are_refused():
     for extra in (["oops"], ["--bogus"]):
         out = tuneforge("config", str(REPO / "configs" / "quickstart.yaml"), *extra)

@@ -352,12 +352,14 @@ def test_eval_graders_score_every_systems_answers_on_prompts_alone(tmp_path, tin
     assert json.loads(run.manifest_path.read_text())["eval"]["mode"] == "graded"
 
 
-def test_an_eval_grader_is_checked_when_the_file_loads(tmp_path):
+def test_an_eval_grader_is_checked_before_anything_loads(tmp_path):
     from tuneforge.errors import ConfigError
+    from tuneforge.eval.harness import check_graders
 
     body = "name: tiny\neval: {graders: [{type: string_check, name: m, input: x, reference: y, operation: equals}]}\n"
-    with pytest.raises(ConfigError, match=r"graders\[0\].*operation"):
-        _experiment(tmp_path, body)
+    experiment = _experiment(tmp_path, body)
+    with pytest.raises(ConfigError, match=r"exp.yaml: 1 problem\n  - eval.graders\[0\].*operation"):
+        run_eval(experiment, RunDir(experiment, tmp_path / "run"), systems=object(), progress=False)
     twice = "{type: string_check, name: m, input: x, reference: y, operation: eq}"
     with pytest.raises(ConfigError, match="a name of its own"):
-        _experiment(tmp_path, f"name: tiny\neval: {{graders: [{twice}, {twice}]}}\n")
+        check_graders(_experiment(tmp_path, f"name: tiny\neval: {{graders: [{twice}, {twice}]}}\n"))
