@@ -198,6 +198,10 @@ class GRPOSettings(Section):
     eval_generations: Union[int, None] = Field(None, ge=1)
     """Completions sampled per validation prompt at an evaluation (None: as many as `generations`)."""
 
+    def generations_for(self, compute_multiplier: float) -> int:
+        """`generations` scaled by OpenAI's reinforcement `compute_multiplier`; a group needs at least two."""
+        return max(2, round(self.generations * compute_multiplier))
+
 
 class KTOSettings(Section):
     beta: float = Field(0.1, gt=0)

@@ -203,6 +203,7 @@ class Preparer:
 
     def _records(self, key: str, fmt: str, raws: Iterable[Raw], out: Collected, sample: int | None) -> None:
         to_messages = {"alpaca": convert.from_alpaca, "sharegpt": convert.from_sharegpt}.get(fmt)
+        prompts = self._reads_prompts(key) and fmt == "messages"
         read = 0
         for raw in tqdm(raws, desc=f"reading {key}", unit=" records", disable=not self.progress):
             read += 1
@@ -215,7 +216,6 @@ class Preparer:
                 if problem is not None:
                     out.reject(raw.where, [problem], raw.data)
                     continue
-            prompts = self._reads_prompts(key) and fmt == "messages"
             if fmt == "preference":
                 record, problems = read_pair(record, raw.where)
             elif fmt == "kto":

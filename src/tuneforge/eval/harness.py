@@ -377,33 +377,34 @@ def label_set(items: list[Item], run: RunDir) -> list[str] | None:
     return sorted(labels)
 
 
-def check_graders(experiment: Experiment) -> None:
-    """eval.graders, each a valid OpenAI grader with a name of its own; a ConfigError naming the file and each bad
-    one (`tuneforge run` checks them before it prepares and trains, eval before it loads anything)."""
+def check_graders(experiment: Experiment) -> list:
+    """eval.graders validated, each a valid OpenAI grader with a name of its own; a ConfigError naming the file and
+    each bad one (`tuneforge run` checks them before it prepares and trains, eval before it loads anything)."""
     from tuneforge.errors import ConfigError
     from tuneforge.graders import InvalidGrader, validate_grader
 
-    problems, names = [], []
+    problems, parsed = [], []
     for i, grader in enumerate(experiment.eval.graders):
         try:
-            names.append(validate_grader(grader).name)
+            parsed.append(validate_grader(grader))
         except InvalidGrader as exc:
             problems += [f"eval.graders[{i}]: {problem}" for problem in exc.problems]
+    names = [g.name for g in parsed]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         problems.append(f"eval.graders: each needs a name of its own ({', '.join(twice)} more than once)")
     if problems:
         raise ConfigError(str(experiment._source or "the experiment"), problems)
+    return parsed
 
 
 def run_eval(experiment: Experiment, run: RunDir, systems=None, progress: bool = True) -> int:
     """Evaluate every system in eval.systems, write runs/<name>/eval/, print a summary. Returns the exit code."""
     from tuneforge.eval import report
 
-    check_graders(experiment)  # before anything loads
+    graders = check_graders(experiment)  # before anything loads
     items = load_items(experiment, run)
     labels = label_set(items, run)
-    graders = experiment.eval.graders
     prompts_only = labels is None and any(item.reference is None for item in items)
     if prompts_only and not graders:
         raise TuneforgeError(

@@ -99,15 +99,15 @@ def generation_metrics(items, outcomes, seed: int, embedder_ref: str) -> tuple[d
 
 
 def grader_metrics(graders, items, outcomes, table: dict, per_example: dict, models, seed: int, progress: bool) -> None:
-    """Each grader's reward on every answer of every system, into the table (`grader_<name>`: the mean with its 95%
-    bootstrap interval, `grader_<name>_errors`: the answers it failed on, scored 0 as OpenAI does) and per example."""
+    """Each grader's reward (`graders`: validated, harness.check_graders) on every answer of every system, into the
+    table (`grader_<name>`: the mean with its 95% bootstrap interval, `grader_<name>_errors`: the answers it failed
+    on, scored 0 as OpenAI does) and per example."""
     from tqdm.auto import tqdm
 
-    from tuneforge.graders import grade, validate_grader
+    from tuneforge.graders import grade
 
-    parsed = [validate_grader(g) for g in graders]
-    with tqdm(total=len(parsed) * len(outcomes) * len(items), desc="grading", disable=not progress) as bar:
-        for grader in parsed:
+    with tqdm(total=len(graders) * len(outcomes) * len(items), desc="grading", disable=not progress) as bar:
+        for grader in graders:
             column = f"grader_{grader.name}"
             for outcome in outcomes:
                 results = []
@@ -328,12 +328,10 @@ GRADER_NOTE = (
 
 
 def _explanation(classification: bool, graded: bool = False) -> str:
-    if graded:
-        return _explanation_of(classification) + GRADER_NOTE
-    return _explanation_of(classification)
+    return _metric_explanation(classification) + (GRADER_NOTE if graded else "")
 
 
-def _explanation_of(classification: bool) -> str:
+def _metric_explanation(classification: bool) -> str:
     if classification:
         return (
             "Local systems answer with the label of highest likelihood given the prompt; "

@@ -207,7 +207,7 @@ def local_train_section(
     if method == "reinforcement":
         grpo = {**section["grpo"], "grader": grader}
         if hyperparameters.get("compute_multiplier", "auto") != "auto":
-            grpo["generations"] = max(2, round(grpo["generations"] * hyperparameters["compute_multiplier"]))
+            grpo["generations"] = train.grpo.generations_for(hyperparameters["compute_multiplier"])
         if hyperparameters.get("eval_samples", "auto") != "auto":
             grpo["eval_generations"] = hyperparameters["eval_samples"]
         if hyperparameters.get("eval_interval", "auto") != "auto":
@@ -282,8 +282,8 @@ def upload_name(name: str | None) -> str:
 
 def step_metrics_csv(records: list[dict[str, Any]], method: str = "supervised") -> bytes:
     """The job's result file: one row per logged training step, with OpenAI's columns; a reinforcement job's rows
-    carry the rewards instead of token accuracy: the mean, its spread within a group, each grader's mean, the KL to
-    the starting policy, the completions' mean length and the validation reward."""
+    carry the rewards instead of token accuracy: the mean, its spread over the step's completions, each grader's
+    mean, the KL to the starting policy, the completions' mean length and the validation reward."""
     if method == "reinforcement":
         graders = sorted({k for r in records for k in r if k.startswith("reward_") and k != "reward_std"})
         columns = ["train_loss", "train_reward_mean", "train_reward_std", *(f"train_{g}" for g in graders)]

@@ -129,8 +129,12 @@ def _reinforcement_lines(hp: dict[str, Any], grader: dict[str, Any]) -> list[str
     lines += ["  grpo:", f"    grader: {json.dumps(grader, ensure_ascii=False)}"]
     multiplier = hp.get("compute_multiplier")
     if isinstance(multiplier, (int, float)):
-        generations = max(2, round(GRPOSettings().generations * multiplier))
-        lines.append(f"    generations: {generations}               # compute_multiplier {multiplier} x 4 per prompt")
+        settings = GRPOSettings()
+        generations = settings.generations_for(multiplier)
+        lines.append(
+            f"    generations: {generations}               "
+            f"# compute_multiplier {multiplier} x {settings.generations} per prompt"
+        )
     if isinstance(hp.get("eval_samples"), int):
         lines.append(f"    eval_generations: {hp['eval_samples']}          # eval_samples")
     effort = hp.get("reasoning_effort")
