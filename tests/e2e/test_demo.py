@@ -163,6 +163,8 @@ def test_a_system_that_cannot_answer_says_why_and_keeps_the_message(page):
 
 
 def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page, demo_url, demo_run):
+    from playwright.sync_api import expect
+
     from tuneforge.feedback.store import FeedbackStore
 
     store = FeedbackStore(demo_run / "feedback")
@@ -216,7 +218,8 @@ def test_feedback_is_captured_where_answers_are_read_and_shows_in_the_arena(page
         timeout=ANSWER_TIMEOUT_MS,
     )
     assert page.locator("#vote-pair input:checked").input_value() == "1. base  vs  2. base+rag"
-    assert page.locator("#vote-pair").get_by_text("1. base  vs  2. base+rag").is_visible()
+    # the label shows (Gradio may still be drawing the new choices: wait for it rather than read once)
+    expect(page.locator("#vote-pair").get_by_text("1. base  vs  2. base+rag")).to_be_visible(timeout=30_000)
     page.locator("#vote-right").click()
     page.get_by_text("Saved: base+rag is better").wait_for(timeout=30_000)
 
