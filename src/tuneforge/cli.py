@@ -779,6 +779,18 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll on this platform
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
@@ -803,6 +815,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneforge {args.verb}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a missing or unreadable file, a full disk, a busy port: the cause, not a traceback
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # `tuneforge config --explain | head`: the reader has what it wanted; stop quietly, as a
+            # SIGPIPE-killed tool would, and keep Python's exit-time flush from complaining again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13
         if os.environ.get("TUNEFORGE_DEBUG"):
             raise
         print(f"tuneforge {args.verb}: error: {describe_os_error(exc)}", file=sys.stderr)

@@ -93,6 +93,17 @@ def test_config_prints_resolved_with_overrides():
     assert "train.max_grad_norm" in explain.stdout
 
 
+def test_output_piped_to_a_reader_that_stops_early_ends_quietly():
+    """`tuneforge config --explain | head -1`: no "error: Broken pipe", no traceback, the exit of a SIGPIPE'd tool."""
+    reader_gone = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge", "config", "--explain"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader_gone.stdout.close()  # before the first line is written: the explanation (24 kB) cannot fit a lost write
+    stderr = reader_gone.stderr.read().decode()
+    assert reader_gone.wait(timeout=600) == 141, stderr
+    assert stderr == ""
+
+
 def _tiny_experiment(tmp_path, lines):
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
