@@ -161,7 +161,7 @@ def test_the_plan_groups_completions_by_prompt(tmp_path, tiny_model_dir):
     from tuneforge.train.grpo import grpo_plan
 
     experiment = _experiment(tmp_path, tiny_model_dir, [_chat(0)])
-    plan = grpo_plan(experiment, 20)
+    plan = grpo_plan(experiment, 20, has_valid=True)
     assert plan.micro_batch_size == 8 and plan.grad_accum == 8 and plan.steps == 3  # 20 prompts, 8 a step, 1 epoch
     assert plan.lr == pytest.approx(5e-2) and plan.reasons["lr"] == "set in the experiment file"
 

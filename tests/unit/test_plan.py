@@ -119,3 +119,30 @@ def test_prompt_loss_is_off_unless_set_and_a_set_value_is_planned_as_set():
     plan = plan_training(LocalTrain(prompt_loss_weight=0.3), lengths, trainable, labelled=True, max_length=1024, seed=0)
     assert plan.prompt_loss_weight == 0.3 and plan.reasons["prompt_loss_weight"] == "set in the experiment file"
     assert "prompt_loss_weight 0.3: set in the experiment file" in plan.describe()
+
+
+def test_without_valid_data_the_plan_promises_no_evaluation_and_names_the_settings_it_cannot_honour():
+    lengths, trainable = classification(300)
+    auto = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0, has_valid=False)
+    line = auto.describe()[5]
+    assert (
+        line.startswith(f"save_every {auto.save_every}, no evaluation: no valid data;")
+        and "evaluation" not in (line.split(":", 1)[1])
+    )
+    assert not auto.evaluates and auto.warnings == []  # nothing set, nothing to warn about
+    with_valid = plan_training(LocalTrain(), lengths, trainable, labelled=True, max_length=1024, seed=0)
+    assert with_valid.evaluates and with_valid.describe()[5].startswith(f"eval_every {with_valid.eval_every},")
+
+    set_ = LocalTrain(eval_every=10, keep_best=True, save_every=20)
+    plan = plan_training(set_, lengths, trainable, labelled=True, max_length=1024, seed=0, has_valid=False)
+    named = [w.split(" is set")[0] for w in plan.warnings if "no valid data to evaluate on" in w]
+    assert named == ["train.eval_every", "train.keep_best"] and plan.save_every == 20
+    assert plan_training(set_, lengths, trainable, labelled=True, max_length=1024, seed=0).warnings == []
+    assert rules.plan_grpo(set_, 40, has_valid=False).warnings == plan.warnings  # GRPO's plan says the same
+
+
+def test_grpo_plan_counts_prompts_per_step_and_completions_per_prompt():
+    plan = rules.plan_grpo(LocalTrain(method="grpo", grpo={"generations": 4}), 40)
+    batch = plan.describe()[2]
+    assert batch.startswith("batch_size 8 prompts per step, 4 completions each (one prompt's group a micro-batch")
+    assert plan.describe()[-1] == f"= {plan.steps} optimizer steps over 40 prompts a pass"

@@ -314,7 +314,7 @@ def test_step_estimate_counts_the_rows_the_trainer_packs(tmp_path):
     lengths = [60] * 9 + [30, 25]  # two 60s never share a row: dividing total tokens by 100 would say 7 rows
     examples = [Example(messages=[], id=str(i), where="", n_tokens=n, n_trainable=20) for i, n in enumerate(lengths)]
     rows = build_rows([([0] * n, [0] * n) for n in lengths], 100, packing=True, seed=exp.seed)
-    plan = local_plan(examples, exp)
+    plan = local_plan(examples, exp, has_valid=True)
     assert plan["rows"] == len(rows) == 9
     assert plan["steps"] == 3 * 5
 

@@ -61,21 +61,37 @@ class TrainingPlan:
     min_steps: int
     reasons: dict[str, str] = field(default_factory=dict)  # knob -> "set in the file" or why auto chose it
     warnings: list[str] = field(default_factory=list)
+    evaluates: bool = True  # False without valid data: checkpoints (to resume from) but no evaluation
+    completions: int = 0  # GRPO: completions sampled per prompt (a batch counts prompts); 0 for the other methods
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> list[str]:
         """One line per knob, as printed at the start of training and in prepare's report."""
-        unit = "packed rows" if self.packing else "examples"
+        unit = "prompts" if self.completions else "packed rows" if self.packing else "examples"
+        if self.completions:  # a micro-batch is one prompt's group of completions
+            batch = (
+                f"batch_size {self.batch_size} prompts per step, {self.completions} completions each "
+                f"(one prompt's group a micro-batch, x grad_accum {self.grad_accum})"
+            )
+        else:
+            batch = (
+                f"batch_size {self.batch_size} {unit} per step (micro_batch_size {self.micro_batch_size} "
+                f"x grad_accum {self.grad_accum})"
+            )
+        checkpoints = (
+            f"eval_every {self.eval_every}, save_every {self.save_every}"
+            if self.evaluates
+            else f"save_every {self.save_every}, no evaluation"
+        )
         return [
             f"packing {'on' if self.packing else 'off'}: {self.reasons['packing']}",
             f"epochs {self.epochs:g}: {self.reasons['epochs']}",
-            f"batch_size {self.batch_size} {unit} per step (micro_batch_size {self.micro_batch_size} "
-            f"x grad_accum {self.grad_accum}): {self.reasons['batch_size']}",
+            f"{batch}: {self.reasons['batch_size']}",
             f"lr {self.lr:g}: {self.reasons['lr']}",
             f"prompt_loss_weight {self.prompt_loss_weight:g}: {self.reasons['prompt_loss_weight']}",
-            f"eval_every {self.eval_every}, save_every {self.save_every}: {self.reasons['eval_every']}",
+            f"{checkpoints}: {self.reasons['eval_every']}",
             f"= {self.steps} optimizer steps over {self.rows} {unit} a pass",
         ]
 
@@ -95,8 +111,10 @@ def plan_training(
     max_length: int,
     seed: int,
     world_size: int = 1,
+    has_valid: bool = True,
 ) -> TrainingPlan:
-    """Resolve `train`'s auto values for examples of these token lengths and supervised-token counts."""
+    """Resolve `train`'s auto values for examples of these token lengths and supervised-token counts (and valid
+    data to evaluate on, or none)."""
     n = max(len(lengths), 1)
     median_trainable = sorted(trainable)[len(trainable) // 2] if trainable else 0
     reasons: dict[str, str] = {}
@@ -117,8 +135,8 @@ def plan_training(
 
     lr, reasons["lr"] = _lr(train, short, answers)
     prompt_loss, reasons["prompt_loss_weight"] = _prompt_loss(train)
-    (eval_every, save_every), reasons["eval_every"] = _evaluations(train, steps)
-    warnings = _warnings(steps, min_steps, answers)
+    (eval_every, save_every), reasons["eval_every"], unused = _evaluations(train, steps, has_valid)
+    warnings = _warnings(steps, min_steps, answers) + unused
     return TrainingPlan(
         examples=n,
         rows=rows,
@@ -135,6 +153,7 @@ def plan_training(
         min_steps=min_steps,
         reasons=reasons,
         warnings=warnings,
+        evaluates=has_valid,
     )
 
 
@@ -232,7 +251,7 @@ def _prompt_loss(train: LocalTrain) -> tuple[float, str]:
     )
 
 
-def plan_grpo(t: LocalTrain, prompts: int, processes: int = 1) -> TrainingPlan:
+def plan_grpo(t: LocalTrain, prompts: int, processes: int = 1, has_valid: bool = True) -> TrainingPlan:
     """GRPO's plan: prompts per step, epochs and the rate; a micro-batch is one prompt's group of completions."""
     reasons: dict[str, str] = {"packing": "completions are sampled, one per row"}
     epochs = 1.0 if t.epochs == "auto" else float(t.epochs)
@@ -248,7 +267,7 @@ def plan_grpo(t: LocalTrain, prompts: int, processes: int = 1) -> TrainingPlan:
     reasons["lr"] = SET_IN_FILE if t.lr != "auto" else "GRPO on LoRA: DPO's rate, anchored by the KL term"
     lr *= t.lr_multiplier
     reasons["prompt_loss_weight"] = "not used by GRPO"
-    (eval_every, save_every), reasons["eval_every"] = _evaluations(t, steps)
+    (eval_every, save_every), reasons["eval_every"], unused = _evaluations(t, steps, has_valid)
     return TrainingPlan(
         examples=prompts,
         rows=prompts,
@@ -264,25 +283,42 @@ def plan_grpo(t: LocalTrain, prompts: int, processes: int = 1) -> TrainingPlan:
         save_every=save_every,
         min_steps=0,
         reasons=reasons,
+        warnings=unused,
+        evaluates=has_valid,
+        completions=t.grpo.generations,
     )
 
 
-def _evaluations(train: LocalTrain, steps: int) -> tuple[tuple[int, int], str]:
-    """(eval_every, save_every): a checkpoint at each evaluation, so the best one can be kept."""
+def _evaluations(train: LocalTrain, steps: int, has_valid: bool) -> tuple[tuple[int, int], str, list[str]]:
+    """(eval_every, save_every): a checkpoint at each evaluation, so the best one can be kept; its reason; and a
+    warning for each evaluation setting the file gives that no valid data lets the run honour."""
     eval_every = int(train.eval_every) if train.eval_every != "auto" else max(1, math.ceil(steps / EVALS_PER_RUN))
     save_every = int(train.save_every) if train.save_every != "auto" else eval_every
+    if not has_valid:
+        unused = [
+            f"train.{key} is set but there is no valid data to evaluate on: set data.valid or data.valid_split, "
+            f"or take train.{key} out"
+            for key in ("eval_every", "keep_best")
+            if key in train.model_fields_set and getattr(train, key) not in ("auto", False)
+        ]
+        if train.save_every != "auto":
+            return (eval_every, save_every), SET_IN_FILE, unused
+        count = math.ceil(steps / save_every)
+        reason = f"no valid data; {count} checkpoint{'s' if count != 1 else ''} a run to resume from"
+        return (eval_every, save_every), reason, unused
     if train.eval_every != "auto" and train.save_every != "auto":
-        return (eval_every, save_every), SET_IN_FILE
+        return (eval_every, save_every), SET_IN_FILE, []
     count = math.ceil(steps / eval_every)  # what the run will do: fewer than EVALS_PER_RUN when it is short
     reason = f"{count} evaluation{'s' if count != 1 else ''} a run, a checkpoint at each so the best one can be kept"
-    return (eval_every, save_every), reason
+    return (eval_every, save_every), reason, []
 
 
 def _warnings(steps: int, min_steps: int, answers: str) -> list[str]:
     if steps >= WARN_FRACTION * min_steps:
         return []
     return [
-        f"only {steps} optimizer steps: {answers} learn from the number of updates, and under {min_steps} they "
+        f"only {steps} optimizer step{'s' if steps != 1 else ''}: {answers} "
+        f"learn from the number of updates, and under {min_steps} they "
         "barely do (on real reviews 26 steps scored below always answering the majority label). Lower "
         "train.batch_size (or micro_batch_size / grad_accum), raise train.epochs or train.max_steps, or set them "
         "to auto"

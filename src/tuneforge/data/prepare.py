@@ -178,7 +178,7 @@ def _report(
     if retrieval is not None:
         report["rag"] = retrieval
     if experiment.train.backend == "local":
-        report["local"] = reporting.local_plan(split.train, experiment)
+        report["local"] = reporting.local_plan(split.train, experiment, bool(split.valid))
     else:
         report["openai"] = reporting.openai_estimate(split.train, experiment)
     return report

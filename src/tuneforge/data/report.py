@@ -52,12 +52,12 @@ def openai_epochs(n_examples: int) -> int:
     return epochs
 
 
-def local_plan(train: list[Example], experiment: Experiment) -> dict[str, Any]:
+def local_plan(train: list[Example], experiment: Experiment, has_valid: bool) -> dict[str, Any]:
     """The training plan the local trainer will follow on these examples (auto values resolved, with reasons)."""
     from tuneforge.data.plan import plan_grpo, plan_training
 
     if getattr(experiment.train, "method", "sft") == "grpo":  # prompts sampled afresh: no rows, no packing
-        return plan_grpo(experiment.train, len(train)).to_json()
+        return plan_grpo(experiment.train, len(train), has_valid=has_valid).to_json()
     rows = _training_rows(train)
     plan = plan_training(
         experiment.train,
@@ -66,6 +66,7 @@ def local_plan(train: list[Example], experiment: Experiment) -> dict[str, Any]:
         experiment.data.label is not None,
         experiment.data.max_length,
         experiment.seed,
+        has_valid=has_valid,
     )
     return plan.to_json()
 

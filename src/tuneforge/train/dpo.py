@@ -70,7 +70,7 @@ def train_dpo(
     valid_rows, _ = pair_rows(setup.encoder, load_prepared(setup.data_dir, "valid"), max_length)
     if not train_rows:
         raise TuneforgeError("the prepared training data has no preference pair to learn from")
-    training = dpo_plan(experiment, train_rows)
+    training = dpo_plan(experiment, train_rows, bool(valid_rows))
     args = dpo_config(experiment, run, setup.plan, training, bool(valid_rows))
     fingerprint = setup.fingerprint(training, method="dpo", dpo=t.dpo.model_dump(mode="json"))
     resume_from, done = resume_point(run, t, resume, fingerprint)
@@ -125,14 +125,14 @@ class ForgeDPOTrainer(CountsCompletionTokens, DPOTrainer):
         return dataset  # prompt_ids / chosen_ids / rejected_ids already, from pair_rows
 
 
-def dpo_plan(experiment: Experiment, rows: list[dict]) -> TrainingPlan:
+def dpo_plan(experiment: Experiment, rows: list[dict], has_valid: bool) -> TrainingPlan:
     """The training plan from the pairs: each step reads a pair's prompt twice and both its answers."""
     from tuneforge.data.plan import plan_training
 
     lengths = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
     answers = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
     return plan_training(
-        experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed, world_size()
+        experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed, world_size(), has_valid
     )
 
 

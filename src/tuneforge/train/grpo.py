@@ -60,7 +60,7 @@ def train_grpo(
     train_rows = prompt_rows(train_examples, setup.tokenizer)
     valid_rows = prompt_rows(load_prepared(setup.data_dir, "valid"), setup.tokenizer)
     grader, grader_reason = grader_for(experiment, train_rows)
-    training = grpo_plan(experiment, len(train_rows))
+    training = grpo_plan(experiment, len(train_rows), bool(valid_rows))
     args = grpo_config(experiment, run, setup.plan, training, bool(valid_rows))
     fingerprint = setup.fingerprint(training, method="grpo", grpo={**t.grpo.model_dump(mode="json"), "grader": grader})
     resume_from, done = resume_point(run, t, resume, fingerprint)
@@ -196,11 +196,11 @@ def grader_for(experiment: Experiment, rows: list[dict]) -> tuple[dict[str, Any]
     return grader, f"train.grpo.grader: {parsed.type} grader {parsed.name!r}"
 
 
-def grpo_plan(experiment: Experiment, prompts: int) -> TrainingPlan:
+def grpo_plan(experiment: Experiment, prompts: int, has_valid: bool) -> TrainingPlan:
     """Prompts per step, epochs and the rate (data.plan.plan_grpo, which prepare's report prints too)."""
     from tuneforge.data.plan import plan_grpo
 
-    return plan_grpo(experiment.train, prompts, world_size())
+    return plan_grpo(experiment.train, prompts, world_size(), has_valid)
 
 
 def grpo_config(experiment: Experiment, run: RunDir, plan, training: TrainingPlan, has_valid: bool) -> GRPOConfig:

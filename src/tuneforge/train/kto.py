@@ -68,7 +68,7 @@ def train_kto(
     valid_rows, _ = answer_rows(setup.encoder, load_prepared(setup.data_dir, "valid"))
     if not train_rows:
         raise TuneforgeError("the prepared training data has no rated answer to learn from")
-    training = kto_plan(experiment, train_rows)
+    training = kto_plan(experiment, train_rows, bool(valid_rows))
     weights = class_weights(t.kto, sum(r["label"] for r in train_rows), sum(not r["label"] for r in train_rows))
     args = kto_config(experiment, run, setup.plan, training, weights, bool(valid_rows))
     fingerprint = setup.fingerprint(training, method="kto", kto={**t.kto.model_dump(mode="json"), **weights.resolved})
@@ -177,14 +177,14 @@ def class_weights(settings: KTOSettings, desirable: int, undesirable: int) -> Cl
     return ClassWeights(d, u, desirable, undesirable, reason)
 
 
-def kto_plan(experiment: Experiment, rows: list[dict]) -> TrainingPlan:
+def kto_plan(experiment: Experiment, rows: list[dict], has_valid: bool) -> TrainingPlan:
     """The training plan from the rated answers: each row is one prompt and its answer."""
     from tuneforge.data.plan import plan_training
 
     lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
     answers = [len(r["completion_ids"]) for r in rows]
     return plan_training(
-        experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed, world_size()
+        experiment.train, lengths, answers, False, experiment.data.max_length, experiment.seed, world_size(), has_valid
     )
 
 

@@ -132,7 +132,7 @@ def sft_data(setup: Setup) -> SftData:
         raise TuneforgeError("the prepared training data has no example with trainable tokens")
     labels = sorted({e.label for e in train_examples + valid_examples if e.label is not None})
     labelled = experiment.data.label is not None and bool(labels) and all(e.label is not None for e in valid_examples)
-    training = training_plan(experiment, train_tokens, labelled)
+    training = training_plan(experiment, train_tokens, labelled, bool(valid_tokens))
     weights = label_weights(train_examples, experiment.train.label_weights)
     train_rows = build_rows(train_tokens, max_length, training.packing, experiment.seed, weights)
     valid_rows = build_rows(valid_tokens, max_length, training.packing, experiment.seed)
@@ -266,7 +266,7 @@ def label_offsets(tokens, examples, tau: float) -> tuple[dict[int, float] | None
     return offsets, f"label_adjustment {tau:g}: rare labels' logits are lowered less in training ({shares})"
 
 
-def training_plan(experiment: Experiment, tokens, labelled: bool) -> TrainingPlan:
+def training_plan(experiment: Experiment, tokens, labelled: bool, has_valid: bool) -> TrainingPlan:
     from tuneforge.data.plan import plan_training
 
     return plan_training(
@@ -277,6 +277,7 @@ def training_plan(experiment: Experiment, tokens, labelled: bool) -> TrainingPla
         experiment.data.max_length,
         experiment.seed,
         world_size(),
+        has_valid,
     )
 
 
