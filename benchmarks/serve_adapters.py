@@ -35,24 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colours.",
-    "How many legs does a spider have?",
-    "What does a thermostat do?",
-    "Give me a synonym for happy.",
-    "What is two plus two?",
-    "Which planet is closest to the sun?",
-    "What language is spoken in Brazil?",
-    "How do I boil an egg?",
-    "What is the opposite of cold?",
-    "Name a fruit that is yellow.",
-    "What is the freezing point of water in Celsius?",
-    "Who wrote Romeo and Juliet?",
-    "What is the largest ocean?",
-    "How many days are in a week?",
-    "What gas do plants take in?",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import QUESTIONS  # noqa: E402  (the same questions, so the two benchmarks' answers compare)
 
 
 def experiment():
