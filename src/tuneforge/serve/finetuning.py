@@ -98,15 +98,10 @@ class JobPaused(Exception):
 
 
 def fine_tuning_router(
-    experiment: Experiment,
-    run: RunDir,
-    served,
-    keys: ApiKeys | None = None,
-    max_unfinished: int = MAX_UNFINISHED,
-    python_graders: bool = False,
+    experiment: Experiment, run: RunDir, served, keys: ApiKeys | None = None, python_graders: bool = False
 ) -> list:
     """The fine-tuning API's FastAPI routers for a server's Served systems (server.serve's `routers`)."""
-    return [Platform(experiment, run, served, keys, max_unfinished, python_graders=python_graders).router()]
+    return [Platform(experiment, run, served, keys, python_graders=python_graders).router()]
 
 
 class Platform:
